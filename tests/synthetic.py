@@ -1,0 +1,68 @@
+"""Test helpers: a synthetic dataset adapter and in-process plugin registration."""
+
+import contextlib
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.adapters import DatasetAdapter, Episode, Step
+from toolkit.hookspecs import hookimpl
+from toolkit.plugins import plugin_manager, registry
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "toolkit-tinyvla"))
+import toolkit_tinyvla  # noqa: E402
+
+
+class SyntheticDataset(DatasetAdapter):
+    """Episodes of random images whose instruction depends on the task."""
+
+    name = "synthetic"
+    description = "synthetic episodes for tests"
+
+    def __init__(self, data=None, n_tasks=3, n_episodes=2, n_steps=5, **options):
+        super().__init__(data, **options)
+        self.n_tasks, self.n_episodes, self.n_steps = int(n_tasks), int(n_episodes), int(n_steps)
+
+    def episodes(self):
+        for t in range(self.n_tasks):
+            for e in range(self.n_episodes):
+                rng = np.random.default_rng(100 * t + e)
+                steps = [Step(index=k, images={"agentview": rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)},
+                              state=rng.normal(size=8).astype(np.float32),
+                              action=rng.normal(size=7).astype(np.float32), fields={"progress": k / self.n_steps})
+                         for k in range(self.n_steps)]
+                yield Episode(key=f"task_{t}/episode_{e}", task=f"task {t}", task_id=t,
+                              instruction=f"pick up object number {t}", metadata={"success": bool((t + e) % 2)},
+                              n_steps=self.n_steps, _steps=steps)
+
+
+_plugin = types.ModuleType("toolkit_test_synthetic")
+
+
+@hookimpl
+def register_datasets(register):
+    register(SyntheticDataset)
+
+
+_plugin.register_datasets = register_datasets
+
+
+@contextlib.contextmanager
+def registered():
+    """Make the synthetic dataset and the tiny VLA model available by name, in this process."""
+    pm = plugin_manager()
+    added = [m for m in (_plugin, toolkit_tinyvla) if not pm.is_registered(m)
+             and "tinyvla" not in registry()["model"] or m is _plugin]
+    for m in added:
+        if not pm.is_registered(m):
+            pm.register(m)
+    registry.cache_clear()
+    try:
+        yield
+    finally:
+        for m in added:
+            if pm.is_registered(m):
+                pm.unregister(m)
+        registry.cache_clear()

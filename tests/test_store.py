@@ -1,0 +1,152 @@
+"""The Zarr store: layout, lossless bfloat16, lazy readers without toolkit, commits and truncation."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import toolkit
+from synthetic import registered
+from toolkit.errors import ToolkitError
+from toolkit.store import decode
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("s") / "run.zarr"
+    with registered():
+        toolkit.extract(model="tinyvla", dataset="synthetic", store=path, chunk_samples=4, pool=["none", "llm=mean"],
+                        streams="resid_post,resid_mid", dtype="float32")
+    return path
+
+
+def test_store_describes_itself(store):
+    root = zarr.open_group(str(store), mode="r")
+    attrs = root.attrs.asdict()
+    assert attrs["format"] == "toolkit-activations" and attrs["complete"] is True
+    assert attrs["model"]["name"] == "tinyvla" and attrs["dataset"]["name"] == "synthetic"
+    assert attrs["toolkit_version"] == toolkit.__version__
+    assert attrs["capture"]["sites"][0]["streams"] == ["resid_post", "resid_mid"]
+    arr = root["text/resid_post"]
+    assert arr.metadata.dimension_names == ("sample", "layer", "token", "feature")
+    assert arr.chunks == (4, 1, 24, 32)  # N samples x one layer: the probe's access pattern
+    assert arr.shape == (30, 3, 24, 32)
+    assert list(root["text/token"][:]) == list(range(4, 28))
+    assert list(root["llm/token"][:]) == [-1]
+
+
+def test_coordinates_follow_the_samples(store):
+    s = toolkit.open_store(store)
+    assert s.n_samples == 30
+    assert list(s.coord("episode")[:6]) == [0, 0, 0, 0, 0, 1]
+    assert list(s.coord("step")[:6]) == [0, 1, 2, 3, 4, 0]
+    assert s.coord("task")[0] == "task 0" and s.coord("instruction")[29] == "pick up object number 2"
+    assert list(s.coord("success")[::5]) == [0, 1, 1, 0, 0, 1]
+    assert s.coord("dataset_action").shape == (30, 7)
+
+
+def test_xarray_and_dask_read_the_store_without_toolkit(store):
+    code = f"""
+import sys, xarray as xr, dask.array as da
+root = xr.open_zarr({str(store)!r}, consolidated=False)
+site = xr.open_zarr({str(store)!r}, group="text", consolidated=False)
+x = site["resid_post"].sel(layer=2)
+lazy = da.from_zarr({str(store)!r}, component="text/resid_post")
+print(sorted(root.coords), x.dims, x.shape, int(x["episode"][7]), site["layer"].values.tolist(),
+      lazy.chunksize, float(lazy[:, 2].sum().compute()), "toolkit" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[0]
+    expected_sum = float(toolkit.open_store(store).read("text", "resid_post", layer=2).sum())
+    coords, rest = out.split("]", 1)
+    assert coords == "['episode', 'step', 'success', 'task', 'task_id'"
+    assert "('sample', 'token', 'feature') (30, 24, 32) 1 [0, 1, 2] (4, 1, 24, 32)" in rest
+    assert rest.strip().endswith("False")
+    assert float(rest.split()[-2]) == pytest.approx(expected_sum, rel=1e-5)
+
+
+def test_bfloat16_is_stored_losslessly_and_decoded_on_read(tmp_path):
+    with registered():
+        toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "f32.zarr", sites=["llm"],
+                        dtype="float32", pool="none")
+        toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "bf16.zarr", sites=["llm"],
+                        dtype="bfloat16", pool="none")
+    full = toolkit.open_store(tmp_path / "f32.zarr").read("llm", "resid_post")
+    bf = toolkit.open_store(tmp_path / "bf16.zarr")
+    raw = bf.array("llm", "resid_post")
+    assert raw.dtype == np.uint16 and raw.attrs["stored_dtype"] == "bfloat16"
+    expected = torch.from_numpy(full).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(bf.read("llm", "resid_post"), expected)
+    assert decode(np.array([0x3F80], np.uint16), "bfloat16")[0] == 1.0
+
+
+@pytest.mark.parametrize("codec", ["none", "blosc"])
+def test_codecs_round_trip(tmp_path, codec):
+    with registered():
+        toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "a.zarr", sites=["llm"], codec=codec,
+                        dtype="float32")
+        toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "b.zarr", sites=["llm"], codec="zstd",
+                        dtype="float32")
+    a, b = (toolkit.open_store(tmp_path / n).read("llm", "resid_post") for n in ("a.zarr", "b.zarr"))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_an_existing_store_needs_resume_or_overwrite(store):
+    with registered(), pytest.raises(ToolkitError, match="already exists: pass --resume .* or --overwrite"):
+        toolkit.extract(model="tinyvla", dataset="synthetic", store=store)
+
+
+def test_resume_truncates_an_uncommitted_block_and_completes_the_run(tmp_path):
+    with registered():
+        ref = toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "ref.zarr", chunk_samples=4)
+        part = toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "part.zarr", chunk_samples=4)
+        root = zarr.open_group(str(part), mode="r+")
+        # Simulate a run killed after 12 committed samples, mid-way through writing the next block.
+        root.attrs.update({"n_samples": 12, "complete": False})
+        for name in ("episode", "llm/resid_post", "text/step"):
+            root[name].resize((14, *root[name].shape[1:]))
+            root[name][12:14] = 7
+        toolkit.extract(model="tinyvla", dataset="synthetic", store=part, chunk_samples=4, resume=True)
+    a, b = toolkit.open_store(ref), toolkit.open_store(part)
+    assert b.complete and b.n_samples == a.n_samples == 30
+    for site in a.sites:
+        np.testing.assert_array_equal(a.read(site, "resid_post"), b.read(site, "resid_post"))
+    for f in a.fields():
+        assert np.array_equal(a.coord(f), b.coord(f))
+
+
+def test_resume_refuses_a_store_made_from_other_data(tmp_path):
+    with registered():
+        toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "s.zarr", chunk_samples=4)
+        root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
+        root.attrs.update({"n_samples": 8, "complete": False})
+        with pytest.raises(ToolkitError, match="cannot resume: sample 3 .* other data"):
+            toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "s.zarr", resume=True,
+                            dataset_options={"n_steps": 3})
+        with pytest.raises(ToolkitError, match="cannot resume .*: it was made with another capture"):
+            toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "s.zarr", resume=True,
+                            layers="0")
+
+
+def test_a_failure_before_the_first_commit_leaves_nothing_behind(tmp_path):
+    with registered(), pytest.raises(ToolkitError, match="empty"):
+        toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "s.zarr",
+                        dataset_options={"n_steps": 0})
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_info_json_is_what_the_store_says(store):
+    from click.testing import CliRunner
+
+    from toolkit.cli import cli
+
+    res = CliRunner().invoke(cli, ["info", str(store), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["n_samples"] == 30 and info["n_episodes"] == 6 and info["n_tasks"] == 3
+    assert info["sites"]["text"]["streams"]["resid_mid"]["shape"] == [30, 3, 24, 32]
+    text = CliRunner().invoke(cli, ["info", str(store)]).output
+    assert "site text" in text and "resid_mid" in text and "complete" in text

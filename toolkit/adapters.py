@@ -1,0 +1,201 @@
+"""The two adapter contracts every model and dataset plugin implements.
+
+A *dataset adapter* yields episodes and their steps (camera images, robot state, the dataset's action,
+or activations that were already captured elsewhere).  A *model adapter* loads a policy, names its
+experts (stacks of transformer layers) and capture sites, turns a batch of steps into model inputs,
+and runs one policy call.  The capture machinery (``toolkit.capture``) hooks the modules the adapter
+names; the adapter itself never touches the store.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class Step:
+    """One timestep of an episode, as a dataset stores it."""
+
+    index: int  # rollout step within the episode
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> (H, W, 3) uint8
+    state: np.ndarray | None = None  # proprioceptive state vector
+    action: np.ndarray | None = None  # the dataset's own action at this step
+    fields: dict[str, Any] = field(default_factory=dict)  # extra per-step scalars, stored as coordinates
+    # Activations captured elsewhere (e.g. inside the LIBERO latent pickles), keyed "site/stream",
+    # each shaped (layer, token, feature) or (layer, denoise, token, feature).  Used by `toolkit import`.
+    activations: dict[str, np.ndarray] | None = None
+
+
+@dataclass
+class Episode:
+    """One episode: identity, language, metadata, and a lazy iterator over its steps."""
+
+    key: str  # stable, unique within the dataset, e.g. "task_10/episode_0"
+    task: str  # task name
+    task_id: int
+    instruction: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # success, total_steps, ...
+    n_steps: int | None = None
+    _steps: Any = None  # callable returning an iterator of Step, or a sequence of Step
+
+    def steps(self) -> Iterator[Step]:
+        src = self._steps
+        return iter(src() if callable(src) else src)
+
+
+class DatasetAdapter(abc.ABC):
+    """Reads a robot dataset.  ``data=None`` means the adapter's embedded sample data."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def __init__(self, data: str | None = None, **options: Any) -> None:
+        self.data = data
+        self.options = options
+
+    @abc.abstractmethod
+    def episodes(self) -> Iterator[Episode]:
+        """Yield episodes in a deterministic order."""
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance stored in the store's attributes."""
+        return {"name": self.name, "data": self.data, "options": self.options}
+
+    # For `toolkit import`: datasets that carry activations describe them here.
+    def activation_layout(self) -> "ActivationLayout | None":
+        """Layout of the activations stored in the data itself (None if the dataset has none)."""
+        return None
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class Expert:
+    """A stack of transformer layers inside the policy, addressed by module path.
+
+    ``streams`` maps a public stream name to where it is read, relative to one layer module:
+    ``("output", "")`` is the layer's output, ``("input", "post_attention_layernorm")`` the input of
+    that sub-module, and an optional third element names a transform (see ``toolkit.capture``).
+    """
+
+    name: str  # public name: "vlm", "action", ...
+    layers_path: str  # module path of the ModuleList, e.g. "model.vlm.language_model.layers"
+    n_layers: int
+    hidden_size: int
+    spans: tuple[str, ...] = ()  # named token spans this expert's sequence offers
+    denoise_steps: int | None = None  # set when the expert runs several times per policy call
+    streams: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """A capture site: an expert seen through a default token selection and pooling."""
+
+    name: str  # "vlm", "text_only", "action"
+    expert: str
+    tokens: str = "all"
+    pool: str = "mean"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ActivationLayout:
+    """Describes activations a dataset already carries (``Step.activations``), for `toolkit import`.
+
+    ``Step.activations`` is keyed ``"expert/stream"``; each value is (layer, token, feature), or
+    (layer, denoise, token, feature) for an expert with ``denoise_steps``.
+    """
+
+    model: str  # the model that produced them, e.g. "pi0"
+    experts: dict[str, Expert]
+    sites: dict[str, SiteInfo]
+    spans: dict[str, dict[str, list[int]]]  # expert -> span -> positions
+    denoise_t: dict[str, tuple[float, ...]] = field(default_factory=dict)  # expert -> t per denoising step
+
+
+@dataclass
+class ModelInputs:
+    """What ``ModelAdapter.prepare`` returns: tensors for ``run`` plus token bookkeeping for capture."""
+
+    tensors: dict[str, Any]
+    batch_size: int
+    # expert -> span name -> token positions (identical for every sample of the batch)
+    spans: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    # expert -> (batch, seq) bool mask of real (non-padding) tokens; absent means all real
+    token_mask: dict[str, torch.Tensor] = field(default_factory=dict)
+    # expert -> sequence length
+    seq_len: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PolicyOutput:
+    """What one policy call produced."""
+
+    actions: np.ndarray  # (batch, horizon, action_dim) in the environment's action space
+    denoise_t: Sequence[float] | None = None  # flow-matching time of each denoising step, if any
+
+
+class ModelAdapter(abc.ABC):
+    """Loads and runs one policy family.  Without a checkpoint it builds a small random instance."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        **options: Any,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.seed = seed
+        self.trust_remote_code = trust_remote_code
+        self.options = options
+
+    # What the adapter exposes ----------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def module(self) -> torch.nn.Module:
+        """The root module that expert ``layers_path`` values are relative to."""
+
+    @property
+    @abc.abstractmethod
+    def experts(self) -> dict[str, Expert]:
+        """The model's layer stacks, by public name."""
+
+    @property
+    @abc.abstractmethod
+    def sites(self) -> dict[str, SiteInfo]:
+        """The default capture sites, by public name."""
+
+    # What the adapter does -------------------------------------------------------------
+    @abc.abstractmethod
+    def prepare(self, batch: Sequence[tuple[Episode, Step]]) -> ModelInputs:
+        """Turn dataset steps into model inputs on the adapter's device."""
+
+    @abc.abstractmethod
+    def run(self, inputs: ModelInputs, generators: Sequence[torch.Generator]) -> PolicyOutput:
+        """One policy call (the hooked forward).
+
+        Random draws for sample ``i`` of the batch must come from ``generators[i]`` (a CPU generator
+        seeded from the run seed and the sample's index), so a resumed run reproduces its values.
+        """
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance stored in the store's attributes."""
+        return {"name": self.name, "checkpoint": self.checkpoint, "dtype": self.dtype, "options": self.options}

@@ -1,0 +1,410 @@
+"""The extraction pipeline: dataset adapter -> model adapter -> capture -> background store writer.
+
+``extract`` runs a policy over a dataset and stores the chosen hidden states; ``import_latents``
+stores activations a dataset already carries (no model).  Both share the sample loop, the store
+schema, the resume logic and the progress bar.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolkit import __version__
+from toolkit.adapters import Episode, Expert, Step
+from toolkit.capture import (
+    Capture,
+    SiteCapture,
+    build_plan,
+    plan_spec,
+    select_tokens,
+    stored_token_positions,
+    to_numpy,
+)
+from toolkit.errors import ToolkitError
+from toolkit.plugins import get_dataset, get_model
+from toolkit.selection import check_dtype, parse_tokens
+from toolkit.store import ArraySpec, StoreWriter, jsonable
+
+log = logging.getLogger("toolkit")
+
+COORDINATES = ["episode", "step", "task", "task_id", "success"]
+
+
+@dataclass
+class Sample:
+    index: int  # position along the store's sample axis
+    episode_index: int  # ordinal of the episode in this run
+    episode: Episode
+    step: Step
+
+
+def iter_samples(dataset, max_episodes: int | None, max_steps: int | None, stride: int) -> Iterator[Sample]:
+    """Every ``stride``-th step of each episode, in the dataset's deterministic order."""
+    if stride < 1:
+        raise ToolkitError(f"--stride must be at least 1, got {stride}")
+    index = 0
+    for e, ep in enumerate(itertools.islice(dataset.episodes(), max_episodes)):
+        steps = ep.steps()
+        if max_steps is not None:
+            steps = itertools.islice(steps, max_steps)
+        for k, step in enumerate(steps):
+            if k % stride:
+                continue
+            yield Sample(index, e, ep, step)
+            index += 1
+
+
+def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    while batch := list(itertools.islice(samples, size)):
+        yield batch
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The per-sample random stream: the same sample gets the same noise in any run or resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+
+
+def _success(ep: Episode) -> int:
+    s = ep.metadata.get("success")
+    return -1 if s is None else int(bool(s))
+
+
+def sample_fields(batch: list[Sample]) -> dict[str, np.ndarray]:
+    """Per-sample coordinates and dataset fields for a batch."""
+    out: dict[str, Any] = {
+        "episode": np.array([s.episode_index for s in batch], dtype=np.int32),
+        "step": np.array([s.step.index for s in batch], dtype=np.int32),
+        "task": np.array([s.episode.task for s in batch], dtype=object),
+        "task_id": np.array([s.episode.task_id for s in batch], dtype=np.int32),
+        "success": np.array([_success(s.episode) for s in batch], dtype=np.int8),
+        "episode_key": np.array([s.episode.key for s in batch], dtype=object),
+        "instruction": np.array([s.episode.instruction for s in batch], dtype=object),
+    }
+    if batch[0].step.action is not None:
+        out["dataset_action"] = np.stack([np.asarray(s.step.action, dtype=np.float32) for s in batch])
+    for name in batch[0].step.fields:
+        out[f"field_{name}" if name in out else name] = np.array([s.step.fields.get(name) for s in batch])
+    return out
+
+
+FIELD_DIMS = {"policy_action": ("policy_horizon", "policy_action_dim"), "dataset_action": ("dataset_action_dim",)}
+
+
+def _field_spec(name: str, value: np.ndarray) -> ArraySpec:
+    dtype = "str" if value.dtype == object else str(value.dtype)
+    dims = FIELD_DIMS.get(name) or tuple(f"{name}_dim{i}" if i else f"{name}_dim" for i in range(value.ndim - 1))
+    if len(dims) != value.ndim - 1:
+        raise ToolkitError(f"per-sample field {name!r} has shape {value.shape[1:]}, expected {len(dims)} dims")
+    return ArraySpec(name, tuple(value.shape[1:]), dtype, dims)
+
+
+def _activation_spec(name: str, value: np.ndarray, sc: SiteCapture, denoising: bool) -> ArraySpec:
+    dims = ("layer", "denoise", "token", "feature") if denoising else ("layer", "token", "feature")
+    stored = "bfloat16" if sc.dtype == "bfloat16" else None
+    inner = (1, *value.shape[2:])
+    return ArraySpec(name, tuple(value.shape[1:]), str(value.dtype), dims, stored,
+                     attrs={"hook_names": [f"{sc.site}.layers.{layer}.{name.split('/')[1]}" for layer in sc.layers],
+                            "pool": sc.pool, "tokens": sc.tokens},
+                     chunk_inner=inner)
+
+
+def _static_coords(plan: list[SiteCapture], experts: dict[str, Expert], spans: dict[str, dict[str, list[int]]],
+                   seq_len: dict[str, int], denoise_t: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], Any]]:
+    static: dict[str, tuple[tuple[str, ...], Any]] = {}
+    for sc in plan:
+        static[f"{sc.site}/layer"] = (("layer",), np.array(sc.layers, dtype=np.int32))
+        positions = stored_token_positions(sc, spans.get(sc.expert, {}), seq_len[sc.expert])
+        static[f"{sc.site}/token"] = (("token",), np.array(positions, dtype=np.int32))
+        if experts[sc.expert].denoise_steps:
+            t = denoise_t.get(sc.expert)
+            n = experts[sc.expert].denoise_steps
+            static[f"{sc.site}/denoise"] = (("denoise",), np.arange(n, dtype=np.int32))
+            if t is not None:
+                static[f"{sc.site}/t"] = (("denoise",), np.asarray(t, dtype=np.float32))
+    return static
+
+
+def _site_attrs(plan: list[SiteCapture], experts: dict[str, Expert], spans) -> dict[str, Any]:
+    return {sc.site: {"expert": sc.expert, "spans": {k: [min(v), max(v) + 1] if v else [] for k, v in
+                                                      spans.get(sc.expert, {}).items()},
+                      "layers_path": experts[sc.expert].layers_path}
+            for sc in plan}
+
+
+class Progress:
+    """tqdm bar: samples/s, episodes, steps and MB written."""
+
+    def __init__(self, enabled: bool, writer: StoreWriter, initial: int):
+        self.writer = writer
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(unit="sample", initial=initial, dynamic_ncols=True, desc="extract")
+        self.episodes: set[int] = set()
+
+    def update(self, batch: list[Sample]) -> None:
+        if self.bar is None:
+            return
+        self.episodes.update(s.episode_index for s in batch)
+        self.bar.update(len(batch))
+        self.bar.set_postfix(episodes=len(self.episodes), step=batch[-1].step.index,
+                             MB=f"{self.writer.bytes_written / 1e6:.1f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_loop(path: Path, writer: StoreWriter, samples: Iterator[Sample], batch_size: int,
+              process: Callable[[list[Sample]], tuple[dict[str, np.ndarray], dict]], initialize: Callable,
+              progress: bool) -> None:
+    """Skip committed samples (checking they match), then process and append batches."""
+    committed = writer.committed
+    if committed:
+        _check_resume_prefix(writer, samples, committed)
+    bar = Progress(progress, writer, committed)
+    first = not committed
+    try:
+        for batch in _batches(samples, batch_size):
+            arrays, meta = process(batch)
+            if writer._thread is None:  # first batch of this run: create (or re-open) the arrays
+                initialize(arrays, meta)
+            first = False
+            writer.append(arrays)
+            bar.update(batch)
+        if first and not committed:
+            raise ToolkitError("the dataset selection is empty: no episode has a step to process "
+                               "(check --data, --max-episodes, --max-steps and --stride)")
+        if writer._thread is None:  # resumed a store whose samples were all committed already
+            writer.root.attrs["complete"] = True
+        else:
+            writer.close(complete=True)
+    except BaseException:
+        writer.abort()
+        if writer.created and writer.committed == 0:
+            import shutil
+            shutil.rmtree(path, ignore_errors=True)  # nothing useful was written: leave nothing behind
+        raise
+    finally:
+        bar.close()
+
+
+def _check_resume_prefix(writer: StoreWriter, samples: Iterator[Sample], committed: int) -> None:
+    keys = writer.root["episode_key"][:committed]
+    steps = writer.root["step"][:committed]
+    for s in itertools.islice(samples, committed):
+        if str(keys[s.index]) != s.episode.key or int(steps[s.index]) != s.step.index:
+            raise ToolkitError(f"cannot resume: sample {s.index} of the store is {keys[s.index]} step "
+                               f"{steps[s.index]}, but the data gives {s.episode.key} step {s.step.index}; "
+                               "the store was made from other data or options (use --overwrite)")
+
+
+def _writer(store: str | Path, resume: bool, overwrite: bool, codec: str) -> StoreWriter:
+    if resume and overwrite:
+        raise ToolkitError("--resume and --overwrite exclude each other: pick one")
+    return StoreWriter(store, mode="resume" if resume else "overwrite" if overwrite else "create", codec=codec)
+
+
+def extract(
+    model: str = "pi0",
+    dataset: str = "libero",
+    store: str | Path = "stores/libero.zarr",
+    *,
+    checkpoint: str | None = None,
+    data: str | None = None,
+    device: str = "cpu",
+    model_dtype: str = "float32",
+    sites: list[str] | None = None,
+    layers: Any = None,
+    tokens: Any = None,
+    pool: Any = None,
+    streams: Any = None,
+    dtype: str = "float16",
+    codec: str = "zstd",
+    batch_size: int = 1,
+    seed: int = 0,
+    max_episodes: int | None = None,
+    max_steps: int | None = None,
+    stride: int = 1,
+    chunk_samples: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    trust_remote_code: bool = False,
+    model_options: dict[str, Any] | None = None,
+    dataset_options: dict[str, Any] | None = None,
+) -> Path:
+    """Run ``model`` over ``dataset`` and stream the selected hidden states into ``store``."""
+    path = Path(store)
+    if batch_size < 1:
+        raise ToolkitError(f"--batch-size must be at least 1, got {batch_size}")
+    check_dtype(dtype)
+    model_cls, dataset_cls = get_model(model), get_dataset(dataset)
+    if resume and overwrite:
+        raise ToolkitError("--resume and --overwrite exclude each other: pick one")
+    if path.exists() and not (resume or overwrite):
+        raise ToolkitError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
+    ds = dataset_cls(data, **(dataset_options or {}))
+    adapter = model_cls(checkpoint=checkpoint, device=device, dtype=model_dtype, seed=seed,
+                        trust_remote_code=trust_remote_code, **(model_options or {}))
+    plan = build_plan(adapter.name, adapter.experts, adapter.sites, sites, layers, tokens, pool, streams, dtype)
+    writer = _writer(path, resume, overwrite, codec)
+    samples = iter_samples(ds, max_episodes, max_steps, stride)
+
+    def process(batch: list[Sample]):
+        inputs = adapter.prepare([(s.episode, s.step) for s in batch])
+        cap.begin(inputs)
+        out = adapter.run(inputs, [sample_generator(seed, s.index) for s in batch])
+        arrays = cap.collect()
+        arrays.update(sample_fields(batch))
+        arrays["policy_action"] = np.asarray(out.actions, dtype=np.float32)
+        return arrays, {"inputs": inputs, "out": out}
+
+    def initialize(arrays, meta):
+        inputs, out = meta["inputs"], meta["out"]
+        denoise_t = {e: out.denoise_t for e, ex in adapter.experts.items() if ex.denoise_steps}
+        attrs = {
+            "toolkit_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": adapter.describe(),
+            "dataset": ds.describe(),
+            "capture": {"sites": plan_spec(plan), "seed": seed, "batch_size": batch_size,
+                        "stride": stride, "max_episodes": max_episodes, "max_steps": max_steps},
+            "site_info": _site_attrs(plan, adapter.experts, inputs.spans),
+        }
+        _initialize(writer, arrays, plan, adapter.experts, inputs.spans, inputs.seq_len, denoise_t, attrs,
+                    chunk_samples, batch_size)
+
+    with torch.inference_mode(), Capture(adapter, plan) as cap:
+        _run_loop(path, writer, samples, batch_size, process, initialize, progress)
+    return path
+
+
+def _initialize(writer, arrays, plan, experts, spans, seq_len, denoise_t, attrs, chunk_samples, batch_size):
+    if writer.root is not None:  # resuming: the run must be the same run
+        old = writer.root.attrs
+        for key, what in (("model", "name"), ("model", "checkpoint"), ("dataset", "name"), ("dataset", "data")):
+            if (old.get(key) or {}).get(what) != (attrs.get(key) or {}).get(what):
+                raise ToolkitError(f"cannot resume {writer.path}: it was made with {key} {what} "
+                                   f"{(old.get(key) or {}).get(what)!r}, this run uses "
+                                   f"{(attrs.get(key) or {}).get(what)!r} (use --overwrite to start again)")
+        if (old.get("capture") or {}).get("sites") != jsonable(attrs["capture"]["sites"]):
+            raise ToolkitError(f"cannot resume {writer.path}: it was made with another capture selection "
+                               "(sites, layers, tokens, pooling, streams or dtype); use the same options or --overwrite")
+    specs = []
+    by_name = {f"{sc.site}/{st}": sc for sc in plan for st in sc.streams}
+    for name, value in arrays.items():
+        if name in by_name:
+            sc = by_name[name]
+            specs.append(_activation_spec(name, value, sc, bool(experts[sc.expert].denoise_steps)))
+        else:
+            specs.append(_field_spec(name, value))
+    static = _static_coords(plan, experts, spans, seq_len, denoise_t)
+    writer.initialize(attrs, specs, static, COORDINATES, chunk_samples=chunk_samples, batch_size=batch_size)
+    for site, info in attrs.get("site_info", {}).items():
+        writer.root[site].attrs.update(info)
+
+
+def import_latents(
+    dataset: str = "libero",
+    store: str | Path = "stores/libero_latents.zarr",
+    *,
+    data: str | None = None,
+    sites: list[str] | None = None,
+    layers: Any = None,
+    tokens: Any = None,
+    pool: Any = None,
+    streams: Any = None,
+    dtype: str = "float16",
+    codec: str = "zstd",
+    max_episodes: int | None = None,
+    max_steps: int | None = None,
+    stride: int = 1,
+    chunk_samples: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    dataset_options: dict[str, Any] | None = None,
+) -> Path:
+    """Store the activations a dataset already carries (e.g. LIBERO latent pickles), running no model."""
+    path = Path(store)
+    check_dtype(dtype)
+    dataset_cls = get_dataset(dataset)
+    if resume and overwrite:
+        raise ToolkitError("--resume and --overwrite exclude each other: pick one")
+    if path.exists() and not (resume or overwrite):
+        raise ToolkitError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
+    ds = dataset_cls(data, **(dataset_options or {}))
+    layout = ds.activation_layout()
+    if layout is None:
+        raise ToolkitError(f"dataset {dataset!r} carries no activations to import; use `toolkit extract` instead")
+    plan = build_plan(layout.model, layout.experts, layout.sites, sites, layers, tokens, pool, streams, dtype)
+    writer = _writer(path, resume, overwrite, codec)
+    samples = iter_samples(ds, max_episodes, max_steps, stride)
+    seq_len: dict[str, int] = {}
+
+    def process(batch: list[Sample]):
+        arrays: dict[str, np.ndarray] = {}
+        for sc in plan:
+            expert = layout.experts[sc.expert]
+            for stream in sc.streams:
+                key = f"{sc.expert}/{stream}"
+                per_sample = []
+                for s in batch:
+                    acts = s.step.activations or {}
+                    if key not in acts:
+                        raise ToolkitError(f"episode {s.episode.key} step {s.step.index} has no {key} activations; "
+                                           f"it has: {', '.join(sorted(acts)) or 'none'}")
+                    per_sample.append(_select_stored(acts[key], sc, layout.spans.get(sc.expert, {}),
+                                                     bool(expert.denoise_steps), s))
+                    seq_len[sc.expert] = acts[key].shape[-2]
+                arrays[f"{sc.site}/{stream}"] = np.stack(per_sample)
+        arrays.update(sample_fields(batch))
+        return arrays, {}
+
+    def initialize(arrays, meta):
+        attrs = {
+            "toolkit_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": {"name": layout.model, "checkpoint": None, "imported": True},
+            "dataset": ds.describe(),
+            "capture": {"sites": plan_spec(plan), "imported": True, "stride": stride,
+                        "max_episodes": max_episodes, "max_steps": max_steps},
+            "site_info": _site_attrs(plan, layout.experts, layout.spans),
+        }
+        _initialize(writer, arrays, plan, layout.experts, layout.spans, seq_len, dict(layout.denoise_t), attrs,
+                    chunk_samples, 1)
+
+    with torch.inference_mode():
+        _run_loop(path, writer, samples, 1, process, initialize, progress)
+    return path
+
+
+def _select_stored(values: np.ndarray, sc: SiteCapture, spans: dict[str, list[int]], denoising: bool,
+                   s: Sample) -> np.ndarray:
+    """Apply a site's layer/token/pool selection to stored (layer, [denoise,] token, feature) values."""
+    x = torch.from_numpy(np.ascontiguousarray(values))
+    want = 4 if denoising else 3
+    if x.ndim != want:
+        raise ToolkitError(f"episode {s.episode.key} step {s.step.index}: {sc.expert} activations have shape "
+                           f"{tuple(x.shape)}, expected {want} dims (layer, {'denoise, ' if denoising else ''}"
+                           "token, feature)")
+    if max(sc.layers) >= x.shape[0]:
+        raise ToolkitError(f"episode {s.episode.key}: {sc.expert} activations hold {x.shape[0]} layers, "
+                           f"but layer {max(sc.layers)} was selected (valid: 0-{x.shape[0] - 1})")
+    x = x[list(sc.layers)]
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, *x.shape[-2:])
+    sel = parse_tokens(sc.tokens, spans, flat.shape[1])
+    pos = None if sel.positions is None else torch.tensor(sel.positions)
+    kept = select_tokens(flat, sel, sc.pool, None, pos).to(check_dtype(sc.dtype))
+    return to_numpy(kept.reshape(*lead, *kept.shape[1:]))
