@@ -177,6 +177,8 @@ class StoreWriter:
                 self.root[name][...] = values
         self._buffers = {n: np.zeros((self.chunk_samples, *s.shape), dtype=_np_dtype(s.dtype))
                          for n, s in self.specs.items()}
+        # Dense activations: skip zarr's per-chunk "all fill value?" scan (a runtime setting, not stored).
+        self._arrays = {n: self.root[n].with_config({"write_empty_chunks": True}) for n in self.specs}
         self._filled = 0
         self._block_start = self.committed
         self._thread = threading.Thread(target=self._run, name="toolkit-store-writer", daemon=True)
@@ -275,7 +277,7 @@ class StoreWriter:
             return
         a, b = self._block_start, self._block_start + self._filled
         for n, buf in self._buffers.items():
-            arr = self.root[n]
+            arr = self._arrays[n]
             arr.resize((b, *arr.shape[1:]))
             arr[a:b] = buf[:self._filled]
             self.bytes_written += buf[:self._filled].nbytes

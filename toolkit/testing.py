@@ -1,0 +1,141 @@
+"""Conformance checks for model adapters, for plugin authors' test suites.
+
+    from toolkit.testing import check_model_adapter
+    def test_my_adapter():
+        check_model_adapter(MyAdapter(), [(episode, step), ...])
+
+Each check raises ``AssertionError`` (or the adapter's own error) with a message saying what is wrong:
+
+* ``check_structure``: every site names an existing expert, every expert's ``layers_path`` is a ModuleList of
+  ``n_layers`` layers, spans/masks/sequence lengths of prepared inputs are consistent;
+* ``check_outputs_unchanged``: ``run`` gives bit-identical actions with and without a capture of every
+  site and stream (and is deterministic for fixed generators);
+* ``check_hooks_removed``: no hook is left behind when an exception is raised inside ``with Capture(...)``;
+* ``check_reference_hidden_states``: if the adapter implements the optional
+  ``reference_hidden_states(inputs, generators) -> {expert: (B, n_layers, [denoise,] seq, hidden)}`` (each
+  layer's output as the model itself reports it), the captured ``resid_post`` equals it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from toolkit.adapters import Episode, ModelAdapter, ModelInputs, SiteInfo, Step
+from toolkit.capture import Capture, SiteCapture, build_plan, resolve_module
+
+Batch = Sequence[tuple[Episode, Step]]
+
+
+def generators(n: int, seed: int = 0) -> list[torch.Generator]:
+    """Fresh per-sample CPU generators, as ``toolkit.extract`` hands them to ``run``."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def full_plan(adapter: ModelAdapter, pool: str = "none", dtype: str = "float32") -> list[SiteCapture]:
+    """Every site, every layer, every stream."""
+    return build_plan(adapter.name, adapter.experts, adapter.sites, streams="all", pool=pool, dtype=dtype)
+
+
+def count_hooks(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def run_captured(adapter: ModelAdapter, inputs: ModelInputs, plan: list[SiteCapture], seed: int = 0):
+    """(policy output, captured arrays) of one hooked policy call."""
+    with torch.inference_mode(), Capture(adapter, plan) as cap:
+        cap.begin(inputs)
+        out = adapter.run(inputs, generators(inputs.batch_size, seed))
+        arrays = cap.collect()
+    return out, arrays
+
+
+def check_structure(adapter: ModelAdapter, inputs: ModelInputs) -> None:
+    experts = adapter.experts
+    for name, site in adapter.sites.items():
+        assert isinstance(site, SiteInfo) and site.name == name, f"site {name!r}: SiteInfo.name is {site.name!r}"
+        assert site.expert in experts, f"site {name!r} names expert {site.expert!r}; experts: {list(experts)}"
+    for name, ex in experts.items():
+        assert ex.name == name, f"expert {name!r}: Expert.name is {ex.name!r}"
+        layers = resolve_module(adapter.module, ex.layers_path)
+        assert isinstance(layers, torch.nn.ModuleList), f"{ex.layers_path} is a {type(layers).__name__}, not a ModuleList"
+        assert len(layers) == ex.n_layers, f"expert {name!r}: n_layers={ex.n_layers} but {ex.layers_path} has {len(layers)}"
+        assert name in inputs.seq_len, f"prepare() gives no seq_len for expert {name!r}"
+        seq = inputs.seq_len[name]
+        spans = inputs.spans.get(name, {})
+        missing = set(ex.spans) - set(spans)
+        assert not missing, f"expert {name!r} offers spans {sorted(missing)} that prepare() does not give"
+        for span, pos in spans.items():
+            assert all(0 <= p < seq for p in pos), f"span {name}.{span} has positions outside 0-{seq - 1}"
+        mask = inputs.token_mask.get(name)
+        if mask is not None:
+            assert tuple(mask.shape) == (inputs.batch_size, seq) and mask.dtype == torch.bool, \
+                f"token_mask[{name!r}] is {tuple(mask.shape)} {mask.dtype}, expected ({inputs.batch_size}, {seq}) bool"
+
+
+def check_outputs_unchanged(adapter: ModelAdapter, inputs: ModelInputs) -> None:
+    with torch.inference_mode():
+        a = adapter.run(inputs, generators(inputs.batch_size))
+        b = adapter.run(inputs, generators(inputs.batch_size))
+    assert torch.equal(torch.as_tensor(a.actions), torch.as_tensor(b.actions)), \
+        "run() is not deterministic for the same generators"
+    plan = full_plan(adapter)
+    c, arrays = run_captured(adapter, inputs, plan)
+    assert torch.equal(torch.as_tensor(a.actions), torch.as_tensor(c.actions)), "capturing changed the policy's actions"
+    assert np.asarray(a.actions).shape[0] == inputs.batch_size, "actions' first dim is not the batch"
+    for sc in plan:
+        ex = adapter.experts[sc.expert]
+        for stream in sc.streams:
+            arr = arrays[f"{sc.site}/{stream}"]
+            lead = (inputs.batch_size, len(sc.layers), *((ex.denoise_steps,) if ex.denoise_steps else ()))
+            assert arr.shape[: len(lead)] == lead, f"{sc.site}/{stream} has shape {arr.shape}, expected {lead} + (token, feature)"
+    if any(ex.denoise_steps for ex in adapter.experts.values()):
+        assert c.denoise_t is not None and len(c.denoise_t) == max(ex.denoise_steps or 0 for ex in adapter.experts.values()), \
+            "an expert has denoise_steps but run() gives no matching denoise_t"
+
+
+class _Boom(Exception):
+    pass
+
+
+def check_hooks_removed(adapter: ModelAdapter, inputs: ModelInputs) -> None:
+    before = count_hooks(adapter.module)
+    try:
+        with torch.inference_mode(), Capture(adapter, full_plan(adapter)) as cap:
+            assert count_hooks(adapter.module) > before, "Capture registered no hooks"
+            cap.begin(inputs)
+            adapter.run(inputs, generators(inputs.batch_size))
+            raise _Boom
+    except _Boom:
+        pass
+    assert count_hooks(adapter.module) == before, "hooks were left behind after an exception inside Capture"
+
+
+def check_reference_hidden_states(adapter: ModelAdapter, inputs: ModelInputs, atol: float = 1e-5,
+                                  rtol: float = 1e-5) -> None:
+    ref_fn = getattr(adapter, "reference_hidden_states", None)
+    if ref_fn is None:
+        return
+    with torch.inference_mode():
+        refs = ref_fn(inputs, generators(inputs.batch_size))
+    assert refs, "reference_hidden_states() returned nothing"
+    for expert, ref in refs.items():
+        site = f"_reference_{expert}"
+        plan = build_plan(adapter.name, adapter.experts, {site: SiteInfo(site, expert, "all", "none")},
+                          streams="resid_post", pool="none", dtype="float32")
+        _, arrays = run_captured(adapter, inputs, plan)
+        got = torch.from_numpy(arrays[f"{site}/resid_post"])
+        torch.testing.assert_close(got, ref.detach().float().cpu(), atol=atol, rtol=rtol,
+                                   msg=lambda m, e=expert: f"captured {e} resid_post != reference_hidden_states: {m}")
+
+
+def check_model_adapter(adapter: ModelAdapter, batch: Batch, atol: float = 1e-5) -> None:
+    """Run every conformance check on ``adapter`` with the dataset steps in ``batch``."""
+    inputs = adapter.prepare(batch)
+    assert inputs.batch_size == len(batch), f"prepare() gives batch_size {inputs.batch_size} for {len(batch)} steps"
+    check_structure(adapter, inputs)
+    check_outputs_unchanged(adapter, inputs)
+    check_hooks_removed(adapter, inputs)
+    check_reference_hidden_states(adapter, inputs, atol=atol)
