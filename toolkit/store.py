@@ -23,6 +23,7 @@ bfloat16 is stored losslessly as its 16-bit pattern (uint16, ``stored_dtype: bfl
 from __future__ import annotations
 
 import json
+import os
 import queue
 import shutil
 import threading
@@ -99,22 +100,22 @@ class StoreWriter:
         self.codec = codec
         compressors_for(codec, "")  # validate early
         self.created = False
-        if mode == "resume":
+        self.overwrite = mode == "overwrite"
+        if mode == "resume" and self.path.exists():
             if not (self.path / "zarr.json").exists():
-                raise ToolkitError(f"cannot resume: {self.path} is not a store; run without --resume to create it")
+                raise ToolkitError(f"cannot resume: {self.path} is not a store; remove it or pick another --store")
             self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
             if self.root.attrs.get("format") != FORMAT:
                 raise ToolkitError(f"{self.path} is not a toolkit store (no '{FORMAT}' format attribute)")
             self.committed = int(self.root.attrs.get("n_samples", 0))
             self._truncate(self.committed)
-        else:
+        else:  # a new store (--resume of a store that was never created starts one too)
             if self.path.exists():
                 if mode != "overwrite":
                     raise ToolkitError(f"{self.path} already exists: pass --resume to continue it or --overwrite "
                                        "to replace it")
-                if not ((self.path / "zarr.json").exists() or not any(self.path.iterdir())):
+                if (self.path.is_file() or not ((self.path / "zarr.json").exists() or not any(self.path.iterdir()))):
                     raise ToolkitError(f"refusing to overwrite {self.path}: it exists and is not a zarr store")
-                shutil.rmtree(self.path)
             self.root = None
             self.committed = 0
         self.specs: dict[str, ArraySpec] = {}
@@ -149,32 +150,7 @@ class StoreWriter:
                                        "capture (different model, selection or dtype); use --overwrite")
         else:
             self.chunk_samples = chunk_samples or choose_chunk_samples(expanded, batch_size)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.created = True
-            self.root = zarr.open_group(str(self.path), mode="w-", zarr_format=3)
-            root_attrs = dict(attrs)
-            root_attrs.update(format=FORMAT, format_version=FORMAT_VERSION, n_samples=0, complete=False,
-                              chunk_samples=self.chunk_samples, codec=self.codec, sites=sites,
-                              coordinates=" ".join(coordinates))
-            self.root.attrs.update(jsonable(root_attrs))
-            for site in sites:
-                self.root.create_group(site, attributes={"coordinates": " ".join(coordinates)})
-            for s in expanded:
-                inner = s.chunk_inner or s.shape
-                self.root.create_array(
-                    s.name, shape=(0, *s.shape), dtype=str if s.dtype == "str" else s.dtype, chunks=(self.chunk_samples, *inner),
-                    dimension_names=(SAMPLE, *s.dims), fill_value=0,
-                    compressors=compressors_for(self.codec, s.stored_dtype or s.dtype) if s.dtype != "str" else "auto",
-                    attributes=jsonable({**s.attrs, **({"stored_dtype": s.stored_dtype} if s.stored_dtype else {}),
-                                          **({"coordinates": " ".join(c for c in coordinates)}
-                                             if s.name.split("/")[-1] not in coordinates else {})}),
-                    config={"write_empty_chunks": True},
-                )
-            for name, (dims, values) in static.items():
-                values = np.asarray(values)
-                self.root.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape or (1,),
-                                       dimension_names=dims, fill_value=0 if values.dtype.kind != "U" else "")
-                self.root[name][...] = values
+            self._create(attrs, expanded, static, coordinates, sites)
         self._buffers = {n: np.zeros((self.chunk_samples, *s.shape), dtype=_np_dtype(s.dtype))
                          for n, s in self.specs.items()}
         # Dense activations: skip zarr's per-chunk "all fill value?" scan (a runtime setting, not stored).
@@ -183,6 +159,43 @@ class StoreWriter:
         self._block_start = self.committed
         self._thread = threading.Thread(target=self._run, name="toolkit-store-writer", daemon=True)
         self._thread.start()
+
+    def _create(self, attrs, specs, static, coordinates, sites) -> None:
+        """Build the store under a temporary name and rename it into place: a run killed while
+        creating leaves no half-made store behind, and --overwrite replaces the old one only now."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.parent.glob(f".{self.path.name}.creating-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.path.parent / f".{self.path.name}.creating-{os.getpid()}"
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root_attrs = dict(attrs)
+        root_attrs.update(format=FORMAT, format_version=FORMAT_VERSION, n_samples=0, complete=False,
+                          chunk_samples=self.chunk_samples, codec=self.codec, sites=sites,
+                          coordinates=" ".join(coordinates))
+        root.attrs.update(jsonable(root_attrs))
+        for site in sites:
+            root.create_group(site, attributes={"coordinates": " ".join(coordinates)})
+        for s in specs:
+            inner = s.chunk_inner or s.shape
+            extra = {"stored_dtype": s.stored_dtype} if s.stored_dtype else {}
+            if s.name.split("/")[-1] not in coordinates:
+                extra["coordinates"] = " ".join(coordinates)
+            root.create_array(
+                s.name, shape=(0, *s.shape), dtype=str if s.dtype == "str" else s.dtype,
+                chunks=(self.chunk_samples, *inner), dimension_names=(SAMPLE, *s.dims), fill_value=0,
+                compressors=compressors_for(self.codec, s.stored_dtype or s.dtype) if s.dtype != "str" else "auto",
+                attributes=jsonable({**s.attrs, **extra}),
+            )
+        for name, (dims, values) in static.items():
+            values = np.asarray(values)
+            root.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape or (1,),
+                              dimension_names=dims, fill_value=0)
+            root[name][...] = values
+        if self.path.exists():  # --overwrite, validated in __init__
+            shutil.rmtree(self.path)
+        os.rename(tmp, self.path)
+        self.created = True
+        self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
 
     def _array(self, name: str):
         try:
