@@ -1,0 +1,133 @@
+"""Extraction benchmarks, each a ratio against a baseline measured in the same run.
+
+1. Capture + store overhead: `toolkit.extract` over the embedded LIBERO sample against the bare
+   policy calls (prepare + run, no hooks, nothing stored) on the same inputs and model. Target <= 1.05x.
+2. Store write throughput: the background StoreWriter against a raw numpy memmap receiving the same
+   bytes sample by sample, both ending with os.sync(). Target >= 80 %.
+
+    python benchmarks/bench_extract.py [--repeats 3] [--out benchmarks/out/extract.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import toolkit
+from toolkit.extract import iter_samples, sample_generator
+from toolkit.plugins import get_dataset, get_model
+from toolkit.store import ArraySpec, StoreWriter
+
+EPISODES = 10  # of the embedded LIBERO sample: 60 policy calls
+
+
+def bench_overhead(tmp: Path, repeats: int, model_options: dict) -> dict:
+    ds = get_dataset("libero")()
+    adapter = get_model("pi0")(**model_options)
+    samples = list(iter_samples(ds, EPISODES, None, 1))
+
+    def bare() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for s in samples:
+                inputs = adapter.prepare([(s.episode, s.step)])
+                adapter.run(inputs, [sample_generator(0, s.index)])
+        return time.perf_counter() - t
+
+    def extracted() -> float:
+        path = tmp / "overhead.zarr"
+        shutil.rmtree(path, ignore_errors=True)  # removing the last run's store is not extraction work
+        t = time.perf_counter()
+        toolkit.extract(model="pi0", dataset="libero", store=path, max_episodes=EPISODES,
+                        model_options=model_options)
+        return time.perf_counter() - t
+
+    bare(), extracted()  # warm-up: imports, allocator, first zarr writes
+    b, e = [], []
+    for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
+        b.append(bare())
+        e.append(extracted())
+    size = sum(f.stat().st_size for f in (tmp / "overhead.zarr").rglob("*") if f.is_file())
+    return {"samples": len(samples), "bare_s": statistics.median(b), "extract_s": statistics.median(e),
+            "ratio": statistics.median(e) / statistics.median(b), "store_bytes": size, "target": "<= 1.05"}
+
+
+def bench_write(tmp: Path, repeats: int, n: int, shape: tuple[int, ...], codec: str) -> dict:
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((n, *shape)) * np.exp(rng.standard_normal(shape[-1]))).astype(np.float16)
+    nbytes = data.nbytes
+
+    def memmap() -> float:
+        path = tmp / "raw.npy"
+        t = time.perf_counter()
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=data.dtype, shape=data.shape)
+        for i in range(n):
+            mm[i] = data[i]
+        mm.flush()
+        del mm
+        os.sync()
+        dt = time.perf_counter() - t
+        path.unlink()
+        return dt
+
+    def store() -> float:
+        path = tmp / "w.zarr"
+        shutil.rmtree(path, ignore_errors=True)
+        t = time.perf_counter()
+        w = StoreWriter(path, codec=codec)
+        w.initialize({}, [ArraySpec("site/resid_post", shape, "float16", ("layer", "token", "feature"),
+                                    chunk_inner=(1, *shape[1:])),
+                          ArraySpec("episode", (), "int32", ())],
+                     static={}, coordinates=["episode"])
+        for i in range(n):
+            w.append({"site/resid_post": data[i:i + 1], "episode": np.array([i], np.int32)})
+        w.close()
+        os.sync()
+        return time.perf_counter() - t
+
+    memmap(), store()
+    m, s = [], []
+    for _ in range(repeats):
+        m.append(memmap())
+        s.append(store())
+    mm_rate, st_rate = nbytes / statistics.median(m) / 1e6, nbytes / statistics.median(s) / 1e6
+    return {"samples": n, "sample_shape": list(shape), "codec": codec, "MB": nbytes / 1e6,
+            "memmap_MB_s": mm_rate, "store_MB_s": st_rate, "ratio": st_rate / mm_rate, "target": ">= 0.80"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/out/extract.json")
+    args = ap.parse_args()
+    # One torch thread for both sides: on a 2-core machine the other core is the writer's, and timings
+    # of the tiny model are otherwise dominated by thread contention noise.
+    torch.set_num_threads(1)
+    results = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        results["overhead"] = bench_overhead(tmp, args.repeats, {})
+        for codec in ("none", "zstd"):
+            results[f"write_{codec}"] = bench_write(tmp, args.repeats, 512, (18, 16, 1024), codec)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    o = results["overhead"]
+    print(f"extract vs bare policy calls: {o['extract_s']:.2f} s vs {o['bare_s']:.2f} s over {o['samples']} samples"
+          f" -> {o['ratio']:.3f}x (target <= 1.05x)")
+    for codec in ("none", "zstd"):
+        w = results[f"write_{codec}"]
+        print(f"store write ({codec}): {w['store_MB_s']:.0f} MB/s vs memmap {w['memmap_MB_s']:.0f} MB/s "
+              f"-> {100 * w['ratio']:.0f} % (target >= 80 %), {w['MB']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
