@@ -95,6 +95,9 @@ class Expert:
     denoise_steps: int | None = None  # set when the expert runs several times per policy call
     streams: dict[str, tuple[str, ...]] = field(default_factory=dict)
     description: str = ""
+    # False for a single module (e.g. RoboVLMs' act_head): then ``layers_path`` is that module, and
+    # ``n_layers`` is 1.
+    layered: bool = True
 
 
 @dataclass(frozen=True)

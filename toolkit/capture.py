@@ -55,7 +55,12 @@ def _rms_scale(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
 
 
-TRANSFORMS = {"rms_scale": _rms_scale}
+def _flatten_tokens(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """(B, ..., F) -> (B, T, F): e.g. RoboVLMs' act_head input (batch, window, latent, feature)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+TRANSFORMS = {"rms_scale": _rms_scale, "flatten_tokens": _flatten_tokens}
 
 
 def expert_streams(expert: Expert) -> dict[str, tuple[str, ...]]:
@@ -227,7 +232,8 @@ class Capture:
             for layer in sc.layers:
                 for stream in sc.streams:
                     direction, sub, *transform = offered[stream]
-                    path = ".".join(p for p in (expert.layers_path, str(layer), sub) if p)
+                    index = str(layer) if expert.layered else ""
+                    path = ".".join(p for p in (expert.layers_path, index, sub) if p)
                     points[(path, direction, transform[0] if transform else "")].append((sc, layer, stream))
         by_module: dict[tuple[str, str], list[tuple[str, list]]] = defaultdict(list)
         for (path, direction, transform), consumers in points.items():
