@@ -1,0 +1,1 @@
+"""h5 plugin (being written)."""

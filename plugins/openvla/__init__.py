@@ -1,0 +1,1 @@
+"""openvla plugin (being written)."""

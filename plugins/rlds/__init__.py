@@ -1,0 +1,1 @@
+"""rlds plugin (being written)."""

@@ -1,0 +1,1 @@
+"""robovlms plugin (being written)."""
