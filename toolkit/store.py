@@ -14,8 +14,9 @@ lazily, neither needs this package)::
         episode, step, task, ...     the per-sample coordinates again, so the group stands alone
 
 Samples (one policy call each) grow along ``sample``.  Chunks are ``(N samples, 1 layer, all the rest)``,
-the probe's access pattern.  A background thread owns all writes: it fills whole chunks, writes them,
-then commits by raising ``n_samples`` in the root attributes.  A resumed run truncates every array to
+the probe's access pattern.  The caller fills a block buffer (one chunk along ``sample``); a
+background thread writes each full block and commits it by raising ``n_samples`` in the root
+attributes, while the caller fills the second buffer.  A resumed run truncates every array to
 the committed count and continues from there, so nothing is lost or duplicated.
 bfloat16 is stored losslessly as its 16-bit pattern (uint16, ``stored_dtype: bfloat16``).
 """
@@ -95,7 +96,7 @@ class StoreWriter:
     existing store from its last committed sample).
     """
 
-    def __init__(self, path: str | Path, mode: str = "create", codec: str = "zstd", queue_size: int = 8):
+    def __init__(self, path: str | Path, mode: str = "create", codec: str = "zstd"):
         self.path = Path(path)
         self.codec = codec
         compressors_for(codec, "")  # validate early
@@ -121,7 +122,7 @@ class StoreWriter:
         self.specs: dict[str, ArraySpec] = {}
         self.chunk_samples = 0
         self.bytes_written = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -151,8 +152,12 @@ class StoreWriter:
         else:
             self.chunk_samples = chunk_samples or choose_chunk_samples(expanded, batch_size)
             self._create(attrs, expanded, static, coordinates, sites)
-        self._buffers = {n: np.zeros((self.chunk_samples, *s.shape), dtype=_np_dtype(s.dtype))
-                         for n, s in self.specs.items()}
+        self._sites = sites
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(2):
+            self._free.put({n: np.empty((self.chunk_samples, *s.shape), dtype=_np_dtype(s.dtype))
+                            for n, s in self.specs.items()})
+        self._current: dict[str, np.ndarray] | None = None
         # Dense activations: skip zarr's per-chunk "all fill value?" scan (a runtime setting, not stored).
         self._arrays = {n: self.root[n].with_config({"write_empty_chunks": True}) for n in self.specs}
         self._filled = 0
@@ -210,38 +215,68 @@ class StoreWriter:
                 arr.resize((n, *arr.shape[1:]))
 
     # writing -------------------------------------------------------------------------------
+    # The caller's thread copies samples into a block buffer (one chunk along `sample`); a full block
+    # goes to the writer thread, which writes and commits it while the caller fills the other buffer.
+    # Two buffers in all: memory stays flat however long the run.
+
     def append(self, arrays: dict[str, np.ndarray]) -> None:
-        """Queue one batch: every array of the store, each with the batch as leading axis."""
+        """Add one batch: every array of the store, each with the batch as leading axis."""
         self._check()
-        sites = {n.split("/")[0] for n in self.specs if "/" in n}
         full = dict(arrays)
         for n, v in arrays.items():
             if "/" not in n:
-                for site in sites:
+                for site in self._sites:
                     if f"{site}/{n}" in self.specs:
                         full[f"{site}/{n}"] = v
         missing = set(self.specs) - set(full)
         if missing:
             raise ToolkitError(f"internal: batch is missing arrays {sorted(missing)}")
+        size = len(next(iter(full.values())))
+        i = 0
+        while i < size:
+            if self._current is None:
+                self._current = self._wait(self._free.get)
+            take = min(self._block_end() - (self._block_start + self._filled), size - i)
+            for n, buf in self._current.items():
+                buf[self._filled:self._filled + take] = full[n][i:i + take]
+            self._filled += take
+            i += take
+            if self._block_start + self._filled == self._block_end():
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._filled:
+            block = ("block", self._block_start, self._filled, self._current)
+            self._wait(lambda timeout: self._queue.put(block, timeout=timeout))
+            self._block_start += self._filled
+            self._filled, self._current = 0, None
+
+    def _wait(self, call):
+        """Block on a queue operation, but surface a writer-thread failure instead of hanging."""
         while True:
             try:
-                self._queue.put(full, timeout=0.5)
-                return
-            except queue.Full:
+                return call(timeout=0.5)
+            except (queue.Empty, queue.Full):
                 self._check()
+                if self._thread is None or not self._thread.is_alive():
+                    self._check()
+                    raise ToolkitError(f"the writer of {self.path} stopped unexpectedly")
 
     def close(self, complete: bool = True) -> None:
         """Write what is buffered, commit it and (if ``complete``) mark the store finished."""
         if self._thread is None:
             return
-        self._queue.put(("close", complete))
-        self._thread.join()
-        self._thread = None
+        try:
+            self._hand_over()
+        finally:
+            self._queue.put(("close", complete))
+            self._thread.join()
+            self._thread = None
         self._check()
 
     def abort(self) -> None:
-        """Stop after committing what was already queued (used when extraction fails part-way)."""
-        if self._thread is not None and self._error is None:
+        """Commit what was already added, without marking the store complete (extraction failed)."""
+        if self._thread is not None:
             try:
                 self.close(complete=False)
             except ToolkitError:
@@ -258,13 +293,13 @@ class StoreWriter:
         try:
             while True:
                 item = self._queue.get()
-                if isinstance(item, tuple):
-                    self._commit_block()
-                    if item[1]:
+                if item[0] == "close":
+                    if item[1] and self._error is None:
                         self.root.attrs["complete"] = True
                     return
-                self._take(item)
-        except BaseException as e:  # surfaced on the main thread by _check()
+                if self._error is None:  # after a failure, drain without writing
+                    self._write_block(*item[1:])
+        except BaseException as e:  # surfaced on the caller's thread by _check()
             self._error = e
 
     def _block_end(self) -> int:
@@ -272,31 +307,18 @@ class StoreWriter:
         n = self.chunk_samples
         return (self._block_start // n + 1) * n
 
-    def _take(self, batch: dict[str, np.ndarray]) -> None:
-        size = len(next(iter(batch.values())))
-        i = 0
-        while i < size:
-            room = self._block_end() - (self._block_start + self._filled)
-            take = min(room, size - i)
-            for n, buf in self._buffers.items():
-                buf[self._filled:self._filled + take] = batch[n][i:i + take]
-            self._filled += take
-            i += take
-            if self._block_start + self._filled == self._block_end():
-                self._commit_block()
-
-    def _commit_block(self) -> None:
-        if self._filled == 0:
-            return
-        a, b = self._block_start, self._block_start + self._filled
-        for n, buf in self._buffers.items():
-            arr = self._arrays[n]
-            arr.resize((b, *arr.shape[1:]))
-            arr[a:b] = buf[:self._filled]
-            self.bytes_written += buf[:self._filled].nbytes
-        self.root.attrs["n_samples"] = b  # the commit point: written after every array holds the block
-        self.committed = b
-        self._block_start, self._filled = b, 0
+    def _write_block(self, a: int, filled: int, buffers: dict[str, np.ndarray]) -> None:
+        b = a + filled
+        try:
+            for n, buf in buffers.items():
+                arr = self._arrays[n]
+                arr.resize((b, *arr.shape[1:]))
+                arr[a:b] = buf[:filled]
+                self.bytes_written += buf[:filled].nbytes
+            self.root.attrs["n_samples"] = b  # the commit point: written after every array holds the block
+            self.committed = b
+        finally:
+            self._free.put(buffers)
 
 
 def _np_dtype(dtype: str):
