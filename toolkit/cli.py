@@ -219,16 +219,33 @@ def _compact(values: list[int]) -> str:
     return ",".join(map(str, values))
 
 
-def _add_optional_commands() -> None:
-    try:
-        from toolkit.probe_cli import probe_command, report_command
-    except ImportError:
-        return
-    cli.add_command(probe_command, "probe")
-    cli.add_command(report_command, "report")
+# Commands that live in their own modules: (module, function, command name).
+COMMAND_MODULES = [
+    ("toolkit.probe_cli", "probe_command", "probe"),
+    ("toolkit.probe_cli", "report_command", "report"),
+    ("toolkit.export_cli", "export_command", "export"),
+    ("toolkit.analysis_cli", "stats_command", "stats"),
+    ("toolkit.analysis_cli", "compare_command", "compare"),
+    ("toolkit.analysis_cli", "projection_command", "projection"),
+    ("toolkit.analysis_cli", "dataset_stats_command", "dataset-stats"),
+]
 
 
-_add_optional_commands()
+def _add_commands() -> None:
+    import importlib
+
+    for module, attr, name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        if hasattr(mod, attr):
+            cli.add_command(getattr(mod, attr), name)
+
+
+_add_commands()
 
 
 def main() -> None:
