@@ -176,7 +176,7 @@ def _run_loop(path: Path, writer: StoreWriter, samples: Iterator[Sample], batch_
     try:
         for batch in _batches(samples, batch_size):
             arrays, meta = process(batch)
-            if writer._thread is None:  # first batch of this run: create (or re-open) the arrays
+            if not writer.started:  # first batch of this run: create (or re-open) the arrays
                 initialize(arrays, meta)
             first = False
             writer.append(arrays)
@@ -184,7 +184,7 @@ def _run_loop(path: Path, writer: StoreWriter, samples: Iterator[Sample], batch_
         if first and not committed:
             raise ToolkitError("the dataset selection is empty: no episode has a step to process "
                                "(check --data, --max-episodes, --max-steps and --stride)")
-        if writer._thread is None:  # resumed a store whose samples were all committed already
+        if not writer.started:  # resumed a store whose samples were all committed already
             writer.root.attrs["complete"] = True
         else:
             writer.close(complete=True)
@@ -208,9 +208,15 @@ def _check_resume_prefix(writer: StoreWriter, samples: Iterator[Sample], committ
                                "the store was made from other data or options (use --overwrite)")
 
 
-def _writer(store: str | Path, resume: bool, overwrite: bool, codec: str) -> StoreWriter:
+def _check_target(path: Path, resume: bool, overwrite: bool) -> None:
+    """Fail on the store path before any model or data is loaded."""
     if resume and overwrite:
         raise ToolkitError("--resume and --overwrite exclude each other: pick one")
+    if path.exists() and not (resume or overwrite):
+        raise ToolkitError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
+
+
+def _writer(store: str | Path, resume: bool, overwrite: bool, codec: str) -> StoreWriter:
     return StoreWriter(store, mode="resume" if resume else "overwrite" if overwrite else "create", codec=codec)
 
 
@@ -249,10 +255,7 @@ def extract(
         raise ToolkitError(f"--batch-size must be at least 1, got {batch_size}")
     check_dtype(dtype)
     model_cls, dataset_cls = get_model(model), get_dataset(dataset)
-    if resume and overwrite:
-        raise ToolkitError("--resume and --overwrite exclude each other: pick one")
-    if path.exists() and not (resume or overwrite):
-        raise ToolkitError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
+    _check_target(path, resume, overwrite)
     ds = dataset_cls(data, **(dataset_options or {}))
     adapter = model_cls(checkpoint=checkpoint, device=device, dtype=model_dtype, seed=seed,
                         trust_remote_code=trust_remote_code, **(model_options or {}))
@@ -339,10 +342,7 @@ def import_latents(
     path = Path(store)
     check_dtype(dtype)
     dataset_cls = get_dataset(dataset)
-    if resume and overwrite:
-        raise ToolkitError("--resume and --overwrite exclude each other: pick one")
-    if path.exists() and not (resume or overwrite):
-        raise ToolkitError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
+    _check_target(path, resume, overwrite)
     ds = dataset_cls(data, **(dataset_options or {}))
     layout = ds.activation_layout()
     if layout is None:

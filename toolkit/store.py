@@ -126,6 +126,11 @@ class StoreWriter:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def started(self) -> bool:
+        """True once ``initialize`` has run and until ``close``."""
+        return self._thread is not None
+
     # creation ------------------------------------------------------------------------------
     def initialize(self, attrs: dict[str, Any], specs: list[ArraySpec], static: dict[str, tuple[tuple[str, ...], Any]],
                    coordinates: list[str], chunk_samples: int | None = None, batch_size: int = 1) -> None:
