@@ -139,3 +139,34 @@ def check_model_adapter(adapter: ModelAdapter, batch: Batch, atol: float = 1e-5)
     check_outputs_unchanged(adapter, inputs)
     check_hooks_removed(adapter, inputs)
     check_reference_hidden_states(adapter, inputs, atol=atol)
+
+
+def check_dataset_adapter(dataset, max_episodes: int = 3) -> None:
+    """A dataset adapter yields a deterministic order of uniquely keyed episodes with well-formed steps."""
+    import itertools
+
+    def listing():
+        out = []
+        for ep in itertools.islice(dataset.episodes(), max_episodes):
+            out.append((ep.key, [s.index for s in ep.steps()]))
+        return out
+
+    first = listing()
+    assert first, f"{dataset.name}: no episodes"
+    assert listing() == first, f"{dataset.name}: episodes/steps differ between two iterations (order must be fixed)"
+    keys = [k for k, _ in first]
+    assert len(set(keys)) == len(keys), f"{dataset.name}: episode keys are not unique: {keys}"
+    for ep in itertools.islice(dataset.episodes(), max_episodes):
+        assert isinstance(ep.instruction, str) and isinstance(ep.task, str), f"{ep.key}: task/instruction not str"
+        indices = []
+        for step in ep.steps():
+            indices.append(step.index)
+            for cam, img in step.images.items():
+                assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[-1] == 3, \
+                    f"{ep.key} step {step.index}: camera {cam!r} is {img.dtype} {img.shape}, expected (H, W, 3) uint8"
+            for name, value in step.fields.items():
+                assert np.ndim(value) == 0, f"{ep.key} step {step.index}: field {name!r} is not a scalar"
+        assert indices == sorted(indices) and len(set(indices)) == len(indices), \
+            f"{ep.key}: step indices {indices} are not strictly increasing"
+        if ep.n_steps is not None:
+            assert ep.n_steps == len(indices), f"{ep.key}: n_steps={ep.n_steps} but {len(indices)} steps"
