@@ -1,0 +1,214 @@
+"""Probe engine benchmark: read throughput, sweep speed against scikit-learn, memory as the store grows.
+
+    python benchmarks/bench_probe.py            # ~2-4 minutes on 2 cores
+    python benchmarks/bench_probe.py --quick    # smaller stores, for a smoke run
+
+Three ratios, all measured in this one run on synthetic stores written here:
+1. read: the probe's chunked layer-slice reader vs a raw numpy memmap of the same bytes (target ≥ 0.8);
+2. sweep: the all-layer ridge sweep (5-fold CV over 10 λ, control task, bootstrap) vs scikit-learn
+   LogisticRegression(lbfgs) per layer on the same split (target ≥ 10x), both as one fit at C=1 and with
+   C chosen by the same episode-grouped folds over 4 values (the same procedure); accuracies side by side;
+3. memory: peak RSS of a probe run on a store 10x larger, over the small one (target ≈ 1, i.e. flat).
+Results go to benchmarks/out/bench_probe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.extract import COORDINATES
+from toolkit.store import ArraySpec, StoreWriter
+
+OUT = Path(__file__).parent / "out"
+
+
+def write_store(path: Path, n_tasks: int, eps_per_task: int, steps: int, layers: int, d: int, codec: str = "none",
+                seed: int = 0, raw: Path | None = None) -> Path:
+    """Synthetic rollouts: task signal growing with depth, a per-episode offset, noise; written in batches."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((n_tasks, d)).astype(np.float32)
+    n_ep = n_tasks * eps_per_task
+    n = n_ep * steps
+    specs = [ArraySpec("vlm/resid_post", (layers, 1, d), "float32", ("layer", "token", "feature"),
+                       chunk_inner=(1, 1, d))]
+    fields = {"episode": "int32", "step": "int32", "task": "str", "task_id": "int32", "success": "int8",
+              "episode_key": "str", "instruction": "str"}
+    specs += [ArraySpec(k, (), v, ()) for k, v in fields.items()]
+    static = {"vlm/layer": (("layer",), np.arange(layers, dtype=np.int32)),
+              "vlm/token": (("token",), np.array([-1], np.int32))}
+    w = StoreWriter(path, mode="overwrite", codec=codec)
+    w.initialize({"model": "synthetic"}, specs, static, COORDINATES, chunk_samples=256)
+    mm = np.lib.format.open_memmap(raw, mode="w+", dtype=np.float32, shape=(n, layers, 1, d)) if raw else None
+    ep_task = rng.permutation(np.repeat(np.arange(n_tasks), eps_per_task))
+    scale = np.linspace(0.05, 0.6, layers, dtype=np.float32)
+    for e0 in range(0, n_ep, 16):
+        eps = np.arange(e0, min(n_ep, e0 + 16))
+        episode = np.repeat(eps, steps).astype(np.int32)
+        task = ep_task[episode]
+        x = rng.standard_normal((len(episode), layers, 1, d), dtype=np.float32)
+        x += rng.standard_normal((len(eps), 1, 1, d), dtype=np.float32)[episode - e0] * 0.5
+        x += scale[None, :, None, None] * means[task][:, None, None, :] + 3.0
+        batch = {"vlm/resid_post": x, "episode": episode, "step": np.tile(np.arange(steps), len(eps)).astype(np.int32),
+                 "task": np.array([f"task {t}" for t in task], dtype=object), "task_id": task.astype(np.int32),
+                 "success": (episode % 2).astype(np.int8), "episode_key": np.array([f"e{e}" for e in episode], object),
+                 "instruction": np.array([f"do task {t}" for t in task], dtype=object)}
+        w.append(batch)
+        if mm is not None:
+            mm[e0 * steps:e0 * steps + len(episode)] = x
+    w.close()
+    if mm is not None:
+        mm.flush()
+    return path
+
+
+def bench_read(store_path: Path, raw: Path, repeats: int = 3) -> dict:
+    from toolkit.probe.select import Selection, resolve
+    from toolkit.probe.stats import iter_blocks
+    from toolkit.store import open_store
+
+    store = open_store(store_path)
+    res = resolve(store, Selection(site="vlm"))
+    mm = np.load(raw, mmap_mode="r")
+    cs = 256
+
+    def probe_read():
+        total = 0
+        for li in range(len(res.layers)):
+            for _, x in iter_blocks(store, res, li):
+                total += x.nbytes
+        return total
+
+    def memmap_read():
+        total = 0
+        for li in range(mm.shape[1]):
+            for a in range(0, mm.shape[0], cs):
+                x = np.array(mm[a:a + cs, li, 0])
+                total += x.nbytes
+        return total
+
+    out = {}
+    for name, fn in (("probe", probe_read), ("memmap", memmap_read)):
+        fn()  # warm the page cache: both sides read from memory, so this compares the code paths
+        best = min(_timed(fn) for _ in range(repeats))
+        out[f"{name}_MBps"] = mm.nbytes / best / 2**20
+    out["ratio"] = out["probe_MBps"] / out["memmap_MBps"]
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_sweep(store_path: Path) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    from toolkit.probe import ProbeConfig, Selection, probe
+    from toolkit.probe.select import plain, resolve
+    from toolkit.probe.splits import make_split
+    from toolkit.probe.stats import iter_blocks
+    from toolkit.store import open_store
+
+    t = time.perf_counter()
+    res = probe(store_path, Selection(site="vlm"), ["task"], ProbeConfig(n_boot=1000))
+    ours = time.perf_counter() - t
+    store = open_store(store_path)
+    sel = resolve(store, Selection(site="vlm"))
+    ep, task = store.coord("episode")[sel.rows], plain(store.coord("task"))[sel.rows]
+    split = make_split("episodes", ep, task, 5, 0.2, 0)
+    tr, te = ~split.is_test(), split.is_test()
+    y = np.unique(task, return_inverse=True)[1]
+    sk_time, sk_acc, cv_time, cv_acc = 0.0, [], 0.0, []
+    grid = (1e-3, 1e-2, 1e-1, 1.0)
+    for li in range(len(sel.layers)):
+        X = np.concatenate([x[:, 0] for _, x in iter_blocks(store, sel, li)])
+        t = time.perf_counter()  # one fit at the default C=1
+        mu, sd = X[tr].mean(0), X[tr].std(0)
+        z, zt = (X[tr] - mu) / sd, (X[te] - mu) / sd
+        clf = LogisticRegression(max_iter=200).fit(z, y[tr])
+        sk_acc.append(float(clf.score(zt, y[te])))
+        sk_time += time.perf_counter() - t
+        t = time.perf_counter()  # the same procedure as the probe: C chosen by the same episode-grouped folds
+        groups, score = split.group[tr], np.zeros(len(grid))
+        for g in np.unique(groups):
+            a, b = groups != g, groups == g
+            for i, c in enumerate(grid):
+                score[i] += LogisticRegression(C=c, max_iter=200).fit(z[a], y[tr][a]).score(z[b], y[tr][b])
+        best = LogisticRegression(C=grid[int(np.argmax(score))], max_iter=200).fit(z, y[tr])
+        cv_acc.append(float(best.score(zt, y[te])))
+        cv_time += time.perf_counter() - t
+    acc = [r["accuracy"] for r in sorted(res.rows, key=lambda r: r["layer"])]
+    return {"layers": len(sel.layers), "n_train": int(tr.sum()), "n_test": int(te.sum()), "probe_s": ours,
+            "sklearn_s": sk_time, "speedup": sk_time / ours, "sklearn_cv_s": cv_time, "speedup_cv": cv_time / ours,
+            "probe_acc": acc, "sklearn_acc": sk_acc, "sklearn_cv_acc": cv_acc,
+            "max_abs_acc_diff": float(np.max(np.abs(np.array(acc) - np.array(sk_acc)))),
+            "max_abs_acc_diff_cv": float(np.max(np.abs(np.array(acc) - np.array(cv_acc))))}
+
+
+RSS_CHILD = """
+import resource, sys
+from toolkit.plugins import registry
+from toolkit.probe import ProbeConfig, Selection, probe
+registry()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+probe(sys.argv[1], Selection(site="vlm"), ["task"], ProbeConfig(n_boot=200))
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(store_path: Path) -> tuple[float, float]:
+    """(peak RSS of a probe run, its growth over the process's peak after imports), in MB."""
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(store_path)], check=True, capture_output=True, text=True)
+    base, peak = (int(v) / 1024 for v in out.stdout.strip().splitlines()[-1].split())
+    return peak, peak - base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller stores")
+    args = ap.parse_args()
+    tasks, eps, steps, layers, d = (10, 8, 20, 6, 256) if args.quick else (16, 20, 50, 8, 512)
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        small = write_store(tmp / "small.zarr", tasks, eps, steps, layers, d, raw=tmp / "raw.npy")
+        read = bench_read(small, tmp / "raw.npy")
+        sweep = bench_sweep(small)
+        big = write_store(tmp / "big.zarr", tasks, eps * 10, steps, layers, d)
+        (rss_small, grow_small), (rss_big, grow_big) = peak_rss_mb(small), peak_rss_mb(big)
+    result = {"store": {"tasks": tasks, "episodes": tasks * eps, "steps": steps, "layers": layers, "d": d},
+              "read": read, "sweep": sweep,
+              "memory": {"samples_small": tasks * eps * steps, "samples_big": tasks * eps * steps * 10,
+                         "peak_rss_small_mb": rss_small, "peak_rss_big_mb": rss_big, "ratio": rss_big / rss_small,
+                         "growth_over_imports_small_mb": grow_small, "growth_over_imports_big_mb": grow_big}}
+    (OUT / "bench_probe.json").write_text(json.dumps(result, indent=1))
+    print(f"{'measure':<44} {'value':>10} {'target':>10}")
+    print(f"{'read: probe layer slices MB/s':<44} {read['probe_MBps']:>10.0f}")
+    print(f"{'read: raw numpy memmap MB/s':<44} {read['memmap_MBps']:>10.0f}")
+    print(f"{'read: ratio':<44} {read['ratio']:>10.2f} {'>= 0.80':>10}")
+    print(f"{'sweep: probe, all {} layers (s)'.format(sweep['layers']):<44} {sweep['probe_s']:>10.2f}")
+    print(f"{'sweep: sklearn LogisticRegression lbfgs (s)':<44} {sweep['sklearn_s']:>10.2f}")
+    print(f"{'sweep: speedup':<44} {sweep['speedup']:>10.1f} {'>= 10':>10}")
+    print(f"{'sweep: max |accuracy difference| per layer':<44} {sweep['max_abs_acc_diff']:>10.3f}")
+    print(f"{'sweep: sklearn with C by the same grouped CV (s)':<44} {sweep['sklearn_cv_s']:>10.2f}")
+    print(f"{'sweep: speedup, same procedure':<44} {sweep['speedup_cv']:>10.1f} {'>= 10':>10}")
+    print(f"{'sweep: max |accuracy difference|, same proc.':<44} {sweep['max_abs_acc_diff_cv']:>10.3f}")
+    print(f"{'memory: peak RSS small store (MB)':<44} {rss_small:>10.0f}")
+    print(f"{'memory: peak RSS 10x store (MB)':<44} {rss_big:>10.0f}")
+    print(f"{'memory: ratio':<44} {rss_big / rss_small:>10.2f} {'~1':>10}")
+    print(f"{'memory: growth over imports, small / 10x (MB)':<44} {grow_small:>5.0f} / {grow_big:<5.0f}")
+    print(f"wrote {OUT / 'bench_probe.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""One-pass sufficient statistics for ridge, per cross-validation fold, and the chunked reader that feeds them.
+
+A ridge probe needs only XᵀX, XᵀY, Σx, Σy, Σy² and n.  Keeping them per fold means the training
+statistics of any fold are "total minus that fold", so one read of the activations serves every fold,
+every target (only XᵀY differs) and every λ.  Products run in float32 (fast GEMM) and accumulate in
+float64; rows are shifted by a fixed per-cell vector (the first chunk's mean) before the product, so
+the huge-mean dimensions of residual streams do not cancel catastrophically when centring later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from toolkit.probe.select import Resolved
+from toolkit.store import Store, decode
+
+
+@dataclass
+class Stats:
+    """Sufficient statistics of (x - shift, y) for one group of rows."""
+
+    G: np.ndarray  # (D, D) Σ xxᵀ
+    B: np.ndarray  # (D, M) Σ xyᵀ
+    sx: np.ndarray  # (D,)
+    sy: np.ndarray  # (M,)
+    yy: np.ndarray  # (M,) Σ y² per column
+    n: float
+
+    @classmethod
+    def zeros(cls, d: int, m: int) -> "Stats":
+        return cls(np.zeros((d, d)), np.zeros((d, m)), np.zeros(d), np.zeros(m), np.zeros(m), 0.0)
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.G += x.T @ x
+        self.B += x.T @ y
+        self.sx += x.sum(0, dtype=np.float64)
+        self.sy += y.sum(0, dtype=np.float64)
+        self.yy += np.einsum("ij,ij->j", y, y, dtype=np.float64)
+        self.n += len(x)
+
+    def __add__(self, o: "Stats") -> "Stats":
+        return Stats(self.G + o.G, self.B + o.B, self.sx + o.sx, self.sy + o.sy, self.yy + o.yy, self.n + o.n)
+
+    def __sub__(self, o: "Stats") -> "Stats":
+        return Stats(self.G - o.G, self.B - o.B, self.sx - o.sx, self.sy - o.sy, self.yy - o.yy, self.n - o.n)
+
+
+class CellStats:
+    """Per-fold statistics of one cell (layer × denoising step × step bucket).
+
+    A storage chunk splits into several folds, and GEMMs on a few dozen rows run far below peak, so rows
+    are buffered per fold (a bounded few MB) and multiplied in blocks of ``block_rows``.
+    """
+
+    def __init__(self, d: int, m: int, n_folds: int, block_rows: int = 2048):
+        self.folds = [Stats.zeros(d, m) for _ in range(n_folds)]
+        self.shift: np.ndarray | None = None
+        self.block_rows = block_rows
+        self._buf: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_folds)]
+        self._rows = [0] * n_folds
+
+    def add(self, x: np.ndarray, y: np.ndarray, group: np.ndarray) -> None:
+        if self.shift is None:
+            self.shift = x.mean(0)
+        x = x - self.shift
+        for g in np.unique(group):
+            if g < len(self.folds):  # the test group is never accumulated: it is read again to predict
+                m = group == g
+                self._buf[g].append((x[m], y[m]))
+                self._rows[g] += int(m.sum())
+                if self._rows[g] >= self.block_rows:
+                    self._flush(g)
+
+    def _flush(self, g: int) -> None:
+        if self._buf[g]:
+            self.folds[g].add(np.concatenate([b[0] for b in self._buf[g]]),
+                              np.concatenate([b[1] for b in self._buf[g]]))
+            self._buf[g], self._rows[g] = [], 0
+
+    def total(self) -> Stats:
+        for g in range(len(self.folds)):
+            self._flush(g)
+        out = self.folds[0]
+        for f in self.folds[1:]:
+            out = out + f
+        return out
+
+
+class ChunkReader:
+    """Whole (samples × one layer) chunks of a stream, read straight from their chunk files when possible.
+
+    zarr's general read path costs about a millisecond per chunk in Python, which dominates a sweep over
+    page-cached data.  The stores this package writes have a plain layout (regular grid, "/" chunk keys,
+    little-endian bytes, optionally zstd or blosc), so those chunks are read as files and decoded with
+    numcodecs directly; any other layout goes through zarr.
+    """
+
+    def __init__(self, store: Store, site: str, stream: str):
+        self.arr = store.array(site, stream)
+        self.dir = str(store.path / site / stream)
+        self.chunks = tuple(self.arr.chunks)
+        self.dtype = np.dtype(self.arr.dtype)
+        self.decoders = self._plain_layout()
+
+    def _plain_layout(self):
+        try:
+            with open(os.path.join(self.dir, "zarr.json")) as f:
+                meta = json.load(f)
+        except OSError:
+            return None
+        codecs = meta.get("codecs", [])
+        ok = (meta.get("chunk_grid", {}).get("name") == "regular" and not meta.get("storage_transformers")
+              and meta.get("chunk_key_encoding", {}).get("name") == "default"
+              and meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") == "/"
+              and codecs and codecs[0]["name"] == "bytes"
+              and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+              and all(c["name"] in ("zstd", "blosc") for c in codecs[1:])
+              and self.chunks[1] == 1 and all(c == n for c, n in zip(self.chunks[2:], self.arr.shape[2:])))
+        if not ok:
+            return None
+        import numcodecs
+
+        return [numcodecs.Zstd() if c["name"] == "zstd" else numcodecs.Blosc() for c in codecs[1:]][::-1]
+
+    def read(self, chunk: int, layer_pos: int, n: int) -> np.ndarray:
+        """The first ``n`` samples of sample-chunk ``chunk`` at layer position ``layer_pos``, as stored."""
+        if self.decoders is None:
+            a = chunk * self.chunks[0]
+            return self.arr[a:a + n, layer_pos]
+        path = os.path.join(self.dir, "c", str(chunk), str(layer_pos), *["0"] * (len(self.chunks) - 2))
+        shape = (self.chunks[0], *self.chunks[2:])
+        try:
+            if not self.decoders:
+                buf = np.empty(shape, dtype=self.dtype)
+                with open(path, "rb", buffering=0) as f:
+                    f.readinto(memoryview(buf).cast("B"))
+                return buf[:n]
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return np.full((n, *self.chunks[2:]), self.arr.fill_value, dtype=self.dtype)
+        for d in self.decoders:
+            data = d.decode(data)
+        return np.frombuffer(data, dtype=self.dtype).reshape(shape)[:n]
+
+
+def iter_blocks(store: Store, res: Resolved, layer_index: int, rows: np.ndarray | None = None,
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (positions into res.rows, features (n, n_denoise, D) float32) chunk by chunk for one layer.
+
+    Reads whole storage chunks along the sample axis (one layer each), so memory stays one chunk deep
+    however large the store grows.  ``rows`` restricts reading to chunks holding those positions.
+    """
+    if "reader" not in res.extra:  # opening costs zarr metadata round trips: once per selection
+        res.extra["reader"] = ChunkReader(store, res.site, res.stream)
+    reader = res.extra["reader"]
+    has_denoise = res.denoise_pos is not None
+    cs = reader.chunks[0]
+    wanted = res.rows if rows is None else res.rows[rows]
+    pos_all = np.arange(len(res.rows)) if rows is None else np.asarray(rows)
+    li = res.layer_pos[layer_index]
+    chunk_ids = np.unique(wanted // cs)
+    bounds = np.searchsorted(wanted, np.stack([chunk_ids * cs, (chunk_ids + 1) * cs]))  # rows are sorted
+    for c, lo, hi in zip(chunk_ids, bounds[0], bounds[1]):
+        a, b = int(c * cs), int(min((c + 1) * cs, store.n_samples))
+        pos = pos_all[lo:hi]
+        local = wanted[lo:hi] - a
+        raw = reader.read(int(c), li, b - a)
+        if len(local) != b - a:
+            raw = raw[local]
+        x = decode(raw, res.stored_dtype)
+        if has_denoise:  # (n, denoise, token, feature)
+            x = x[:, res.denoise_pos] if len(res.denoise_pos) != x.shape[1] else x
+        else:
+            x = x[:, None]
+        yield pos, pool(x, res.token_pos, res.pool)
+
+
+def pool(x: np.ndarray, token_pos: list[int], how: str) -> np.ndarray:
+    """(n, k, token, feature) -> (n, k, D) float32: the pooled (or concatenated) kept token positions."""
+    if len(token_pos) != x.shape[2]:
+        x = x[:, :, token_pos]
+    if how == "mean":
+        out = x.mean(2, dtype=np.float32) if x.shape[2] > 1 else x[:, :, 0]
+    elif how == "last":
+        out = x[:, :, -1]
+    elif how == "first":
+        out = x[:, :, 0]
+    else:
+        out = x.reshape(x.shape[0], x.shape[1], -1)
+    return np.ascontiguousarray(out, dtype=np.float32)
