@@ -67,6 +67,12 @@ def expert_streams(expert: Expert) -> dict[str, tuple[str, ...]]:
     return expert.streams or DECODER_STREAMS
 
 
+def default_stream(expert: Expert) -> str:
+    """resid_post where the expert has it, else its first stream (e.g. RoboVLMs' ``context``)."""
+    offered = expert_streams(expert)
+    return ",".join(s for s in DEFAULT_STREAMS if s in offered) or next(iter(offered))
+
+
 def canonical_stream(name: str) -> str:
     return STREAM_ALIASES.get(name, name)
 
@@ -114,7 +120,7 @@ def build_plan(
     layer_specs = per_site(layers, sites, "all", "--layers")
     token_specs = per_site(tokens, sites, {s: known[s].tokens for s in sites}, "--tokens")
     pool_specs = per_site(pool, sites, {s: known[s].pool for s in sites}, "--pool")
-    stream_specs = per_site(streams, sites, ",".join(DEFAULT_STREAMS), "--streams")
+    stream_specs = per_site(streams, sites, {s: default_stream(experts[known[s].expert]) for s in sites}, "--streams")
     plan = []
     for s in sites:
         expert = experts[known[s].expert]
@@ -203,6 +209,8 @@ class Capture:
         self._handles: list[Any] = []
         self._inputs: ModelInputs | None = None
         self._buffers: dict[tuple[str, str, int], list[torch.Tensor]] = defaultdict(list)
+        self._calls: dict[tuple[str, str, int], int] = defaultdict(int)  # firings seen (record_call experts)
+        self._raw: dict[tuple[str, str, int], list[torch.Tensor]] = defaultdict(list)  # record_call < 0
         self._positions: dict[tuple[str, str, int], tuple[TokenSelection, torch.Tensor | None]] = {}
 
     # hooks ---------------------------------------------------------------------------------
@@ -267,6 +275,20 @@ class Capture:
         return lambda mod, args, kwargs: hook(mod, args, kwargs)
 
     def _record(self, sc: SiteCapture, layer: int, stream: str, x: torch.Tensor) -> None:
+        keep = self.experts[sc.expert].record_call
+        if keep is not None:  # only one firing of several is wanted
+            n = self._calls[(sc.site, stream, layer)]
+            self._calls[(sc.site, stream, layer)] = n + 1
+            if keep >= 0 and n != keep:
+                return
+            if keep < 0:  # which firing is kept is known only at the end: hold the raw tensors, select then
+                raw = self._raw[(sc.site, stream, layer)]
+                raw.append(x.detach())
+                del raw[:-(-keep)]
+                return
+        self._buffers[(sc.site, stream, layer)].append(self._select(sc, x))
+
+    def _select(self, sc: SiteCapture, x: torch.Tensor) -> torch.Tensor:
         inputs = self._inputs
         seq = x.shape[1]
         key = (sc.site, sc.expert, seq)
@@ -277,12 +299,14 @@ class Capture:
             self._positions[key] = (sel, pos)
         sel, pos = self._positions[key]
         kept = select_tokens(x.detach(), sel, sc.pool, inputs.token_mask.get(sc.expert), pos)
-        self._buffers[(sc.site, stream, layer)].append(kept.to(check_dtype(sc.dtype)))
+        return kept.to(check_dtype(sc.dtype))
 
     # batches ---------------------------------------------------------------------------------
     def begin(self, inputs: ModelInputs) -> None:
         self._inputs = inputs
         self._buffers.clear()
+        self._calls.clear()
+        self._raw.clear()
         self._positions.clear()  # spans may differ between batches
 
     def collect(self) -> dict[str, np.ndarray]:
@@ -296,6 +320,15 @@ class Capture:
                     for layer in sc.layers:
                         got = self._buffers.get((sc.site, stream, layer), [])
                         want = expert.denoise_steps or 1
+                        if expert.record_call is not None:
+                            fired = self._calls.get((sc.site, stream, layer), 0)
+                            keep = expert.record_call
+                            if fired < (keep + 1 if keep >= 0 else -keep):
+                                raise ToolkitError(
+                                    f"{hook_name(sc.site, layer, stream)} fired {fired} times in one policy call, "
+                                    f"but firing {keep} is the one to keep: the adapter's expert description "
+                                    "does not match the model")
+                            got = [self._select(sc, self._raw[(sc.site, stream, layer)][0])] if keep < 0 else got[:1]
                         if len(got) != want:
                             raise ToolkitError(
                                 f"{hook_name(sc.site, layer, stream)} fired {len(got)} times in one policy call, "
@@ -306,6 +339,8 @@ class Capture:
         finally:
             self._inputs = None
             self._buffers.clear()
+            self._calls.clear()
+            self._raw.clear()
         return out
 
 

@@ -45,6 +45,16 @@ class Sample:
     episode_index: int  # ordinal of the episode in this run
     episode: Episode
     step: Step
+    capture: bool = True  # closed loop: False for a policy call that drives the simulator but is not stored
+    call: int = 0  # closed loop: the policy call's ordinal within its episode
+
+
+@dataclass
+class EpisodeEnd:
+    """Closed loop: the episode's steps are exhausted, so its metadata and step fields are final."""
+
+    episode_index: int
+    episode: Episode
 
 
 def iter_samples(dataset, max_episodes: int | None, max_steps: int | None, stride: int) -> Iterator[Sample]:
@@ -61,6 +71,38 @@ def iter_samples(dataset, max_episodes: int | None, max_steps: int | None, strid
                 continue
             yield Sample(index, e, ep, step)
             index += 1
+
+
+def iter_closed_loop(dataset, max_episodes: int | None, stride: int, done: list[str] | None = None,
+                     start: int = 0) -> Iterator[Sample | EpisodeEnd]:
+    """Every step (= policy call) of a closed-loop dataset, every ``stride``-th one marked for capture,
+    and an ``EpisodeEnd`` after each episode.  A resumed run passes the keys of the episodes the store
+    holds (``done``, in order) and its sample count (``start``): those episodes are checked and skipped
+    without running them."""
+    if stride < 1:
+        raise ToolkitError(f"--stride must be at least 1, got {stride}")
+    done = list(done or [])
+    index, seen = start, 0
+    for e, ep in enumerate(itertools.islice(dataset.episodes(), max_episodes)):
+        seen = e + 1
+        if e < len(done):
+            if ep.key != done[e]:
+                raise ToolkitError(f"cannot resume: episode {e} of the store is {done[e]}, but the dataset gives "
+                                   f"{ep.key}; the store was made from other options (use --overwrite)")
+            continue
+        for k, step in enumerate(ep.steps()):
+            capture = k % stride == 0
+            yield Sample(index, e, ep, step, capture, k)
+            index += capture
+        yield EpisodeEnd(e, ep)
+    if seen < len(done):
+        raise ToolkitError(f"cannot resume: the store holds {len(done)} episodes, the dataset gives {seen} "
+                           "(use --overwrite)")
+
+
+def call_generator(seed: int, episode_index: int, call: int) -> torch.Generator:
+    """Closed loop: the random stream of policy call ``call`` of episode ``episode_index`` (captured or not)."""
+    return sample_generator(seed, episode_index * 1_000_003 + call)
 
 
 def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
@@ -92,7 +134,10 @@ def sample_fields(batch: list[Sample]) -> dict[str, np.ndarray]:
     if batch[0].step.action is not None:
         out["dataset_action"] = np.stack([np.asarray(s.step.action, dtype=np.float32) for s in batch])
     for name in batch[0].step.fields:
-        out[f"field_{name}" if name in out else name] = np.array([s.step.fields.get(name) for s in batch])
+        values = [s.step.fields.get(name) for s in batch]
+        # strings stay variable-length (a fixed-width array would cut a longer value in a later batch)
+        kind = object if any(isinstance(v, str) for v in values) else None
+        out[f"field_{name}" if name in out else name] = np.array(values, dtype=kind)
     return out
 
 
@@ -165,21 +210,44 @@ class Progress:
 
 
 def _run_loop(path: Path, writer: StoreWriter, samples: Iterator[Sample], batch_size: int,
-              process: Callable[[list[Sample]], tuple[dict[str, np.ndarray], dict]], initialize: Callable,
-              progress: bool) -> None:
-    """Skip committed samples (checking they match), then process and append batches."""
+              process: Callable[[list[Sample]], tuple[dict[str, np.ndarray] | None, dict]], initialize: Callable,
+              progress: bool, closed_loop: bool = False) -> None:
+    """Skip committed samples (checking they match), then process and append batches.
+
+    Closed loop (``iter_closed_loop`` samples, batch size 1): ``process`` returns ``None`` arrays for an
+    uncaptured call; captured ones are held until their ``EpisodeEnd``, then get their per-sample
+    fields (final success etc.), are appended and committed together."""
     committed = writer.committed
-    if committed:
+    if committed and not closed_loop:  # closed loop: iter_closed_loop skipped the committed episodes
         _check_resume_prefix(writer, samples, committed)
     bar = Progress(progress, writer, committed)
     first = not committed
+    held: list[tuple[list[Sample], dict[str, np.ndarray], dict]] = []
+
+    def emit(arrays, meta):
+        nonlocal first
+        if not writer.started:  # first batch of this run: create (or re-open) the arrays
+            initialize(arrays, meta)
+            writer.defer_commits = closed_loop
+        first = False
+        writer.append(arrays)
+
     try:
         for batch in _batches(samples, batch_size):
+            if isinstance(batch[0], EpisodeEnd):
+                for b, arrays, meta in held:
+                    arrays.update(sample_fields(b))
+                    emit(arrays, meta)
+                held.clear()
+                writer.flush()
+                continue
             arrays, meta = process(batch)
-            if not writer.started:  # first batch of this run: create (or re-open) the arrays
-                initialize(arrays, meta)
-            first = False
-            writer.append(arrays)
+            if arrays is None:
+                continue
+            if closed_loop:
+                held.append((batch, arrays, meta))
+            else:
+                emit(arrays, meta)
             bar.update(batch)
         if first and not committed:
             raise ToolkitError("the dataset selection is empty: no episode has a step to process "
@@ -256,19 +324,38 @@ def extract(
     check_dtype(dtype)
     model_cls, dataset_cls = get_model(model), get_dataset(dataset)
     _check_target(path, resume, overwrite)
+    closed = bool(getattr(dataset_cls, "closed_loop", False))
+    if closed:  # the simulator needs each call's actions before it can give the next step
+        if batch_size != 1:
+            raise ToolkitError(f"dataset {dataset!r} runs closed-loop (a simulator): --batch-size must be 1, "
+                               f"got {batch_size}")
+        dataset_options = {"seed": seed, **({} if max_steps is None else {"max_steps": max_steps}),
+                           **(dataset_options or {})}
     ds = dataset_cls(data, **(dataset_options or {}))
     adapter = model_cls(checkpoint=checkpoint, device=device, dtype=model_dtype, seed=seed,
                         trust_remote_code=trust_remote_code, **(model_options or {}))
     plan = build_plan(adapter.name, adapter.experts, adapter.sites, sites, layers, tokens, pool, streams, dtype)
     writer = _writer(path, resume, overwrite, codec)
-    samples = iter_samples(ds, max_episodes, max_steps, stride)
+    if closed:
+        samples = iter_closed_loop(ds, max_episodes, stride, _stored_episodes(writer), writer.committed)
+    else:
+        samples = iter_samples(ds, max_episodes, max_steps, stride)
 
     def process(batch: list[Sample]):
         inputs = adapter.prepare([(s.episode, s.step) for s in batch])
-        cap.begin(inputs)
-        out = adapter.run(inputs, [sample_generator(seed, s.index) for s in batch])
+        if closed:
+            s = batch[0]
+            cap.begin(inputs if s.capture else None)  # None: the hooks record nothing
+            out = adapter.run(inputs, [call_generator(seed, s.episode_index, s.call)])
+            ds.feedback(s.episode, s.step, np.asarray(out.actions)[0])
+            if not s.capture:
+                return None, {}
+        else:
+            cap.begin(inputs)
+            out = adapter.run(inputs, [sample_generator(seed, s.index) for s in batch])
         arrays = cap.collect()
-        arrays.update(sample_fields(batch))
+        if not closed:  # closed loop: added when the episode has ended (_run_loop)
+            arrays.update(sample_fields(batch))
         arrays["policy_action"] = np.asarray(out.actions, dtype=np.float32)
         return arrays, {"inputs": inputs, "out": out}
 
@@ -288,8 +375,16 @@ def extract(
                     chunk_samples, batch_size)
 
     with torch.inference_mode(), Capture(adapter, plan) as cap:
-        _run_loop(path, writer, samples, batch_size, process, initialize, progress)
+        _run_loop(path, writer, samples, batch_size, process, initialize, progress, closed_loop=closed)
     return path
+
+
+def _stored_episodes(writer: StoreWriter) -> list[str]:
+    """Keys of the episodes a resumed store holds, in order (closed loop: all of them finished)."""
+    if not writer.committed:
+        return []
+    keys = [str(k) for k in writer.root["episode_key"][:writer.committed]]
+    return list(dict.fromkeys(keys))
 
 
 def _initialize(writer, arrays, plan, experts, spans, seq_len, denoise_t, attrs, chunk_samples, batch_size):

@@ -60,8 +60,13 @@ def check_structure(adapter: ModelAdapter, inputs: ModelInputs) -> None:
     for name, ex in experts.items():
         assert ex.name == name, f"expert {name!r}: Expert.name is {ex.name!r}"
         layers = resolve_module(adapter.module, ex.layers_path)
-        assert isinstance(layers, torch.nn.ModuleList), f"{ex.layers_path} is a {type(layers).__name__}, not a ModuleList"
-        assert len(layers) == ex.n_layers, f"expert {name!r}: n_layers={ex.n_layers} but {ex.layers_path} has {len(layers)}"
+        if ex.layered:
+            assert isinstance(layers, torch.nn.ModuleList), \
+                f"{ex.layers_path} is a {type(layers).__name__}, not a ModuleList"
+            assert len(layers) == ex.n_layers, \
+                f"expert {name!r}: n_layers={ex.n_layers} but {ex.layers_path} has {len(layers)}"
+        else:
+            assert ex.n_layers == 1, f"expert {name!r} is a single module ({ex.layers_path}) but n_layers={ex.n_layers}"
         assert name in inputs.seq_len, f"prepare() gives no seq_len for expert {name!r}"
         seq = inputs.seq_len[name]
         spans = inputs.spans.get(name, {})

@@ -1,1 +1,11 @@
-"""robovlms plugin (being written)."""
+"""Built-in RoboVLMs model adapter (Kosmos-2 backbone + LSTM action head; act_head context vector)."""
+
+from toolkit.hookspecs import hookimpl
+from toolkit_plugins.robovlms.adapter import RoboVLMsAdapter
+
+__all__ = ["RoboVLMsAdapter"]
+
+
+@hookimpl
+def register_models(register):
+    register(RoboVLMsAdapter)

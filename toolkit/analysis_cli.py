@@ -1,0 +1,253 @@
+"""`toolkit stats`, `toolkit compare`, `toolkit projection` and `toolkit dataset-stats` (no model needed)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from toolkit.errors import ToolkitError
+
+STATS_EXAMPLES = """
+\b
+Examples:
+  toolkit stats stores/robovlms.zarr                       # the context site (if any), every layer
+  toolkit stats stores/robovlms.zarr --site text --layer 23 --json
+  toolkit stats stores/robovlms.zarr --out reports/ctx     # stats.json + stats.md (+ per-feature arrays)
+"""
+COMPARE_EXAMPLES = """
+\b
+Examples:
+  toolkit compare stores/kosmos_ph.zarr stores/finetuned.zarr --site context --out reports/ctx_compare
+  toolkit compare A.zarr B.zarr --site text --layer 23 --bins 128 --exact-samples 2000
+"""
+PROJECTION_EXAMPLES = """
+\b
+Examples:
+  toolkit projection stores/robovlms.zarr --method pca --color task
+  toolkit projection stores/robovlms.zarr --site text --layer -1 --method tsne --color episode --out proj.png
+"""
+DATASET_EXAMPLES = """
+\b
+Examples:
+  toolkit dataset-stats --dataset h5 --data data/mobile_vla
+  toolkit dataset-stats --dataset h5 --data data/mobile_vla --dataset-option stratify_by=direction \\
+      --dataset-option max_episodes=100 --dataset-option frames_per_episode=5 --json
+"""
+
+
+def _kv(pairs: tuple[str, ...], option: str) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ToolkitError(f"{option} takes KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.replace("-", "_")] = v
+    return out
+
+
+def _layers(values: tuple[str, ...]) -> str | None:
+    return ",".join(values) if values else None
+
+
+def _write(out: Path, name: str, text: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(text)
+    return out / name
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@click.command(epilog=STATS_EXAMPLES)
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--site", help="Capture site (default: context if the store has it, else its first site).")
+@click.option("--stream", help="Stream (default resid_post, else the site's first).")
+@click.option("--layer", "layers", multiple=True, help="Layers: all (default) | 0,5 | 0-5 | -1.")
+@click.option("--dead-eps", default=1e-6, show_default=True, help="|x| at or below this counts as zero.")
+@click.option("--outlier-z", default=6.0, show_default=True, help="Robust z-score (median/MAD) of an outlier feature.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the Markdown report.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write stats.json, stats.md and features.npz here.")
+def stats_command(store, site, stream, layers, dead_eps, outlier_z, as_json, out):
+    """Shape, dtype, global and per-feature mean/std/min/max, dead/constant/outlier features of a site."""
+    from toolkit.stats import stats_markdown, store_stats
+
+    rep = store_stats(str(store), site, stream, _layers(layers), dead_eps=dead_eps, outlier_z=outlier_z,
+                      per_feature=out is not None)
+    features = {k: v.pop("features") for k, v in rep["layers"].items() if "features" in v}
+    md = stats_markdown(rep)
+    if out is not None:
+        _write(out, "stats.json", json.dumps(rep, indent=2))
+        _write(out, "stats.md", md)
+        np.savez(out / "features.npz", **{f"layer{k}_{n}": np.asarray(v) for k, f in features.items()
+                                           for n, v in f.items()})
+    click.echo(json.dumps(rep, indent=2) if as_json else md)
+    if out is not None:
+        click.echo(f"wrote {out}/stats.json, stats.md, features.npz", err=True)
+
+
+# --------------------------------------------------------------------------- compare
+
+
+@click.command(epilog=COMPARE_EXAMPLES)
+@click.argument("store_a", type=click.Path(path_type=Path))
+@click.argument("store_b", type=click.Path(path_type=Path))
+@click.option("--site", help="Capture site (default: context if present, else the first site).")
+@click.option("--stream", help="Stream (default resid_post, else the site's first).")
+@click.option("--layer", "layers", multiple=True, help="Layers: all (default) | 0,5 | 0-5 | -1.")
+@click.option("--bins", default=64, show_default=True, help="Histogram bins for KL and Wasserstein.")
+@click.option("--exact-samples", default=0, show_default=True,
+              help="Also compute per-feature Wasserstein with scipy on this many sampled rows per store.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the row sampling.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Report folder (default reports/compare_<A>_vs_<B>): compare.json, compare.md, figures.")
+@click.option("--no-figures", is_flag=True, help="Skip the figures.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the Markdown report.")
+def compare_command(store_a, store_b, site, stream, layers, bins, exact_samples, seed, out, no_figures, as_json):
+    """Compare one site of two stores: KL, Wasserstein, mean/std shifts, dead-neuron overlap, figures."""
+    from toolkit.stats import compare_figures, compare_markdown, compare_stores, strip_arrays
+
+    if bins < 2:
+        raise ToolkitError(f"--bins must be at least 2, got {bins}")
+    rep = compare_stores(str(store_a), str(store_b), site, stream, _layers(layers), bins=bins,
+                         exact_samples=exact_samples, seed=seed)
+    out = out or Path("reports") / f"compare_{store_a.name.removesuffix('.zarr')}_vs_{store_b.name.removesuffix('.zarr')}"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {} if no_figures else compare_figures(rep, out)
+    data = strip_arrays(rep)
+    data["figures"] = figures
+    md = compare_markdown(rep, figures)
+    _write(out, "compare.json", json.dumps(data, indent=2))
+    _write(out, "compare.md", md)
+    click.echo(json.dumps(data, indent=2) if as_json else md)
+    click.echo(f"wrote {out}/compare.json, compare.md" + ("" if no_figures else " and figures"), err=True)
+
+
+# --------------------------------------------------------------------------- projection
+
+
+@click.command(epilog=PROJECTION_EXAMPLES)
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--site", help="Capture site (default: context if present, else the first site).")
+@click.option("--stream", help="Stream (default resid_post, else the site's first).")
+@click.option("--layer", default="-1", show_default=True, help="One layer (-1: the last stored).")
+@click.option("--method", type=click.Choice(["pca", "tsne", "umap"]), default="pca", show_default=True,
+              help="umap needs umap-learn (pip install 'toolkit[umap]').")
+@click.option("--color", type=click.Choice(["task", "episode", "success"]), default="task", show_default=True)
+@click.option("--max-samples", default=5000, show_default=True, help="Seeded subset of samples to project.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Figure path (default reports/projection_<store>_<method>.png).")
+def projection_command(store, site, stream, layer, method, color, max_samples, seed, out):
+    """2-D projection (PCA, t-SNE, UMAP) of one vector per sample (mean over its stored tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from toolkit.stats import project, sample_vectors, select_layers, site_stream
+    from toolkit.store import open_store
+
+    if method == "umap":
+        import importlib.util
+
+        if importlib.util.find_spec("umap") is None:
+            raise ToolkitError("--method umap needs umap-learn, which is not installed: pip install 'toolkit[umap]' "
+                               "(or use --method pca or tsne)")
+    s = open_store(store)
+    site, stream = site_stream(s, site, stream)
+    have = s.layers(site)
+    chosen = have[-1] if layer in ("-1", "last") else select_layers(s, site, layer)[0]
+    idx, x = sample_vectors(s, site, stream, chosen, max_samples, seed)
+    y = project(x, method, seed)
+    labels = s.coord(color)[idx]
+    out = out or Path("reports") / f"projection_{store.name.removesuffix('.zarr')}_{site}_{method}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    values = [str(v) for v in labels]
+    groups = sorted(set(values), key=lambda v: (len(v), v))
+    cmap = plt.get_cmap("tab20" if len(groups) > 10 else "tab10")
+    for k, g in enumerate(groups):
+        m = np.array([v == g for v in values])
+        ax.scatter(y[m, 0], y[m, 1], s=12, alpha=0.8, color=cmap(k % cmap.N),
+                   label=g[:40] if len(groups) <= 20 else None)
+    if len(groups) <= 20:
+        ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    ax.set_title(f"{site}/{stream} layer {chosen}: {method.upper()} by {color} ({len(y)} samples)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    np.savez(out.with_suffix(".npz"), sample=idx, xy=y, label=np.array(values))
+    click.echo(f"wrote {out} and {out.with_suffix('.npz')}  ({len(y)} samples, {len(groups)} {color} groups)")
+
+
+# --------------------------------------------------------------------------- dataset-stats
+
+
+def dataset_summary(ds: Any) -> dict[str, Any]:
+    """A dataset adapter's own ``summary()`` if it has one, else episodes by task and their step counts."""
+    if hasattr(ds, "summary"):
+        return ds.summary()
+    tasks: Counter = Counter()
+    instructions: Counter = Counter()
+    steps = []
+    for ep in ds.episodes():
+        tasks[ep.task] += 1
+        instructions[ep.instruction] += 1
+        steps.append(ep.n_steps if ep.n_steps is not None else sum(1 for _ in ep.steps()))
+    s = np.array(steps or [0])
+    return {"dataset": ds.name, "data": ds.data, "n_episodes": len(steps),
+            "frames": {"total": int(s.sum()), "min": int(s.min()), "max": int(s.max()), "mean": round(float(s.mean()), 3)},
+            "by_task": dict(sorted(tasks.items())), "instructions": dict(instructions.most_common())}
+
+
+def _table(title: str, counts: dict[str, Any] | None) -> list[str]:
+    if not counts:
+        return []
+    width = max(len(str(k)) for k in counts)
+    return ["", f"{title}:", *(f"  {str(k):<{width}}  {v}" for k, v in counts.items())]
+
+
+def summary_text(rep: dict[str, Any]) -> str:
+    f = rep.get("frames", {})
+    lines = [f"dataset {rep.get('dataset')} at {rep.get('data')}: {rep.get('n_episodes')} episodes"
+             + (f" ({rep['n_bad_files']} bad files skipped)" if rep.get("n_bad_files") else ""),
+             f"frames: total {f.get('total')}, per episode min {f.get('min')} / mean {f.get('mean')} / max {f.get('max')}"]
+    for key, title in (("by_task", "episodes by task"), ("by_direction", "episodes by direction"),
+                       ("by_layout", "episodes by layout"), ("instructions", "instructions"),
+                       ("instruction_sources", "instruction source"), ("event_types", "action event types"),
+                       ("image_shapes", "image shapes"), ("bad_files", "bad files")):
+        lines += _table(title, rep.get(key))
+    plan = rep.get("sampling")
+    if plan:
+        lines += ["", f"sampling plan: {plan['n_episodes']} episodes x "
+                      f"{plan['frames_per_episode'] or 'all'} frames = {plan['n_frames']} frames"
+                      + (f", stratified by {plan['stratify_by']} (seed {plan['seed']})" if plan["stratify_by"] else "")]
+        lines += _table("  selected per stratum", plan.get("by_stratum"))
+    return "\n".join(lines)
+
+
+@click.command(epilog=DATASET_EXAMPLES)
+@click.option("--dataset", default="h5", show_default=True, help="Dataset adapter (see `toolkit plugins`).")
+@click.option("--data", help="Dataset path.")
+@click.option("--dataset-option", multiple=True, help="Dataset-specific KEY=VALUE option.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@click.option("--out", type=click.Path(path_type=Path), help="Also write the JSON summary to this file.")
+def dataset_stats_command(dataset, data, dataset_option, as_json, out):
+    """Summarise a dataset without any model: episodes by type, frames, instructions, sampling plan."""
+    from toolkit.plugins import get_dataset
+
+    ds = get_dataset(dataset)(data, **_kv(dataset_option, "--dataset-option"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = dataset_summary(ds)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rep, indent=2))
+    click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
