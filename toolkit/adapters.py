@@ -69,6 +69,19 @@ class DatasetAdapter(abc.ABC):
         """Provenance stored in the store's attributes."""
         return {"name": self.name, "data": self.data, "options": self.options}
 
+    # Closed-loop datasets (a simulator): each observation depends on the policy's earlier actions.
+    # `toolkit extract` runs them with batch size 1, calls ``feedback`` after every policy call (before
+    # asking for the next step), passes its ``seed`` and ``max_steps`` (environment steps per episode)
+    # as options of the same names unless given, runs the policy at every step but stores every
+    # ``stride``-th call, and writes an episode's samples once the episode has ended (its steps are
+    # exhausted: ``Episode.metadata`` and the steps' ``fields`` are final then), committing the store at
+    # episode boundaries only, so a resumed run starts at the first unfinished episode.
+    closed_loop: ClassVar[bool] = False
+
+    def feedback(self, episode: Episode, step: Step, actions: np.ndarray) -> None:
+        """Closed loop only: the policy's action chunk (horizon, action_dim) computed for ``step``."""
+        raise NotImplementedError(f"dataset {self.name!r} is not closed-loop")
+
     # For `toolkit import`: datasets that carry activations describe them here.
     def activation_layout(self) -> "ActivationLayout | None":
         """Layout of the activations stored in the data itself (None if the dataset has none)."""
@@ -98,6 +111,11 @@ class Expert:
     # False for a single module (e.g. RoboVLMs' act_head): then ``layers_path`` is that module, and
     # ``n_layers`` is 1.
     layered: bool = True
+    # For an expert whose modules fire several times per policy call where only one firing is wanted
+    # (autoregressive generation: the full-sequence forward, then one firing per generated token): keep
+    # firing number ``record_call`` of each hook (0 = the first, -1 = the last) and ignore the others.
+    # None: keep every firing, and there must be exactly ``denoise_steps`` (or 1) of them.
+    record_call: int | None = None
 
 
 @dataclass(frozen=True)

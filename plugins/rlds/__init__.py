@@ -1,1 +1,293 @@
-"""rlds plugin (being written)."""
+"""RLDS / Open X-Embodiment dataset adapter (tensorflow-datasets; optional extra ``pip install 'toolkit[rlds]'``).
+
+``--data`` is one of:
+
+* a local TFDS dataset directory: the version folder holding ``dataset_info.json`` / ``features.json``
+  (e.g. ``modified_libero_rlds/libero_object_no_noops/1.0.0``) or its parent (the newest version is used);
+* a ``gs://`` path to such a folder (e.g. ``gs://gresearch/robotics/fractal20220817_data/0.1.0``; needs
+  access to the bucket);
+* a registered TFDS name, ``name`` or ``name:version``, prepared in ``--dataset-option data_dir=DIR``
+  (or TFDS' default data dir).
+
+Options (``--dataset-option KEY=VALUE``): ``split`` (TFDS slicing, ``train[:10%]``), ``image_key``,
+``wrist_image_key``, ``state_key``, ``action_key``, ``instruction_key`` (dot or slash notation for nested
+keys; ``episode_metadata.*`` reads the episode's metadata, anything else the step, e.g.
+``language_instruction`` or ``observation.natural_language_instruction``; ``none`` drops an optional key),
+``num_episodes``, ``max_steps_per_episode``, ``step_stride``, ``data_dir``.  The defaults fit OpenVLA's
+``modified_libero_rlds`` layout.  The seed script's ``--num_episodes`` / ``--max_steps_per_episode`` / stride
+are also ``toolkit extract --max-episodes / --max-steps / --stride``, which apply to every dataset.
+
+Steps: ``images["agentview"]`` (image key), ``images["wrist"]`` (wrist key), ``state``, ``action`` and the
+step's scalar fields (``is_first``, ``is_last``, ``is_terminal``, ``reward``, ``discount``, ...) as
+``Step.fields``; the episode's instruction is its ``instruction`` and ``task`` (``task_id`` numbers the
+distinct instructions in order of appearance).  TensorFlow is imported only when a dataset is read, and is
+kept off the GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.adapters import DatasetAdapter, Episode, Step
+from toolkit.errors import ToolkitError
+from toolkit.hookspecs import hookimpl
+
+OPTIONS = {
+    "split": "train",
+    "image_key": "observation/image",
+    "wrist_image_key": "observation/wrist_image",
+    "state_key": "observation/state",
+    "action_key": "action",
+    "instruction_key": "language_instruction",
+    "num_episodes": None,
+    "max_steps_per_episode": None,
+    "step_stride": 1,
+    "data_dir": None,
+}
+OPTIONAL_KEYS = ("wrist_image_key", "state_key", "action_key")  # absent defaults are skipped silently
+INSTALL = "pip install 'toolkit[rlds]'"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def _import_tfds():
+    """tensorflow + tensorflow_datasets, imported on first use; TF is kept off the GPUs (torch's)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ToolkitError(f"the rlds dataset needs TensorFlow and tensorflow-datasets ({_one_line(e)}); "
+                           f"install them with: {INSTALL}") from None
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):
+        pass  # already initialised
+    return tf, tfds
+
+
+def _path(key: str) -> list[str]:
+    return [p for p in re.split(r"[./]", key.strip()) if p]
+
+
+def _flat_keys(d: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict):
+                out.extend(_flat_keys(v, name + "/"))
+            elif k != "steps":
+                out.append(name)
+    return out
+
+
+def _get(d: Any, parts: list[str]) -> Any:
+    for p in parts:
+        if not isinstance(d, dict) or p not in d:
+            raise KeyError(p)
+        d = d[p]
+    return d
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, np.ndarray):
+        v = v.reshape(-1)[0] if v.size else b""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="replace")
+    return str(v)
+
+
+def _int_option(options: dict, name: str, minimum: int) -> int | None:
+    v = options.get(name)
+    if v is None:
+        return None
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise ToolkitError(f"rlds option {name}={v!r} is not an integer") from None
+    if n < minimum:
+        raise ToolkitError(f"rlds option {name} must be at least {minimum}, got {n}")
+    return n
+
+
+class RLDSDataset(DatasetAdapter):
+    """RLDS episodes (Open X-Embodiment, OpenVLA's modified_libero_rlds) read through tensorflow-datasets."""
+
+    name = "rlds"
+    description = "RLDS / Open X-Embodiment datasets via tensorflow-datasets (TFDS dir, gs:// path or TFDS name)"
+
+    def __init__(self, data: str | None = None, **options: Any) -> None:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ToolkitError(f"rlds has no option {unknown[0]!r}; options: {', '.join(OPTIONS)}")
+        super().__init__(data, **options)
+        if not data:
+            raise ToolkitError("the rlds dataset needs --data: a TFDS dataset directory (…/NAME/VERSION), "
+                               "a gs:// path or a registered TFDS name")
+        self.opts = {**OPTIONS, **{k: v for k, v in options.items() if v is not None}}
+        self.num_episodes = _int_option(self.opts, "num_episodes", 1)
+        self.max_steps = _int_option(self.opts, "max_steps_per_episode", 1)
+        self.stride = _int_option(self.opts, "step_stride", 1) or 1
+        self.keys = {k: (None if str(self.opts[k]).lower() == "none" else str(self.opts[k]))
+                     for k in ("image_key", "wrist_image_key", "state_key", "action_key", "instruction_key")}
+        if self.keys["image_key"] is None or self.keys["instruction_key"] is None:
+            raise ToolkitError("rlds options image_key and instruction_key cannot be none")
+        self._builder = None
+
+    # opening ---------------------------------------------------------------------------------
+    def builder(self):
+        if self._builder is None:
+            self._builder = self._open()
+        return self._builder
+
+    def _open(self):
+        tf, tfds = _import_tfds()
+        data = str(self.data)
+        if data.startswith("gs://"):
+            try:
+                return tfds.builder_from_directory(data)
+            except Exception as e:  # noqa: BLE001
+                raise ToolkitError(f"cannot read RLDS dataset {data} ({_one_line(e)}); check the path and that you "
+                                   "have access (gcloud auth application-default login)") from None
+        local = Path(data).expanduser()
+        if local.exists():
+            if not local.is_dir():
+                raise ToolkitError(f"RLDS --data {data} is a file; give the TFDS dataset directory (…/NAME/VERSION)")
+            d = local
+            if not (d / "dataset_info.json").is_file():
+                versions = sorted((p for p in d.iterdir() if p.is_dir() and (p / "dataset_info.json").is_file()),
+                                  key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"[.]", p.name)])
+                if not versions:
+                    raise ToolkitError(f"{data} is not a TFDS dataset directory: it has no dataset_info.json "
+                                       "(give the …/NAME/VERSION folder, e.g. libero_object_no_noops/1.0.0)")
+                d = versions[-1]
+            try:
+                return tfds.builder_from_directory(str(d))
+            except Exception as e:  # noqa: BLE001
+                raise ToolkitError(f"cannot read the TFDS dataset in {d} ({_one_line(e)})") from None
+        if data.startswith((".", "/", "~")) or data.count("/") > 1:
+            raise ToolkitError(f"RLDS --data {data} does not exist: give a TFDS dataset directory, a gs:// path "
+                               "or a registered TFDS name")
+        try:
+            b = tfds.builder(data, data_dir=self.opts["data_dir"])
+        except Exception as e:  # noqa: BLE001
+            raise ToolkitError(f"{data!r} is neither a directory nor a registered TFDS dataset ({_one_line(e)})") from None
+        if not b.is_prepared():
+            raise ToolkitError(f"TFDS dataset {data!r} is not prepared in {b.data_dir}: download it first "
+                               "(tfds build / gsutil -m cp -r) or give its directory as --data")
+        return b
+
+    def _dataset(self):
+        tf, tfds = _import_tfds()
+        b = self.builder()
+        split = str(self.opts["split"])
+        try:
+            ds = b.as_dataset(split=split, shuffle_files=False)
+        except Exception as e:  # noqa: BLE001
+            raise ToolkitError(f"cannot read split {split!r} of {self.data} ({_one_line(e)}); splits: "
+                               f"{', '.join(sorted(b.info.splits)) or 'none'} (slicing like train[:10%] works)") from None
+        if self.num_episodes is not None:
+            ds = ds.take(self.num_episodes)
+        return tfds, ds
+
+    # reading -------------------------------------------------------------------------------------
+    def _lookup(self, option: str, episode: dict, step: dict, required: bool) -> Any:
+        key = self.keys[option]
+        if key is None:
+            return None
+        parts = _path(key)
+        if parts and parts[0] == "steps":
+            parts = parts[1:]
+        src, where = (episode, "episode") if parts and parts[0] == "episode_metadata" else (step, "step")
+        try:
+            return _get(src, parts)
+        except KeyError:
+            if not required and self.opts[option] == OPTIONS[option]:
+                return None  # an optional default this dataset does not have
+            keys = [f"episode_metadata/{k}" for k in _flat_keys(episode.get("episode_metadata", {}))] \
+                + _flat_keys(step)
+            raise ToolkitError(f"rlds: {option}={key!r} is not a {where} key of {self.data}; keys: "
+                               f"{', '.join(keys)}") from None
+
+    def episodes(self) -> Iterator[Episode]:
+        tfds, ds = self._dataset()
+        task_ids: dict[str, int] = {}
+        try:
+            it = iter(tfds.as_numpy(ds))
+        except Exception as e:  # noqa: BLE001
+            raise ToolkitError(f"cannot read {self.data} ({_one_line(e)})") from None
+        for e, ep in enumerate(it):
+            steps = list(ep["steps"]) if not isinstance(ep["steps"], list) else ep["steps"]
+            if not steps:
+                continue
+            meta = {k: v for k, v in ep.items() if k != "steps"}
+            instruction = _text(self._lookup("instruction_key", meta, steps[0], required=True)).strip()
+            task_id = task_ids.setdefault(instruction, len(task_ids))
+            md = {"n_steps": len(steps)}
+            for k, v in (meta.get("episode_metadata") or {}).items():
+                if not isinstance(v, dict):
+                    md[k] = _text(v) if isinstance(v, (bytes, np.bytes_)) else np.asarray(v).tolist()
+            yield Episode(key=f"{self.opts['split']}/episode_{e:06d}", task=instruction, task_id=task_id,
+                          instruction=instruction, metadata=md, n_steps=len(steps),
+                          _steps=lambda steps=steps, meta=meta: self._steps(steps, meta))
+
+    def _steps(self, steps: list[dict], meta: dict) -> Iterator[Step]:
+        for k, st in enumerate(steps):
+            if self.max_steps is not None and k >= self.max_steps:
+                return
+            if k % self.stride:
+                continue
+            images = {"agentview": self._image(self._lookup("image_key", meta, st, required=True), "image_key")}
+            wrist = self._lookup("wrist_image_key", meta, st, required=False)
+            if wrist is not None:
+                images["wrist"] = self._image(wrist, "wrist_image_key")
+            state = self._lookup("state_key", meta, st, required=False)
+            action = self._lookup("action_key", meta, st, required=False)
+            fields = {}
+            for name, v in st.items():
+                if isinstance(v, dict) or name == "action":
+                    continue
+                a = np.asarray(v)
+                if a.ndim == 0 and a.dtype.kind in "biuf":
+                    fields[name] = a[()]  # numpy scalar: the store keeps its dtype
+            yield Step(index=k, images=images, fields=fields,
+                       state=None if state is None else np.asarray(state, dtype=np.float32).reshape(-1),
+                       action=None if action is None else np.asarray(action, dtype=np.float32).reshape(-1))
+
+    def _image(self, v: Any, option: str) -> np.ndarray:
+        a = np.asarray(v)
+        if a.dtype.kind in "SO":  # encoded bytes (a dataset stored without the Image feature)
+            import io
+
+            from PIL import Image
+            a = np.asarray(Image.open(io.BytesIO(_raw_bytes(a))).convert("RGB"))
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=-1)
+        if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+            raise ToolkitError(f"rlds: {option}={self.keys[option]!r} is not an image: shape {a.shape}")
+        if a.dtype != np.uint8:
+            a = np.clip(a * 255.0 if a.dtype.kind == "f" and a.max() <= 1.0 else a, 0, 255).astype(np.uint8)
+        return a[..., :3] if a.shape[-1] >= 3 else np.repeat(a, 3, axis=-1)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "keys": dict(self.keys), "split": self.opts["split"]}
+
+
+def _raw_bytes(a: np.ndarray) -> bytes:
+    v = a.reshape(-1)[0] if a.ndim else a.item()
+    return bytes(v)
+
+
+@hookimpl
+def register_datasets(register):
+    register(RLDSDataset)

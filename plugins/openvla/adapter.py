@@ -1,0 +1,433 @@
+"""OpenVLA (Prismatic: DINOv2 + SigLIP -> MLP projector -> Llama 2) as a model adapter.
+
+One policy call is OpenVLA's ``predict_action``: the prompt ``In: What action should the robot take to
+{instruction}?\\nOut:`` (plus the "▁" token OpenVLA appends), the projected image patches inserted right
+after BOS, greedy decoding of ``action_dim`` (7) tokens with the KV cache, and the 256-bin decode
+``bin_centers[clip(vocab - id - 1, 0, 254)]`` un-normalised with the dataset's q01/q99
+(``--model-option unnorm_key=...``).
+
+Sequence layout of the ``llm`` and ``embedding`` experts (identical for every sample of a batch)::
+
+    [BOS][vision patches][left padding to prompt_tokens][prompt tokens]          capture=prefix (default)
+    [BOS][vision patches][left padding to prompt_tokens][prompt tokens][a1..a6]  capture=actions
+
+Padding is masked out (attention, pooling) and position ids skip it, so padded and unpadded prompts
+give the same values.  During generation each LLM layer fires once over the full sequence and once
+per further generated token.  ``capture=prefix`` keeps the full-sequence forward only;
+``capture=actions`` additionally runs one teacher-forced forward over the prompt and the generated
+tokens after generation, and keeps that one (``Expert.record_call``): it holds every generated action
+token's state.  The ``action`` span is the positions whose outputs predicted the action tokens (the
+last prompt position, then a1..a6); ``capture=prefix`` has only the first of them.
+
+Without a checkpoint a small randomly initialised stand-in of the same structure is built
+(``toolkit_plugins.openvla.model``), announced by one warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
+from toolkit.capture import DECODER_STREAMS
+from toolkit.errors import ToolkitError
+from toolkit_plugins.openvla.model import (
+    DINO_MEAN,
+    DINO_STD,
+    MODEL_TYPE,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    PrismaticStandInForActionPrediction,
+    build_tiny_model,
+    register_auto_classes,
+)
+from toolkit_plugins.pi0.adapter import _cast, _from_cache_or_hub, _one_line, tiny_tokenizer
+
+log = logging.getLogger("toolkit.openvla")
+
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPTIONS = {"unnorm_key": None, "capture": "prefix", "prompt_tokens": 64, "camera": None, "action_dim": None}
+CAPTURE_MODES = ("prefix", "actions")
+PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
+RANDOM_WARNING = ("openvla: no --checkpoint given, using a small randomly initialised Prismatic/OpenVLA stand-in "
+                  "(same structure, random weights) - results are for smoke tests only")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+OUTPUT_STREAM = {"resid_post": ("output", "")}
+
+
+def _vision_blocks(tower: torch.nn.Module, path: str) -> tuple[str, int, int]:
+    """(module path of the block list, number of blocks, width) of a timm or transformers ViT."""
+    for sub in ("blocks", "encoder.layer", "encoder.layers", "vision_model.encoder.layers"):
+        try:
+            blocks = tower.get_submodule(sub)
+        except AttributeError:
+            continue
+        cfg = getattr(tower, "config", None)
+        width = getattr(cfg, "hidden_size", None) or getattr(tower, "embed_dim", None) or 0
+        return f"{path}.{sub}", len(blocks), int(width)
+    raise ToolkitError(f"openvla: cannot find the transformer blocks of {path} ({type(tower).__name__})")
+
+
+def _config_value(cfg: Any, name: str, default: Any = None) -> Any:
+    value = getattr(cfg, name, None)
+    if value is None and isinstance(getattr(cfg, "text_config", None), dict):
+        value = cfg.text_config.get(name)
+    elif value is None and getattr(cfg, "text_config", None) is not None:
+        value = getattr(cfg.text_config, name, None)
+    return default if value is None else value
+
+
+class OpenVLAAdapter(ModelAdapter):
+    """OpenVLA-7B (remote code, ``--trust-remote-code``) or the project's small Prismatic stand-in."""
+
+    name = "openvla"
+    description = "OpenVLA (Prismatic DINOv2+SigLIP -> Llama 2, 256-bin action tokens)"
+
+    def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                 trust_remote_code: bool = False, **options: Any) -> None:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ToolkitError(f"openvla has no option {unknown[0]!r}; options: {', '.join(OPTIONS)}")
+        super().__init__(checkpoint, device, dtype, seed, trust_remote_code, **options)
+        if dtype not in MODEL_DTYPES:
+            raise ToolkitError(f"unknown model dtype {dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
+        opts = {**OPTIONS, **{k: v for k, v in options.items() if v is not None}}
+        self.capture = str(opts["capture"])
+        if self.capture not in CAPTURE_MODES:
+            raise ToolkitError(f"openvla option capture={self.capture!r}: use one of {', '.join(CAPTURE_MODES)}")
+        try:
+            self.prompt_tokens = int(opts["prompt_tokens"])
+        except (TypeError, ValueError):
+            raise ToolkitError(f"openvla option prompt_tokens={opts['prompt_tokens']!r} is not an integer") from None
+        if self.prompt_tokens < 4:
+            raise ToolkitError(f"openvla option prompt_tokens must be at least 4, got {self.prompt_tokens}")
+        self.camera: str | None = opts["camera"]
+        torch_dtype = MODEL_DTYPES[dtype]
+        if checkpoint is None:
+            warnings.warn(RANDOM_WARNING, stacklevel=2)
+            self.model = build_tiny_model(seed)
+            self.tokenizer = tiny_tokenizer()
+        else:
+            self.model = self._load(checkpoint, torch_dtype, trust_remote_code)
+            self.tokenizer = self._load_tokenizer(checkpoint, self.model)
+        try:
+            _cast(self.model, self.device, torch_dtype)
+        except (RuntimeError, AssertionError) as e:
+            raise ToolkitError(f"cannot put openvla on device {device!r} as {dtype} ({_one_line(e)})") from None
+        self.torch_dtype = torch_dtype
+        self._setup(opts)
+        self._warned: set[str] = set()
+
+    # loading ------------------------------------------------------------------------------
+    @staticmethod
+    def _load(checkpoint: str, torch_dtype: torch.dtype, trust_remote_code: bool):
+        local = Path(checkpoint).expanduser()
+        if not local.exists() and (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1):
+            raise ToolkitError(f"openvla checkpoint {checkpoint!r} does not exist: give a checkpoint directory "
+                               "or a Hugging Face hub id (owner/name, e.g. openvla/openvla-7b)")
+        if local.exists() and not (local / "config.json").is_file():
+            raise ToolkitError(f"openvla checkpoint {checkpoint!r} has no config.json: it is not a saved model")
+        model_type = None
+        if local.is_dir():
+            try:
+                model_type = json.loads((local / "config.json").read_text()).get("model_type")
+            except (OSError, ValueError) as e:
+                raise ToolkitError(f"cannot read {local / 'config.json'}: {_one_line(e)}") from None
+        if model_type == MODEL_TYPE:  # the project's own stand-in: no remote code needed
+            register_auto_classes()
+            try:
+                model = PrismaticStandInForActionPrediction.from_pretrained(str(local), dtype=torch_dtype)
+            except Exception as e:  # noqa: BLE001 - any load failure is one line
+                raise ToolkitError(f"cannot load openvla checkpoint {checkpoint!r} ({_one_line(e)})") from None
+            return model.eval()
+        if not trust_remote_code:
+            raise ToolkitError(f"openvla checkpoint {checkpoint!r} ships its own model code (OpenVLAForActionPrediction); "
+                               "pass --trust-remote-code to allow it to run (only for checkpoints you trust)")
+        source = str(local) if local.exists() else checkpoint
+        try:
+            model = _from_cache_or_hub(_load_remote, source, dtype=torch_dtype)
+        except ToolkitError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ToolkitError(f"cannot load openvla checkpoint {checkpoint!r} ({_one_line(e)}); it must be an "
+                               "OpenVLA checkpoint (e.g. openvla/openvla-7b) loadable with trust_remote_code") from None
+        return model.eval()
+
+    @staticmethod
+    def _load_tokenizer(checkpoint: str, model: torch.nn.Module):
+        from transformers import AutoTokenizer
+
+        local = Path(checkpoint).expanduser()
+        has_files = local.is_dir() and any((local / f).is_file() for f in TOKENIZER_FILES)
+        if has_files or not local.exists():
+            try:
+                return _from_cache_or_hub(AutoTokenizer.from_pretrained, str(local) if has_files else checkpoint)
+            except Exception as e:  # noqa: BLE001
+                if not isinstance(model, PrismaticStandInForActionPrediction):
+                    raise ToolkitError(f"cannot load the tokenizer of openvla checkpoint {checkpoint!r} "
+                                       f"({_one_line(e)})") from None
+        if isinstance(model, PrismaticStandInForActionPrediction):
+            return tiny_tokenizer()  # a saved stand-in without tokenizer files: the one it was built for
+        raise ToolkitError(f"openvla checkpoint {checkpoint!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+    def _setup(self, opts: dict[str, Any]) -> None:
+        m, cfg = self.model, self.model.config
+        lm = m.language_model
+        self.lm = lm
+        self.n_layers = lm.config.num_hidden_layers
+        self.hidden = lm.config.hidden_size
+        sizes = getattr(cfg, "image_sizes", None) or [224, 224]
+        self.image_size = (int(sizes[0]), int(sizes[1])) if isinstance(sizes, (list, tuple)) else (int(sizes),) * 2
+        self.n_bins = int(getattr(cfg, "n_action_bins", 256))
+        pad_multiple = int(getattr(cfg, "pad_to_multiple_of", 0) or 0)
+        self.vocab = lm.config.vocab_size - pad_multiple  # OpenVLA: 32064 - 64 = 32000
+        bins = np.linspace(-1, 1, self.n_bins)
+        self.bin_centers = (bins[:-1] + bins[1:]) / 2.0
+        self.norm_stats = dict(getattr(cfg, "norm_stats", None) or {})
+        key = opts["unnorm_key"]
+        if key is None and len(self.norm_stats) > 1:
+            raise ToolkitError(f"openvla: this checkpoint has un-normalisation statistics for several datasets; "
+                               f"pick one with --model-option unnorm_key=KEY ({', '.join(sorted(self.norm_stats))})")
+        if key is not None and key not in self.norm_stats:
+            raise ToolkitError(f"openvla: unnorm_key {key!r} is not in the checkpoint's norm_stats; keys: "
+                               f"{', '.join(sorted(self.norm_stats)) or 'none'}")
+        self.unnorm_key = key if key is not None else next(iter(self.norm_stats), None)
+        stats = (self.norm_stats.get(self.unnorm_key) or {}).get("action") if self.unnorm_key else None
+        self.action_stats = {k: np.asarray(v) for k, v in stats.items()} if stats else None
+        n = opts["action_dim"] or (len(self.action_stats["q01"]) if self.action_stats else 7)
+        self.action_dim = int(n)
+        if self.action_dim < 1:
+            raise ToolkitError(f"openvla option action_dim must be at least 1, got {self.action_dim}")
+        vb = m.vision_backbone
+        self.dino_path, self.dino_layers, dino_w = _vision_blocks(vb.featurizer, "vision_backbone.featurizer")
+        self.siglip_path, self.siglip_layers, siglip_w = _vision_blocks(vb.fused_featurizer,
+                                                                         "vision_backbone.fused_featurizer")
+        self.dino_width, self.siglip_width = dino_w, siglip_w
+        dcfg = getattr(vb.featurizer, "config", None)
+        patch = int(getattr(dcfg, "patch_size", 14) or 14)
+        self.n_patches = (self.image_size[0] // patch) * (self.image_size[1] // patch)
+        self.dino_prefix = 1 + int(getattr(dcfg, "num_register_tokens", 4) if dcfg is not None else 4)
+        tok = self.tokenizer
+        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else 1
+        self.pad_id = int(_config_value(cfg, "pad_token_id", 0) or 0)
+        space = tok.convert_tokens_to_ids("▁")
+        self.space_id = space if isinstance(space, int) and space != tok.unk_token_id else None
+
+    # what the adapter exposes ----------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
+
+    @property
+    def experts(self) -> dict[str, Expert]:
+        keep = 0 if self.capture == "prefix" else -1
+        return {
+            "llm": Expert("llm", "language_model.model.layers", self.n_layers, self.hidden,
+                          ("bos", "vision", "prompt", "action"), streams=dict(DECODER_STREAMS), record_call=keep,
+                          description="Llama decoder layers over [BOS][vision][prompt]"
+                                      + ("[generated action tokens]" if keep else "")),
+            "embedding": Expert("embedding", "language_model.model.layers.0", 1, self.hidden,
+                                ("bos", "vision", "prompt", "action"), streams={"resid_post": ("input", "")},
+                                record_call=keep, layered=False,
+                                description="the LLM's input embeddings (token embeddings with the projected "
+                                            "patches inserted after BOS), i.e. layer 0's input"),
+            "dino": Expert("dino", self.dino_path, self.dino_layers, self.dino_width, ("prefix", "patches"),
+                           streams=dict(OUTPUT_STREAM), description="DINOv2 blocks (CLS + 4 registers + patches)"),
+            "siglip": Expert("siglip", self.siglip_path, self.siglip_layers, self.siglip_width, ("patches",),
+                             streams=dict(OUTPUT_STREAM), description="SigLIP blocks (patches)"),
+            "projector": Expert("projector", "projector", 1, self.hidden, ("patches",), streams=dict(OUTPUT_STREAM),
+                                layered=False, description="projector output: the vision tokens the LLM sees"),
+        }
+
+    @property
+    def sites(self) -> dict[str, SiteInfo]:
+        return {
+            "llm": SiteInfo("llm", "llm", "all", "mean", "Llama layers, every real token"),
+            "embedding": SiteInfo("embedding", "embedding", "all", "mean", "layer-0 input embeddings"),
+            "dino": SiteInfo("dino", "dino", "patches", "mean", "DINOv2 vision blocks, patch tokens"),
+            "siglip": SiteInfo("siglip", "siglip", "all", "mean", "SigLIP vision blocks"),
+            "projector": SiteInfo("projector", "projector", "all", "mean", "projected vision tokens"),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "random_init": self.checkpoint is None, "capture": self.capture,
+                "unnorm_key": self.unnorm_key, "action_dim": self.action_dim, "prompt_tokens": self.prompt_tokens,
+                "camera": self.camera, "prompt": PROMPT}
+
+    # inputs ------------------------------------------------------------------------------------
+    def _warn_once(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            log.warning(msg)
+
+    def _pixels(self, img: Any) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (6, H', W'): DINO-normalised and SigLIP-normalised copies (resize-naive)."""
+        a = np.asarray(img)
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=-1)
+        if a.ndim != 3 or a.shape[-1] not in (3, 4):
+            raise ToolkitError(f"openvla expects camera images shaped (H, W, 3), got {a.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1)[None].float()
+        if not np.issubdtype(a.dtype, np.floating):
+            x = x / 255.0
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False,
+                              antialias=True).clamp(0.0, 1.0)
+        x = x[0]
+        norm = lambda mean, std: (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]  # noqa: E731
+        return torch.cat([norm(DINO_MEAN, DINO_STD), norm(SIGLIP_MEAN, SIGLIP_STD)], 0)
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """The prompt's token ids after BOS (with the "▁" token OpenVLA's predict_action appends)."""
+        prompt = PROMPT.format(instruction=instruction.strip().lower())
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if self.space_id is not None and (not ids or ids[-1] != self.space_id):
+            ids = [*ids, self.space_id]
+        return ids
+
+    def _pick_camera(self, step: Step, ep: Episode) -> np.ndarray:
+        if self.camera is None:
+            if not step.images:
+                raise ToolkitError(f"openvla needs a camera image per step; a step of {ep.key} has none")
+            self.camera = "agentview" if "agentview" in step.images else sorted(step.images)[0]
+        if self.camera not in step.images:
+            raise ToolkitError(f"openvla: a step of {ep.key} has no {self.camera!r} camera; it has "
+                               f"{', '.join(sorted(step.images)) or 'none'} (choose with --model-option camera=NAME)")
+        return step.images[self.camera]
+
+    def prepare(self, batch: Sequence[tuple[Episode, Step]]) -> ModelInputs:
+        n_vis, n_prompt = self.n_patches, self.prompt_tokens
+        text = torch.full((len(batch), 1 + n_prompt), self.pad_id, dtype=torch.long)
+        text[:, 0] = self.bos_id
+        text_mask = torch.zeros(len(batch), 1 + n_prompt, dtype=torch.bool)
+        text_mask[:, 0] = True
+        pixels = torch.zeros(len(batch), 6, *self.image_size)
+        for i, (ep, step) in enumerate(batch):
+            pixels[i] = self._pixels(self._pick_camera(step, ep))
+            ids = self.prompt_ids(ep.instruction)
+            if len(ids) > n_prompt:
+                raise ToolkitError(f"openvla: the prompt of {ep.key} is {len(ids)} tokens, more than "
+                                   f"prompt_tokens={n_prompt}; raise it with --model-option prompt_tokens={len(ids)}")
+            text[i, 1 + n_prompt - len(ids):] = torch.tensor(ids, dtype=torch.long)  # left padding
+            text_mask[i, 1 + n_prompt - len(ids):] = True
+        mask = torch.cat([text_mask[:, :1], torch.ones(len(batch), n_vis, dtype=torch.bool), text_mask[:, 1:]], 1)
+        seq0 = 1 + n_vis + n_prompt
+        extra = self.action_dim - 1 if self.capture == "actions" else 0
+        seq = seq0 + extra
+        full_mask = torch.cat([mask, torch.ones(len(batch), extra, dtype=torch.bool)], 1)
+        dev = self.device
+        llm_spans = {"bos": [0], "vision": list(range(1, 1 + n_vis)), "prompt": list(range(1 + n_vis, seq0)),
+                     "action": list(range(seq0 - 1, seq0 + extra))}
+        tensors = {"text_ids": text.to(dev), "attention_mask": mask.long().to(dev),
+                   "pixel_values": pixels.to(dev, self.torch_dtype)}
+        return ModelInputs(
+            tensors=tensors, batch_size=len(batch),
+            spans={"llm": llm_spans, "embedding": llm_spans,
+                   "dino": {"prefix": list(range(self.dino_prefix)),
+                            "patches": list(range(self.dino_prefix, self.dino_prefix + n_vis))},
+                   "siglip": {"patches": list(range(n_vis))}, "projector": {"patches": list(range(n_vis))}},
+            token_mask={"llm": full_mask.to(dev), "embedding": full_mask.to(dev)},
+            seq_len={"llm": seq, "embedding": seq, "dino": self.dino_prefix + n_vis, "siglip": n_vis,
+                     "projector": n_vis},
+        )
+
+    # running -----------------------------------------------------------------------------------
+    def _embed_prefix(self, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        t = inputs.tensors
+        patches = self.model.projector(self.model.vision_backbone(t["pixel_values"]))
+        emb = self.lm.get_input_embeddings()(t["text_ids"])
+        return torch.cat([emb[:, :1], patches.to(emb.dtype), emb[:, 1:]], 1), t["attention_mask"]
+
+    def _generate(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Greedy decoding of action_dim tokens with the KV cache (OpenVLA's generate)."""
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+        tokens = [out.logits[:, -1].argmax(-1)]
+        embed = self.lm.get_input_embeddings()
+        for _ in range(self.action_dim - 1):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            pos = pos[:, -1:] + 1
+            out = self.lm(inputs_embeds=embed(tokens[-1])[:, None], attention_mask=mask, position_ids=pos,
+                          past_key_values=out.past_key_values, use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1))
+        return torch.stack(tokens, 1)
+
+    def _replay_inputs(self, embeds: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor):
+        """The prompt followed by the generated tokens a1..a(n-1), for the teacher-forced forward."""
+        gen = self.lm.get_input_embeddings()(tokens[:, :-1])
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], gen.shape[1])], 1)
+        return torch.cat([embeds, gen], 1), mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+    def decode_actions(self, tokens: np.ndarray) -> np.ndarray:
+        """Action token ids (B, action_dim) -> actions: 256-bin centres, then q01/q99 un-normalisation."""
+        disc = np.clip(self.vocab - tokens - 1, 0, self.bin_centers.shape[0] - 1)
+        actions = self.bin_centers[disc]
+        if self.action_stats is None:
+            self._warn_once("openvla: the checkpoint has no norm_stats; actions stay normalised in [-1, 1]")
+            return actions.astype(np.float32)
+        q01, q99 = self.action_stats["q01"], self.action_stats["q99"]
+        mask = self.action_stats.get("mask", np.ones_like(q01, dtype=bool)).astype(bool)
+        n = min(actions.shape[-1], len(q01))
+        out = actions.copy()
+        un = 0.5 * (actions[..., :n] + 1) * (q99[:n] - q01[:n]) + q01[:n]
+        out[..., :n] = np.where(mask[:n], un, actions[..., :n])
+        return out.astype(np.float32)
+
+    def run(self, inputs: ModelInputs, generators: Sequence[torch.Generator]) -> PolicyOutput:
+        if len(generators) != inputs.batch_size:
+            raise ToolkitError(f"openvla.run got {len(generators)} generators for a batch of {inputs.batch_size}")
+        embeds, mask = self._embed_prefix(inputs)
+        tokens = self._generate(embeds, mask)
+        if self.capture == "actions" and self.action_dim > 1:
+            e, m, p = self._replay_inputs(embeds, mask, tokens)
+            self.lm.model(inputs_embeds=e, attention_mask=m, position_ids=p, use_cache=False)
+        self.last_tokens = tokens.cpu().numpy()
+        return PolicyOutput(actions=self.decode_actions(self.last_tokens)[:, None, :])
+
+    def reference_hidden_states(self, inputs: ModelInputs, generators: Sequence[torch.Generator]
+                                ) -> dict[str, torch.Tensor]:
+        """Each LLM layer's output from transformers' own ``output_hidden_states`` (B, L, seq, hidden).
+
+        The final norm is bypassed (``hidden_states[-1]`` is post-norm in transformers 5.x).
+        """
+        embeds, mask = self._embed_prefix(inputs)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        if self.capture == "actions" and self.action_dim > 1:
+            embeds, mask, pos = self._replay_inputs(embeds, mask, self._generate(embeds, mask))
+        base = self.lm.model
+        norm, base.norm = base.norm, torch.nn.Identity()
+        try:
+            out = base(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
+                       output_hidden_states=True)
+        finally:
+            base.norm = norm
+        return {"llm": torch.stack(out.hidden_states[1:], 1)}
+
+
+def _load_remote(source: str, dtype: torch.dtype, **kw: Any):
+    """OpenVLA's remote code: ``AutoModelForVision2Seq`` where transformers still has it, else the class its
+    config's ``auto_map`` names."""
+    import transformers
+
+    auto = getattr(transformers, "AutoModelForVision2Seq", None)
+    if auto is not None:
+        return auto.from_pretrained(source, trust_remote_code=True, dtype=dtype, **kw)
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=True, **kw)
+    auto_map = getattr(config, "auto_map", None) or {}
+    ref = auto_map.get("AutoModelForVision2Seq") or auto_map.get("AutoModelForImageTextToText")
+    if not ref:
+        raise ToolkitError(f"openvla checkpoint {source!r} names no AutoModelForVision2Seq class in its config's "
+                           "auto_map: it is not an OpenVLA checkpoint")
+    cls = get_class_from_dynamic_module(ref, source, **kw)
+    return cls.from_pretrained(source, config=config, trust_remote_code=True, dtype=dtype, **kw)

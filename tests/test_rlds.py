@@ -1,0 +1,179 @@
+"""The RLDS dataset adapter: a tiny RLDS dataset in OpenVLA's modified_libero_rlds layout is written offline
+with tensorflow-datasets and read back, alone and end to end through `toolkit extract --model openvla`."""
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import toolkit
+from toolkit.errors import ToolkitError
+from toolkit_plugins.rlds import RLDSDataset
+
+INSTRUCTIONS = ["pick up the alphabet soup and place it in the basket", "open the top drawer of the cabinet",
+                "pick up the alphabet soup and place it in the basket"]
+N_STEPS = [5, 4, 6]
+
+
+def write_libero_rlds(root):
+    """3 train + 1 val episodes with the modified_libero_rlds features (32x32 images); returns the version dir."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("tensorflow")
+    feat = tfds.features
+    features = feat.FeaturesDict({
+        "steps": feat.Dataset({
+            "observation": feat.FeaturesDict({
+                "image": feat.Image(shape=(32, 32, 3), encoding_format="png"),
+                "wrist_image": feat.Image(shape=(32, 32, 3), encoding_format="png"),
+                "state": feat.Tensor(shape=(8,), dtype=np.float32),
+                "joint_state": feat.Tensor(shape=(7,), dtype=np.float32),
+            }),
+            "action": feat.Tensor(shape=(7,), dtype=np.float32),
+            "discount": feat.Scalar(dtype=np.float32),
+            "reward": feat.Scalar(dtype=np.float32),
+            "is_first": feat.Scalar(dtype=np.bool_),
+            "is_last": feat.Scalar(dtype=np.bool_),
+            "is_terminal": feat.Scalar(dtype=np.bool_),
+            "language_instruction": feat.Text(),
+        }),
+        "episode_metadata": feat.FeaturesDict({"file_path": feat.Text()}),
+    })
+
+    def episode(e, n, instruction):
+        rng = np.random.default_rng(e)
+        steps = [{
+            "observation": {"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                            "wrist_image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                            "state": np.full(8, e + k / 10, dtype=np.float32),
+                            "joint_state": np.zeros(7, dtype=np.float32)},
+            "action": np.arange(7, dtype=np.float32) + 10 * e + k,
+            "discount": 1.0, "reward": float(k == n - 1), "is_first": k == 0, "is_last": k == n - 1,
+            "is_terminal": k == n - 1, "language_instruction": instruction,
+        } for k in range(n)]
+        return f"ep{e}", {"steps": steps, "episode_metadata": {"file_path": f"/demos/ep{e}.hdf5"}}
+
+    train = [episode(e, n, i) for e, (n, i) in enumerate(zip(N_STEPS, INSTRUCTIONS))]
+    val = [episode(9, 3, "close the microwave")]
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="libero_tiny_no_noops", version="1.0.0", features=features,
+        split_datasets={"train": train, "val": val}, data_dir=str(root), file_format="tfrecord",
+        disable_shuffling=True)
+    return root / "libero_tiny_no_noops" / "1.0.0"
+
+
+@pytest.fixture(scope="module")
+def rlds_dir(tmp_path_factory):
+    return write_libero_rlds(tmp_path_factory.mktemp("rlds"))
+
+
+def test_reads_the_libero_layout(rlds_dir):
+    ds = RLDSDataset(str(rlds_dir))
+    eps = list(ds.episodes())
+    assert [e.instruction for e in eps] == INSTRUCTIONS and [e.n_steps for e in eps] == N_STEPS
+    assert [e.task_id for e in eps] == [0, 1, 0] and eps[0].key == "train/episode_000000"
+    assert eps[0].metadata["file_path"] == "/demos/ep0.hdf5"
+    steps = list(eps[1].steps())
+    assert [s.index for s in steps] == [0, 1, 2, 3]
+    s = steps[2]
+    assert sorted(s.images) == ["agentview", "wrist"] and s.images["agentview"].shape == (32, 32, 3)
+    assert s.images["agentview"].dtype == np.uint8
+    np.testing.assert_array_equal(s.action, np.arange(7) + 12)
+    np.testing.assert_allclose(s.state, np.full(8, 1.2))
+    assert s.fields == {"discount": 1.0, "reward": 0.0, "is_first": False, "is_last": False, "is_terminal": False}
+    assert steps[-1].fields["is_last"] and steps[-1].fields["reward"] == 1.0
+
+
+def test_parent_dir_split_slicing_and_step_options(rlds_dir):
+    eps = list(RLDSDataset(str(rlds_dir.parent), split="train[1:]").episodes())
+    assert [e.instruction for e in eps] == INSTRUCTIONS[1:]
+    assert [e.instruction for e in RLDSDataset(str(rlds_dir), split="val").episodes()] == ["close the microwave"]
+    ds = RLDSDataset(str(rlds_dir), num_episodes="1", max_steps_per_episode="4", step_stride="2")
+    eps = list(ds.episodes())
+    assert len(eps) == 1 and [s.index for s in eps[0].steps()] == [0, 2]
+
+
+def test_keys_nested_and_episode_level(rlds_dir):
+    ds = RLDSDataset(str(rlds_dir), image_key="observation.wrist_image", wrist_image_key="none",
+                     instruction_key="episode_metadata.file_path", state_key="observation/joint_state")
+    ep = next(ds.episodes())
+    assert ep.instruction == "/demos/ep0.hdf5"
+    step = next(ep.steps())
+    assert list(step.images) == ["agentview"] and step.state.shape == (7,)
+
+
+def test_wrong_key_lists_the_keys_that_exist(rlds_dir):
+    ds = RLDSDataset(str(rlds_dir), image_key="observation/rgb")
+    with pytest.raises(ToolkitError) as err:
+        next(next(ds.episodes()).steps())
+    msg = str(err.value)
+    assert "image_key='observation/rgb' is not a step key" in msg and "\n" not in msg
+    assert "observation/image" in msg and "language_instruction" in msg and "episode_metadata/file_path" in msg
+    with pytest.raises(ToolkitError, match="instruction_key='episode_metadata.task' is not a episode key"):
+        next(RLDSDataset(str(rlds_dir), instruction_key="episode_metadata.task").episodes())
+
+
+@pytest.mark.parametrize("data, opts, match", [
+    (None, {}, "needs --data"),
+    ("/no/such/rlds", {}, "does not exist"),
+    ("{tmp}", {}, "not a TFDS dataset directory"),
+    ("{rlds}", {"split": "test"}, "cannot read split 'test'.*splits: train, val"),
+    ("{rlds}", {"nope": 1}, "rlds has no option 'nope'"),
+    ("{rlds}", {"num_episodes": "x"}, "num_episodes='x' is not an integer"),
+])
+def test_bad_input_is_one_line_error(rlds_dir, tmp_path, data, opts, match):
+    if data:
+        data = data.format(tmp=tmp_path, rlds=rlds_dir)
+    with pytest.raises(ToolkitError, match=match) as err:
+        list(RLDSDataset(data, **opts).episodes())
+    assert "\n" not in str(err.value)
+
+
+def test_missing_tensorflow_names_the_extra(monkeypatch, tmp_path):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ToolkitError, match=r"pip install 'toolkit\[rlds\]'"):
+        list(RLDSDataset(str(tmp_path)).episodes())
+
+
+def test_extract_openvla_over_rlds_end_to_end(rlds_dir, tmp_path):
+    """`toolkit extract --model openvla --dataset rlds --data DIR` through the real CLI."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import cli
+
+    store = tmp_path / "rlds.zarr"
+    res = CliRunner().invoke(cli, ["extract", "--model", "openvla", "--dataset", "rlds", "--data", str(rlds_dir),
+                                   "--store", str(store), "--max-episodes", "2", "--max-steps", "3", "--stride", "2",
+                                   "--sites", "llm", "--layers", "0,-1", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    bad = CliRunner().invoke(cli, ["extract", "--model", "openvla", "--dataset", "rlds", "--data", str(rlds_dir),
+                                   "--store", str(tmp_path / "bad.zarr"), "--dataset-option", "image_key=rgb"])
+    assert bad.exit_code == 2 and "image_key='rgb' is not a step key" in bad.output
+    assert not (tmp_path / "bad.zarr").exists()
+    s = toolkit.open_store(store)
+    assert s.complete and s.n_samples == 4
+    assert list(s.coord("step")) == [0, 2, 0, 2] and list(s.coord("episode")) == [0, 0, 1, 1]
+    assert list(s.coord("instruction")) == [INSTRUCTIONS[0]] * 2 + [INSTRUCTIONS[1]] * 2
+    np.testing.assert_array_equal(s.coord("dataset_action")[1], np.arange(7) + 2)
+    assert list(s.coord("is_first")) == [True, False, True, False]
+    assert s.coord("reward").dtype == np.float32 and s.read("llm", "resid_post").shape == (4, 2, 1, 64)
+    assert s.attrs["dataset"]["keys"]["image_key"] == "observation/image"
+
+
+def test_extract_pi0_over_rlds(rlds_dir, tmp_path, pi0_single_thread):
+    """The same data feeds pi0 (agentview + wrist cameras, 8-dim state)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        s = toolkit.open_store(toolkit.extract(model="pi0", dataset="rlds", data=str(rlds_dir), store=tmp_path / "p.zarr",
+                                               sites=["vlm"], layers="0", max_episodes=1, max_steps=1))
+    assert s.n_samples == 1 and s.attrs["model"]["cameras"] == ["agentview", "wrist"]
