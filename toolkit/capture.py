@@ -263,11 +263,11 @@ class Capture:
             x = _first_tensor(value)
             if x is None:
                 return None
-            with torch.no_grad():
-                for transform, consumers in groups:
-                    y = TRANSFORMS[transform](x, module) if transform else x
-                    for sc, layer, stream in consumers:
-                        self._record(sc, layer, stream, y)
+            x = x.detach()  # reading only: never part of an autograd graph
+            for transform, consumers in groups:
+                y = TRANSFORMS[transform](x, module) if transform else x
+                for sc, layer, stream in consumers:
+                    self._record(sc, layer, stream, y)
             return None
 
         if output:
@@ -289,17 +289,33 @@ class Capture:
         self._buffers[(sc.site, stream, layer)].append(self._select(sc, x))
 
     def _select(self, sc: SiteCapture, x: torch.Tensor) -> torch.Tensor:
-        inputs = self._inputs
-        seq = x.shape[1]
-        key = (sc.site, sc.expert, seq)
+        key = (sc.site, sc.expert, x.shape[1])
         if key not in self._positions:
-            spans = inputs.spans.get(sc.expert, {})
-            sel = parse_tokens(sc.tokens, spans, seq)
-            pos = None if sel.positions is None else torch.tensor(sel.positions, device=x.device)
-            self._positions[key] = (sel, pos)
-        sel, pos = self._positions[key]
-        kept = select_tokens(x.detach(), sel, sc.pool, inputs.token_mask.get(sc.expert), pos)
-        return kept.to(check_dtype(sc.dtype))
+            self._positions[key] = self._selector(sc, x)
+        return self._positions[key](x).to(check_dtype(sc.dtype))
+
+    def _selector(self, sc: SiteCapture, x: torch.Tensor):
+        """Resolve a site's tokens/pooling once per batch into the cheapest function of the hidden states
+        (hooks fire per layer and per denoising step, so per-call work is what capture costs)."""
+        inputs = self._inputs
+        batch, seq = x.shape[0], x.shape[1]
+        sel = parse_tokens(sc.tokens, inputs.spans.get(sc.expert, {}), seq)
+        pos = None if sel.positions is None else torch.tensor(sel.positions, device=x.device)
+        mask = inputs.token_mask.get(sc.expert)
+        if mask is not None and tuple(mask.shape) != (batch, seq):
+            mask = None
+        if mask is not None and pos is not None:
+            mask = mask.index_select(1, pos)
+        take = (lambda t: t) if pos is None else (lambda t: t.index_select(1, pos))
+        if sel.last_valid or sc.pool == "last":
+            return lambda t: select_tokens(t, sel, sc.pool, inputs.token_mask.get(sc.expert), pos)
+        if sc.pool == "mean":
+            if mask is None or bool(mask.all()):
+                return lambda t: take(t).mean(1, keepdim=True, dtype=torch.float32)
+            w = mask.to(torch.float32)
+            w = (w / w.sum(1, keepdim=True).clamp_min(1.0))[:, None, :]  # (B, 1, T): masked mean weights
+            return lambda t: torch.bmm(w, take(t).float())
+        return take
 
     # batches ---------------------------------------------------------------------------------
     def begin(self, inputs: ModelInputs) -> None:
