@@ -129,12 +129,29 @@ def _kv(pairs: tuple[str, ...], option: str) -> dict:
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code to run.")
 @click.option("--model-option", multiple=True, help="Adapter-specific KEY=VALUE option.")
 @click.option("--dataset-option", multiple=True, help="Dataset-specific KEY=VALUE option.")
+@click.option("--suite", help="Simulator datasets (libero-sim): LIBERO suite, e.g. libero_object "
+                              "(= --dataset-option suite=...).")
+@click.option("--tasks", help="Task ids, e.g. 0-4 or 0,2 (= --dataset-option tasks=...).")
+@click.option("--trials", type=int, help="libero-sim: episodes per task, trial i from init state i.")
+@click.option("--replan-steps", type=int, help="libero-sim: actions of each chunk executed before the next call.")
+@click.option("--save-video", is_flag=True, help="libero-sim: one MP4 per episode in STORE's stem + '_videos/'.")
 @_selection_options
 def extract_command(model, dataset, store, checkpoint, data, device, model_dtype, batch_size, seed, trust_remote_code,
-                    model_option, dataset_option, sites, layers, tokens, pool, streams, dtype, codec, chunk_samples,
-                    max_episodes, max_steps, stride, resume, overwrite, no_progress):
-    """Run a policy over a dataset and stream the chosen hidden states into a Zarr store."""
+                    model_option, dataset_option, suite, tasks, trials, replan_steps, save_video, sites, layers,
+                    tokens, pool, streams, dtype, codec, chunk_samples, max_episodes, max_steps, stride, resume,
+                    overwrite, no_progress):
+    """Run a policy over a dataset and stream the chosen hidden states into a Zarr store.
+
+    For a closed-loop dataset (libero-sim: the policy acts in the simulator) --max-steps counts environment
+    steps per episode and --stride keeps every N-th policy call (the policy runs at every call).
+    """
     from toolkit.extract import extract
+
+    # first-class shorthands for dataset options
+    shorthand = {"suite": suite, "tasks": tasks, "trials": trials, "replan_steps": replan_steps,
+                 "video_dir": str(store.parent / f"{store.name.removesuffix('.zarr')}_videos") if save_video else None}
+    dataset_options = {k: v for k, v in shorthand.items() if v is not None}
+    dataset_options.update(_kv(dataset_option, "--dataset-option"))
 
     path = extract(
         model=model, dataset=dataset, store=store, checkpoint=checkpoint, data=data, device=device,
@@ -143,7 +160,7 @@ def extract_command(model, dataset, store, checkpoint, data, device, model_dtype
         batch_size=batch_size, seed=seed, max_episodes=max_episodes, max_steps=max_steps, stride=stride,
         chunk_samples=chunk_samples, resume=resume, overwrite=overwrite, progress=not no_progress,
         trust_remote_code=trust_remote_code, model_options=_kv(model_option, "--model-option"),
-        dataset_options=_kv(dataset_option, "--dataset-option"),
+        dataset_options=dataset_options,
     )
     click.echo(f"wrote {path}  (look inside: toolkit info {path})")
 

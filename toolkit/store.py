@@ -125,6 +125,9 @@ class StoreWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        # True: full blocks are written as they fill but committed (n_samples raised) only by flush() or a
+        # complete close(), so a reader or a resume sees whole units (e.g. closed-loop episodes) only.
+        self.defer_commits = False
 
     @property
     def started(self) -> bool:
@@ -251,7 +254,7 @@ class StoreWriter:
 
     def _hand_over(self) -> None:
         if self._filled:
-            block = ("block", self._block_start, self._filled, self._current)
+            block = ("block", self._block_start, self._filled, self._current, not self.defer_commits)
             self._wait(lambda timeout: self._queue.put(block, timeout=timeout))
             self._block_start += self._filled
             self._filled, self._current = 0, None
@@ -267,16 +270,33 @@ class StoreWriter:
                     self._check()
                     raise ToolkitError(f"the writer of {self.path} stopped unexpectedly")
 
+    def flush(self) -> None:
+        """Write what is buffered and commit every sample appended so far (e.g. at an episode boundary)."""
+        if self._thread is None:
+            return
+        self._check()
+        self._hand_over()
+        if self.defer_commits:
+            end = self._block_start
+            self._wait(lambda timeout: self._queue.put(("commit", end), timeout=timeout))
+
     def close(self, complete: bool = True) -> None:
-        """Write what is buffered, commit it and (if ``complete``) mark the store finished."""
+        """Write what is buffered, commit it and (if ``complete``) mark the store finished.
+
+        With ``defer_commits`` an incomplete close commits nothing more, and drops the uncommitted tail."""
         if self._thread is None:
             return
         try:
-            self._hand_over()
+            if complete:
+                self.flush()
+            else:
+                self._hand_over()
         finally:
             self._queue.put(("close", complete))
             self._thread.join()
             self._thread = None
+        if self.defer_commits and not complete and self._error is None:
+            self._truncate(self.committed)
         self._check()
 
     def abort(self) -> None:
@@ -302,6 +322,11 @@ class StoreWriter:
                     if item[1] and self._error is None:
                         self.root.attrs["complete"] = True
                     return
+                if item[0] == "commit":
+                    if self._error is None:
+                        self.root.attrs["n_samples"] = item[1]
+                        self.committed = item[1]
+                    continue
                 if self._error is None:  # after a failure, drain without writing
                     self._write_block(*item[1:])
         except BaseException as e:  # surfaced on the caller's thread by _check()
@@ -312,7 +337,7 @@ class StoreWriter:
         n = self.chunk_samples
         return (self._block_start // n + 1) * n
 
-    def _write_block(self, a: int, filled: int, buffers: dict[str, np.ndarray]) -> None:
+    def _write_block(self, a: int, filled: int, buffers: dict[str, np.ndarray], commit: bool = True) -> None:
         b = a + filled
         try:
             for n, buf in buffers.items():
@@ -320,8 +345,9 @@ class StoreWriter:
                 arr.resize((b, *arr.shape[1:]))
                 arr[a:b] = buf[:filled]
                 self.bytes_written += buf[:filled].nbytes
-            self.root.attrs["n_samples"] = b  # the commit point: written after every array holds the block
-            self.committed = b
+            if commit:
+                self.root.attrs["n_samples"] = b  # the commit point: written after every array holds the block
+                self.committed = b
         finally:
             self._free.put(buffers)
 
