@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -52,12 +51,12 @@ def medium_checkpoint(tmp: Path) -> str:
     """Save a randomly initialised mid-size pi0 and the tokenizer; loaded back through --checkpoint."""
     from transformers import PI0Config, PI0ForConditionalGeneration
 
-    from toolkit_plugins.pi0.adapter import tiny_tokenizer
+    from toolkit.hf import llama_tokenizer
 
     torch.manual_seed(0)
     path = tmp / "pi0-medium"
     PI0ForConditionalGeneration(PI0Config(**MEDIUM)).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    llama_tokenizer().save_pretrained(path)
     return str(path)
 
 

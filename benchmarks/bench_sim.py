@@ -23,7 +23,6 @@ import argparse
 import json
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 import warnings

@@ -14,7 +14,8 @@ from toolkit.hookspecs import hookimpl
 from toolkit.plugins import plugin_manager, registry
 from toolkit.testing import check_model_adapter, full_plan, generators, run_captured
 from toolkit_plugins.pi0 import Pi0Adapter
-from toolkit_plugins.pi0.adapter import RANDOM_WARNING, tiny_tokenizer
+from toolkit.hf import llama_tokenizer
+from toolkit_plugins.pi0.adapter import RANDOM_WARNING
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
 
@@ -103,7 +104,7 @@ def test_prepare_layout(pi0_adapter, batch):
     assert spans["text"] == list(range(32, 80)) and inputs.seq_len == {"vlm": 80, "action": 51}
     assert inputs.spans["action"] == {"state": [0], "actions": list(range(1, 51))}
     ids, mask = inputs.tensors["input_ids"], inputs.token_mask["vlm"]
-    tok = tiny_tokenizer()
+    tok = llama_tokenizer()
     text = [tok.bos_token_id, *tok(INSTRUCTIONS[0] + "\n", add_special_tokens=False)["input_ids"]]
     assert ids[0, 32:32 + len(text)].tolist() == text and (ids[0, :32] == 32000).all()
     assert mask[0].sum() == 32 + len(text) and not mask[0, 32 + len(text):].any()

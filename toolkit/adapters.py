@@ -10,12 +10,17 @@ names; the adapter itself never touches the store.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from toolkit.errors import ToolkitError
+
+MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # --------------------------------------------------------------------------- datasets
 
@@ -171,6 +176,8 @@ class ModelAdapter(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # The adapter's ``--model-option`` names and defaults; an unknown name is an error (None: accept any).
+    option_defaults: ClassVar[dict[str, Any] | None] = None
 
     def __init__(
         self,
@@ -181,12 +188,29 @@ class ModelAdapter(abc.ABC):
         trust_remote_code: bool = False,
         **options: Any,
     ) -> None:
+        if self.option_defaults is not None:
+            unknown = sorted(set(options) - set(self.option_defaults))
+            if unknown:
+                raise ToolkitError(f"{self.name} has no option {unknown[0]!r}; options: "
+                                   f"{', '.join(self.option_defaults) or 'none'}")
+        if dtype not in MODEL_DTYPES:
+            raise ToolkitError(f"unknown model dtype {dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.dtype = dtype
+        self.torch_dtype = MODEL_DTYPES[dtype]
         self.seed = seed
         self.trust_remote_code = trust_remote_code
         self.options = options
+        # the adapter's options with their defaults filled in (None given = the default)
+        self.opts = {**(self.option_defaults or {}), **{k: v for k, v in options.items() if v is not None}}
+        self._warned: set[str] = set()
+
+    def warn_once(self, message: str) -> None:
+        """Log a data problem once per run rather than once per step."""
+        if message not in self._warned:
+            self._warned.add(message)
+            logging.getLogger(f"toolkit.{self.name}").warning(message)
 
     # What the adapter exposes ----------------------------------------------------------
     @property

@@ -11,6 +11,7 @@ from typing import Any
 import click
 import numpy as np
 
+from toolkit.cli_options import key_values
 from toolkit.errors import ToolkitError
 
 STATS_EXAMPLES = """
@@ -39,16 +40,6 @@ Examples:
   toolkit dataset-stats --dataset h5 --data data/mobile_vla --dataset-option stratify_by=direction \\
       --dataset-option max_episodes=100 --dataset-option frames_per_episode=5 --json
 """
-
-
-def _kv(pairs: tuple[str, ...], option: str) -> dict[str, str]:
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise ToolkitError(f"{option} takes KEY=VALUE, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k.replace("-", "_")] = v
-    return out
 
 
 def _layers(values: tuple[str, ...]) -> str | None:
@@ -241,7 +232,7 @@ def dataset_stats_command(dataset, data, dataset_option, as_json, out):
     """Summarise a dataset without any model: episodes by type, frames, instructions, sampling plan."""
     from toolkit.plugins import get_dataset
 
-    ds = get_dataset(dataset)(data, **_kv(dataset_option, "--dataset-option"))
+    ds = get_dataset(dataset)(data, **key_values(dataset_option, "--dataset-option"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rep = dataset_summary(ds)

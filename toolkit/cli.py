@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from toolkit.cli_options import key_values
 from toolkit.errors import ToolkitError
 
 EXTRACT_EXAMPLES = """
@@ -104,16 +105,6 @@ def _multi(values):
     return list(values) if values else None
 
 
-def _kv(pairs: tuple[str, ...], option: str) -> dict:
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise ToolkitError(f"{option} takes KEY=VALUE, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k.replace("-", "_")] = v
-    return out
-
-
 @cli.command("extract", epilog=EXTRACT_EXAMPLES)
 @click.option("--model", default="pi0", show_default=True, help="Model adapter (see `toolkit plugins`).")
 @click.option("--dataset", default="libero", show_default=True, help="Dataset adapter (see `toolkit plugins`).")
@@ -151,7 +142,7 @@ def extract_command(model, dataset, store, checkpoint, data, device, model_dtype
     shorthand = {"suite": suite, "tasks": tasks, "trials": trials, "replan_steps": replan_steps,
                  "video_dir": str(store.parent / f"{store.name.removesuffix('.zarr')}_videos") if save_video else None}
     dataset_options = {k: v for k, v in shorthand.items() if v is not None}
-    dataset_options.update(_kv(dataset_option, "--dataset-option"))
+    dataset_options.update(key_values(dataset_option, "--dataset-option"))
 
     path = extract(
         model=model, dataset=dataset, store=store, checkpoint=checkpoint, data=data, device=device,
@@ -159,7 +150,7 @@ def extract_command(model, dataset, store, checkpoint, data, device, model_dtype
         tokens=_multi(tokens), pool=_multi(pool), streams=_multi(streams), dtype=dtype, codec=codec,
         batch_size=batch_size, seed=seed, max_episodes=max_episodes, max_steps=max_steps, stride=stride,
         chunk_samples=chunk_samples, resume=resume, overwrite=overwrite, progress=not no_progress,
-        trust_remote_code=trust_remote_code, model_options=_kv(model_option, "--model-option"),
+        trust_remote_code=trust_remote_code, model_options=key_values(model_option, "--model-option"),
         dataset_options=dataset_options,
     )
     click.echo(f"wrote {path}  (look inside: toolkit info {path})")
@@ -185,7 +176,7 @@ def import_command(dataset, data, store, dataset_option, sites, layers, tokens, 
         tokens=_multi(tokens), pool=_multi(pool), streams=_multi(streams), dtype=dtype, codec=codec,
         max_episodes=max_episodes, max_steps=max_steps, stride=stride, chunk_samples=chunk_samples,
         resume=resume, overwrite=overwrite, progress=not no_progress,
-        dataset_options=_kv(dataset_option, "--dataset-option"),
+        dataset_options=key_values(dataset_option, "--dataset-option"),
     )
     click.echo(f"wrote {path}  (look inside: toolkit info {path})")
 

@@ -7,7 +7,6 @@ same entry-point group as third-party ones; the core never imports them by name.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 from dataclasses import dataclass
 
 import pluggy

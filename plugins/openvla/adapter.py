@@ -49,11 +49,10 @@ from toolkit_plugins.openvla.model import (
     build_tiny_model,
     register_auto_classes,
 )
-from toolkit_plugins.pi0.adapter import _cast, _from_cache_or_hub, _one_line, tiny_tokenizer
+from toolkit.hf import cast_model, from_cache_or_hub, llama_tokenizer, one_line
 
 log = logging.getLogger("toolkit.openvla")
 
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPTIONS = {"unnorm_key": None, "capture": "prefix", "prompt_tokens": 64, "camera": None, "action_dim": None}
 CAPTURE_MODES = ("prefix", "actions")
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
@@ -90,16 +89,12 @@ class OpenVLAAdapter(ModelAdapter):
 
     name = "openvla"
     description = "OpenVLA (Prismatic DINOv2+SigLIP -> Llama 2, 256-bin action tokens)"
+    option_defaults = OPTIONS
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, **options: Any) -> None:
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ToolkitError(f"openvla has no option {unknown[0]!r}; options: {', '.join(OPTIONS)}")
         super().__init__(checkpoint, device, dtype, seed, trust_remote_code, **options)
-        if dtype not in MODEL_DTYPES:
-            raise ToolkitError(f"unknown model dtype {dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
-        opts = {**OPTIONS, **{k: v for k, v in options.items() if v is not None}}
+        opts = self.opts
         self.capture = str(opts["capture"])
         if self.capture not in CAPTURE_MODES:
             raise ToolkitError(f"openvla option capture={self.capture!r}: use one of {', '.join(CAPTURE_MODES)}")
@@ -110,21 +105,20 @@ class OpenVLAAdapter(ModelAdapter):
         if self.prompt_tokens < 4:
             raise ToolkitError(f"openvla option prompt_tokens must be at least 4, got {self.prompt_tokens}")
         self.camera: str | None = opts["camera"]
-        torch_dtype = MODEL_DTYPES[dtype]
+        torch_dtype = self.torch_dtype
         if checkpoint is None:
             warnings.warn(RANDOM_WARNING, stacklevel=2)
             self.model = build_tiny_model(seed)
-            self.tokenizer = tiny_tokenizer()
+            self.tokenizer = llama_tokenizer()
         else:
             self.model = self._load(checkpoint, torch_dtype, trust_remote_code)
             self.tokenizer = self._load_tokenizer(checkpoint, self.model)
         try:
-            _cast(self.model, self.device, torch_dtype)
+            cast_model(self.model, self.device, torch_dtype)
         except (RuntimeError, AssertionError) as e:
-            raise ToolkitError(f"cannot put openvla on device {device!r} as {dtype} ({_one_line(e)})") from None
+            raise ToolkitError(f"cannot put openvla on device {device!r} as {dtype} ({one_line(e)})") from None
         self.torch_dtype = torch_dtype
         self._setup(opts)
-        self._warned: set[str] = set()
 
     # loading ------------------------------------------------------------------------------
     @staticmethod
@@ -140,24 +134,24 @@ class OpenVLAAdapter(ModelAdapter):
             try:
                 model_type = json.loads((local / "config.json").read_text()).get("model_type")
             except (OSError, ValueError) as e:
-                raise ToolkitError(f"cannot read {local / 'config.json'}: {_one_line(e)}") from None
+                raise ToolkitError(f"cannot read {local / 'config.json'}: {one_line(e)}") from None
         if model_type == MODEL_TYPE:  # the project's own stand-in: no remote code needed
             register_auto_classes()
             try:
                 model = PrismaticStandInForActionPrediction.from_pretrained(str(local), dtype=torch_dtype)
             except Exception as e:  # noqa: BLE001 - any load failure is one line
-                raise ToolkitError(f"cannot load openvla checkpoint {checkpoint!r} ({_one_line(e)})") from None
+                raise ToolkitError(f"cannot load openvla checkpoint {checkpoint!r} ({one_line(e)})") from None
             return model.eval()
         if not trust_remote_code:
             raise ToolkitError(f"openvla checkpoint {checkpoint!r} ships its own model code (OpenVLAForActionPrediction); "
                                "pass --trust-remote-code to allow it to run (only for checkpoints you trust)")
         source = str(local) if local.exists() else checkpoint
         try:
-            model = _from_cache_or_hub(_load_remote, source, dtype=torch_dtype)
+            model = from_cache_or_hub(_load_remote, source, dtype=torch_dtype)
         except ToolkitError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise ToolkitError(f"cannot load openvla checkpoint {checkpoint!r} ({_one_line(e)}); it must be an "
+            raise ToolkitError(f"cannot load openvla checkpoint {checkpoint!r} ({one_line(e)}); it must be an "
                                "OpenVLA checkpoint (e.g. openvla/openvla-7b) loadable with trust_remote_code") from None
         return model.eval()
 
@@ -169,13 +163,13 @@ class OpenVLAAdapter(ModelAdapter):
         has_files = local.is_dir() and any((local / f).is_file() for f in TOKENIZER_FILES)
         if has_files or not local.exists():
             try:
-                return _from_cache_or_hub(AutoTokenizer.from_pretrained, str(local) if has_files else checkpoint)
+                return from_cache_or_hub(AutoTokenizer.from_pretrained, str(local) if has_files else checkpoint)
             except Exception as e:  # noqa: BLE001
                 if not isinstance(model, PrismaticStandInForActionPrediction):
                     raise ToolkitError(f"cannot load the tokenizer of openvla checkpoint {checkpoint!r} "
-                                       f"({_one_line(e)})") from None
+                                       f"({one_line(e)})") from None
         if isinstance(model, PrismaticStandInForActionPrediction):
-            return tiny_tokenizer()  # a saved stand-in without tokenizer files: the one it was built for
+            return llama_tokenizer()  # a saved stand-in without tokenizer files: the one it was built for
         raise ToolkitError(f"openvla checkpoint {checkpoint!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
     def _setup(self, opts: dict[str, Any]) -> None:
@@ -263,11 +257,6 @@ class OpenVLAAdapter(ModelAdapter):
                 "camera": self.camera, "prompt": PROMPT}
 
     # inputs ------------------------------------------------------------------------------------
-    def _warn_once(self, msg: str) -> None:
-        if msg not in self._warned:
-            self._warned.add(msg)
-            log.warning(msg)
-
     def _pixels(self, img: Any) -> torch.Tensor:
         """(H, W, 3) uint8 -> (6, H', W'): DINO-normalised and SigLIP-normalised copies (resize-naive)."""
         a = np.asarray(img)
@@ -371,7 +360,7 @@ class OpenVLAAdapter(ModelAdapter):
         disc = np.clip(self.vocab - tokens - 1, 0, self.bin_centers.shape[0] - 1)
         actions = self.bin_centers[disc]
         if self.action_stats is None:
-            self._warn_once("openvla: the checkpoint has no norm_stats; actions stay normalised in [-1, 1]")
+            self.warn_once("openvla: the checkpoint has no norm_stats; actions stay normalised in [-1, 1]")
             return actions.astype(np.float32)
         q01, q99 = self.action_stats["q01"], self.action_stats["q99"]
         mask = self.action_stats.get("mask", np.ones_like(q01, dtype=bool)).astype(bool)

@@ -9,7 +9,6 @@ is built (smoke tests only).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import warnings
@@ -24,10 +23,10 @@ import torch.nn.functional as F
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.capture import DECODER_STREAMS
 from toolkit.errors import ToolkitError
+from toolkit.hf import cast_model, from_cache_or_hub, llama_tokenizer, one_line
 
 log = logging.getLogger("toolkit.pi0")
 
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 OPTIONS = {"action_dim": 7, "max_text_tokens": 48, "cameras": None, "num_steps": None}
@@ -54,26 +53,10 @@ RANDOM_WARNING = ("pi0: no --checkpoint given, using a small randomly initialise
                   "random weights) - results are for smoke tests only")
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-@functools.lru_cache(maxsize=1)
-def tiny_tokenizer():
-    """The real Llama-style SentencePiece tokenizer that mistral-common ships (offline)."""
-    import importlib.resources
-    import shutil
-    import tempfile
 
-    from transformers import LlamaTokenizer
 
-    src = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
-    with tempfile.TemporaryDirectory() as d:
-        with importlib.resources.as_file(src) as f:
-            shutil.copy(f, Path(d) / "tokenizer.model")
-        # LlamaTokenizer(vocab_file=...) silently builds an empty tokenizer in transformers 5.x
-        return LlamaTokenizer.from_pretrained(d)
 
 
 def build_tiny_model(seed: int):
@@ -83,13 +66,7 @@ def build_tiny_model(seed: int):
     return PI0ForConditionalGeneration(PI0Config(**TINY_CONFIG)).eval()
 
 
-def _cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move/cast the model, keeping computed float constants (rotary/sinusoid frequencies) in float32."""
-    keep = [(m, n, b) for m in model.modules() for n, b in m._buffers.items()
-            if b is not None and n in m._non_persistent_buffers_set and b.dtype == torch.float32]
-    model.to(device=device, dtype=dtype)
-    for m, n, b in keep:
-        m._buffers[n] = b.to(device)
+
 
 
 def _normalisation_stats(checkpoint: Path) -> dict[str, np.ndarray]:
@@ -102,28 +79,14 @@ def _normalisation_stats(checkpoint: Path) -> dict[str, np.ndarray]:
         try:
             cfg = json.loads(f.read_text())
         except (OSError, ValueError) as e:
-            raise ToolkitError(f"cannot read {f}: {_one_line(e)}") from None
+            raise ToolkitError(f"cannot read {f}: {one_line(e)}") from None
         for d in [cfg, *(v for v in cfg.values() if isinstance(v, dict))]:
             if all(d.get(k) is not None for k in keys):
                 return {k: np.asarray(d[k], dtype=np.float32) for k in keys}
     return {}
 
 
-def _from_cache_or_hub(load, source: str, **kw):
-    """``load(source)`` from a local dir or the HF cache, then from the hub unless HF_HUB_OFFLINE is set.
 
-    Trying the cache first avoids the hub client's retry loop (~50 s) when there is no network.
-    """
-    if Path(source).expanduser().exists():
-        return load(source, **kw)
-    try:
-        return load(source, local_files_only=True, **kw)
-    except Exception:  # noqa: BLE001
-        import huggingface_hub
-
-        if huggingface_hub.constants.HF_HUB_OFFLINE:
-            raise
-    return load(source, **kw)
 
 
 class Pi0Adapter(ModelAdapter):
@@ -131,31 +94,27 @@ class Pi0Adapter(ModelAdapter):
 
     name = "pi0"
     description = "pi0 (PaliGemma VLM + flow-matching action expert), transformers-native"
+    option_defaults = OPTIONS
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, **options: Any) -> None:
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ToolkitError(f"pi0 has no option {unknown[0]!r}; options: {', '.join(OPTIONS)}")
         super().__init__(checkpoint, device, dtype, seed, trust_remote_code, **options)
-        if dtype not in MODEL_DTYPES:
-            raise ToolkitError(f"unknown model dtype {dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
-        opts = {**OPTIONS, **options}
-        torch_dtype = MODEL_DTYPES[dtype]
+        opts = self.opts
+        torch_dtype = self.torch_dtype
         self.stats: dict[str, np.ndarray] = {}
         if checkpoint is None:
             warnings.warn(RANDOM_WARNING, stacklevel=2)
             self.model = build_tiny_model(seed)
-            self.tokenizer = tiny_tokenizer()
+            self.tokenizer = llama_tokenizer()
         else:
             self.model = self._load(checkpoint, torch_dtype)
             self.tokenizer = self._load_tokenizer(checkpoint)
             local = Path(checkpoint).expanduser()
             self.stats = _normalisation_stats(local) if local.is_dir() else {}
         try:
-            _cast(self.model, self.device, torch_dtype)
+            cast_model(self.model, self.device, torch_dtype)
         except (RuntimeError, AssertionError) as e:
-            raise ToolkitError(f"cannot put pi0 on device {device!r} as {dtype} ({_one_line(e)})") from None
+            raise ToolkitError(f"cannot put pi0 on device {device!r} as {dtype} ({one_line(e)})") from None
         self.torch_dtype = torch_dtype
 
         cfg = self.model.config
@@ -170,7 +129,6 @@ class Pi0Adapter(ModelAdapter):
         self.max_text_tokens = int(opts["max_text_tokens"])
         cams = opts["cameras"]
         self.cameras: list[str] | None = (cams.split(",") if isinstance(cams, str) else list(cams)) if cams else None
-        self._warned: set[str] = set()
 
     # loading ------------------------------------------------------------------------------
     @staticmethod
@@ -182,10 +140,10 @@ class Pi0Adapter(ModelAdapter):
             raise ToolkitError(f"pi0 checkpoint {checkpoint!r} does not exist: give a checkpoint directory "
                                "or a Hugging Face hub id (owner/name)")
         try:
-            model = _from_cache_or_hub(PI0ForConditionalGeneration.from_pretrained,
+            model = from_cache_or_hub(PI0ForConditionalGeneration.from_pretrained,
                                        str(local) if local.exists() else checkpoint, dtype=torch_dtype)
         except Exception as e:  # noqa: BLE001 - any load failure is reported as one line
-            raise ToolkitError(f"cannot load pi0 checkpoint {checkpoint!r} ({_one_line(e)}); it must be a "
+            raise ToolkitError(f"cannot load pi0 checkpoint {checkpoint!r} ({one_line(e)}); it must be a "
                                "transformers PI0 or lerobot/openpi pi0 checkpoint") from None
         return model.eval()
 
@@ -200,9 +158,9 @@ class Pi0Adapter(ModelAdapter):
         sources.append(PALIGEMMA_TOKENIZER)
         for src in sources:
             try:
-                return _from_cache_or_hub(AutoTokenizer.from_pretrained, src)
+                return from_cache_or_hub(AutoTokenizer.from_pretrained, src)
             except Exception as e:  # noqa: BLE001
-                log.debug("pi0: tokenizer from %s failed: %s", src, _one_line(e))
+                log.debug("pi0: tokenizer from %s failed: %s", src, one_line(e))
         raise ToolkitError(f"pi0 checkpoint {checkpoint!r} has no tokenizer and {PALIGEMMA_TOKENIZER} cannot be "
                            "loaded: save the PaliGemma tokenizer into the checkpoint directory "
                            "(tokenizer.save_pretrained(CHECKPOINT_DIR)) or make it available in the HF cache")
@@ -240,11 +198,6 @@ class Pi0Adapter(ModelAdapter):
                 "num_steps": self.num_steps, "action_dim": self.action_dim, "normalised": bool(self.stats)}
 
     # inputs ------------------------------------------------------------------------------------
-    def _warn_once(self, msg: str) -> None:
-        if msg not in self._warned:
-            self._warned.add(msg)
-            log.warning(msg)
-
     def _image(self, img: Any) -> torch.Tensor:
         """(H, W, 3) uint8 (or float in [0, 1]) -> (3, S, S) float32 in [-1, 1]."""
         a = np.asarray(img)
@@ -266,7 +219,7 @@ class Pi0Adapter(ModelAdapter):
         if tok.bos_token_id is not None:
             ids = [tok.bos_token_id, *ids]
         if len(ids) > self.max_text_tokens:
-            self._warn_once(f"pi0: instruction {instruction[:40]!r}... is {len(ids)} tokens, truncated to "
+            self.warn_once(f"pi0: instruction {instruction[:40]!r}... is {len(ids)} tokens, truncated to "
                             f"{self.max_text_tokens}")
             ids = ids[: self.max_text_tokens]
         return ids
@@ -304,10 +257,10 @@ class Pi0Adapter(ModelAdapter):
                     pixels[i, c] = self._image(step.images[cam])
                     mask[i, c * per:(c + 1) * per] = True
                 else:  # like openpi: a missing camera is a zero image whose tokens are masked out
-                    self._warn_once(f"pi0: a step of {ep.key} has no {cam!r} camera; its tokens are masked")
+                    self.warn_once(f"pi0: a step of {ep.key} has no {cam!r} camera; its tokens are masked")
             extra = set(step.images) - set(self.cameras)
             if extra:
-                self._warn_once(f"pi0: cameras {sorted(extra)} are ignored (the model uses {self.cameras})")
+                self.warn_once(f"pi0: cameras {sorted(extra)} are ignored (the model uses {self.cameras})")
             text = self._text(ep.instruction)
             ids[i, n_img:n_img + len(text)] = torch.tensor(text, dtype=torch.long)
             mask[i, n_img:n_img + len(text)] = True

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.errors import ToolkitError
-from toolkit_plugins.pi0.adapter import MODEL_DTYPES, _cast, _from_cache_or_hub, _one_line, tiny_tokenizer
+from toolkit.hf import cast_model, from_cache_or_hub, llama_tokenizer, one_line
 from toolkit_plugins.robovlms.model import CLIP_MEAN, CLIP_STD, RoboKosmosPolicy
 
 log = logging.getLogger("toolkit.robovlms")
@@ -100,7 +100,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a bad file is one line
-        raise ToolkitError(f"cannot read RoboVLMs checkpoint {path} ({_one_line(e)}); it must be a .pt/.ckpt "
+        raise ToolkitError(f"cannot read RoboVLMs checkpoint {path} ({one_line(e)}); it must be a .pt/.ckpt "
                            "state dict readable with torch.load(weights_only=True)") from None
     for key in ("state_dict", "model_state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -178,7 +178,7 @@ def _load_into(policy: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path)
     try:
         result = policy.load_state_dict(sd, strict=False)
     except RuntimeError as e:
-        raise ToolkitError(f"RoboVLMs checkpoint {path} does not fit the model ({_one_line(e)})") from None
+        raise ToolkitError(f"RoboVLMs checkpoint {path} does not fit the model ({one_line(e)})") from None
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -205,7 +205,7 @@ def _robovlms_policy(config: str, sd: dict[str, torch.Tensor], path: Path) -> to
     except ToolkitError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise ToolkitError(f"robovlms could not build a model from {config} ({_one_line(e)})") from None
+        raise ToolkitError(f"robovlms could not build a model from {config} ({one_line(e)})") from None
     _load_into(policy, sd, path)
     return policy.eval()
 
@@ -250,16 +250,12 @@ class RoboVLMsAdapter(ModelAdapter):
 
     name = "robovlms"
     description = "RoboVLMs (Kosmos-2 + LSTM action head): text layers and the act_head context vector"
+    option_defaults = OPTIONS
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, **options: Any) -> None:
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ToolkitError(f"robovlms has no option {unknown[0]!r}; options: {', '.join(OPTIONS)}")
         super().__init__(checkpoint, device, dtype, seed, trust_remote_code, **options)
-        if dtype not in MODEL_DTYPES:
-            raise ToolkitError(f"unknown model dtype {dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
-        opts = {**OPTIONS, **options}
+        opts = self.opts
         try:
             self.window = int(opts["window"])
             self.max_text_tokens = int(opts["max_text_tokens"])
@@ -275,7 +271,7 @@ class RoboVLMsAdapter(ModelAdapter):
         if checkpoint is None:
             warnings.warn(RANDOM_WARNING, stacklevel=2)
             self.model = build_tiny_policy(seed, self.window)
-            self.tokenizer = tiny_tokenizer()
+            self.tokenizer = llama_tokenizer()
         else:
             path = Path(checkpoint).expanduser()
             if not path.is_file():
@@ -284,11 +280,11 @@ class RoboVLMsAdapter(ModelAdapter):
             self.tokenizer = self._load_tokenizer(opts["tokenizer"])
             heads = {k: int(opts[k]) if opts[k] is not None else None for k in ("text_heads", "vision_heads")}
             self.model = load_policy(path, self.window, opts["config"], **heads)
-        self.torch_dtype = MODEL_DTYPES[dtype]
+        self.torch_dtype = self.torch_dtype
         try:
-            _cast(self.model, self.device, self.torch_dtype)
+            cast_model(self.model, self.device, self.torch_dtype)
         except (RuntimeError, AssertionError) as e:
-            raise ToolkitError(f"cannot put robovlms on device {device!r} as {dtype} ({_one_line(e)})") from None
+            raise ToolkitError(f"cannot put robovlms on device {device!r} as {dtype} ({one_line(e)})") from None
         cfg = self.model.backbone.config
         self.hidden = cfg.text_config.embed_dim
         self.n_layers = cfg.text_config.layers
@@ -299,7 +295,6 @@ class RoboVLMsAdapter(ModelAdapter):
         self._cursors: collections.OrderedDict[str, _Cursor] = collections.OrderedDict()
         self._context_cache: collections.OrderedDict[tuple[str, int], torch.Tensor] = collections.OrderedDict()
         self._ids_cache: dict[str, list[int]] = {}
-        self._warned: set[str] = set()
 
     @staticmethod
     def _load_tokenizer(source: str | None):
@@ -308,9 +303,9 @@ class RoboVLMsAdapter(ModelAdapter):
         sources = [source] if source else [KOSMOS_TOKENIZER]
         for src in sources:
             try:
-                return _from_cache_or_hub(AutoTokenizer.from_pretrained, src)
+                return from_cache_or_hub(AutoTokenizer.from_pretrained, src)
             except Exception as e:  # noqa: BLE001
-                log.debug("robovlms: tokenizer from %s failed: %s", src, _one_line(e))
+                log.debug("robovlms: tokenizer from %s failed: %s", src, one_line(e))
         raise ToolkitError(f"no Kosmos-2 tokenizer: {sources[0]} cannot be loaded; pass --model-option "
                            f"tokenizer=DIR (a saved Kosmos-2 tokenizer) or put {KOSMOS_TOKENIZER} in the HF cache")
 
@@ -342,11 +337,6 @@ class RoboVLMsAdapter(ModelAdapter):
                 "latent": self.latent, "camera": self.camera, "action_position": self.action_position}
 
     # inputs ------------------------------------------------------------------------------------
-    def _warn_once(self, msg: str) -> None:
-        if msg not in self._warned:
-            self._warned.add(msg)
-            log.warning(msg)
-
     def layout(self) -> dict[str, list[int]]:
         """Positions in one frame's sequence."""
         q, t, a = self.n_image, self.max_text_tokens, self.latent
@@ -390,7 +380,7 @@ class RoboVLMsAdapter(ModelAdapter):
             text = PROMPT.format(instruction.strip().replace("\n", " "))
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > self.max_text_tokens:
-                self._warn_once(f"robovlms: instruction {instruction[:40]!r}... is {len(ids)} tokens, truncated to "
+                self.warn_once(f"robovlms: instruction {instruction[:40]!r}... is {len(ids)} tokens, truncated to "
                                 f"{self.max_text_tokens} (raise --model-option max_text_tokens=N)")
                 ids = ids[: self.max_text_tokens]
             self._ids_cache[instruction] = list(ids)
