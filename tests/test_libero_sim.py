@@ -7,6 +7,7 @@ environment is created once and reused.  Skipped when the simulator (``toolkit[s
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import warnings
 
@@ -19,6 +20,10 @@ from toolkit.plugins import plugin_manager, registry
 from toolkit.store import open_store
 
 HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
+# MuJoCo/robosuite and TensorFlow (the RLDS tests) crash when loaded into one process, so these tests run in a
+# process of their own, started by tests/test_sim_process.py.
+pytestmark = pytest.mark.skipif(os.environ.get("TOOLKIT_SIM_TESTS") != "1",
+                                reason="runs in its own process (tests/test_sim_process.py)")
 needs_sim = pytest.mark.skipif(not HAVE_SIM, reason="the LIBERO simulator is not installed (pip install 'toolkit[sim]')")
 
 MAX_STEPS, REPLAN, STRIDE = 20, 5, 2
