@@ -202,7 +202,7 @@ class Progress:
         self.episodes.update(s.episode_index for s in batch)
         self.bar.update(len(batch))
         self.bar.set_postfix(episodes=len(self.episodes), step=batch[-1].step.index,
-                             MB=f"{self.writer.bytes_written / 1e6:.1f}", refresh=False)
+                             MB=f"{self.writer.bytes_added / 1e6:.1f}", refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

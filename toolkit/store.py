@@ -121,7 +121,8 @@ class StoreWriter:
             self.committed = 0
         self.specs: dict[str, ArraySpec] = {}
         self.chunk_samples = 0
-        self.bytes_written = 0
+        self.bytes_written = 0  # raw bytes the writer thread has written
+        self.bytes_added = 0  # raw bytes handed to append (what the progress bar shows)
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -240,6 +241,7 @@ class StoreWriter:
         if missing:
             raise ToolkitError(f"internal: batch is missing arrays {sorted(missing)}")
         size = len(next(iter(full.values())))
+        self.bytes_added += sum(v.nbytes for v in arrays.values() if v.dtype != object)
         i = 0
         while i < size:
             if self._current is None:
