@@ -205,7 +205,8 @@ def info_command(store, as_json):
     click.echo(f"store     {s['path']}  ({'complete' if s['complete'] else 'INCOMPLETE: resume with --resume'})")
     click.echo(f"model     {model.get('name')}  checkpoint={model.get('checkpoint') or 'random init'}  "
                f"dtype={model.get('dtype', '-')}")
-    click.echo(f"dataset   {ds.get('name')}  data={ds.get('data') or 'embedded sample'}")
+    opts = " ".join(f"{k}={v}" for k, v in (ds.get("options") or {}).items() if v is not None)
+    click.echo(f"dataset   {ds.get('name')}  data={ds.get('data') or '(adapter default)'}" + (f"  {opts}" if opts else ""))
     click.echo(f"samples   {s['n_samples']}  episodes={s.get('n_episodes', 0)}  tasks={s.get('n_tasks', 0)}  "
                f"chunk={s['chunk_samples']} samples  codec={s['codec']}  toolkit {s['toolkit_version']}")
     click.echo("fields    " + ", ".join(f"{k}{tuple(v['shape'][1:]) or ''}" for k, v in s["fields"].items()))
