@@ -5,7 +5,11 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+from toolkit.errors import ToolkitError
 
 
 def one_line(e: BaseException) -> str:
@@ -55,3 +59,19 @@ def from_cache_or_hub(load, source: str, **kw):
         if huggingface_hub.constants.HF_HUB_OFFLINE:
             raise
     return load(source, **kw)
+
+
+def image_tensor(img, size: tuple[int, int], model: str) -> torch.Tensor:
+    """A camera image ((H, W, 3) uint8, or float in [0, 1]; grey or RGBA accepted) as (3, *size) float32 in
+    [0, 1], bicubic-resized with antialiasing.  Each adapter applies its own normalisation after this."""
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    if a.ndim != 3 or a.shape[-1] not in (3, 4):
+        raise ToolkitError(f"{model} expects camera images shaped (H, W, 3), got {a.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1)[None].float()
+    if not np.issubdtype(a.dtype, np.floating):
+        x = x / 255.0
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False, antialias=True).clamp(0.0, 1.0)
+    return x[0]

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.capture import DECODER_STREAMS
@@ -49,7 +48,7 @@ from toolkit_plugins.openvla.model import (
     build_tiny_model,
     register_auto_classes,
 )
-from toolkit.hf import cast_model, from_cache_or_hub, llama_tokenizer, one_line
+from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
 
 log = logging.getLogger("toolkit.openvla")
 
@@ -259,18 +258,7 @@ class OpenVLAAdapter(ModelAdapter):
     # inputs ------------------------------------------------------------------------------------
     def _pixels(self, img: Any) -> torch.Tensor:
         """(H, W, 3) uint8 -> (6, H', W'): DINO-normalised and SigLIP-normalised copies (resize-naive)."""
-        a = np.asarray(img)
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=-1)
-        if a.ndim != 3 or a.shape[-1] not in (3, 4):
-            raise ToolkitError(f"openvla expects camera images shaped (H, W, 3), got {a.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1)[None].float()
-        if not np.issubdtype(a.dtype, np.floating):
-            x = x / 255.0
-        if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False,
-                              antialias=True).clamp(0.0, 1.0)
-        x = x[0]
+        x = image_tensor(img, self.image_size, "openvla")
         norm = lambda mean, std: (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]  # noqa: E731
         return torch.cat([norm(DINO_MEAN, DINO_STD), norm(SIGLIP_MEAN, SIGLIP_STD)], 0)
 

@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.capture import DECODER_STREAMS
 from toolkit.errors import ToolkitError
-from toolkit.hf import cast_model, from_cache_or_hub, llama_tokenizer, one_line
+from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
 
 log = logging.getLogger("toolkit.pi0")
 
@@ -200,18 +199,8 @@ class Pi0Adapter(ModelAdapter):
     # inputs ------------------------------------------------------------------------------------
     def _image(self, img: Any) -> torch.Tensor:
         """(H, W, 3) uint8 (or float in [0, 1]) -> (3, S, S) float32 in [-1, 1]."""
-        a = np.asarray(img)
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=-1)
-        if a.ndim != 3 or a.shape[-1] not in (3, 4):
-            raise ToolkitError(f"pi0 expects camera images shaped (H, W, 3), got {a.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1)[None].float()
-        if not np.issubdtype(a.dtype, np.floating):
-            x = x / 255.0
-        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                              antialias=True).clamp(0.0, 1.0)
-        return (x[0] - 0.5) / 0.5
+        x = image_tensor(img, (self.image_size, self.image_size), "pi0")
+        return (x - 0.5) / 0.5
 
     def _text(self, instruction: str) -> list[int]:
         tok = self.tokenizer

@@ -40,11 +40,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.errors import ToolkitError
-from toolkit.hf import cast_model, from_cache_or_hub, llama_tokenizer, one_line
+from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
 from toolkit_plugins.robovlms.model import CLIP_MEAN, CLIP_STD, RoboKosmosPolicy
 
 log = logging.getLogger("toolkit.robovlms")
@@ -360,20 +359,10 @@ class RoboVLMsAdapter(ModelAdapter):
 
     def _pixels(self, img: Any) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, S, S) float32, bicubic resize, CLIP mean/std (RoboVLMs' image_processor)."""
-        a = np.asarray(img)
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=-1)
-        if a.ndim != 3 or a.shape[-1] not in (3, 4):
-            raise ToolkitError(f"robovlms expects camera images shaped (H, W, 3), got {a.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1)[None].float()
-        if not np.issubdtype(a.dtype, np.floating):
-            x = x / 255.0
-        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                              antialias=True).clamp(0.0, 1.0)
+        x = image_tensor(img, (self.image_size, self.image_size), "robovlms")
         mean = torch.tensor(CLIP_MEAN)[:, None, None]
         std = torch.tensor(CLIP_STD)[:, None, None]
-        return (x[0] - mean) / std
+        return (x - mean) / std
 
     def _text_ids(self, instruction: str) -> list[int]:
         if instruction not in self._ids_cache:
