@@ -66,3 +66,32 @@ def registered():
             if pm.is_registered(m):
                 pm.unregister(m)
         registry.cache_clear()
+
+
+def camera_episodes(instructions, n_episodes=2, n_steps=2):
+    """LIBERO-like episodes: agentview (64x64) and wrist (48x48) cameras, 8-dim state, 7-dim action."""
+    eps = []
+    for e in range(n_episodes):
+        rng = np.random.default_rng(e)
+        steps = [Step(index=k, images={"agentview": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+                                       "wrist": rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)},
+                      state=rng.normal(size=8).astype(np.float32), action=rng.normal(size=7).astype(np.float32))
+                 for k in range(n_steps)]
+        eps.append(Episode(key=f"task_{e}/episode_0", task=f"task {e}", task_id=e,
+                           instruction=instructions[e % len(instructions)], metadata={"success": True},
+                           n_steps=n_steps, _steps=steps))
+    return eps
+
+
+@contextlib.contextmanager
+def dataset_registered(cls):
+    """Make one dataset adapter class available by its name, in this process."""
+    plugin = types.SimpleNamespace(register_datasets=hookimpl(lambda register: register(cls)))
+    pm = plugin_manager()
+    pm.register(plugin, name=cls.name)
+    registry.cache_clear()
+    try:
+        yield cls.name
+    finally:
+        pm.unregister(plugin)
+        registry.cache_clear()

@@ -4,7 +4,6 @@ action decoding, both capture modes, the save_pretrained -> --checkpoint round t
 import json
 import subprocess
 import sys
-import types
 import warnings
 
 import numpy as np
@@ -12,10 +11,9 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.adapters import DatasetAdapter, Episode, Step
+from toolkit.adapters import DatasetAdapter
 from toolkit.errors import ToolkitError
-from toolkit.hookspecs import hookimpl
-from toolkit.plugins import plugin_manager, registry
+from synthetic import camera_episodes, dataset_registered
 from toolkit.testing import check_model_adapter, full_plan, generators, run_captured
 from toolkit_plugins.openvla import OpenVLAAdapter
 from toolkit_plugins.openvla.adapter import PROMPT, RANDOM_WARNING
@@ -26,24 +24,13 @@ pytestmark = pytest.mark.usefixtures("pi0_single_thread")  # tiny models run fas
 INSTRUCTIONS = ["Pick up the cream cheese and place it in the basket", "open the top drawer"]
 
 
-def make_episodes(n_episodes=2, n_steps=2):
-    eps = []
-    for e in range(n_episodes):
-        rng = np.random.default_rng(e)
-        steps = [Step(index=k, images={"agentview": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-                                       "wrist": rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)},
-                      state=rng.normal(size=8).astype(np.float32), action=rng.normal(size=7).astype(np.float32))
-                 for k in range(n_steps)]
-        eps.append(Episode(key=f"task_{e}/episode_0", task=f"task {e}", task_id=e, instruction=INSTRUCTIONS[e % 2],
-                           metadata={"success": True}, n_steps=n_steps, _steps=steps))
-    return eps
 
 
 class OpenVLASteps(DatasetAdapter):
     name = "openvla_test_steps"
 
     def episodes(self):
-        yield from make_episodes()
+        yield from camera_episodes(INSTRUCTIONS)
 
 
 def new_adapter(**kw):
@@ -54,18 +41,13 @@ def new_adapter(**kw):
 
 @pytest.fixture(scope="module")
 def dataset():
-    plugin = types.SimpleNamespace(register_datasets=hookimpl(lambda register: register(OpenVLASteps)))
-    pm = plugin_manager()
-    pm.register(plugin, name=OpenVLASteps.name)
-    registry.cache_clear()
-    yield OpenVLASteps.name
-    pm.unregister(plugin)
-    registry.cache_clear()
+    with dataset_registered(OpenVLASteps) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
 def batch():
-    return [(ep, step) for ep in make_episodes() for step in ep.steps()][:3]
+    return [(ep, step) for ep in camera_episodes(INSTRUCTIONS) for step in ep.steps()][:3]
 
 
 @pytest.fixture(scope="module")

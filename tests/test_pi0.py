@@ -1,6 +1,5 @@
 """The built-in pi0 adapter on its small random model: conformance, capture fidelity, loading, dtypes, errors."""
 
-import types
 import warnings
 
 import numpy as np
@@ -8,13 +7,12 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.adapters import DatasetAdapter, Episode, Step
+from toolkit.adapters import DatasetAdapter, Step
 from toolkit.errors import ToolkitError
-from toolkit.hookspecs import hookimpl
-from toolkit.plugins import plugin_manager, registry
+from synthetic import camera_episodes, dataset_registered
 from toolkit.testing import check_model_adapter, full_plan, generators, run_captured
-from toolkit_plugins.pi0 import Pi0Adapter
 from toolkit.hf import llama_tokenizer
+from toolkit_plugins.pi0 import Pi0Adapter
 from toolkit_plugins.pi0.adapter import RANDOM_WARNING
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
@@ -22,17 +20,6 @@ pytestmark = pytest.mark.usefixtures("pi0_single_thread")
 INSTRUCTIONS = ["pick up the cream cheese and place it in the basket", "open the top drawer"]
 
 
-def make_episodes(n_episodes=2, n_steps=2):
-    eps = []
-    for e in range(n_episodes):
-        rng = np.random.default_rng(e)
-        steps = [Step(index=k, images={"agentview": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-                                       "wrist": rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)},
-                      state=rng.normal(size=8).astype(np.float32), action=rng.normal(size=7).astype(np.float32))
-                 for k in range(n_steps)]
-        eps.append(Episode(key=f"task_{e}/episode_0", task=f"task {e}", task_id=e,
-                           instruction=INSTRUCTIONS[e % 2], metadata={"success": True}, n_steps=n_steps, _steps=steps))
-    return eps
 
 
 class Pi0Steps(DatasetAdapter):
@@ -41,23 +28,18 @@ class Pi0Steps(DatasetAdapter):
     name = "pi0_test_steps"
 
     def episodes(self):
-        yield from make_episodes()
+        yield from camera_episodes(INSTRUCTIONS)
 
 
 @pytest.fixture(scope="module")
 def dataset():
-    plugin = types.SimpleNamespace(register_datasets=hookimpl(lambda register: register(Pi0Steps)))
-    pm = plugin_manager()
-    pm.register(plugin, name="pi0_test_steps")
-    registry.cache_clear()
-    yield Pi0Steps.name
-    pm.unregister(plugin)
-    registry.cache_clear()
+    with dataset_registered(Pi0Steps) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
 def batch():
-    return [(ep, step) for ep in make_episodes() for step in ep.steps()][:3]
+    return [(ep, step) for ep in camera_episodes(INSTRUCTIONS) for step in ep.steps()][:3]
 
 
 def extract(store, dataset, **kw):
