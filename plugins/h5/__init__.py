@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.adapters import DatasetAdapter, Episode, Step
+from toolkit.cli_options import int_option
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 
@@ -221,18 +222,6 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
-def _as_int(value: Any, option: str) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ToolkitError(f"dataset 'h5' option {option} takes an integer, got {value!r}") from None
-    if n < 1:
-        raise ToolkitError(f"dataset 'h5' option {option} must be at least 1, got {n}")
-    return n
-
-
 class H5Dataset(DatasetAdapter):
     """Mobile-VLA style one-episode .h5 files (images, actions, event types, instruction)."""
 
@@ -253,9 +242,9 @@ class H5Dataset(DatasetAdapter):
         given = {k: v for k, v in (("frames_per_episode", frames_per_episode), ("stratify_by", stratify_by),
                                    ("max_episodes", max_episodes), ("skip_bad", skip_bad or None)) if v is not None}
         super().__init__(str(data), **given)
-        self.frames_per_episode = _as_int(frames_per_episode, "frames_per_episode")
-        self.max_episodes = _as_int(max_episodes, "max_episodes")
-        self.image_size = _as_int(image_size, "image_size")
+        self.frames_per_episode = int_option(frames_per_episode, "dataset 'h5'", "frames_per_episode", 1)
+        self.max_episodes = int_option(max_episodes, "dataset 'h5'", "max_episodes", 1)
+        self.image_size = int_option(image_size, "dataset 'h5'", "image_size", 1)
         self.stratify_by = stratify_by
         self.skip_bad = _as_bool(skip_bad)
         self.seed = int(seed or 0)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.adapters import DatasetAdapter, Episode, Step
+from toolkit.cli_options import int_option
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 from toolkit_plugins.libero import _state, parse_selection
@@ -71,16 +72,6 @@ def _libero():
     finally:
         logging.disable(logging.NOTSET)
     return benchmark, get_libero_path, OffScreenRenderEnv
-
-
-def _int(value: Any, option: str, low: int = 0) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ToolkitError(f"dataset 'libero-sim' option {option} must be an integer, got {value!r}") from None
-    if n < low:
-        raise ToolkitError(f"dataset 'libero-sim' option {option} must be at least {low}, got {n}")
-    return n
 
 
 # One environment at a time, kept across runs in a process (creating one takes seconds); every episode
@@ -129,13 +120,17 @@ class LiberoSimDataset(DatasetAdapter):
         if suite not in SUITE_MAX_STEPS:
             raise ToolkitError(f"unknown LIBERO suite {suite!r}: use one of {', '.join(SUITE_MAX_STEPS)}")
         self.suite = suite
-        self.trials = _int(trials, "trials", 1)
-        self.max_steps = SUITE_MAX_STEPS[suite] if max_steps is None else _int(max_steps, "max_steps", 1)
-        self.replan_steps = _int(replan_steps, "replan_steps", 1)
-        self.settle_steps = _int(settle_steps, "settle_steps", 0)
-        self.resolution = _int(resolution, "resolution", 16)
-        self.seed = _int(seed, "seed")
-        self.fps = _int(fps, "fps", 1)
+
+        def number(value: Any, name: str, minimum: int) -> int:
+            return int_option(value, "dataset 'libero-sim'", name, minimum, required=True)
+
+        self.trials = number(trials, "trials", 1)
+        self.max_steps = SUITE_MAX_STEPS[suite] if max_steps is None else number(max_steps, "max_steps", 1)
+        self.replan_steps = number(replan_steps, "replan_steps", 1)
+        self.settle_steps = number(settle_steps, "settle_steps", 0)
+        self.resolution = number(resolution, "resolution", 16)
+        self.seed = number(seed, "seed", 0)
+        self.fps = number(fps, "fps", 1)
         self.video_dir = None if video_dir in (None, "") else Path(video_dir)
         super().__init__(None, suite=suite, tasks=None if tasks is None else str(tasks), trials=self.trials,
                          max_steps=self.max_steps, replan_steps=self.replan_steps, settle_steps=self.settle_steps,

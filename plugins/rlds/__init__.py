@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.adapters import DatasetAdapter, Episode, Step
+from toolkit.cli_options import int_option
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 
@@ -107,19 +108,6 @@ def _text(v: Any) -> str:
     return str(v)
 
 
-def _int_option(options: dict, name: str, minimum: int) -> int | None:
-    v = options.get(name)
-    if v is None:
-        return None
-    try:
-        n = int(v)
-    except (TypeError, ValueError):
-        raise ToolkitError(f"rlds option {name}={v!r} is not an integer") from None
-    if n < minimum:
-        raise ToolkitError(f"rlds option {name} must be at least {minimum}, got {n}")
-    return n
-
-
 class RLDSDataset(DatasetAdapter):
     """RLDS episodes (Open X-Embodiment, OpenVLA's modified_libero_rlds) read through tensorflow-datasets."""
 
@@ -135,9 +123,9 @@ class RLDSDataset(DatasetAdapter):
             raise ToolkitError("the rlds dataset needs --data: a TFDS dataset directory (…/NAME/VERSION), "
                                "a gs:// path or a registered TFDS name")
         self.opts = {**OPTIONS, **{k: v for k, v in options.items() if v is not None}}
-        self.num_episodes = _int_option(self.opts, "num_episodes", 1)
-        self.max_steps = _int_option(self.opts, "max_steps_per_episode", 1)
-        self.stride = _int_option(self.opts, "step_stride", 1) or 1
+        self.num_episodes = int_option(self.opts.get("num_episodes"), "rlds", "num_episodes", 1)
+        self.max_steps = int_option(self.opts.get("max_steps_per_episode"), "rlds", "max_steps_per_episode", 1)
+        self.stride = int_option(self.opts.get("step_stride"), "rlds", "step_stride", 1) or 1
         self.keys = {k: (None if str(self.opts[k]).lower() == "none" else str(self.opts[k]))
                      for k in ("image_key", "wrist_image_key", "state_key", "action_key", "instruction_key")}
         if self.keys["image_key"] is None or self.keys["instruction_key"] is None:
