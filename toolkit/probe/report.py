@@ -35,6 +35,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def _series_key(r: dict) -> tuple:
     return r["target"], r["split"], r["solver"]
 
@@ -71,10 +78,7 @@ def fig_layers(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel(f"held-out {rows[0]['metric_name']} (control dashed)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def fig_heatmap(rows: list[dict], path: Path, title: str) -> Path:
@@ -93,10 +97,7 @@ def fig_heatmap(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=rows[0]["metric_name"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def fig_retention(rows: list[dict], path: Path, title: str) -> Path:
@@ -112,10 +113,7 @@ def fig_retention(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel(rows[0]["metric_name"])
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def fig_matrix(m, rows_labels, col_labels, path: Path, title: str, cbar: str) -> Path:
@@ -128,10 +126,7 @@ def fig_matrix(m, rows_labels, col_labels, path: Path, title: str, cbar: str) ->
     ax.set_yticks(range(len(rows_labels)), [short(c) for c in rows_labels], fontsize=6)
     ax.set_title(title.replace(" — ", "\n"), fontsize=8)
     fig.colorbar(im, ax=ax, label=cbar)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _fmt(v, nd=3) -> str:
