@@ -1,7 +1,8 @@
 import pytest
 
 from toolkit.errors import ToolkitError
-from toolkit.selection import parse_layers, parse_tokens, per_site
+from toolkit.selection import parse_tokens, per_site
+from toolkit.spec import resolve_indices
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -9,16 +10,16 @@ from toolkit.selection import parse_layers, parse_tokens, per_site
     ("0-2,-1", [0, 1, 2, 17]), ("-3--1", [15, 16, 17]),
 ])
 def test_layer_specs_resolve_against_the_layer_count(spec, expected):
-    assert parse_layers(spec, 18) == expected
+    assert resolve_indices(spec, 18) == expected
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("18", "out of range: valid layers are 0-17"), ("-19", "out of range"), ("5-2", "empty"),
+    ("18", "layer 18 is out of range: available layers: 0-17"), ("-19", "out of range"), ("5-2", "empty"),
     ("a", "malformed layer selection"), ("1,1", "twice"),
 ])
 def test_bad_layer_specs_say_what_is_valid(spec, message):
     with pytest.raises(ToolkitError, match=message):
-        parse_layers(spec, 18)
+        resolve_indices(spec, 18)
 
 
 def test_token_specs_combine_spans_and_positions():
@@ -32,7 +33,7 @@ def test_token_specs_combine_spans_and_positions():
 
 
 def test_a_malformed_span_names_the_known_spans():
-    with pytest.raises(ToolkitError, match="unknown span 'txt'; use all, last, image, text"):
+    with pytest.raises(ToolkitError, match="'txt' is not one of .*names: image, text"):
         parse_tokens("txt", {"image": [0], "text": [1]}, 2)
 
 

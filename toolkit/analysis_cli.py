@@ -140,7 +140,8 @@ def projection_command(store, site, stream, layer, method, color, max_samples, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from toolkit.stats import project, sample_vectors, select_layers, site_stream
+    from toolkit.spec import store_layers
+    from toolkit.stats import project, sample_vectors, site_stream
     from toolkit.store import open_store
 
     if method == "umap":
@@ -151,8 +152,10 @@ def projection_command(store, site, stream, layer, method, color, max_samples, s
                                "(or use --method pca or tsne)")
     s = open_store(store)
     site, stream = site_stream(s, site, stream)
-    have = s.layers(site)
-    chosen = have[-1] if layer in ("-1", "last") else select_layers(s, site, layer)[0]
+    picked = store_layers(s, site, "-1" if layer == "last" else layer)
+    if len(picked) != 1:
+        raise ToolkitError(f"--layer {layer!r} selects {len(picked)} layers; a projection takes one (e.g. -1)")
+    chosen = picked[0]
     idx, x = sample_vectors(s, site, stream, chosen, max_samples, seed)
     y = project(x, method, seed)
     labels = s.coord(color)[idx]
@@ -173,7 +176,8 @@ def projection_command(store, site, stream, layer, method, color, max_samples, s
     fig.savefig(out, dpi=120)
     plt.close(fig)
     np.savez(out.with_suffix(".npz"), sample=idx, xy=y, label=np.array(values))
-    click.echo(f"wrote {out} and {out.with_suffix('.npz')}  ({len(y)} samples, {len(groups)} {color} groups)")
+    click.echo(f"wrote {out} and {out.with_suffix('.npz')}  ({site}/{stream} layer {chosen}, {len(y)} samples, "
+               f"{len(groups)} {color} groups)")
 
 
 # --------------------------------------------------------------------------- dataset-stats

@@ -27,10 +27,10 @@ from toolkit.selection import (
     TokenSelection,
     check_dtype,
     check_pool,
-    parse_layers,
     parse_tokens,
     per_site,
 )
+from toolkit.spec import IndexSpec, hook_name, resolve_hooks
 
 # Where each stream is read in a Hugging Face style decoder layer (input_layernorm, self_attn,
 # post_attention_layernorm, mlp): (direction, sub-module path relative to the layer[, transform]).
@@ -40,6 +40,7 @@ DECODER_STREAMS: dict[str, tuple[str, ...]] = {
     "resid_post": ("output", ""),
     "attn_out": ("output", "self_attn"),
     "mlp_out": ("output", "mlp"),
+    "mlp_act": ("input", "mlp.down_proj"),  # the FFN neurons, act(gate(x)) * up(x): one feature per unit
     "pre_attn_norm_scale": ("input", "input_layernorm", "rms_scale"),
     "pre_mlp_norm_scale": ("input", "post_attention_layernorm", "rms_scale"),
 }
@@ -77,8 +78,12 @@ def canonical_stream(name: str) -> str:
     return STREAM_ALIASES.get(name, name)
 
 
-def hook_name(site: str, layer: int, stream: str) -> str:
-    return f"{site}.layers.{layer}.{stream}"
+def hook_point(expert: Expert, layer: int, stream: str) -> tuple[str, str, str]:
+    """Where a named stream lives: (module path from the adapter's root, "input" | "output", transform or "");
+    capture reads there and ``toolkit.intervention`` writes there."""
+    direction, sub, *transform = expert_streams(expert)[stream]
+    index = str(layer) if expert.layered else ""
+    return ".".join(p for p in (expert.layers_path, index, sub) if p), direction, transform[0] if transform else ""
 
 
 @dataclass(frozen=True)
@@ -107,12 +112,22 @@ def build_plan(
     pool: Any = None,
     streams: Any = None,
     dtype: str = "float16",
+    hooks: list[str] | None = None,
 ) -> list[SiteCapture]:
     """Validate the user's selection against the adapter and resolve it per site.
 
-    ``layers``/``tokens``/``pool``/``streams`` take ``SPEC`` for every site or ``site=SPEC`` for one.
+    ``layers``/``tokens``/``pool``/``streams`` take ``SPEC`` for every site or ``site=SPEC`` for one;
+    ``hooks`` (``vlm.layers.*.resid_post``, ``toolkit.spec``) choose sites, layers and streams in one go.
     """
     check_dtype(dtype)
+    if hooks:
+        if sites or layers or streams:
+            raise ToolkitError("give either --hook or --site/--layer/--stream, not both")
+        picked = resolve_hooks(hooks, {s: experts[i.expert].n_layers for s, i in known.items()},
+                               {s: list(expert_streams(experts[i.expert])) for s, i in known.items()})
+        sites = list(picked)
+        layers = [f"{s}={','.join(map(str, p.layers))}" for s, p in picked.items()]
+        streams = [f"{s}={','.join(p.streams)}" for s, p in picked.items()]
     sites = list(sites) if sites else list(known)
     for s in sites:
         if s not in known:
@@ -137,7 +152,7 @@ def build_plan(
         plan.append(SiteCapture(
             site=s,
             expert=expert.name,
-            layers=tuple(parse_layers(layer_specs[s], expert.n_layers)),
+            layers=tuple(IndexSpec.parse(layer_specs[s]).resolve(expert.n_layers, where=f"at site {s!r}")),
             streams=tuple(dict.fromkeys(chosen)),
             tokens=token_specs[s],
             pool=check_pool(pool_specs[s]),
@@ -236,13 +251,9 @@ class Capture:
         points: dict[tuple[str, str, str], list[tuple[SiteCapture, int, str]]] = defaultdict(list)
         for sc in self.plan:
             expert = self.experts[sc.expert]
-            offered = expert_streams(expert)
             for layer in sc.layers:
                 for stream in sc.streams:
-                    direction, sub, *transform = offered[stream]
-                    index = str(layer) if expert.layered else ""
-                    path = ".".join(p for p in (expert.layers_path, index, sub) if p)
-                    points[(path, direction, transform[0] if transform else "")].append((sc, layer, stream))
+                    points[hook_point(expert, layer, stream)].append((sc, layer, stream))
         by_module: dict[tuple[str, str], list[tuple[str, list]]] = defaultdict(list)
         for (path, direction, transform), consumers in points.items():
             by_module[(path, direction)].append((transform, consumers))

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.errors import ToolkitError
+from toolkit.spec import store_layers
 from toolkit.store import jsonable, open_store
 
 FORMATS = ("npy", "pt")
@@ -37,23 +38,6 @@ SEED_NAMES = {"resid_post": "residual_output", "resid_pre": "residual_input"}
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "episode"
-
-
-def _pick_layers(spec: str | None, stored: list[int], site: str) -> list[int]:
-    if spec is None or str(spec).strip().lower() == "all":
-        return list(stored)
-    out = []
-    for part in str(spec).split(","):
-        try:
-            v = int(part.strip())
-        except ValueError:
-            raise ToolkitError(f"--layers takes all or comma-separated layer numbers, got {spec!r}") from None
-        if v < 0:
-            v = stored[v] if -len(stored) <= v else None
-        if v not in stored:
-            raise ToolkitError(f"site {site!r} of the store holds layers {','.join(map(str, stored))}, not {part.strip()}")
-        out.append(v)
-    return list(dict.fromkeys(out))
 
 
 def _pca2(x: np.ndarray) -> np.ndarray:
@@ -85,7 +69,7 @@ def export(store: str | Path, out: str | Path, format: str = "npy", sites: list[
         if streams and not picked:
             raise ToolkitError(f"site {site!r} has none of the streams {', '.join(streams)}; it has {', '.join(offered)}")
         for st in picked:
-            plan.append((site, st, _pick_layers(layers, s.layers(site), site)))
+            plan.append((site, st, store_layers(s, site, layers)))
     if visualize:
         import matplotlib
         matplotlib.use("Agg")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.errors import ToolkitError
+from toolkit.spec import store_layers
 from toolkit.store import Store, decode
 
 KL_EPS = 1e-10
@@ -56,22 +57,6 @@ def site_stream(store: Store, site: str | None, stream: str | None) -> tuple[str
     if stream not in streams:
         raise ToolkitError(f"site {site!r} of {store.path} has no stream {stream!r}; streams: {', '.join(streams)}")
     return site, stream
-
-
-def select_layers(store: Store, site: str, layers: Any) -> list[int]:
-    have = store.layers(site)
-    if layers is None or layers == "all":
-        return have
-    if isinstance(layers, str):
-        from toolkit.selection import parse_layers
-
-        wanted = parse_layers(layers, max(have) + 1)
-    else:
-        wanted = [int(v) for v in (layers if isinstance(layers, (list, tuple)) else [layers])]
-    missing = [v for v in wanted if v not in have]
-    if missing:
-        raise ToolkitError(f"site {site!r} holds layers {','.join(map(str, have))}, not {missing[0]}")
-    return wanted
 
 
 def iter_rows(store: Store, site: str, stream: str, layer: int, block: int | None = None) -> Iterator[np.ndarray]:
@@ -269,7 +254,7 @@ def store_stats(store: Store | str, site: str | None = None, stream: str | None 
            "dtype": arr.attrs.get("stored_dtype") or str(arr.dtype), "n_samples": s.n_samples,
            "model": (s.attrs.get("model") or {}).get("name"), "layers": {}}
     per_feature = kw.pop("per_feature", False)
-    for layer in select_layers(s, site, layers):
+    for layer in store_layers(s, site, layers):
         out["layers"][str(layer)] = layer_stats(s, site, stream, layer, **kw).summary(per_feature)
     return out
 
@@ -370,7 +355,7 @@ def compare_stores(a: Store | str, b: Store | str, site: str | None = None, stre
     sb = open_store(b) if not isinstance(b, Store) else b
     site, stream = site_stream(sa, site, stream)
     site_stream(sb, site, stream)
-    la, lb = select_layers(sa, site, layers), set(sb.layers(site))
+    la, lb = store_layers(sa, site, layers), set(sb.layers(site))
     common = [v for v in la if v in lb]
     if not common:
         raise ToolkitError(f"{sa.path} and {sb.path} share no layer of site {site!r}")

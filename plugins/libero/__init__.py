@@ -35,6 +35,7 @@ from toolkit import safe_pickle
 from toolkit.adapters import ActivationLayout, DatasetAdapter, Episode, Expert, SiteInfo, Step
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
+from toolkit.spec import IndexSpec
 from toolkit_plugins.libero.tasks import language_from_name
 
 SAMPLE_DIR = Path(__file__).parent / "data"
@@ -73,33 +74,8 @@ _T_KEY = re.compile(rf"^{re.escape(ACTION_PREFIX)}(-?\d+(?:\.\d*)?(?:[eE]-?\d+)?
 
 
 def parse_selection(value: Any, option: str) -> frozenset[int] | None:
-    """``None`` | int | "0-4" | "0,2,5-7" | [0, 1, "3-4"] -> a set of non-negative ints."""
-    if value is None:
-        return None
-    items = value if isinstance(value, (list, tuple, set, frozenset, range)) else [value]
-    out: set[int] = set()
-    for item in items:
-        if isinstance(item, (bool, np.bool_)):
-            raise ToolkitError(f"malformed {option} selection {value!r}: use 3, 0-4 or 0,2,5-7")
-        if isinstance(item, (int, np.integer)):
-            out.add(int(item))
-            continue
-        for part in str(item).split(","):
-            part = part.strip()
-            if m := re.fullmatch(r"(\d+)\s*-\s*(\d+)", part):
-                a, b = int(m.group(1)), int(m.group(2))
-                if a > b:
-                    raise ToolkitError(f"{option} range {part!r} is empty: write the lower bound first")
-                out.update(range(a, b + 1))
-            elif re.fullmatch(r"\d+", part):
-                out.add(int(part))
-            elif part.lower() in ("", "all") and len(items) == 1:
-                return None
-            else:
-                raise ToolkitError(f"malformed {option} selection {value!r}: use 3, 0-4 or 0,2,5-7")
-    if any(i < 0 for i in out):
-        raise ToolkitError(f"{option} selection {value!r} has a negative index")
-    return frozenset(out)
+    """``None`` | int | "0-4" | "0,2,5-7" | [0, 1, "3-4"] -> a set of non-negative ints (``toolkit.spec`` grammar)."""
+    return IndexSpec.parse(value, option).literal()
 
 
 def _file_task_id(path: Path) -> int | None:
