@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from toolkit.checkpoint import LoadReport
 from toolkit.errors import ToolkitError
 
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -186,6 +187,9 @@ class ModelAdapter(abc.ABC):
         dtype: str = "float32",
         seed: int = 0,
         trust_remote_code: bool = False,
+        *,
+        allow_missing: bool = False,
+        random_weights: bool = False,
         **options: Any,
     ) -> None:
         if self.option_defaults is not None:
@@ -201,6 +205,12 @@ class ModelAdapter(abc.ABC):
         self.torch_dtype = MODEL_DTYPES[dtype]
         self.seed = seed
         self.trust_remote_code = trust_remote_code
+        # --allow-missing: run although the checkpoint lacks weights (their names go into the store)
+        self.allow_missing = allow_missing
+        # --random-weights: the checkpoint's architecture (from its config) with seeded random weights
+        self.random_weights = random_weights
+        # set by the adapter after loading a checkpoint (toolkit.checkpoint.check_complete)
+        self.load_report: LoadReport | None = None
         self.options = options
         # the adapter's options with their defaults filled in (None given = the default)
         self.opts = {**(self.option_defaults or {}), **{k: v for k, v in options.items() if v is not None}}
@@ -241,6 +251,13 @@ class ModelAdapter(abc.ABC):
         seeded from the run seed and the sample's index), so a resumed run reproduces its values.
         """
 
+    @property
+    def random_init(self) -> bool:
+        """True when the weights are random: no checkpoint, or ``random_weights`` (never loaded from a file)."""
+        return self.checkpoint is None or self.random_weights
+
     def describe(self) -> dict[str, Any]:
-        """Provenance stored in the store's attributes."""
-        return {"name": self.name, "checkpoint": self.checkpoint, "dtype": self.dtype, "options": self.options}
+        """Provenance stored in the store's attributes (subclasses extend it; keep ``random_init`` from here)."""
+        return {"name": self.name, "checkpoint": self.checkpoint, "dtype": self.dtype, "options": self.options,
+                "random_init": self.random_init,
+                "load_report": self.load_report.to_attrs() if self.load_report is not None else None}

@@ -193,7 +193,7 @@ class Pi0Adapter(ModelAdapter):
         }
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "random_init": self.checkpoint is None, "cameras": self.cameras,
+        return {**super().describe(), "cameras": self.cameras,
                 "num_steps": self.num_steps, "action_dim": self.action_dim, "normalised": bool(self.stats)}
 
     # inputs ------------------------------------------------------------------------------------
