@@ -19,40 +19,51 @@ background thread writes each full block and commits it by raising ``n_samples``
 attributes, while the caller fills the second buffer.  A resumed run truncates every array to
 the committed count and continues from there, so nothing is lost or duplicated.
 bfloat16 is stored losslessly as its 16-bit pattern (uint16, ``stored_dtype: bfloat16``).
+
+Integrity: every chunk ends with a crc32c checksum (zarr's ``crc32c`` codec, last in the chain).  All reads
+of sample-axis arrays go through one checked path: ``read_chunk(array, chunk)`` for fast readers (the probe,
+stats, export) and ``CheckedArray`` (what ``Store.array`` returns) for zarr-style slicing.  A chunk inside the
+committed range that is missing, truncated or fails its checksum raises ``CorruptStoreError``: one line
+naming the array, the chunk key and the samples it holds, pointing at ``toolkit verify STORE``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
 import shutil
 import threading
+import time
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from toolkit.errors import ToolkitError
 
 FORMAT = "toolkit-activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crc32c per chunk, consolidated metadata written at each commit
 CODECS = ("zstd", "blosc", "none")
 CHUNK_TARGET_BYTES = 4 * 2**20
 MAX_CHUNK_SAMPLES = 256
 SAMPLE = "sample"
 
 
-def compressors_for(codec: str, stored_dtype: str):
+def compressors_for(codec: str, stored_dtype: str) -> list:
+    """The bytes-to-bytes codec chain of an array: the compressor, then a crc32c checksum of the result."""
     if codec == "none":
-        return None
+        return [Crc32cCodec()]
     if codec == "zstd":
-        return [ZstdCodec(level=1)]
+        return [ZstdCodec(level=1), Crc32cCodec()]
     if codec == "blosc":  # byte shuffle helps bfloat16 bit patterns most
-        return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")]
+        return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()]
     raise ToolkitError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
 
 
@@ -89,36 +100,90 @@ def choose_chunk_samples(specs: list[ArraySpec], multiple_of: int = 1) -> int:
     return max(multiple_of, (n // multiple_of) * multiple_of)
 
 
+class StoreLock:
+    """One writer per store: an exclusive ``flock`` on ``.NAME.lock`` beside the store, held for the whole run.
+
+    Taken before anything is created, truncated or replaced, so a second ``extract`` (create, --resume or
+    --overwrite) fails with one line naming the holder instead of interleaving with it.  The lock file holds
+    the holder's pid and host and is removed on release; the OS drops the lock if the holder dies.
+    """
+
+    def __init__(self, store: Path):
+        self.path = store.parent / f".{store.name}.lock"
+        self.store = store
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        try:
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ToolkitError(f"cannot create {self.store}: {e.strerror} ({self.store.parent})") from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ToolkitError(f"cannot write {self.store}: {e.strerror} ({self.store.parent}); pick a "
+                                   "writable --store") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise ToolkitError(f"{self.store} is being written by {holder}; wait for that run to finish "
+                                   "(or stop it) and use --resume") from None
+            try:  # the file may have been released and unlinked between open and flock: lock the live one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+# How often a long run commits at the latest (a kill loses at most this much work); environment overrides.
+COMMIT_SECONDS = float(os.environ.get("TOOLKIT_COMMIT_SECONDS", 60))
+COMMIT_SAMPLES = int(os.environ.get("TOOLKIT_COMMIT_SAMPLES", 0)) or None  # default: one chunk
+
+
 class StoreWriter:
     """Writes sample batches into a store from a background thread with a bounded queue.
 
     ``mode``: "create" (the path must not exist), "overwrite" (replace it) or "resume" (continue an
-    existing store from its last committed sample).
+    existing store from its last committed sample).  ``spec``: the run's options that change the stored
+    bytes (recorded at creation; a resume with any other value is refused, naming the first difference).
+    The writer holds the store's lock (``StoreLock``) from construction until ``close``/``abort``/``release``.
     """
 
-    def __init__(self, path: str | Path, mode: str = "create", codec: str = "zstd"):
+    def __init__(self, path: str | Path, mode: str = "create", codec: str = "zstd",
+                 spec: dict[str, Any] | None = None):
         self.path = Path(path)
         self.codec = codec
         compressors_for(codec, "")  # validate early
+        self.spec = jsonable(spec) if spec is not None else None
         self.created = False
         self.overwrite = mode == "overwrite"
-        if mode == "resume" and self.path.exists():
-            if not (self.path / "zarr.json").exists():
-                raise ToolkitError(f"cannot resume: {self.path} is not a store; remove it or pick another --store")
-            self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
-            if self.root.attrs.get("format") != FORMAT:
-                raise ToolkitError(f"{self.path} is not a toolkit store (no '{FORMAT}' format attribute)")
-            self.committed = int(self.root.attrs.get("n_samples", 0))
-            self._truncate(self.committed)
-        else:  # a new store (--resume of a store that was never created starts one too)
-            if self.path.exists():
-                if mode != "overwrite":
-                    raise ToolkitError(f"{self.path} already exists: pass --resume to continue it or --overwrite "
-                                       "to replace it")
-                if (self.path.is_file() or not ((self.path / "zarr.json").exists() or not any(self.path.iterdir()))):
-                    raise ToolkitError(f"refusing to overwrite {self.path}: it exists and is not a zarr store")
-            self.root = None
-            self.committed = 0
+        self.lock = StoreLock(self.path)
+        self.lock.acquire()
+        try:
+            self._open(mode)
+        except BaseException:
+            self.lock.release()
+            raise
         self.specs: dict[str, ArraySpec] = {}
         self.chunk_samples = 0
         self.bytes_written = 0  # raw bytes the writer thread has written
@@ -129,6 +194,38 @@ class StoreWriter:
         # True: full blocks are written as they fill but committed (n_samples raised) only by flush() or a
         # complete close(), so a reader or a resume sees whole units (e.g. closed-loop episodes) only.
         self.defer_commits = False
+        self.commit_seconds = COMMIT_SECONDS
+        self.commit_samples = COMMIT_SAMPLES
+
+    def _open(self, mode: str) -> None:
+        if mode == "resume" and self.path.exists():
+            if not (self.path / "zarr.json").exists():
+                raise ToolkitError(f"cannot resume: {self.path} is not a store; remove it or pick another --store")
+            self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3, use_consolidated=False)
+            if self.root.attrs.get("format") != FORMAT:
+                raise ToolkitError(f"{self.path} is not a toolkit store (no '{FORMAT}' format attribute)")
+            stored = self.root.attrs.get("run_spec")
+            if stored is not None and self.spec is not None:
+                diff = first_difference(stored, self.spec)
+                if diff:
+                    key, old, new = diff
+                    raise ToolkitError(f"cannot resume {self.path}: it was made with {key}={old!r}, this run uses "
+                                       f"{key}={new!r}; rerun with the store's options or use --overwrite")
+            self.committed = int(self.root.attrs.get("n_samples", 0))
+            self._complete = bool(self.root.attrs.get("complete"))
+            for stale in self.path.rglob("*.partial"):  # temp files of a killed zarr write
+                stale.unlink(missing_ok=True)
+            self._truncate(self.committed)
+        else:  # a new store (--resume of a store that was never created starts one too)
+            if self.path.exists():
+                if mode != "overwrite":
+                    raise ToolkitError(f"{self.path} already exists: pass --resume to continue it or --overwrite "
+                                       "to replace it")
+                if (self.path.is_file() or not ((self.path / "zarr.json").exists() or not any(self.path.iterdir()))):
+                    raise ToolkitError(f"refusing to overwrite {self.path}: it exists and is not a zarr store")
+            self.root = None
+            self.committed = 0
+            self._complete = False
 
     @property
     def started(self) -> bool:
@@ -137,30 +234,39 @@ class StoreWriter:
 
     # creation ------------------------------------------------------------------------------
     def initialize(self, attrs: dict[str, Any], specs: list[ArraySpec], static: dict[str, tuple[tuple[str, ...], Any]],
-                   coordinates: list[str], chunk_samples: int | None = None, batch_size: int = 1) -> None:
+                   coordinates: list[str], chunk_samples: int | None = None, batch_size: int = 1,
+                   group_attrs: dict[str, dict[str, Any]] | None = None) -> None:
         """Create the store's arrays (or check a resumed store has the same ones) and start writing.
 
-        ``static`` holds fixed coordinate arrays (e.g. ``vlm/layer``); ``coordinates`` names the
-        per-sample arrays that are coordinates and are repeated in every site group.
+        ``static`` holds fixed coordinate arrays (e.g. ``vlm/layer``); ``coordinates`` names the per-sample
+        arrays that are coordinates and are repeated in every site group; ``group_attrs`` are each site
+        group's attributes.
         """
         sites = sorted({s.name.split("/")[0] for s in specs if "/" in s.name})
+        # Copies of the per-sample coordinates in every site group: xarray.open_zarr(path, group=SITE) then has
+        # them, and DataTree would not give them (it inherits only indexed coordinates).  They are small.
         expanded = list(specs)
         for c in coordinates:
             base = next(s for s in specs if s.name == c)
             expanded += [ArraySpec(f"{site}/{c}", base.shape, base.dtype, base.dims, base.stored_dtype, base.attrs)
                          for site in sites]
-        self.specs = {s.name: s for s in expanded}
+        specs = expanded
+        self.specs = {s.name: s for s in specs}
         if self.root is not None:  # resume: same arrays, same shapes
             self.chunk_samples = int(self.root.attrs["chunk_samples"])
-            for s in expanded:
+            extra = sorted(set(n for n, _ in _sample_arrays(self.root)) - set(self.specs))
+            if extra:
+                raise ToolkitError(f"cannot resume {self.path}: it holds arrays this run does not write ({extra[0]}, "
+                                   "e.g. made by an older toolkit); use --overwrite")
+            for s in specs:
                 arr = self._array(s.name)
                 same_dtype = s.dtype == "str" or str(arr.dtype) == s.dtype if arr is not None else False
                 if arr is None or tuple(arr.shape[1:]) != s.shape or not same_dtype:
                     raise ToolkitError(f"cannot resume {self.path}: array {s.name!r} does not match this run's "
                                        "capture (different model, selection or dtype); use --overwrite")
         else:
-            self.chunk_samples = chunk_samples or choose_chunk_samples(expanded, batch_size)
-            self._create(attrs, expanded, static, coordinates, sites)
+            self.chunk_samples = chunk_samples or choose_chunk_samples(specs, batch_size)
+            self._create(attrs, specs, static, coordinates, sites, group_attrs or {})
         self._sites = sites
         self._free: queue.Queue = queue.Queue()
         for _ in range(2):
@@ -171,45 +277,67 @@ class StoreWriter:
         self._arrays = {n: self.root[n].with_config({"write_empty_chunks": True}) for n in self.specs}
         self._filled = 0
         self._block_start = self.committed
+        self._last_handover = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="toolkit-store-writer", daemon=True)
         self._thread.start()
 
-    def _create(self, attrs, specs, static, coordinates, sites) -> None:
+    def _create(self, attrs, specs, static, coordinates, sites, group_attrs) -> None:
         """Build the store under a temporary name and rename it into place: a run killed while
-        creating leaves no half-made store behind, and --overwrite replaces the old one only now."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        creating leaves no half-made store behind, and --overwrite replaces the old one only now.
+        Called under the store's lock, so any other ``.creating-*`` of this path is a dead run's."""
         for stale in self.path.parent.glob(f".{self.path.name}.creating-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.path.parent / f".{self.path.name}.creating-{os.getpid()}"
+        tmp = self.path.parent / f".{self.path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            self._build(tmp, attrs, specs, static, coordinates, sites, group_attrs)
+            if self.path.exists():  # --overwrite, validated in __init__: move the old one aside, then delete it
+                old = self.path.parent / f".{self.path.name}.replaced-{uuid.uuid4().hex[:8]}"
+                os.rename(self.path, old)
+                os.rename(tmp, self.path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, self.path)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ToolkitError(f"cannot create {self.path}: {e.strerror or e}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.created = True
+        self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3, use_consolidated=False)
+
+    def _build(self, tmp: Path, attrs, specs, static, coordinates, sites, group_attrs) -> None:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root_attrs = dict(attrs)
         root_attrs.update(format=FORMAT, format_version=FORMAT_VERSION, n_samples=0, complete=False,
                           chunk_samples=self.chunk_samples, codec=self.codec, sites=sites,
                           coordinates=" ".join(coordinates))
+        if self.spec is not None:
+            root_attrs["run_spec"] = self.spec
         root.attrs.update(jsonable(root_attrs))
         for site in sites:
-            root.create_group(site, attributes={"coordinates": " ".join(coordinates)})
+            root.create_group(site, attributes=jsonable(group_attrs.get(site, {})))
+        # non-dimension coordinates of a site, e.g. the denoising time `t` (dims ("denoise",))
+        site_coords = {site: [n.split("/")[1] for n in static if n.startswith(f"{site}/")
+                              and static[n][0] != (n.split("/")[1],)] for site in sites}
         for s in specs:
             inner = s.chunk_inner or s.shape
             extra = {"stored_dtype": s.stored_dtype} if s.stored_dtype else {}
             if s.name.split("/")[-1] not in coordinates:
-                extra["coordinates"] = " ".join(coordinates)
+                names = coordinates + (site_coords.get(s.name.split("/")[0], []) if "/" in s.name else [])
+                extra["coordinates"] = " ".join(names)
             root.create_array(
                 s.name, shape=(0, *s.shape), dtype=str if s.dtype == "str" else s.dtype,
                 chunks=(self.chunk_samples, *inner), dimension_names=(SAMPLE, *s.dims), fill_value=0,
-                compressors=compressors_for(self.codec, s.stored_dtype or s.dtype) if s.dtype != "str" else "auto",
+                compressors=compressors_for(self.codec if s.dtype != "str" else "zstd", s.stored_dtype or s.dtype),
                 attributes=jsonable({**s.attrs, **extra}),
             )
         for name, (dims, values) in static.items():
             values = np.asarray(values)
-            root.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape or (1,),
-                              dimension_names=dims, fill_value=0)
-            root[name][...] = values
-        if self.path.exists():  # --overwrite, validated in __init__
-            shutil.rmtree(self.path)
-        os.rename(tmp, self.path)
-        self.created = True
-        self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+            arr = root.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape or (1,),
+                                    dimension_names=dims, fill_value=0, compressors=compressors_for("none", ""))
+            arr.with_config({"write_empty_chunks": True})[...] = values
+        write_consolidated(tmp, 0, False)
 
     def _array(self, name: str):
         try:
@@ -223,10 +351,27 @@ class StoreWriter:
             if arr.shape[0] != n:
                 arr.resize((n, *arr.shape[1:]))
 
+    # committing ----------------------------------------------------------------------------
+    def commit(self, n: int, complete: bool = False) -> None:
+        """Make the first ``n`` samples visible: one atomic rewrite of the root ``zarr.json`` (``n_samples``,
+        ``complete`` and the consolidated metadata of every node, sample arrays cut to ``n``)."""
+        write_consolidated(self.path, n, complete)
+        self.committed = n
+        self._complete = complete
+
+    def mark_complete(self) -> None:
+        """A resumed store whose samples were all committed already: just mark it finished."""
+        self.commit(self.committed, complete=True)
+
+    def release(self) -> None:
+        """Give up the store's lock (after close/abort; safe to call twice)."""
+        self.lock.release()
+
     # writing -------------------------------------------------------------------------------
     # The caller's thread copies samples into a block buffer (one chunk along `sample`); a full block
     # goes to the writer thread, which writes and commits it while the caller fills the other buffer.
-    # Two buffers in all: memory stays flat however long the run.
+    # Two buffers in all: memory stays flat however long the run.  A block also goes early when
+    # `commit_seconds` have passed or `commit_samples` are waiting, so a kill never loses more than that.
 
     def append(self, arrays: dict[str, np.ndarray]) -> None:
         """Add one batch: every array of the store, each with the batch as leading axis."""
@@ -253,6 +398,9 @@ class StoreWriter:
             i += take
             if self._block_start + self._filled == self._block_end():
                 self._hand_over()
+        if self._filled and (time.monotonic() - self._last_handover >= self.commit_seconds
+                             or (self.commit_samples and self._filled >= self.commit_samples)):
+            self._hand_over()
 
     def _hand_over(self) -> None:
         if self._filled:
@@ -260,6 +408,7 @@ class StoreWriter:
             self._wait(lambda timeout: self._queue.put(block, timeout=timeout))
             self._block_start += self._filled
             self._filled, self._current = 0, None
+            self._last_handover = time.monotonic()
 
     def _wait(self, call):
         """Block on a queue operation, but surface a writer-thread failure instead of hanging."""
@@ -282,38 +431,49 @@ class StoreWriter:
             end = self._block_start
             self._wait(lambda timeout: self._queue.put(("commit", end), timeout=timeout))
 
-    def close(self, complete: bool = True) -> None:
-        """Write what is buffered, commit it and (if ``complete``) mark the store finished.
+    def close(self, complete: bool = True, release: bool = True) -> None:
+        """Write what is buffered, commit it and (if ``complete``) mark the store finished; release the lock
+        (unless ``release`` is False: the caller still has work to do under it, then calls ``release``).
 
         With ``defer_commits`` an incomplete close commits nothing more, and drops the uncommitted tail."""
-        if self._thread is None:
-            return
         try:
-            if complete:
-                self.flush()
-            else:
-                self._hand_over()
-        finally:
-            self._queue.put(("close", complete))
-            self._thread.join()
-            self._thread = None
-        if self.defer_commits and not complete and self._error is None:
-            self._truncate(self.committed)
-        self._check()
-
-    def abort(self) -> None:
-        """Commit what was already added, without marking the store complete (extraction failed)."""
-        if self._thread is not None:
+            if self._thread is None:
+                return
             try:
-                self.close(complete=False)
-            except ToolkitError:
-                pass
+                if complete:
+                    self.flush()
+                else:
+                    self._hand_over()
+            finally:
+                self._queue.put(("close", complete))
+                self._thread.join()
+                self._thread = None
+            if self.defer_commits and not complete and self._error is None:
+                self._truncate(self.committed)
+            self._check()
+        finally:
+            if release:
+                self.release()
+
+    def abort(self, release: bool = True) -> None:
+        """Commit what was already added, without marking the store complete (extraction failed)."""
+        try:
+            if self._thread is not None:
+                self.close(complete=False, release=release)
+        except ToolkitError:
+            pass
+        finally:
+            if release:
+                self.release()
 
     def _check(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
             if isinstance(err, ToolkitError):
                 raise err
+            if isinstance(err, OSError):
+                raise ToolkitError(f"writing {self.path} failed: {err.strerror or err} ({self.committed} samples "
+                                   "committed; free the space and continue with --resume)") from err
             raise ToolkitError(f"writing {self.path} failed: {type(err).__name__}: {err}") from err
 
     def _run(self) -> None:
@@ -322,12 +482,11 @@ class StoreWriter:
                 item = self._queue.get()
                 if item[0] == "close":
                     if item[1] and self._error is None:
-                        self.root.attrs["complete"] = True
+                        self.commit(self.committed, complete=True)
                     return
                 if item[0] == "commit":
                     if self._error is None:
-                        self.root.attrs["n_samples"] = item[1]
-                        self.committed = item[1]
+                        self.commit(item[1])
                     continue
                 if self._error is None:  # after a failure, drain without writing
                     self._write_block(*item[1:])
@@ -344,14 +503,82 @@ class StoreWriter:
         try:
             for n, buf in buffers.items():
                 arr = self._arrays[n]
-                arr.resize((b, *arr.shape[1:]))
+                if arr.shape[0] < b:
+                    arr.resize((b, *arr.shape[1:]))
                 arr[a:b] = buf[:filled]
                 self.bytes_written += buf[:filled].nbytes
             if commit:
-                self.root.attrs["n_samples"] = b  # the commit point: written after every array holds the block
-                self.committed = b
+                self.commit(b)  # the commit point: written after every array holds the block
         finally:
             self._free.put(buffers)
+
+
+def first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """The first place where two JSON values differ: (dotted key, old, new), or None when equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(new) + [k for k in old if k not in new]:
+            d = first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))
+            if d:
+                return d
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            d = first_difference(a, b, f"{key}[{i}]")
+            if d:
+                return d
+        return None
+    return None if old == new else (key, old, new)
+
+
+def _node_metadata(path: Path, prefix: str = "") -> dict[str, Any]:
+    """Every node's ``zarr.json`` under a group directory, keyed by its path (chunk folders are not walked)."""
+    out: dict[str, Any] = {}
+    for child in sorted(path.iterdir()):
+        meta_file = child / "zarr.json"
+        if not child.is_dir() or not meta_file.is_file():
+            continue
+        key = f"{prefix}{child.name}"
+        meta = json.loads(meta_file.read_text())
+        if meta.get("node_type") == "group":
+            meta["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": {}}
+            out[key] = meta
+            out.update(_node_metadata(child, key + "/"))
+        else:
+            out[key] = meta
+    return out
+
+
+def write_consolidated(path: Path, n: int, complete: bool) -> None:
+    """The commit point: rewrite the root ``zarr.json`` atomically with ``n_samples``/``complete`` and the
+    consolidated metadata of every node, sample-axis arrays cut to ``n`` samples.  Readers that use it
+    (``Store``, ``xarray.open_zarr``/``open_datatree`` by default) see exactly the committed prefix, even while
+    the writer has grown the arrays for the next block.  Each site group gets its own consolidated snapshot
+    first, for ``xarray.open_zarr(path, group=SITE)``."""
+    nodes = _node_metadata(path)
+    for meta in nodes.values():
+        if meta.get("node_type") == "array" and (meta.get("dimension_names") or [None])[0] == SAMPLE:
+            meta["shape"] = [min(n, meta["shape"][0]), *meta["shape"][1:]]
+    root_file = path / "zarr.json"
+    root = json.loads(root_file.read_text())
+    for key, meta in nodes.items():
+        if meta.get("node_type") == "group" and "/" not in key:
+            inner = {k[len(key) + 1:]: v for k, v in nodes.items() if k.startswith(key + "/")}
+            group = {**{k: v for k, v in meta.items() if k != "consolidated_metadata"},
+                     "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": inner}}
+            _atomic_json(path / key / "zarr.json", group)
+    root["attributes"].update(n_samples=n, complete=complete)
+    root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": nodes}
+    _atomic_json(root_file, root)
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _np_dtype(dtype: str):
@@ -372,21 +599,209 @@ def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
+# --------------------------------------------------------------------------- checked chunk reads
+
+
+class CorruptStoreError(ToolkitError):
+    """A chunk inside the committed range is missing, truncated or fails its checksum (one line, CLI exit 2)."""
+
+
+def _local_root(arr) -> Path | None:
+    store = arr.store_path.store
+    root = getattr(store, "root", None)
+    return Path(root) if root is not None else None
+
+
+def chunk_key(arr, coords: tuple[int, ...]) -> str:
+    """``vlm/resid_post/c/3/0/0/0``: the chunk's key inside the store."""
+    return f"{arr.store_path.path}/{arr.metadata.encode_chunk_key(tuple(coords))}"
+
+
+def corrupt_error(arr, coords: tuple[int, ...], reason: str) -> CorruptStoreError:
+    root = _local_root(arr) or arr.store_path.store
+    a = coords[0] * arr.chunks[0]
+    b = min(a + arr.chunks[0], arr.shape[0]) - 1
+    return CorruptStoreError(f"{root}: chunk {chunk_key(arr, coords)} (samples {a}-{b}) is {reason}; run "
+                             f"`toolkit verify {root}` to list every bad chunk, then re-extract the store "
+                             "(--overwrite)")
+
+
+def _fast_decoders(arr) -> list | None:
+    """numcodecs-style decoders for the layouts this package writes (little-endian bytes, then zstd/blosc, then
+    crc32c), innermost last; None for anything else (read through zarr)."""
+    meta = arr.metadata
+    if getattr(meta, "zarr_format", 3) != 3 or meta.chunk_grid.__class__.__name__ != "RegularChunkGrid":
+        return None
+    codecs = list(meta.codecs)
+    if not codecs or codecs[0].__class__.__name__ != "BytesCodec" or getattr(meta.dtype, "to_native_dtype", None) is None:
+        return None
+    if np.dtype(meta.dtype.to_native_dtype()).kind not in "biuf":
+        return None
+    endian = getattr(codecs[0], "endian", None)
+    if endian is not None and getattr(endian, "value", endian) != "little":
+        return None
+    out = []
+    for c in codecs[1:]:
+        name = c.__class__.__name__
+        if name == "Crc32cCodec":
+            out.append("crc32c")
+        elif name == "ZstdCodec":
+            import numcodecs
+
+            out.append(numcodecs.Zstd())
+        elif name == "BloscCodec":
+            import numcodecs
+
+            out.append(numcodecs.Blosc())
+        else:
+            return None
+    return out[::-1]
+
+
+def _chunk_region(arr, coords: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(c * n, min((c + 1) * n, s)) for c, n, s in zip(coords, arr.chunks, arr.shape))
+
+
+def read_chunk(array, chunk: int | tuple[int, ...]) -> np.ndarray:
+    """One chunk of an array, checked: its values as stored, cut to the array's (committed) shape.
+
+    ``chunk`` is the chunk's grid position (missing trailing positions are 0, so ``(c, layer_pos)`` reads
+    sample-chunk ``c`` of one layer of a ``(sample, layer, ...)`` array).  A missing chunk, a short one, a
+    checksum mismatch or a decoding failure raises ``CorruptStoreError`` naming the array and the chunk key.
+    Local stores written by this package are read as files and decoded directly (no zarr per-chunk overhead).
+    """
+    arr = array.zarr if isinstance(array, CheckedArray) else array
+    coords = (chunk,) if isinstance(chunk, (int, np.integer)) else tuple(chunk)
+    coords = tuple(int(c) for c in coords) + (0,) * (len(arr.chunks) - len(coords))
+    region = _chunk_region(arr, coords)
+    if any(r.start >= r.stop for r in region):
+        raise ToolkitError(f"chunk {coords} lies outside {arr.store_path.path} (shape {arr.shape})")
+    root = _local_root(arr)
+    decoders = _fast_decoders(arr) if root is not None else None
+    if decoders is None:
+        if root is not None and not (root / chunk_key(arr, coords)).is_file():
+            raise corrupt_error(arr, coords, "missing")
+        try:
+            return np.asarray(arr[region])
+        except (IndexError, TypeError, KeyError):
+            raise
+        except Exception as e:
+            raise corrupt_error(arr, coords, f"unreadable ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        with open(root / chunk_key(arr, coords), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise corrupt_error(arr, coords, "missing") from None
+    dtype = np.dtype(arr.metadata.dtype.to_native_dtype())
+    for d in decoders:
+        if d == "crc32c":
+            import google_crc32c
+
+            if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+                raise corrupt_error(arr, coords, f"damaged (crc32c checksum mismatch, {len(data)} bytes)")
+            data = data[:-4]
+        else:
+            try:
+                data = d.decode(data)
+            except Exception as e:
+                raise corrupt_error(arr, coords, f"undecodable ({_first_line(e)})") from None
+    full = tuple(arr.chunks)
+    if len(data) != int(np.prod(full)) * dtype.itemsize:
+        raise corrupt_error(arr, coords, f"the wrong size ({len(data)} bytes decoded)")
+    out = np.frombuffer(data, dtype=dtype).reshape(full)
+    local = tuple(slice(0, r.stop - r.start) for r in region)
+    return out[local]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:200]
+
+
+def _touched(sel: Any, size: int, chunk: int) -> list[int]:
+    """Chunk indices along one axis that a basic or integer-array selection touches."""
+    n_chunks = -(-size // chunk)
+    if isinstance(sel, slice):
+        start, stop, step = sel.indices(size)
+        if (stop - start) * step <= 0:
+            return []
+        last = start + ((stop - start - (1 if step > 0 else -1)) // step) * step
+        lo, hi = sorted((start, last))
+        return list(range(lo // chunk, hi // chunk + 1))
+    if isinstance(sel, (int, np.integer)):
+        return [(int(sel) % size) // chunk] if size else []
+    a = np.asarray(sel)
+    if a.dtype == bool:
+        a = np.nonzero(a)[0]
+    if a.dtype.kind in "iu":
+        return sorted({int(v) // chunk for v in (a.ravel() % size if size else a.ravel())})
+    return list(range(n_chunks))
+
+
+class CheckedArray:
+    """A zarr array whose reads are checked chunk by chunk (see ``read_chunk``); everything else is zarr's.
+
+    Slicing checks that every touched chunk exists (zarr would hand back fill values for a missing one), then
+    reads through zarr; a checksum or decoding failure is traced to its chunk and raised as
+    ``CorruptStoreError``.
+    """
+
+    def __init__(self, arr):
+        self.zarr = arr
+
+    def __getattr__(self, name: str):
+        return getattr(self.zarr, name)
+
+    def __len__(self) -> int:
+        return self.zarr.shape[0]
+
+    def chunks_touched(self, sel: Any) -> list[tuple[int, ...]]:
+        sel = sel if isinstance(sel, tuple) else (sel,)
+        if any(s is Ellipsis for s in sel):
+            i = next(i for i, s in enumerate(sel) if s is Ellipsis)
+            sel = sel[:i] + (slice(None),) * (self.zarr.ndim - len(sel) + 1) + sel[i + 1:]
+        sel = sel + (slice(None),) * (self.zarr.ndim - len(sel))
+        per_axis = [_touched(s, n, c) for s, n, c in zip(sel, self.zarr.shape, self.zarr.chunks)]
+        return list(itertools.product(*per_axis))
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        touched = self.chunks_touched(sel)
+        root = _local_root(self.zarr)
+        if root is not None:
+            for coords in touched:
+                if not (root / chunk_key(self.zarr, coords)).is_file():
+                    raise corrupt_error(self.zarr, coords, "missing")
+        try:
+            return self.zarr[sel]
+        except (IndexError, TypeError, KeyError):
+            raise
+        except Exception as e:
+            for coords in touched:  # find the chunk to blame
+                read_chunk(self.zarr, coords)
+            raise CorruptStoreError(f"reading {self.zarr.store_path.path} of {root} failed ({type(e).__name__}: "
+                                    f"{_first_line(e)}); run `toolkit verify {root}`") from None
+
+
 # --------------------------------------------------------------------------- reading
 
 
 class Store:
     """Read access to a store: coordinates, sites, and decoded activation slices."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, warn_incomplete: bool = True):
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
             raise ToolkitError(f"{self.path} is not a store (no zarr.json); create one with `toolkit extract`")
+        # The root's consolidated metadata is the committed snapshot (see StoreWriter.commit): shapes and
+        # n_samples read together, so a store being written reads as its committed prefix.
         self.root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
         self.attrs = dict(self.root.attrs)
         if self.attrs.get("format") != FORMAT:
             raise ToolkitError(f"{self.path} is a Zarr store but not a toolkit store (no '{FORMAT}' attribute)")
         self.n_samples = int(self.attrs.get("n_samples", 0))
+        if warn_incomplete and not self.complete:
+            warnings.warn(f"{self.path} is incomplete: {self.n_samples} samples are committed (a run is writing it "
+                          "or was interrupted; its extract command with --resume completes it); using those only",
+                          stacklevel=2)
 
     @property
     def complete(self) -> bool:
@@ -406,12 +821,12 @@ class Store:
         if site not in self.sites:
             raise ToolkitError(f"store has no site {site!r}; sites: {', '.join(self.sites)}")
 
-    def array(self, site: str, stream: str):
-        """The raw zarr array of a site's stream (values as stored)."""
+    def array(self, site: str, stream: str) -> CheckedArray:
+        """A site's stream as stored (a zarr array whose reads are checked, see ``CheckedArray``)."""
         self._check_site(site)
         if stream not in self.streams(site):
             raise ToolkitError(f"site {site!r} has no stream {stream!r}; streams: {', '.join(self.streams(site))}")
-        return self.root[f"{site}/{stream}"]
+        return CheckedArray(self.root[f"{site}/{stream}"])
 
     def dims(self, site: str, stream: str) -> tuple[str, ...]:
         return tuple(self.array(site, stream).metadata.dimension_names)
@@ -426,7 +841,7 @@ class Store:
     def coord(self, name: str) -> np.ndarray:
         """A per-sample array (coordinate or field) from the root, cut to the committed samples."""
         try:
-            arr = self.root[name]
+            arr = CheckedArray(self.root[name])
         except KeyError:
             raise ToolkitError(f"store has no per-sample field {name!r}; fields: {', '.join(self.fields())}") from None
         return decode(arr[: self.n_samples], arr.attrs.get("stored_dtype"))
@@ -453,8 +868,8 @@ class Store:
             "n_samples": self.n_samples,
             "complete": self.complete,
             "toolkit_version": self.attrs.get("toolkit_version"),
-            "model": self.attrs.get("model"),
-            "dataset": self.attrs.get("dataset"),
+            "model": _named(self.attrs.get("model")),
+            "dataset": _named(self.attrs.get("dataset")),
             "codec": self.attrs.get("codec"),
             "chunk_samples": self.attrs.get("chunk_samples"),
         }
@@ -489,6 +904,11 @@ class Store:
         return out
 
 
+def _named(value: Any) -> dict[str, Any] | None:
+    """Provenance attributes are dicts; a plain string (hand-made or benchmark stores) is just the name."""
+    return value if isinstance(value, dict) or value is None else {"name": str(value)}
+
+
 def _stored_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -497,6 +917,6 @@ def _ranges(values: list[int]) -> str:
     return ",".join(str(v) for v in values)
 
 
-def open_store(path: str | Path) -> Store:
-    """Open a store for reading."""
-    return Store(path)
+def open_store(path: str | Path, warn_incomplete: bool = True) -> Store:
+    """Open a store for reading (a warning names the committed count of an incomplete one)."""
+    return Store(path, warn_incomplete)
