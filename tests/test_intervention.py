@@ -1,0 +1,271 @@
+"""Interventions: the hooks that change a named stream (tiny VLA and tiny pi0), the paired runs and their statistics."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from synthetic import SyntheticDataset, registered, toolkit_tinyvla
+from toolkit.capture import Capture, build_plan
+from toolkit.errors import ToolkitError
+from toolkit.extract import sample_generator
+from toolkit.intervene import bootstrap_mean, intervene, mcnemar_exact, sign_flip_test
+from toolkit.intervention import Intervention, Steering, mean_difference, probe_direction, store_mean
+from toolkit.store import open_store
+
+HOOK = "text.layers.1.resid_post"
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return toolkit_tinyvla.TinyVLAAdapter()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    eps = list(SyntheticDataset().episodes())
+    return [(eps[0], s) for s in list(eps[0].steps())[:2]] + [(eps[3], next(eps[3].steps()))]
+
+
+def _run(adapter, batch, interventions, streams="resid_post", layers="1"):
+    """Actions and the llm site's unpooled activations under the interventions."""
+    inputs = adapter.prepare(batch)
+    plan = build_plan(adapter.name, adapter.experts, adapter.sites, sites=["llm"], layers=layers, streams=streams,
+                      pool="none", dtype="float32")
+    with Steering(adapter, interventions) as steer, Capture(adapter, plan) as cap:
+        cap.begin(inputs)
+        steer.begin(inputs)
+        out = adapter.run(inputs, [sample_generator(0, i) for i in range(len(batch))])
+        got = cap.collect()
+    return out.actions, got, inputs
+
+
+def _hook_count(module):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def _direction(adapter, seed=0):
+    return np.random.default_rng(seed).normal(size=adapter.experts["llm"].hidden_size)
+
+
+# --------------------------------------------------------------------------- the hooks
+
+
+def test_alpha_zero_registers_nothing_and_is_bit_identical(adapter, batch):
+    bare_actions, bare, _ = _run(adapter, batch, [])
+    iv = [Intervention(HOOK, "add", 0.0, _direction(adapter)), Intervention(HOOK, "ablate", 0.0, _direction(adapter))]
+    with Steering(adapter, iv):
+        assert _hook_count(adapter.module) == 0
+    actions, got, _ = _run(adapter, batch, iv)
+    assert np.array_equal(actions, bare_actions)
+    assert np.array_equal(got["llm/resid_post"], bare["llm/resid_post"])
+
+
+def test_add_moves_only_the_sites_tokens_by_alpha_times_d(adapter, batch):
+    d = _direction(adapter)
+    _, bare, inputs = _run(adapter, batch, [])
+    actions, got, _ = _run(adapter, batch, [Intervention(HOOK, "add", 2.5, d)])
+    diff = got["llm/resid_post"][:, 0] - bare["llm/resid_post"][:, 0]  # (B, T, F) at layer 1
+    text = inputs.spans["llm"]["text"]
+    other = [i for i in range(diff.shape[1]) if i not in text]
+    np.testing.assert_allclose(diff[:, text], np.broadcast_to(2.5 * d, diff[:, text].shape), atol=1e-4)
+    assert np.abs(diff[:, other]).max() == 0  # the text site changes the text tokens only
+    assert not np.array_equal(actions, _run(adapter, batch, [])[0])  # and the change reaches the actions
+
+
+def test_ablate_zero_mean_and_clamp_do_what_they_say(adapter, batch):
+    d = np.stack([_direction(adapter, 1), _direction(adapter, 2)], 1)
+    _, got, inputs = _run(adapter, batch, [Intervention(HOOK, "ablate", 1.0, d)])
+    text = inputs.spans["llm"]["text"]
+    x = got["llm/resid_post"][:, 0][:, text]
+    assert np.abs(x @ d).max() < 1e-3 * np.abs(x).max() * np.linalg.norm(d)
+    _, got, _ = _run(adapter, batch, [Intervention("llm.layers.1.resid_post", "zero", 1.0)])
+    assert np.abs(got["llm/resid_post"][:, 0]).max() == 0
+    mu = _direction(adapter, 3)
+    _, got, _ = _run(adapter, batch, [Intervention("llm.layers.1.resid_post", "mean", 1.0, mu)])
+    np.testing.assert_allclose(got["llm/resid_post"][:, 0], np.broadcast_to(mu, got["llm/resid_post"][:, 0].shape),
+                               atol=1e-5)
+    _, bare, _ = _run(adapter, batch, [])
+    _, got, _ = _run(adapter, batch, [Intervention("llm.layers.1.resid_post", "clamp", 1.0, units=(3, 7), value=5.0)])
+    after = got["llm/resid_post"][:, 0]
+    assert np.all(after[..., [3, 7]] == 5.0)
+    keep = [i for i in range(after.shape[-1]) if i not in (3, 7)]
+    np.testing.assert_array_equal(after[..., keep], bare["llm/resid_post"][:, 0][..., keep])
+
+
+def test_input_streams_change_the_layers_input(adapter, batch):
+    d = _direction(adapter)
+    _, bare, _ = _run(adapter, batch, [], streams="resid_pre,resid_post", layers="1")
+    _, got, _ = _run(adapter, batch, [Intervention("llm.layers.1.resid_pre", "add", 1.0, d)],
+                     streams="resid_pre,resid_post", layers="1")
+    np.testing.assert_allclose(got["llm/resid_pre"][:, 0] - bare["llm/resid_pre"][:, 0],
+                               np.broadcast_to(d, bare["llm/resid_pre"][:, 0].shape), atol=1e-4)
+    assert not np.allclose(got["llm/resid_post"], bare["llm/resid_post"])
+
+
+def test_hooks_are_gone_after_an_exception(adapter, batch):
+    wrong = np.ones(adapter.experts["llm"].hidden_size + 1)
+    inputs = adapter.prepare(batch)
+    with pytest.raises(ToolkitError, match="features"):
+        with Steering(adapter, [Intervention(HOOK, "add", 1.0, wrong)]) as steer:
+            assert _hook_count(adapter.module) == 1
+            steer.begin(inputs)
+            adapter.run(inputs, [sample_generator(0, i) for i in range(len(batch))])
+    assert _hook_count(adapter.module) == 0
+
+
+@pytest.mark.parametrize("hook, iv, message", [
+    ("llm.layers.9.resid_post", {"op": "zero"}, "layers 0-"),
+    ("nosite.layers.0.resid_post", {"op": "zero"}, "no site"),
+    ("llm.layers.*.resid_post", {"op": "zero"}, "pattern"),
+    ("llm.layers.0.resid_post", {"op": "add"}, "needs a direction"),
+    ("llm.layers.0.resid_post", {"op": "clamp"}, "--units"),
+    ("llm.layers.0.resid_post", {"op": "steer"}, "unknown intervention"),
+    ("llm.layers.0.pre_attn_norm_scale", {"op": "zero"}, "derived"),
+])
+def test_bad_interventions_fail_with_one_line(adapter, hook, iv, message):
+    with pytest.raises(ToolkitError, match=message):
+        Steering(adapter, [Intervention(hook, **iv)])
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_sign_flip_test_is_calibrated_under_the_null_and_has_power():
+    rng = np.random.default_rng(0)
+    p = np.array([sign_flip_test(rng.standard_t(3, 15), n_perm=400, seed=i) for i in range(400)])
+    assert 0.02 <= (p < 0.05).mean() <= 0.08
+    joint = np.array([sign_flip_test(rng.normal(size=(10, 3)), seed=i)[0] for i in range(300)])  # exact: 2^10
+    assert 0.02 <= (joint < 0.05).mean() <= 0.08
+    assert sign_flip_test(rng.normal(1.0, 1.0, 15)) < 0.01
+
+
+def test_bootstrap_interval_covers_the_mean_and_mcnemar_is_exact():
+    rng = np.random.default_rng(1)
+    cover = []
+    for i in range(300):
+        lo, hi = bootstrap_mean(rng.exponential(1.0, (25, 1)), n_boot=500, seed=i)
+        cover.append(lo[0] <= 1.0 <= hi[0])
+    assert 0.88 <= np.mean(cover) <= 0.99
+    assert np.isnan(bootstrap_mean(np.ones((1, 1)))[0][0])  # one episode: no interval
+    # 6 episodes gained, 0 lost: two-sided binomial 2 * 0.5^6
+    assert mcnemar_exact(np.ones(8), np.r_[np.zeros(6), np.ones(2)]) == pytest.approx(2 * 0.5 ** 6)
+    assert mcnemar_exact(np.ones(4), np.ones(4)) == 1.0
+
+
+# --------------------------------------------------------------------------- probe -> intervene -> measure (tiny pi0)
+
+OPTS = dict(model_options={"num_steps": 2}, dataset_options=dict(n_tasks=2, n_episodes=4, n_steps=2))
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory, pi0_single_thread):
+    """An unmodified tiny-pi0 store and a real `toolkit probe` run on it (task, text_only layer 2)."""
+    from toolkit.extract import extract
+    from toolkit.probe import Selection, probe
+
+    root = tmp_path_factory.mktemp("probe")
+    with registered(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = extract(model="pi0", dataset="synthetic", store=root / "base.zarr", sites=["text_only"], layers="2",
+                        dtype="float32", **OPTS)
+    probe(store, Selection(site="text_only", layers="2"), targets=["task"]).save(root / "probe")
+    return root, store
+
+
+def test_probe_weights_are_read_from_a_real_probe_run(probed):
+    root, _ = probed
+    p = probe_direction(root / "probe")
+    assert p.hook == "text_only.layers.2.resid_post"
+    assert p.W.shape == (128, 2) and p.classes == ["task 0", "task 1"]
+    assert np.array_equal(p.direction("task 1"), p.W[:, 1]) and p.direction(None).shape == (128, 2)
+    with pytest.raises(ToolkitError, match="no saved weights"):
+        probe_direction(root / "probe", 7)
+
+
+def test_adding_alpha_w_shifts_the_probe_score_by_alpha_w_squared(probed, tmp_path):
+    root, _ = probed
+    with registered():
+        run = intervene("pi0", "synthetic", tmp_path, direction=root / "probe", probe_class="task 1",
+                        alphas=[0, 0.5, 2], figures=False, **OPTS)
+    rows = {(r["metric"], r["alpha"]): r for r in run.rows if r["metric"] in ("probe_score_shift", "action_l2")}
+    w = probe_direction(root / "probe").W[:, 1]
+    for alpha in (0.5, 2):
+        r = rows[("probe_score_shift", alpha)]
+        assert r["predicted"] == pytest.approx(alpha * w @ w)
+        assert r["value"] == pytest.approx(alpha * w @ w, rel=1e-4)
+        assert rows[("action_l2", alpha)]["value"] > 0
+    assert rows[("probe_score_shift", 0.0)]["value"] == 0 and rows[("action_l2", 0.0)]["value"] == 0
+    # alpha = 0: the intervened store is bit-identical to the unmodified one (actions and activations)
+    base, zero = open_store(run.baseline), open_store(run.conditions[0].store)
+    assert np.array_equal(base.coord("policy_action"), zero.coord("policy_action"))
+    assert np.array_equal(base.read("text_only", "resid_post"), zero.read("text_only", "resid_post"))
+    assert zero.attrs["intervention"][0]["alpha"] == 0 and "intervention" not in base.attrs
+    assert open_store(run.conditions[1].store).attrs["intervention"][0]["op"] == "add"
+    assert (tmp_path / "effects.csv").is_file() and (tmp_path / "report.md").is_file()
+
+
+def test_ablating_the_probes_directions_sends_it_to_chance(probed, tmp_path):
+    root, _ = probed
+    with registered():
+        run = intervene("pi0", "synthetic", tmp_path, direction=root / "probe", op="ablate", alphas=[1],
+                        figures=True, **OPTS)
+    acc = next(r for r in run.rows if r["metric"] == "probe_accuracy")
+    assert acc["baseline"] == 1.0  # the probe decodes the task on the unmodified activations
+    assert acc["value"] == pytest.approx(acc["chance"])  # and is at chance once its directions are gone
+    assert {p.name for p in run.figures} == {"dose_response.png", "probe_check.png"}
+
+
+def test_mean_difference_and_store_mean_match_numpy(probed):
+    _, store = probed
+    s = open_store(store)
+    x = s.read("text_only", "resid_post")[:, 0].astype(np.float64).mean(1)  # (n, F): layer 2, pooled token
+    task = s.coord("task_id")
+    d = mean_difference(s, "text_only.layers.2.resid_post", "task=1", "task=0")
+    np.testing.assert_allclose(d, x[task == 1].mean(0) - x[task == 0].mean(0), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(store_mean(s, "text_only.layers.2.resid_post"), x.mean(0), rtol=1e-6, atol=1e-8)
+    with pytest.raises(ToolkitError, match="no sample"):
+        mean_difference(s, "text_only.layers.2.resid_post", "task=9", "task=0")
+
+
+def test_the_cli_runs_a_between_groups_sweep_and_reports_bad_input(probed, tmp_path):
+    from toolkit.cli import cli
+
+    with registered():
+        res = CliRunner().invoke(cli, ["intervene", "--model", "pi0", "--dataset", "synthetic", "--out", str(tmp_path),
+                                       "--hook", "text_only.layers.1,2.resid_post", "--between", "task=1", "task=0",
+                                       "--alpha", "0,1", "--model-option", "num_steps=2", "--dataset-option",
+                                       "n_tasks=2", "--dataset-option", "n_episodes=2", "--dataset-option",
+                                       "n_steps=1", "--no-progress", "--no-figures"])
+        assert res.exit_code == 0, res.output
+        import pandas as pd
+
+        table = pd.read_csv(tmp_path / "effects.csv")
+        assert set(table.hook) == {"text_only.layers.1.resid_post", "text_only.layers.2.resid_post"}
+        assert set(table.alpha) == {0.0, 1.0}
+        bad = CliRunner().invoke(cli, ["intervene", "--model", "pi0", "--dataset", "synthetic", "--out",
+                                       str(tmp_path / "x"), "--hook", "text_only.layers.2.resid_post", "--op", "add"])
+    assert bad.exit_code == 2 and "needs a direction" in bad.output and "Traceback" not in bad.output
+
+
+# --------------------------------------------------------------------------- closed loop (the simulator)
+
+HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
+
+
+@pytest.mark.skipif(not HAVE_SIM, reason="the LIBERO simulator is not installed (pip install 'toolkit[sim]')")
+def test_closed_loop_intervention_tests_pass_in_their_own_process():
+    """MuJoCo and TensorFlow cannot share a process (see tests/test_sim_process.py)."""
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(Path(__file__).with_name("test_intervention_sim.py"))],
+                         env={**os.environ, "TOOLKIT_SIM_TESTS": "1"}, capture_output=True, text=True)
+    summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert "passed" in summary and "skipped" not in summary and "failed" not in summary, summary
