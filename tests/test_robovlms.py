@@ -9,6 +9,7 @@ import torch
 
 import toolkit
 from toolkit.adapters import Episode, Step
+from toolkit.checkpoint import CheckpointError
 from toolkit.errors import ToolkitError
 from toolkit.testing import (
     check_hooks_removed,
@@ -93,7 +94,7 @@ def test_context_is_final_norm_state_at_the_action_token(adapter, batch):
     t = inputs.tensors
     with torch.no_grad():
         emb = text.embed_tokens(t["input_ids"]).clone()
-        emb[:, 1:9] = adapter.model.encode_images(t["pixel_values"])
+        emb[:, 1:9] = adapter.model.encode_images(t["pixel_values"][:, 0])
         emb[:, lay["action"]] = adapter.model.action_token
         hs = adapter.model.backbone.text_model(inputs_embeds=emb, attention_mask=t["attention_mask"],
                                                position_ids=t["position_ids"], output_hidden_states=True).hidden_states
@@ -118,19 +119,42 @@ def test_padding_does_not_change_values(adapter, batch):
     assert mask[0].sum() < mask[1].sum()  # the shorter instruction has padding, masked out
 
 
-def test_window_prepends_preceding_frames():
-    eps = make_episodes(1, 3)
+def robovlms_lstm_inference(head, frames):
+    """RoboVLMs' LSTMDecoder at evaluation, one frame per call: the LSTM state runs on while the history holds at
+    most window_size frames, then the LSTM reruns from zero over the last window_size frames."""
+    memory, state, outs = [], None, []
+    for f in frames:  # (1, 1, hidden) each
+        memory.append(f)
+        if len(memory) <= head.window_size:
+            x, state = head.rnn(f, state)
+        else:
+            memory.pop(0)
+            x, _ = head.rnn(torch.cat(memory, 1))
+        outs.append(head.actions(x[:, -1]))
+    return torch.stack(outs)
 
-    w1, w2 = quiet(), quiet(window=2)
+
+def test_window_feeds_each_frame_and_runs_the_lstm_as_robovlms_does():
+    eps = make_episodes(1, 5)
+    w1, w3 = quiet(), quiet(window=3)
     batch = [(eps[0], s) for s in eps[0].steps()]
-    _, one = run_captured(w1, w1.prepare(batch), full_plan(w1))
-    _, two = run_captured(w2, w2.prepare(batch), full_plan(w2))
-    c1, c2 = one["context/context"], two["context/context"]
-    assert c2.shape == (3, 1, 2, 64)
-    np.testing.assert_allclose(c2[:, 0, 1], c1[:, 0, 0], atol=1e-5)  # the current frame
-    np.testing.assert_allclose(c2[1:, 0, 0], c1[:-1, 0, 0], atol=1e-5)  # the previous step's frame
-    np.testing.assert_allclose(c2[0, 0, 0], c1[0, 0, 0], atol=1e-5)  # the first frame repeated
-    assert w2.prepare(batch).spans["context"] == {"current": [1]}
+    out1, one = run_captured(w1, w1.prepare(batch), full_plan(w1))
+    inputs = w3.prepare(batch)
+    out, three = run_captured(w3, inputs, full_plan(w3))
+    c1, c3 = one["context/context"][:, 0], three["context/context"][:, 0]
+    assert c3.shape == (5, 3, 64)
+    np.testing.assert_allclose(c3[:, 2], c1[:, 0], atol=1e-5)  # the current frame
+    np.testing.assert_allclose(c3[1:, 1], c1[:-1, 0], atol=1e-5)  # the previous step's frame
+    np.testing.assert_allclose(c3[2:, 0], c1[:-2, 0], atol=1e-5)  # two steps back
+    assert not c3[0, :2].any() and not c3[1, 0].any()  # before the episode's start: zeros, masked out
+    assert inputs.token_mask["context"].tolist() == [[False, False, True], [False, True, True]] + [[True] * 3] * 3
+    assert inputs.spans["context"] == {"current": [2]}
+    with torch.no_grad():
+        want = robovlms_lstm_inference(w3.model.act_head, [torch.from_numpy(c)[None, None] for c in c1[:, 0]])
+    arm = want.reshape(5, 2, 6).numpy()  # (step, chunk, arm dims)
+    np.testing.assert_allclose(out.actions[..., :6], arm, atol=1e-5)
+    np.testing.assert_allclose(out.actions[0], out1.actions[0], atol=1e-6)  # one real frame: as with no window
+    assert not np.allclose(out.actions[1:, :, :6], out1.actions[1:, :, :6], atol=1e-4)
 
 
 def test_extract_writes_context_site(tmp_path):
@@ -174,11 +198,17 @@ def test_checkpoint_errors_are_one_line(adapter, tmp_path, monkeypatch):
     ckpt = tmp_path / "policy.pt"
     _save_checkpoint(adapter, ckpt, drop=("act_head.rnn.weight_hh_l1",))
     tok = tmp_path / "tok"
-    with pytest.raises(ToolkitError, match="no Kosmos-2 tokenizer.*tokenizer=DIR") as err:
+    with pytest.raises(ToolkitError, match="no Kosmos-2 tokenizer.*hf download microsoft/kosmos-2-patch14-224 "
+                                           "sentencepiece.bpe.model.*--model-option tokenizer=") as err:
         RoboVLMsAdapter(checkpoint=str(ckpt))
     assert "\n" not in str(err.value)
+    with pytest.raises(ToolkitError, match=f"robovlms tokenizer '{tok}' does not exist: download"):
+        RoboVLMsAdapter(checkpoint=str(ckpt), tokenizer=str(tok))
     adapter.tokenizer.save_pretrained(tok)
-    with pytest.raises(ToolkitError, match=r"lacks 1 weights the model needs: act_head\.rnn\.weight_hh_l1") as err:
+    with pytest.raises(CheckpointError, match=r"policy.pt: 1 of \d+ weights are not in the checkpoint \(recognised "
+                                              r"layout: RoboVLMs Lightning checkpoint, weights under 'model.'\); "
+                                              r"first missing: act_head\.rnn\.weight_hh_l1; pass --allow-missing"
+                       ) as err:
         RoboVLMsAdapter(checkpoint=str(ckpt), tokenizer=str(tok))
     assert "\n" not in str(err.value)
     torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")

@@ -2,36 +2,40 @@
 
 Experts and sites:
 
-* ``text``: every Kosmos-2 text layer (``backbone.text_model.model.layers``), over one frame's sequence
-  ``[<s>][image latents][text, padded to max_text_tokens][ACT x latent][</s>]`` (prompt
-  ``<grounding>An image of a robot {instruction}``); spans ``image``, ``text``, ``action``.  Text padding sits
-  inside the sequence, masked out of attention and given no position, so every sample of a batch has the same
-  spans and gets the values it would get alone.
+* ``text``: every Kosmos-2 text layer (``backbone.text_model.model.layers``), over the current frame's sequence
+  ``[<s>][hand image latents][image latents][text, padded to max_text_tokens][ACT x latent][</s>]`` (prompt
+  ``<grounding>An image of a robot {instruction}``; hand latents only with a hand camera); spans ``image``,
+  ``hand_image`` (with a hand camera), ``text``, ``action``.  Text padding sits inside the sequence, masked out
+  of attention and given no position, so every sample of a batch has the same spans and gets the values it
+  would get alone.
 * ``context``: the input of ``act_head`` (RoboVLMs' ``action_hs``, (batch, window, latent, hidden)), read by a
   forward pre-hook and stored as (window x latent) tokens: the seed's "context vector".  Span ``current``
-  is the current frame's action token(s).
+  is the current frame's action token(s).  Each earlier frame of the window went through the backbone on its
+  own (RoboVLMs' "post" history); frames before the episode's start are zeros, masked out, and the LSTM runs
+  over the real frames only, as RoboVLMs' evaluation does.
 
-Loading: ``--checkpoint`` is a RoboVLMs ``.pt``/``.ckpt`` (a state dict, optionally under ``state_dict``/``model``,
-keys optionally prefixed ``model.``), read with ``torch.load(weights_only=True)``.  If the ``robovlms`` package
-is importable and ``--model-option config=CONFIG.json`` names its training config, RoboVLMs builds the model;
-otherwise the project's own ``RoboKosmosPolicy`` (same module names) is shaped from the state dict and takes it.
-Missing weights are reported by name.  Without a checkpoint a small random Kosmos-2 + LSTM head is built.
+Loading (``toolkit_plugins.robovlms.loading``): ``--checkpoint`` is a RoboVLMs Lightning ``.pt``/``.ckpt``
+(``state_dict`` with ``model.``/``module.model.`` prefixes, or ``model_state_dict``, or a bare state dict), read
+with ``torch.load(weights_only=True)``.  Every model weight must come from the file (``--allow-missing`` to run
+anyway); file tensors the model does not use are reported.  The training configuration (the checkpoint's
+``hyper_parameters``, or ``--model-option config=FILE``) sets the window, the hand camera, the tokenizer and the
+action unnormalisation, and must agree with the weights' shapes (action chunk, action dims, LSTM sizes).
+``describe()`` records each setting and where it came from.  Without a checkpoint a small random Kosmos-2 + LSTM
+head is built.
 
-Options (``--model-option KEY=VALUE``): ``window`` (frames per policy call, default 1; earlier frames are the
-episode's preceding steps, the first frame repeated at the start of an episode), ``max_text_tokens`` (32),
-``camera`` (default: the step's first camera in sorted order), ``tokenizer`` (a tokenizer directory for a real
-checkpoint), ``config`` (RoboVLMs JSON config), ``text_heads``/``vision_heads`` (attention heads of a checkpoint
-that is not Kosmos-2-sized: a state dict does not hold them; default hidden // 64), ``action_position`` (``before_eos`` as above, or ``end``: after
-``</s>``, as RoboVLMs' ``merge_multi_modal_input(insert_idx=-1)`` places it).
+Options (``--model-option KEY=VALUE``; each overrides the training configuration): ``window`` (frames per policy
+call; default the config's ``window_size``, else 1), ``hand_camera`` (a camera name, or ``none``; default: with
+``use_hand_rgb`` the step's camera named like wrist/hand/gripper), ``camera`` (the static camera; default the
+step's first other camera in sorted order), ``tokenizer`` (a local Kosmos-2 processor/tokenizer directory),
+``config`` (RoboVLMs' training JSON), ``max_text_tokens`` (32), ``text_heads``/``vision_heads`` (attention heads:
+a state dict does not hold them; default hidden // 64, Kosmos-2's), ``action_position`` (``before_eos`` as
+above, or ``end``: after ``</s>``).
 """
 
 from __future__ import annotations
 
 import collections
-import importlib.util
-import json
 import logging
-import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -42,17 +46,33 @@ import numpy as np
 import torch
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
+from toolkit.checkpoint import load_into
+from toolkit.cli_options import int_option
 from toolkit.errors import ToolkitError
 from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
+from toolkit_plugins.robovlms.loading import (
+    TEXT,
+    RoboVLMsCheckpoint,
+    TrainingConfig,
+    check_shapes_agree,
+    check_supported,
+    read_checkpoint,
+    shapes_from_state_dict,
+    training_config,
+)
 from toolkit_plugins.robovlms.model import CLIP_MEAN, CLIP_STD, RoboKosmosPolicy
 
 log = logging.getLogger("toolkit.robovlms")
 
 KOSMOS_TOKENIZER = "microsoft/kosmos-2-patch14-224"
-PROMPT = "<grounding>An image of a robot {}"
-OPTIONS = {"window": 1, "max_text_tokens": 32, "camera": None, "tokenizer": None, "config": None,
-           "action_position": "before_eos", "text_heads": None, "vision_heads": None}
+TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "preprocessor_config.json")
+PROMPT = "<grounding>An image of a robot {}"  # RoboVLMs' tokenizer_type "kosmos" (data_utils.get_text_function)
+OPTIONS = {"window": None, "hand_camera": None, "camera": None, "tokenizer": None, "config": None,
+           "max_text_tokens": 32, "action_position": "before_eos", "text_heads": None, "vision_heads": None}
 ACTION_POSITIONS = ("before_eos", "end")
+HAND_CAMERA = re.compile(r"wrist|hand|gripper", re.IGNORECASE)
+NO_CAMERA = "none"
 
 # Where each stream is read in a Kosmos2TextBlock (pre-LN: self_attn_layer_norm, self_attn, final_layer_norm, ffn).
 KOSMOS_STREAMS: dict[str, tuple[str, ...]] = {
@@ -75,9 +95,6 @@ TINY_HEAD = dict(action_dim=7, latent=1, fwd_pred_next_n=2, head_hidden_size=32,
 RANDOM_WARNING = ("robovlms: no --checkpoint given, using a small randomly initialised Kosmos-2 + LSTM policy "
                   "(same structure, random weights) - results are for smoke tests only")
 
-TEXT = "backbone.text_model.model"
-VISION = "backbone.vision_model.model"
-
 
 def build_tiny_policy(seed: int, window: int = 1) -> RoboKosmosPolicy:
     from transformers import Kosmos2Config
@@ -86,162 +103,37 @@ def build_tiny_policy(seed: int, window: int = 1) -> RoboKosmosPolicy:
     return RoboKosmosPolicy(Kosmos2Config(**TINY_KOSMOS), window_size=window, **TINY_HEAD).eval()
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A RoboVLMs checkpoint as a flat state dict keyed like ``RoboKosmosPolicy`` (``backbone.…``, ``act_head.…``)."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # not a zip-format file: no mmap
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a bad file is one line
-        raise ToolkitError(f"cannot read RoboVLMs checkpoint {path} ({one_line(e)}); it must be a .pt/.ckpt "
-                           "state dict readable with torch.load(weights_only=True)") from None
-    for key in ("state_dict", "model_state_dict", "model", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ToolkitError(f"{path} holds no state dict of tensors (found {type(obj).__name__})")
-    token_keys = [k for k in obj if k == "action_token" or k.endswith(".action_token")]
-    if not token_keys:
-        raise ToolkitError(f"{path} is not a RoboVLMs continuous-action checkpoint: it has no 'action_token' "
-                           "weight (keys look like " + ", ".join(list(obj)[:3]) + ")")
-    prefix = token_keys[0][: -len("action_token")]
-    return {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
-
-
-def _count(sd: dict[str, torch.Tensor], pattern: str) -> int:
-    rx = re.compile(pattern)
-    found = {int(m.group(1)) for k in sd if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
-
-
-def _need(sd: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
-    if key not in sd:
-        raise ToolkitError(f"RoboVLMs checkpoint {path} has no weight {key!r}, needed to shape the model")
-    return sd[key]
-
-
-def shapes_from_state_dict(sd: dict[str, torch.Tensor], path: Path, text_heads: int | None = None,
-                           vision_heads: int | None = None) -> tuple[Any, dict[str, int]]:
-    """(Kosmos2Config, head kwargs) that fit the checkpoint's tensors.
-
-    Attention head counts are not in a state dict: they default to hidden // 64 (Kosmos-2: 32 text, 16 vision
-    heads) unless given."""
-    from transformers import Kosmos2Config
-
-    hidden = int(sd["action_token"].shape[0])
-    vocab = int(_need(sd, f"{TEXT}.embed_tokens.weight", path).shape[0])
-    ffn = int(_need(sd, f"{TEXT}.layers.0.ffn.fc1.weight", path).shape[0])
-    patch_w = _need(sd, f"{VISION}.embeddings.patch_embedding.weight", path)
-    v_hidden, patch = int(patch_w.shape[0]), int(patch_w.shape[-1])
-    n_pos = int(_need(sd, f"{VISION}.embeddings.position_embedding.weight", path).shape[0])
-    v_ffn = int(_need(sd, f"{VISION}.encoder.layers.0.mlp.fc1.weight", path).shape[0])
-    queries = int(_need(sd, "backbone.image_to_text_projection.latent_query", path).shape[0])
-    cfg = Kosmos2Config(
-        text_config=dict(embed_dim=hidden, layers=_count(sd, rf"{re.escape(TEXT)}\.layers\.(\d+)\."),
-                         attention_heads=text_heads or max(1, hidden // 64), ffn_dim=ffn, vocab_size=vocab),
-        vision_config=dict(hidden_size=v_hidden, intermediate_size=v_ffn, patch_size=patch,
-                           num_hidden_layers=_count(sd, rf"{re.escape(VISION)}\.encoder\.layers\.(\d+)\."),
-                           num_attention_heads=vision_heads or max(1, v_hidden // 64),
-                           image_size=int(round(math.sqrt(n_pos - 1))) * patch),
-        latent_query_num=queries,
-    )
-    w_ih = _need(sd, "act_head.rnn.weight_ih_l0", path)
-    rnn_hidden = int(_need(sd, "act_head.rnn.weight_hh_l0", path).shape[1])
-    latent = max(1, int(w_ih.shape[1]) // hidden)
-    n = int(_need(sd, "act_head.gripper.mlp.6.weight", path).shape[0])
-    arm = int(_need(sd, "act_head.actions.mlp.6.weight", path).shape[0])
-    head = dict(action_dim=arm // n + 1, latent=latent, fwd_pred_next_n=n, head_hidden_size=rnn_hidden // latent,
-                head_layers=_count(sd, r"act_head\.rnn\.weight_ih_l(\d+)$"))
-    return cfg, head
-
-
-def load_policy(path: Path, window: int, config: str | None, text_heads: int | None = None,
-                vision_heads: int | None = None) -> torch.nn.Module:
-    sd = read_state_dict(path)
-    if config is not None and importlib.util.find_spec("robovlms") is not None:
-        return _robovlms_policy(config, sd, path)
-    cfg, head = shapes_from_state_dict(sd, path, text_heads, vision_heads)
-    policy = RoboKosmosPolicy(cfg, window_size=window, **head)
-    _load_into(policy, sd, path)
-    return policy.eval()
-
-
-def _load_into(policy: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        result = policy.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise ToolkitError(f"RoboVLMs checkpoint {path} does not fit the model ({one_line(e)})") from None
-    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ToolkitError(f"RoboVLMs checkpoint {path} lacks {len(missing)} weights the model needs: "
-                           f"{', '.join(missing[:5])}{more}")
-    if result.unexpected_keys:
-        modules = sorted({k.split(".")[0] for k in result.unexpected_keys})
-        warnings.warn(f"robovlms: {len(result.unexpected_keys)} checkpoint weights are not used (modules: "
-                      f"{', '.join(modules)}); e.g. {result.unexpected_keys[0]}", stacklevel=3)
-
-
-def _robovlms_policy(config: str, sd: dict[str, torch.Tensor], path: Path) -> torch.nn.Module:
-    """Build the policy with RoboVLMs itself from its training config (only when ``robovlms`` is importable)."""
-    try:
-        cfg = json.loads(Path(config).expanduser().read_text())
-        from robovlms.model.backbone.robokosmos import RoboKosMos  # type: ignore[import-not-found]
-
-        policy = RoboKosMos(configs=cfg, train_setup_configs=cfg["train_setup"], act_head_configs=cfg["act_head"],
-                            fwd_head_configs=None, window_size=cfg.get("window_size", 1),
-                            use_hand_rgb=cfg.get("use_hand_rgb", False),
-                            fwd_pred_next_n=cfg.get("fwd_pred_next_n", 1),
-                            use_vision_resampler=cfg.get("use_vision_resampler", False),
-                            vision_resampler_configs=cfg.get("vision_resampler"), use_state=cfg.get("use_state", False))
-    except ToolkitError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise ToolkitError(f"robovlms could not build a model from {config} ({one_line(e)})") from None
-    _load_into(policy, sd, path)
-    return policy.eval()
-
-
-# --------------------------------------------------------------------------- adapter
+def tokenizer_help(where: str) -> str:
+    """What to download for a real checkpoint's tokenizer, and where to point the adapter at it."""
+    return (f"download the Kosmos-2 processor files, `hf download {KOSMOS_TOKENIZER} {' '.join(TOKENIZER_FILES)} "
+            f"--local-dir {where}`, and pass --model-option tokenizer={where}")
 
 
 class _Cursor:
-    """Walks one episode's steps once, remembering the last ``window`` camera frames."""
+    """Walks one episode's steps once, remembering the last ``window`` frames (each: the camera images)."""
 
-    def __init__(self, episode: Episode, camera_of, window: int):
+    def __init__(self, episode: Episode, frame_of, window: int):
         self.steps = episode.steps()
-        self.camera_of = camera_of
+        self.frame_of = frame_of
         self.frames: collections.deque = collections.deque(maxlen=window)
-        self.first: tuple[int, Any] | None = None
 
     def history(self, index: int, n: int) -> list[tuple[int, Any]] | None:
-        """The ``n`` frames before step ``index`` (the first frame repeated at the start), None if passed."""
-        if any(i == index for i, _ in self.frames):
-            kept = list(self.frames)
-            pos = [i for i, _ in kept].index(index)
-            before = kept[:pos]
-        elif self.frames and self.frames[-1][0] > index:
+        """Up to ``n`` frames before step ``index`` (fewer at the episode's start), None if already passed."""
+        kept = [i for i, _ in self.frames]
+        if index in kept:
+            before = list(self.frames)[: kept.index(index)]
+        elif self.frames and kept[-1] > index:
             return None
         else:
             while True:
                 step = next(self.steps, None)
                 if step is None:
                     return None
-                self.frames.append((step.index, self.camera_of(step)))
-                if self.first is None:
-                    self.first = self.frames[-1]
+                self.frames.append((step.index, self.frame_of(step)))
                 if step.index == index:
                     break
             before = list(self.frames)[:-1]
-        before = before[-n:] if n else []
-        return [self.first] * (n - len(before)) + before
+        return before[len(before) - n:] if n else []
 
 
 class RoboVLMsAdapter(ModelAdapter):
@@ -252,34 +144,55 @@ class RoboVLMsAdapter(ModelAdapter):
     option_defaults = OPTIONS
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-                 trust_remote_code: bool = False, **options: Any) -> None:
-        super().__init__(checkpoint, device, dtype, seed, trust_remote_code, **options)
+                 trust_remote_code: bool = False, *, allow_missing: bool = False, random_weights: bool = False,
+                 **options: Any) -> None:
+        super().__init__(checkpoint, device, dtype, seed, trust_remote_code, allow_missing=allow_missing,
+                         random_weights=random_weights, **options)
         opts = self.opts
-        try:
-            self.window = int(opts["window"])
-            self.max_text_tokens = int(opts["max_text_tokens"])
-        except (TypeError, ValueError):
-            raise ToolkitError("robovlms options window and max_text_tokens take integers") from None
-        if self.window < 1 or self.max_text_tokens < 1:
-            raise ToolkitError("robovlms options window and max_text_tokens must be at least 1")
+        self.max_text_tokens = int_option(opts["max_text_tokens"], "robovlms", "max_text_tokens", 1, required=True)
         self.action_position = str(opts["action_position"])
         if self.action_position not in ACTION_POSITIONS:
             raise ToolkitError(f"robovlms action_position {self.action_position!r}: use one of "
                                f"{', '.join(ACTION_POSITIONS)}")
-        self.camera: str | None = opts["camera"]
-        if checkpoint is None:
-            warnings.warn(RANDOM_WARNING, stacklevel=2)
-            self.model = build_tiny_policy(seed, self.window)
-            self.tokenizer = llama_tokenizer()
-        else:
+        if checkpoint is None and opts["config"] is not None:
+            raise ToolkitError("robovlms option config= describes a checkpoint: give it with --checkpoint")
+        ckpt = None
+        if checkpoint is not None:
             path = Path(checkpoint).expanduser()
             if not path.is_file():
                 raise ToolkitError(f"robovlms checkpoint {checkpoint!r} is not a file: give a RoboVLMs .pt/.ckpt "
-                                   "state dict (e.g. kosmos_ph_oxe-pretrain.pt)")
-            self.tokenizer = self._load_tokenizer(opts["tokenizer"])
-            heads = {k: int(opts[k]) if opts[k] is not None else None for k in ("text_heads", "vision_heads")}
-            self.model = load_policy(path, self.window, opts["config"], **heads)
-        self.torch_dtype = self.torch_dtype
+                                   "(e.g. kosmos_ph_oxe-pretrain.pt)")
+            ckpt = read_checkpoint(path)
+        trained = training_config(ckpt, opts["config"])
+        if ckpt is not None:
+            check_supported(trained, ckpt.path)
+        self.settings: dict[str, dict[str, Any]] = {}
+        self.window = self._setting("window", int_option(options.get("window"), "robovlms", "window", 1),
+                                    trained.get("window_size", int), 1, trained)
+        self._resolve_hand_request(options.get("hand_camera"), trained)
+        self.camera: str | None = self._setting("camera", opts["camera"], None, None, trained)
+        if self.camera is None:
+            self.settings["camera"]["from"] = "default (the first camera in sorted order, not the hand camera)"
+        # RoboVLMs' evaluation maps the arm actions from [-1, 1] back to [norm_min, norm_max] when trained so
+        norm = trained.get("norm_action", bool)
+        bounds = (trained.get("norm_min", float), trained.get("norm_max", float))
+        self.norm_bounds = bounds if norm and None not in bounds else None
+        self.settings["unnormalise_actions"] = {"value": list(self.norm_bounds) if self.norm_bounds else None,
+                                                "from": trained.source if norm is not None else "default"}
+        self._setting("prompt", None, PROMPT if trained.get("tokenizer.tokenizer_type", str) else None, PROMPT,
+                      trained)
+        if ckpt is None:
+            warnings.warn(RANDOM_WARNING, stacklevel=2)
+            self.model = build_tiny_policy(seed, self.window)
+            self.tokenizer = llama_tokenizer()
+            self.settings["tokenizer"] = {"value": "mistral-common's Llama tokenizer (small random model)",
+                                          "from": "default"}
+        else:
+            self.tokenizer = self._load_tokenizer(opts["tokenizer"], trained, ckpt.path)
+            self.model = self._load_policy(ckpt, trained, opts)
+        if trained.problems:
+            self.warn_once(f"robovlms: training-config values not read (not plain data), defaults used instead: "
+                           f"{', '.join(trained.problems)}")
         try:
             cast_model(self.model, self.device, self.torch_dtype)
         except (RuntimeError, AssertionError) as e:
@@ -290,23 +203,89 @@ class RoboVLMsAdapter(ModelAdapter):
         self.n_image = cfg.latent_query_num
         self.image_size = cfg.vision_config.image_size
         self.pad_idx = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 1
-        self.latent = int(getattr(self.model, "latent_num", 1))
+        self.latent = int(self.model.latent_num)
+        self.chunk = int(self.model.act_head.fwd_pred_next_n)
         self._cursors: collections.OrderedDict[str, _Cursor] = collections.OrderedDict()
         self._context_cache: collections.OrderedDict[tuple[str, int], torch.Tensor] = collections.OrderedDict()
         self._ids_cache: dict[str, list[int]] = {}
 
-    @staticmethod
-    def _load_tokenizer(source: str | None):
+    # configuration ---------------------------------------------------------------------------
+    def _setting(self, name: str, user: Any, trained_value: Any, default: Any, trained: TrainingConfig) -> Any:
+        """The user's option, else the training configuration's value, else the default; recorded with its
+        origin for ``describe()``."""
+        if user is not None:
+            value, origin = user, "user option"
+        elif trained_value is not None:
+            value, origin = trained_value, trained.source
+        else:
+            value, origin = default, "default"
+        self.settings[name] = {"value": list(value) if isinstance(value, tuple) else value, "from": origin}
+        return value
+
+    def _resolve_hand_request(self, user: str | None, trained: TrainingConfig) -> None:
+        """``self.hand_camera``: a camera name, None (no hand camera), or found at the first step (``_auto_hand``,
+        for a policy trained with ``use_hand_rgb``)."""
+        use_hand = trained.get("use_hand_rgb", bool)
+        self._auto_hand = user is None and bool(use_hand)
+        if user is not None:
+            self.hand_camera = None if str(user).lower() == NO_CAMERA else str(user)
+            origin = "user option"
+        elif use_hand is not None:
+            self.hand_camera, origin = None, f"{trained.source} (use_hand_rgb={str(use_hand).lower()})"
+        else:
+            self.hand_camera, origin = None, "default"
+        self.settings["hand_camera"] = {"value": "(the step's wrist/hand/gripper camera)" if self._auto_hand
+                                        else self.hand_camera, "from": origin}
+
+    def _load_tokenizer(self, user: str | None, trained: TrainingConfig, ckpt_path: Path):
+        """The Kosmos-2 tokenizer: the user's directory, else the training config's local path (as RoboVLMs
+        resolved it: relative to its working directory, tried here beside the checkpoint and in the current
+        directory), else the HF cache."""
         from transformers import AutoTokenizer
 
-        sources = [source] if source else [KOSMOS_TOKENIZER]
-        for src in sources:
-            try:
-                return from_cache_or_hub(AutoTokenizer.from_pretrained, src)
-            except Exception as e:  # noqa: BLE001
-                log.debug("robovlms: tokenizer from %s failed: %s", src, one_line(e))
-        raise ToolkitError(f"no Kosmos-2 tokenizer: {sources[0]} cannot be loaded; pass --model-option "
-                           f"tokenizer=DIR (a saved Kosmos-2 tokenizer) or put {KOSMOS_TOKENIZER} in the HF cache")
+        if user is not None:
+            if not Path(user).expanduser().exists():
+                raise ToolkitError(f"robovlms tokenizer {user!r} does not exist: {tokenizer_help(user)}")
+            source, origin = str(Path(user).expanduser()), "user option"
+        else:
+            source, origin = KOSMOS_TOKENIZER, "default (HF cache)"
+            named = trained.get("tokenizer.pretrained_model_name_or_path", str)
+            for where in ([ckpt_path.parent / named, Path(named)] if named else []):
+                if where.is_dir():
+                    source, origin = str(where), trained.source
+                    break
+        try:
+            tok = from_cache_or_hub(AutoTokenizer.from_pretrained, source)
+        except Exception as e:  # noqa: BLE001 - any failure is the same advice
+            log.debug("robovlms: tokenizer from %s failed: %s", source, one_line(e))
+            raise ToolkitError(f"no Kosmos-2 tokenizer ({source} cannot be loaded): "
+                               f"{tokenizer_help('kosmos-2-processor')}") from None
+        self.settings["tokenizer"] = {"value": source, "from": origin}
+        return tok
+
+    def _load_policy(self, ckpt: RoboVLMsCheckpoint, trained: TrainingConfig, opts: dict[str, Any]) -> RoboKosmosPolicy:
+        """The policy shaped by the checkpoint's tensors, filled from them (or seeded random: ``random_weights``)."""
+        heads = {k: int_option(opts[k], "robovlms", k, 1) for k in ("text_heads", "vision_heads")}
+        kosmos_config, head = shapes_from_state_dict(ckpt.weights, ckpt.path, **heads)
+        check_shapes_agree(trained, kosmos_config, head, ckpt.path)
+        for key, value in head.items():
+            self.settings[key] = {"value": value, "from": "checkpoint tensors"}
+        torch.manual_seed(self.seed)
+        policy = RoboKosmosPolicy(kosmos_config, window_size=self.window, **head)
+        if self.random_weights:
+            log.warning("robovlms: --random-weights: the architecture of %s with random weights (seed %d); none of "
+                        "its weights are loaded", self.checkpoint, self.seed)
+            return policy.eval()
+        report = load_into(policy, ckpt.weights, source=str(self.checkpoint), layout=ckpt.layout,
+                           allow_missing=self.allow_missing)
+        # unused tensors by their names in the file: those under the prefix the model lacks, and all outside it
+        report.unexpected = sorted([ckpt.prefix + k for k in report.unexpected] + ckpt.outside)
+        if report.unexpected:
+            log.warning("robovlms: %d tensors of %s are not used by the policy (outside %r or unknown to it), e.g. "
+                        "%s; all are listed in the store's model.load_report", len(report.unexpected),
+                        self.checkpoint, ckpt.prefix, ", ".join(report.unexpected[:3]))
+        self.load_report = report
+        return policy.eval()
 
     # what the adapter exposes ----------------------------------------------------------------
     @property
@@ -315,10 +294,11 @@ class RoboVLMsAdapter(ModelAdapter):
 
     @property
     def experts(self) -> dict[str, Expert]:
+        images = ("hand_image", "image") if self.hand_camera else ("image",)
         return {
-            "text": Expert("text", f"{TEXT}.layers", self.n_layers, self.hidden, ("image", "text", "action"),
+            "text": Expert("text", f"{TEXT}.layers", self.n_layers, self.hidden, (*images, "text", "action"),
                            streams=dict(KOSMOS_STREAMS),
-                           description="Kosmos-2 text layers over [<s>][image latents][text][ACT][</s>]"),
+                           description="Kosmos-2 text layers over [<s>][(hand) image latents][text][ACT][</s>]"),
             "context": Expert("context", "act_head", 1, self.hidden, ("current",), streams=dict(CONTEXT_STREAMS),
                               layered=False,
                               description="act_head input (action_hs): window x latent action-token states"),
@@ -332,30 +312,59 @@ class RoboVLMsAdapter(ModelAdapter):
         }
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "random_init": self.checkpoint is None, "window": self.window,
-                "latent": self.latent, "camera": self.camera, "action_position": self.action_position}
+        settings = {**self.settings, "camera": {**self.settings["camera"], "value": self.camera}}
+        return {**super().describe(), "window": self.window, "latent": self.latent, "chunk": self.chunk,
+                "camera": self.camera, "hand_camera": self.hand_camera, "action_position": self.action_position,
+                "settings": settings}
 
     # inputs ------------------------------------------------------------------------------------
     def layout(self) -> dict[str, list[int]]:
         """Positions in one frame's sequence."""
         q, t, a = self.n_image, self.max_text_tokens, self.latent
-        text = list(range(1 + q, 1 + q + t))
-        after = 1 + q + t
+        lay: dict[str, list[int]] = {"bos": [0]}
+        start = 1
+        if self.hand_camera:
+            lay["hand_image"], start = list(range(start, start + q)), start + q
+        lay["image"], start = list(range(start, start + q)), start + q
+        lay["text"], start = list(range(start, start + t)), start + t
         if self.action_position == "before_eos":
-            action, eos = list(range(after, after + a)), [after + a]
+            lay["action"], lay["eos"] = list(range(start, start + a)), [start + a]
         else:
-            eos, action = [after], list(range(after + 1, after + 1 + a))
-        return {"bos": [0], "image": list(range(1, 1 + q)), "text": text, "action": action, "eos": eos}
+            lay["eos"], lay["action"] = [start], list(range(start + 1, start + 1 + a))
+        return lay
 
-    def _camera(self, step: Step) -> np.ndarray:
+    def _resolve_cameras(self, step: Step) -> None:
+        """Pick the cameras once, from the first step: the hand camera (named, or found by name for a policy
+        trained with one), then the static camera (named, or the first other camera in sorted order)."""
+        names = sorted(step.images)
+        if self._auto_hand:
+            self._auto_hand = False
+            found = [n for n in names if HAND_CAMERA.search(n)]
+            self.hand_camera = found[0] if found else None
+            if not found:
+                self.warn_once(f"robovlms: the policy was trained with a hand camera (use_hand_rgb) but the steps "
+                               f"have none named wrist/hand/gripper (cameras: {', '.join(names)}); running with the "
+                               "static camera only, as RoboVLMs does for robots without one "
+                               "(--model-option hand_camera=NAME to choose one)")
+            self.settings["hand_camera"]["value"] = self.hand_camera
+        if self.camera is None:
+            rest = [n for n in names if n != self.hand_camera]
+            if not rest:
+                raise ToolkitError(f"robovlms needs a static camera besides the hand camera {self.hand_camera!r}; "
+                                   f"the steps have {', '.join(names)}")
+            self.camera = rest[0]
+
+    def _frame(self, step: Step) -> tuple[Any, Any]:
+        """(static image, hand image or None) of one step."""
         if not step.images:
             raise ToolkitError("robovlms needs a camera image per step; this step has none")
-        if self.camera is None:
-            self.camera = sorted(step.images)[0]
-        if self.camera not in step.images:
-            raise ToolkitError(f"robovlms uses camera {self.camera!r}, which a step lacks (it has "
-                               f"{', '.join(sorted(step.images))}); choose one with --model-option camera=NAME")
-        return step.images[self.camera]
+        if self._auto_hand or self.camera is None:
+            self._resolve_cameras(step)
+        for role, cam in (("camera", self.camera), ("hand_camera", self.hand_camera)):
+            if cam is not None and cam not in step.images:
+                raise ToolkitError(f"robovlms uses {role.replace('_', ' ')} {cam!r}, which a step lacks (it has "
+                                   f"{', '.join(sorted(step.images))}); choose one with --model-option {role}=NAME")
+        return step.images[self.camera], step.images[self.hand_camera] if self.hand_camera else None
 
     def _pixels(self, img: Any) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, S, S) float32, bicubic resize, CLIP mean/std (RoboVLMs' image_processor)."""
@@ -375,10 +384,10 @@ class RoboVLMsAdapter(ModelAdapter):
             self._ids_cache[instruction] = list(ids)
         return self._ids_cache[instruction]
 
-    def _frames(self, rows: Sequence[tuple[str, Any]]) -> dict[str, torch.Tensor]:
-        """Tensors for one frame per row (instruction, image)."""
+    def _frames(self, rows: Sequence[tuple[str, tuple[Any, Any]]]) -> dict[str, torch.Tensor]:
+        """Tensors for one frame per row (instruction, (static image, hand image or None))."""
         lay = self.layout()
-        seq = 1 + self.n_image + self.max_text_tokens + self.latent + 1
+        seq = lay["eos"][0] + 1 if self.action_position == "before_eos" else lay["action"][-1] + 1
         tok = self.tokenizer
         bos = tok.bos_token_id if tok.bos_token_id is not None else 0
         eos = tok.eos_token_id if tok.eos_token_id is not None else bos
@@ -387,38 +396,45 @@ class RoboVLMsAdapter(ModelAdapter):
         mask = torch.ones(len(rows), seq, dtype=torch.bool)
         mask[:, lay["text"]] = False
         ids[:, 0], ids[:, lay["eos"]] = bos, eos
-        pixels = torch.zeros(len(rows), 3, self.image_size, self.image_size)
+        n_cams = 2 if self.hand_camera else 1
+        pixels = torch.zeros(len(rows), n_cams, 3, self.image_size, self.image_size)
         t0 = lay["text"][0]
-        for i, (instruction, img) in enumerate(rows):
+        for i, (instruction, images) in enumerate(rows):
             text = self._text_ids(instruction)
             ids[i, t0:t0 + len(text)] = torch.tensor(text, dtype=torch.long)
             mask[i, t0:t0 + len(text)] = True
-            pixels[i] = self._pixels(img)
+            pixels[i, 0] = self._pixels(images[0])
+            if self.hand_camera:
+                pixels[i, 1] = self._pixels(images[1])
         # real tokens get consecutive Kosmos positions (padding_idx + 1, ...); padding repeats its neighbour's
         position_ids = self.pad_idx + mask.long().cumsum(-1).clamp_min(1)
         dev = self.device
         return {"input_ids": ids.to(dev), "attention_mask": mask.long().to(dev), "position_ids": position_ids.to(dev),
                 "pixel_values": pixels.to(dev, self.torch_dtype), "mask": mask.to(dev)}
 
+    def _embeds(self, frames: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Input embeddings of each frame's sequence: words, image latents (hand, static), action token(s)."""
+        m, lay = self.model, self.layout()
+        embeds = m.backbone.text_model.model.embed_tokens(frames["input_ids"]).clone()
+        px = frames["pixel_values"]
+        latents = m.encode_images(px.flatten(0, 1)).unflatten(0, px.shape[:2]).to(embeds.dtype)
+        embeds[:, lay["image"]] = latents[:, 0]
+        if self.hand_camera:
+            embeds[:, lay["hand_image"]] = latents[:, 1]
+        embeds[:, lay["action"]] = m.action_token.to(embeds.dtype)
+        return embeds
+
     def _context_rows(self, frames: dict[str, torch.Tensor]) -> torch.Tensor:
         """action_hs rows (N, latent, hidden) for one frame per row: final-norm states at the action tokens."""
-        m = self.model
-        act = self.layout()["action"]
-        word = m.backbone.text_model.model.embed_tokens
-        embeds = word(frames["input_ids"]).clone()
-        if hasattr(m, "encode_images"):
-            img = m.encode_images(frames["pixel_values"])
-        else:  # robovlms' own RoboKosMos
-            img = m.model_encode_images(frames["pixel_values"])
-        embeds[:, 1:1 + self.n_image] = img.to(embeds.dtype)
-        embeds[:, act] = m.action_token.to(embeds.dtype)
-        hs = m.backbone.text_model.model(inputs_embeds=embeds, attention_mask=frames["attention_mask"],
-                                         position_ids=frames["position_ids"], use_cache=False).last_hidden_state
-        return hs[:, act]
+        hs = self.model.backbone.text_model.model(inputs_embeds=self._embeds(frames),
+                                                  attention_mask=frames["attention_mask"],
+                                                  position_ids=frames["position_ids"], use_cache=False)
+        return hs.last_hidden_state[:, self.layout()["action"]]
 
-    def _history(self, batch: Sequence[tuple[Episode, Step]]) -> torch.Tensor | None:
-        """(B, window-1, latent, hidden): the context vectors of each sample's preceding frames (not hooked:
-        computed here, outside the policy call, and cached per episode step)."""
+    def _history(self, batch: Sequence[tuple[Episode, Step]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, window-1, latent, hidden) context vectors of each sample's preceding frames (zeros before the
+        episode's start; computed here, outside the policy call, and cached per episode step) and (B,) the
+        number of real frames in each sample's window."""
         n = self.window - 1
         if n == 0:
             return None
@@ -428,7 +444,7 @@ class RoboVLMsAdapter(ModelAdapter):
             cur = self._cursors.get(ep.key)
             hist = cur.history(step.index, n) if cur is not None else None
             if hist is None:
-                cur = _Cursor(ep, self._camera, self.window)
+                cur = _Cursor(ep, self._frame, self.window)
                 hist = cur.history(step.index, n)
                 if hist is None:
                     raise ToolkitError(f"robovlms window: step {step.index} is not among the steps of {ep.key}")
@@ -437,33 +453,42 @@ class RoboVLMsAdapter(ModelAdapter):
             while len(self._cursors) > 8:
                 self._cursors.popitem(last=False)
             row = []
-            for idx, img in hist:
+            for idx, images in hist:
                 key = (ep.key, idx)
                 row.append(key)
                 if key not in self._context_cache and all(k[:2] != key for k in need):
-                    need.append((ep.key, idx, ep.instruction, img))
+                    need.append((ep.key, idx, ep.instruction, images))
             keys.append(row)
         if need:
             with torch.no_grad():
-                got = self._context_rows(self._frames([(instr, img) for _, _, instr, img in need]))
+                got = self._context_rows(self._frames([(instr, images) for _, _, instr, images in need]))
             for (k, idx, _, _), v in zip(need, got):
                 self._context_cache[(k, idx)] = v
-        out = torch.stack([torch.stack([self._context_cache[k] for k in row]) for row in keys])
+        out = torch.zeros(len(batch), n, self.latent, self.hidden, device=self.device, dtype=self.torch_dtype)
+        for b, row in enumerate(keys):
+            if row:
+                out[b, n - len(row):] = torch.stack([self._context_cache[k] for k in row])
         while len(self._context_cache) > 4 * self.window * max(8, len(batch)):
             self._context_cache.popitem(last=False)
-        return out
+        valid = torch.tensor([len(row) + 1 for row in keys], device=self.device)
+        return out, valid
 
     def prepare(self, batch: Sequence[tuple[Episode, Step]]) -> ModelInputs:
-        frames = self._frames([(ep.instruction, self._camera(step)) for ep, step in batch])
+        frames = self._frames([(ep.instruction, self._frame(step)) for ep, step in batch])
         history = self._history(batch)
         lay = self.layout()
-        frames["history"] = history
         w, a = self.window, self.latent
+        if history is not None:
+            frames["history"], frames["valid"] = history
+        token_mask = {"text": frames["mask"]}
+        if history is not None:
+            real = torch.arange(w, device=self.device)[None] >= (w - frames["valid"])[:, None]
+            token_mask["context"] = real.repeat_interleave(a, 1)
+        spans = {k: lay[k] for k in ("hand_image", "image", "text", "action") if k in lay}
         return ModelInputs(
             tensors=frames, batch_size=len(batch),
-            spans={"text": {"image": lay["image"], "text": lay["text"], "action": lay["action"]},
-                   "context": {"current": list(range((w - 1) * a, w * a))}},
-            token_mask={"text": frames["mask"]},
+            spans={"text": spans, "context": {"current": list(range((w - 1) * a, w * a))}},
+            token_mask=token_mask,
             seq_len={"text": frames["mask"].shape[1], "context": w * a},
         )
 
@@ -473,14 +498,15 @@ class RoboVLMsAdapter(ModelAdapter):
             raise ToolkitError(f"robovlms.run got {len(generators)} generators for a batch of {inputs.batch_size}")
         t = inputs.tensors
         current = self._context_rows(t)[:, None]  # (B, 1, latent, hidden)
-        action_hs = current if t.get("history") is None else torch.cat([t["history"].to(current), current], 1)
-        head = self.model.act_head
-        if hasattr(head, "reset"):  # robovlms' own LSTMDecoder keeps a history between calls
-            head.reset()
-        arm, gripper = head(action_hs)  # the hooked call: its pre-hook sees action_hs
+        if t.get("history") is None:
+            arm, gripper = self.model.act_head(current)  # the hooked call: its pre-hook sees action_hs
+        else:
+            action_hs = torch.cat([t["history"].to(current), current], 1)
+            arm, gripper = self.model.act_head(action_hs, valid=t["valid"])
         arm, gripper = arm[:, -1].float(), gripper[:, -1].float()  # the last frame's action chunk
-        if gripper.ndim == arm.ndim - 1:
-            gripper = gripper[..., None]
+        if self.norm_bounds is not None:  # RoboVLMs' unnoramalize_action, on the arm dims
+            lo, hi = self.norm_bounds
+            arm = 0.5 * (arm + 1) * (hi - lo) + lo
         gripper = torch.where(torch.sigmoid(gripper) > 0.5, 1.0, -1.0)
         return PolicyOutput(actions=torch.cat([arm, gripper], -1).detach().cpu().numpy())
 
@@ -489,11 +515,8 @@ class RoboVLMsAdapter(ModelAdapter):
         """Each text layer's output from transformers' ``output_hidden_states`` (final norm bypassed)."""
         t = inputs.tensors
         text = self.model.backbone.text_model.model
-        act = self.layout()["action"]
         with torch.no_grad():
-            embeds = text.embed_tokens(t["input_ids"]).clone()
-            embeds[:, 1:1 + self.n_image] = self.model.encode_images(t["pixel_values"]).to(embeds.dtype)
-            embeds[:, act] = self.model.action_token.to(embeds.dtype)
+            embeds = self._embeds(t)
             norm, text.layer_norm = text.layer_norm, torch.nn.Identity()
             try:
                 out = self.model.backbone.text_model(inputs_embeds=embeds, attention_mask=t["attention_mask"],

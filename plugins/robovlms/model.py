@@ -3,11 +3,12 @@
 ``RoboKosmosPolicy`` holds what ``robovlms.model.backbone.robokosmos.RoboKosMos`` holds for the continuous
 LSTM policy: ``backbone`` (``transformers.Kosmos2ForConditionalGeneration``), ``act_head`` (an
 ``LSTMDecoder`` with ``rnn``, ``actions``, ``gripper``) and the learned ``action_token``.  One frame's
-sequence is ``[<s>][image latents][text][ACT x latent][</s>]`` (``action_position="end"`` puts the action
-token after ``</s>`` instead).  The backbone runs through ``backbone.text_model.model(inputs_embeds=...)``,
-as RoboVLMs' patched Kosmos-2 forward does (the stock forward refuses a call without ``pixel_values``); its
-output is already through the final ``layer_norm``, i.e. RoboVLMs' ``output.hidden_states[-1]``.  The
-context vector ``action_hs`` (batch, window, latent, hidden) is the input of ``act_head``.
+sequence is ``[<s>][hand image latents][image latents][text][ACT x latent][</s>]`` (hand camera latents only
+with a hand camera, as for a policy trained with ``use_hand_rgb``; ``action_position="end"`` puts the action
+token after ``</s>``).  The backbone runs through ``backbone.text_model.model(inputs_embeds=...)``, as
+RoboVLMs' patched Kosmos-2 forward does (the stock forward refuses a call without ``pixel_values``); its
+output is already through the final ``layer_norm``, i.e. RoboVLMs' ``output.hidden_states[-1]``.  The context
+vector ``action_hs`` (batch, window, latent, hidden) is the input of ``act_head``.
 """
 
 from __future__ import annotations
@@ -51,8 +52,14 @@ class MLPSigmoidHead(nn.Module):
 
 
 class LSTMDecoder(nn.Module):
-    """RoboVLMs' ``LSTMDecoder`` (down_sample "none"), stateless: the LSTM runs over the given window from a
-    zero state, which is what RoboVLMs' evaluation does once its history window is full."""
+    """RoboVLMs' ``LSTMDecoder`` (down_sample "none"), stateless.
+
+    RoboVLMs' evaluation feeds one frame per call and keeps the history itself: while an episode has at most
+    ``window_size`` frames the LSTM state runs on from the episode's first frame, afterwards the LSTM reruns
+    from a zero state over the last ``window_size`` frames.  Both are "the LSTM from a zero state over the
+    episode's last min(t+1, window_size) frames", which is what ``forward`` computes for a whole window at once;
+    ``valid`` says how many of the window's frames are real (right-aligned; the rest is padding before the
+    episode's start)."""
 
     def __init__(self, in_features: int, action_dim: int = 7, latent: int = 1, fwd_pred_next_n: int = 1,
                  window_size: int = 1, hidden_size: int = 1024, num_layers: int = 4):
@@ -64,10 +71,24 @@ class LSTMDecoder(nn.Module):
         self.actions = MLPTanhHead(hidden_size * latent, fwd_pred_next_n * (action_dim - 1))
         self.gripper = MLPSigmoidHead(hidden_size * latent, fwd_pred_next_n)
 
-    def forward(self, tok_seq: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bs, window, latent, d) -> actions (bs, window, n, action_dim-1), gripper logits (bs, window, n, 1)."""
+    def forward(self, tok_seq: torch.Tensor, valid: torch.Tensor | None = None,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bs, window, latent, d) -> actions (bs, window, n, action_dim-1), gripper logits (bs, window, n, 1).
+
+        With ``valid`` (bs,), row b's last ``valid[b]`` frames are real: they are moved to the front (the LSTM is
+        causal, so the padding behind them cannot reach them), and the outputs moved back; outputs at padding
+        positions are zero."""
         bs, ws = tok_seq.shape[:2]
-        x, _ = self.rnn(tok_seq.reshape(bs, ws, -1))
+        x = tok_seq.reshape(bs, ws, -1)
+        if valid is None or bool((valid >= ws).all()):
+            x, _ = self.rnn(x)
+        else:
+            shift = (ws - valid.to(x.device).clamp(1, ws))[:, None]
+            pos = torch.arange(ws, device=x.device)[None]
+            front = ((pos + shift) % ws)[..., None]
+            out, _ = self.rnn(x.gather(1, front.expand(-1, -1, x.shape[-1])))
+            back = ((pos - shift) % ws)[..., None]
+            x = out.gather(1, back.expand(-1, -1, out.shape[-1])) * (pos >= shift)[..., None].to(out.dtype)
         actions = self.actions(x).reshape(bs, ws, self.fwd_pred_next_n, -1)
         gripper = self.gripper(x).reshape(bs, ws, self.fwd_pred_next_n, -1)
         return actions, gripper
@@ -106,23 +127,3 @@ class RoboKosmosPolicy(nn.Module):
         feats = self.backbone.vision_model.model.post_layernorm(out[0])
         feats = F.normalize(feats, dim=-1)
         return self.backbone.image_to_text_projection(feats)[0]
-
-    def frame_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, n_image: int,
-                         act_pos: list[int]) -> torch.Tensor:
-        """Token embeddings with the image latents at 1..n_image and the action token(s) at ``act_pos``."""
-        embeds = self.word_embedding(input_ids).clone()
-        embeds[:, 1:1 + n_image] = self.encode_images(pixel_values).to(embeds.dtype)
-        embeds[:, act_pos] = self.action_token.to(embeds.dtype)
-        return embeds
-
-    def context(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor, n_image: int, act_pos: list[int]) -> torch.Tensor:
-        """One frame per row -> ``action_hs`` rows (N, latent, hidden): the final-norm states at ``act_pos``."""
-        embeds = self.frame_embeddings(input_ids, pixel_values, n_image, act_pos)
-        hs = self.text_tower(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state
-        return hs[:, act_pos]
-
-    def act(self, action_hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The action head on (bs, window, latent, hidden): the call the context pre-hook sees."""
-        return self.act_head(action_hs)
