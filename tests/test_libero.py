@@ -321,10 +321,10 @@ def test_missing_keys_name_file_and_key_path(tmp_path):
     with pytest.raises(ToolkitError, match=r"task_3_x\.pkl has no 'episodes'"):
         list(LiberoDataset(str(data)).episodes())
     task = sample_task(3)
-    del task["episodes"]["episode_0"]["rollout_steps"]["step_20"]["observation"]
+    task["episodes"]["episode_0"]["rollout_steps"]["step_20"]["observation"] = [1, 2]
     (data / "task_3_x.pkl").write_bytes(pickle.dumps(task, protocol=4))
-    with pytest.raises(ToolkitError, match=r"task_3_x\.pkl: episodes\.episode_0\.rollout_steps\.step_20 "
-                                           r"has no 'observation'"):
+    with pytest.raises(ToolkitError, match=r"task_3_x\.pkl: episodes\.episode_0\.rollout_steps\.step_20"
+                                           r"\.observation is a list, expected a dict"):
         list(LiberoDataset(str(data)).episodes())
     task = sample_task(3)
     del task["episodes"]["episode_2"]["rollout_steps"]

@@ -53,6 +53,7 @@ class Limits:
 
     max_elements: int = 10_000_000  # container items built, and values of the result counted as a tree
     max_depth: int = 100  # nesting of containers in the result
+    max_waiting: int = 100_000  # items on the unpickling stack when a new container opens (nesting being built)
     max_bytes: int = 256 * 2**20  # bytes allocated by constructors (arrays, bytes(n)) beyond 2x the file
 
 
@@ -245,6 +246,21 @@ def _adding(opcode: bytes, n: int | None = None) -> Any:
     return load
 
 
+def _opening(opcode: bytes) -> Any:
+    """The stdlib handler of an opcode that pushes a new empty container: charged as one element of ~64
+    bytes, and refused while ``max_waiting`` items already wait on the stack (a list nested 10**6 deep is
+    10**6 empty lists pushed before the first is appended: this stops it early)."""
+    base = pickle._Unpickler.dispatch[opcode[0]]
+
+    def load(self: SafeUnpickler) -> None:
+        if len(self.stack) >= self.limits.max_waiting:
+            raise _TooBig(f"it leaves more than {self.limits.max_waiting:,} items waiting on the unpickling stack "
+                          "(containers nested that deep)")
+        self._spend(64, 1)
+        base(self)
+    return load
+
+
 class SafeUnpickler(pickle._Unpickler):
     """Unpickler whose ``find_class`` resolves only the allow-listed globals and whose allocating opcodes
     are sized against ``Limits`` first (the pure-Python unpickler, so that each opcode can be checked)."""
@@ -323,6 +339,8 @@ class SafeUnpickler(pickle._Unpickler):
                     (pickle.TUPLE, None), (pickle.DICT, None), (pickle.FROZENSET, None), (pickle.APPEND, 1),
                     (pickle.SETITEM, 2), (pickle.TUPLE1, 1), (pickle.TUPLE2, 2), (pickle.TUPLE3, 3)):
         dispatch[_op[0]] = _adding(_op, _n)
+    for _op in (pickle.EMPTY_LIST, pickle.EMPTY_DICT, pickle.EMPTY_SET):
+        dispatch[_op[0]] = _opening(_op)
     dispatch[pickle.REDUCE[0]] = _load_reduce
     dispatch[pickle.NEWOBJ[0]] = _load_newobj
     dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex

@@ -25,13 +25,14 @@ file at a time, when its episodes are reached.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from toolkit import safe_pickle
+from toolkit import fields, safe_pickle
 from toolkit.adapters import ActivationLayout, DatasetAdapter, Episode, Expert, SiteInfo, Step
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
@@ -88,17 +89,45 @@ def _number(key: str, fallback: int) -> int:
     return int(m.group(1)) if m else fallback
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars/arrays in metadata -> JSON-friendly Python values."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+MAX_METADATA_DEPTH = 16
+MAX_METADATA_VALUES = 100_000
+
+
+def _plain(value: Any, where: str) -> Any:
+    """numpy scalars/arrays in metadata -> JSON-friendly Python values, refusing (one line naming ``where``)
+    metadata that refers to itself, nests deeper than ``MAX_METADATA_DEPTH`` or holds more than
+    ``MAX_METADATA_VALUES`` values once shared parts are copied (the store keeps metadata as JSON)."""
+    budget = [MAX_METADATA_VALUES]
+    path: set[int] = set()
+
+    def spend(n: int) -> None:
+        budget[0] -= n
+        if budget[0] < 0:
+            raise ToolkitError(f"{where} holds more than {MAX_METADATA_VALUES:,} values; episode metadata is "
+                               "kept as JSON in the store, keep it small")
+
+    def conv(v: Any, depth: int) -> Any:
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, np.ndarray) and not v.dtype.hasobject:
+            spend(v.size)
+            return v.tolist()
+        if isinstance(v, (dict, list, tuple, np.ndarray)):
+            if id(v) in path:
+                raise ToolkitError(f"{where} refers to itself (a container inside its own contents)")
+            if depth >= MAX_METADATA_DEPTH:
+                raise ToolkitError(f"{where} nests containers more than {MAX_METADATA_DEPTH} levels deep")
+            spend(len(v))
+            path.add(id(v))
+            try:
+                if isinstance(v, dict):
+                    return {str(k): conv(x, depth + 1) for k, x in v.items()}
+                return [conv(x, depth + 1) for x in (v.reshape(-1) if isinstance(v, np.ndarray) else v)]
+            finally:
+                path.discard(id(v))
+        return v
+
+    return conv(value, 0)
 
 
 # --------------------------------------------------------------------------- per-step conversion
@@ -107,6 +136,9 @@ def _plain(value: Any) -> Any:
 def _image(value: Any, where: str) -> np.ndarray:
     """A camera image as (H, W, 3) uint8, from HWC/CHW, a leading batch of 1, gray or float [0, 1]."""
     a = np.asarray(value)
+    if a.dtype.kind not in "biuf":
+        raise ToolkitError(f"{where} is not an image (a {type(value).__name__} of dtype {a.dtype})")
+    fields.image_shape(a.shape, where)  # before any conversion copies it
     while a.ndim == 4 and a.shape[0] == 1:
         a = a[0]
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3, 4):
@@ -136,16 +168,17 @@ def _quat_to_axis_angle(q: np.ndarray) -> np.ndarray:
     return q[:3] * 2.0 * np.arccos(w) / den
 
 
-def _state(obs: Mapping) -> np.ndarray | None:
+def _state(obs: Mapping, where: str) -> np.ndarray | None:
     for key in STATE_KEYS:
         if key in obs and obs[key] is not None:
-            return np.asarray(obs[key], dtype=np.float32).reshape(-1)
+            return fields.vector(obs[key], f"observation.{key}", where)
     if all(k in obs for k in ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")):
         # raw LIBERO env observation: eef position, orientation as axis-angle, gripper joints (8 dims)
-        return np.concatenate([np.asarray(obs["robot0_eef_pos"], dtype=np.float64).reshape(-1),
-                               _quat_to_axis_angle(obs["robot0_eef_quat"]),
-                               np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64).reshape(-1)]
-                              ).astype(np.float32)
+        pos, quat, grip = (fields.vector(obs[k], f"observation.{k}", where)
+                           for k in ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"))
+        if quat.size != 4:
+            raise ToolkitError(f"{where}: observation.robot0_eef_quat has {quat.size} values, expected 4 (x, y, z, w)")
+        return np.concatenate([pos, _quat_to_axis_angle(quat), grip]).astype(np.float32)
     return None
 
 
@@ -325,7 +358,9 @@ class LiberoDataset(DatasetAdapter):
                 rollout = ep["rollout_steps"]
                 order = _ordered(rollout, "step", lambda k: rollout[k].get("timestep"))
                 where = f"{path}: episodes.{ep_key}.rollout_steps"
-                metadata = _plain(dict(ep.get("metadata") or {}))
+                metadata = _plain(dict(ep.get("metadata") or {}), f"{path}: episodes.{ep_key}.metadata")
+                fields.success(metadata.get("success"), f"{path}: episodes.{ep_key}.metadata")
+                _check_vectors(rollout, order, where)  # before any step of the episode is stored
                 yield Episode(
                     key=f"task_{task_id}/episode_{n}",
                     task=name,
@@ -385,6 +420,10 @@ def _layout_from(step: Mapping, recipes: dict[str, Callable], where: str) -> Act
     if "vlm" in streams:
         n_layers, seq, hidden = shape_of("vlm")
         text = list(range(max(0, seq - TEXT_TOKENS), seq))
+        if seq <= TEXT_TOKENS:
+            warnings.warn(f"{where}: the VLM sequence has {seq} tokens, not more than pi0's {TEXT_TOKENS} text tokens, so "
+                          f"the 'text' span is clipped to all {seq} positions and site 'text_only' equals 'vlm' "
+                          "(no image tokens to leave out)", stacklevel=2)
         vspans = {"image": list(range(0, seq - TEXT_TOKENS))} if seq > TEXT_TOKENS else {}
         if seq - TEXT_TOKENS == 3 * IMAGE_TOKENS_PER_VIEW:  # pi0 LIBERO: base, wrist, (padded) second wrist
             vspans["image.base"] = list(range(0, IMAGE_TOKENS_PER_VIEW))
@@ -442,27 +481,38 @@ def _ordered(d: Mapping, prefix: str, fallback: Callable[[str], Any] | None = No
     return [(n, key) for n, _, key in out]
 
 
+def _check_vectors(rollout: Mapping, order: list[tuple[int, str]], where: str) -> None:
+    """Every step's action and state are numeric vectors of the sizes the episode's first step has."""
+    sizes = fields.FieldCheck()
+    for _, key in order:
+        step, w = rollout[key], f"{where}.{key}"
+        obs = step.get("observation") or {}
+        sizes.same_size("action", fields.vector(step.get("action"), "action", w), w, required=True)
+        state = _state(obs, w)
+        sizes.same_size("state", state if state is not None else fields.vector(step.get("state"), "state", w), w)
+
+
 def _iter_steps(rollout: Mapping, order: list[tuple[int, str]], where: str) -> Iterator[Step]:
     for k, key in order:
         step = rollout[key]
         w = f"{where}.{key}"
-        obs = step["observation"]
+        obs = step.get("observation") or {}  # latent-only pickles (``toolkit import``) may have none
         images = {}
         for camera, keys in CAMERAS.items():
             for name in keys:
                 if name in obs and obs[name] is not None:
                     images[camera] = _image(obs[name], f"{w}.observation.{name}")
                     break
-        state = _state(obs)
+        state = _state(obs, w)
         if state is None and step.get("state") is not None:
-            state = np.asarray(step["state"], dtype=np.float32).reshape(-1)
-        action = step.get("action")
+            state = fields.vector(step["state"], "state", w)
+        action = fields.vector(step.get("action"), "action", w)
         recipes = _recipes(step, w)
         yield Step(
             index=k,
             images=images,
             state=state,
-            action=None if action is None else np.asarray(action, dtype=np.float32),
+            action=action,
             activations=LazyActivations(recipes) if recipes else None,
         )
 
@@ -497,16 +547,17 @@ def _validate(task: Any, path: Path) -> None:
             w = f"{where}.rollout_steps.{step_key}"
             if not isinstance(step, Mapping):
                 raise ToolkitError(f"{path}: {w} is a {type(step).__name__}, expected a dict")
-            _need(step, "observation", w, path)
+            if step.get("observation") is not None and not isinstance(step["observation"], Mapping):
+                raise ToolkitError(f"{path}: {w}.observation is a {type(step['observation']).__name__}, "
+                                   "expected a dict")
 
 
 def _task_id(task: Mapping, path: Path) -> int:
-    value = task.get("task_id", _file_task_id(path))
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ToolkitError(f"{path} has no usable 'task_id' (got {value!r}) and its name is not "
-                           "task_{id}_{name}.pkl") from None
+    if "task_id" in task:
+        return fields.task_id(task["task_id"], str(path))
+    if _file_task_id(path) is None:
+        raise ToolkitError(f"{path} has no 'task_id' key and its name is not task_{{id}}_{{name}}.pkl")
+    return fields.task_id(_file_task_id(path), str(path))
 
 
 def _instruction(task: Mapping, path: Path) -> str:
