@@ -50,8 +50,8 @@ def test_help_has_examples():
 @pytest.mark.parametrize("args,message", [
     (["--dataset", "nope"], "unknown dataset 'nope'; known datasets:"),
     (["--data", "does/not/exist"], "does/not/exist"),
-    (["--layers", "99"], "layer 99 is out of range: valid layers are 0-"),
-    (["--tokens", "vlm=pixels"], "unknown span 'pixels'"),
+    (["--layers", "99"], "layer 99 is out of range: available layers at site"),
+    (["--tokens", "vlm=pixels"], "unknown name 'pixels'; names:"),
     (["--sites", "brain"], "has no site 'brain'; sites:"),
     (["--streams", "nope"], "has no stream 'nope'"),
     (["--max-episodes", "0"], "empty"),

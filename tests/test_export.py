@@ -75,7 +75,7 @@ def test_pt_selection_and_visualize(store, tmp_path):
 @pytest.mark.parametrize("args, match", [
     (["--format", "h5"], "Invalid value for '--format'"),
     (["--site", "vision"], "store has no site 'vision'; sites:"),
-    (["--site", "llm", "--layers", "7"], "holds layers 0,1, not 7"),
+    (["--site", "llm", "--layers", "7"], "layer 7 is out of range: available layers at site 'llm' of the store: 0,1"),
     (["--stream", "mlp_out"], "has none of the streams mlp_out"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(store, tmp_path, args, match):

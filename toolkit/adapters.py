@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from toolkit.checkpoint import LoadReport
+from toolkit.cli_options import parse_options
 from toolkit.errors import ToolkitError
 
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,10 +63,14 @@ class DatasetAdapter(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # The adapter's ``--dataset-option``s, typed (see ``ModelAdapter.Options``); None: the adapter checks its own.
+    Options: ClassVar[type | None] = None
 
     def __init__(self, data: str | None = None, **options: Any) -> None:
         self.data = data
         self.options = options
+        # the declared options, validated and converted, defaults filled in (as given when none are declared)
+        self.opts = parse_options(type(self), options, f"dataset {self.name!r}")
 
     @abc.abstractmethod
     def episodes(self) -> Iterator[Episode]:
@@ -177,7 +182,11 @@ class ModelAdapter(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    # The adapter's ``--model-option`` names and defaults; an unknown name is an error (None: accept any).
+    # The adapter's ``--model-option``s, typed: a ``toolkit.cli_options.AdapterOptions`` (pydantic) model whose
+    # fields give names, types, defaults, help and validation; ``self.opts`` then holds the converted values,
+    # and `toolkit plugins --verbose` / `toolkit extract --model NAME --help` list them.
+    Options: ClassVar[type | None] = None
+    # The older, untyped form: names and defaults, values passed through as given (None: accept any name).
     option_defaults: ClassVar[dict[str, Any] | None] = None
 
     def __init__(
@@ -192,11 +201,7 @@ class ModelAdapter(abc.ABC):
         random_weights: bool = False,
         **options: Any,
     ) -> None:
-        if self.option_defaults is not None:
-            unknown = sorted(set(options) - set(self.option_defaults))
-            if unknown:
-                raise ToolkitError(f"{self.name} has no option {unknown[0]!r}; options: "
-                                   f"{', '.join(self.option_defaults) or 'none'}")
+        opts = parse_options(type(self), options, self.name)
         if dtype not in MODEL_DTYPES:
             raise ToolkitError(f"unknown model dtype {dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
         self.checkpoint = checkpoint
@@ -213,7 +218,7 @@ class ModelAdapter(abc.ABC):
         self.load_report: LoadReport | None = None
         self.options = options
         # the adapter's options with their defaults filled in (None given = the default)
-        self.opts = {**(self.option_defaults or {}), **{k: v for k, v in options.items() if v is not None}}
+        self.opts = opts
         self._warned: set[str] = set()
 
     def warn_once(self, message: str) -> None:

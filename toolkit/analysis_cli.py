@@ -17,7 +17,7 @@ from toolkit.errors import ToolkitError
 STATS_EXAMPLES = """
 \b
 Examples:
-  toolkit stats stores/robovlms.zarr                       # the context site (if any), every layer
+  toolkit stats stores/robovlms.zarr                       # the store's first site (context), every layer
   toolkit stats stores/robovlms.zarr --site text --layer 23 --json
   toolkit stats stores/robovlms.zarr --out reports/ctx     # stats.json + stats.md (+ per-feature arrays)
 """
@@ -57,19 +57,21 @@ def _write(out: Path, name: str, text: str) -> Path:
 
 @click.command(epilog=STATS_EXAMPLES)
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--site", help="Capture site (default: context if the store has it, else its first site).")
-@click.option("--stream", help="Stream (default resid_post, else the site's first).")
-@click.option("--layer", "layers", multiple=True, help="Layers: all (default) | 0,5 | 0-5 | -1.")
+@click.option("--site", "--sites", "site", help="Capture site (default: the store's first site).")
+@click.option("--stream", "--streams", "stream", help="Stream (default resid_post, else the site's first).")
+@click.option("--layer", "--layers", "layers", multiple=True,
+              help="Layers: all (default) | 0,5 | 0-5 | 3- | -1 (the last stored).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar (shown on a terminal).")
 @click.option("--dead-eps", default=1e-6, show_default=True, help="|x| at or below this counts as zero.")
 @click.option("--outlier-z", default=6.0, show_default=True, help="Robust z-score (median/MAD) of an outlier feature.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the Markdown report.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write stats.json, stats.md and features.npz here.")
-def stats_command(store, site, stream, layers, dead_eps, outlier_z, as_json, out):
+def stats_command(store, site, stream, layers, no_progress, dead_eps, outlier_z, as_json, out):
     """Shape, dtype, global and per-feature mean/std/min/max, dead/constant/outlier features of a site."""
     from toolkit.stats import stats_markdown, store_stats
 
-    rep = store_stats(str(store), site, stream, _layers(layers), dead_eps=dead_eps, outlier_z=outlier_z,
-                      per_feature=out is not None)
+    rep = store_stats(str(store), site, stream, _layers(layers), progress=False if no_progress else None,
+                      dead_eps=dead_eps, outlier_z=outlier_z, per_feature=out is not None)
     features = {k: v.pop("features") for k, v in rep["layers"].items() if "features" in v}
     md = stats_markdown(rep)
     if out is not None:
@@ -88,9 +90,11 @@ def stats_command(store, site, stream, layers, dead_eps, outlier_z, as_json, out
 @click.command(epilog=COMPARE_EXAMPLES)
 @click.argument("store_a", type=click.Path(path_type=Path))
 @click.argument("store_b", type=click.Path(path_type=Path))
-@click.option("--site", help="Capture site (default: context if present, else the first site).")
-@click.option("--stream", help="Stream (default resid_post, else the site's first).")
-@click.option("--layer", "layers", multiple=True, help="Layers: all (default) | 0,5 | 0-5 | -1.")
+@click.option("--site", "--sites", "site", help="Capture site (default: the first store's first site).")
+@click.option("--stream", "--streams", "stream", help="Stream (default resid_post, else the site's first).")
+@click.option("--layer", "--layers", "layers", multiple=True,
+              help="Layers: all (default) | 0,5 | 0-5 | 3- | -1 (the last stored).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar (shown on a terminal).")
 @click.option("--bins", default=64, show_default=True, help="Histogram bins for KL and Wasserstein.")
 @click.option("--exact-samples", default=0, show_default=True,
               help="Also compute per-feature Wasserstein with scipy on this many sampled rows per store.")
@@ -99,14 +103,15 @@ def stats_command(store, site, stream, layers, dead_eps, outlier_z, as_json, out
               help="Report folder (default reports/compare_<A>_vs_<B>): compare.json, compare.md, figures.")
 @click.option("--no-figures", is_flag=True, help="Skip the figures.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the Markdown report.")
-def compare_command(store_a, store_b, site, stream, layers, bins, exact_samples, seed, out, no_figures, as_json):
+def compare_command(store_a, store_b, site, stream, layers, no_progress, bins, exact_samples, seed, out, no_figures,
+                    as_json):
     """Compare one site of two stores: KL, Wasserstein, mean/std shifts, dead-neuron overlap, figures."""
     from toolkit.stats import compare_figures, compare_markdown, compare_stores, strip_arrays
 
     if bins < 2:
         raise ToolkitError(f"--bins must be at least 2, got {bins}")
     rep = compare_stores(str(store_a), str(store_b), site, stream, _layers(layers), bins=bins,
-                         exact_samples=exact_samples, seed=seed)
+                         exact_samples=exact_samples, seed=seed, progress=False if no_progress else None)
     out = out or Path("reports") / f"compare_{store_a.name.removesuffix('.zarr')}_vs_{store_b.name.removesuffix('.zarr')}"
     out.mkdir(parents=True, exist_ok=True)
     figures = {} if no_figures else compare_figures(rep, out)
@@ -124,9 +129,9 @@ def compare_command(store_a, store_b, site, stream, layers, bins, exact_samples,
 
 @click.command(epilog=PROJECTION_EXAMPLES)
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--site", help="Capture site (default: context if present, else the first site).")
-@click.option("--stream", help="Stream (default resid_post, else the site's first).")
-@click.option("--layer", default="-1", show_default=True, help="One layer (-1: the last stored).")
+@click.option("--site", "--sites", "site", help="Capture site (default: the store's first site).")
+@click.option("--stream", "--streams", "stream", help="Stream (default resid_post, else the site's first).")
+@click.option("--layer", "--layers", "layer", default="-1", show_default=True, help="One layer (-1: the last stored).")
 @click.option("--method", type=click.Choice(["pca", "tsne", "umap"]), default="pca", show_default=True,
               help="umap needs umap-learn (pip install 'toolkit[umap]').")
 @click.option("--color", type=click.Choice(["task", "episode", "success"]), default="task", show_default=True)
@@ -140,8 +145,8 @@ def projection_command(store, site, stream, layer, method, color, max_samples, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from toolkit.spec import store_layers
-    from toolkit.stats import project, sample_vectors, site_stream
+    from toolkit.spec import store_layers, store_site_stream
+    from toolkit.stats import project, sample_vectors
     from toolkit.store import open_store
 
     if method == "umap":
@@ -151,7 +156,7 @@ def projection_command(store, site, stream, layer, method, color, max_samples, s
             raise ToolkitError("--method umap needs umap-learn, which is not installed: pip install 'toolkit[umap]' "
                                "(or use --method pca or tsne)")
     s = open_store(store)
-    site, stream = site_stream(s, site, stream)
+    site, stream = store_site_stream(s, site, stream)
     picked = store_layers(s, site, "-1" if layer == "last" else layer)
     if len(picked) != 1:
         raise ToolkitError(f"--layer {layer!r} selects {len(picked)} layers; a projection takes one (e.g. -1)")
@@ -200,11 +205,32 @@ def dataset_summary(ds: Any) -> dict[str, Any]:
             "by_task": dict(sorted(tasks.items())), "instructions": dict(instructions.most_common())}
 
 
-def _table(title: str, counts: dict[str, Any] | None) -> list[str]:
-    if not counts:
-        return []
-    width = max(len(str(k)) for k in counts)
-    return ["", f"{title}:", *(f"  {str(k):<{width}}  {v}" for k, v in counts.items())]
+# The keys `dataset_summary` itself writes (the header); every other key a dataset's ``summary()`` returns is
+# printed generically, so a new dataset adapter needs no change here.
+HEADER_KEYS = ("dataset", "data", "n_episodes", "n_bad_files", "frames")
+
+
+def _title(key: str) -> str:
+    words = key.replace("_", " ")
+    return f"episodes {words}" if key.startswith("by_") else words
+
+
+def _section(title: str, value: Any, indent: str = "") -> list[str]:
+    """One summary entry: a scalar on one line, a dict as an aligned table (nested dicts indented), a list as rows."""
+    if isinstance(value, dict):
+        if not value:
+            return []
+        width = max(len(str(k)) for k in value)
+        lines = ["", f"{indent}{title}:"] if not indent else [f"{indent}{title}:"]
+        for k, v in value.items():
+            if isinstance(v, (dict, list)) and v:
+                lines += _section(_title(str(k)), v, indent + "  ")
+            else:
+                lines.append(f"{indent}  {str(k):<{width}}  {v}")
+        return lines
+    if isinstance(value, list):
+        return ["", f"{indent}{title}:", *(f"{indent}  {v}" for v in value)] if value else []
+    return [f"{indent}{title}: {value}"]
 
 
 def summary_text(rep: dict[str, Any]) -> str:
@@ -212,17 +238,9 @@ def summary_text(rep: dict[str, Any]) -> str:
     lines = [f"dataset {rep.get('dataset')} at {rep.get('data')}: {rep.get('n_episodes')} episodes"
              + (f" ({rep['n_bad_files']} bad files skipped)" if rep.get("n_bad_files") else ""),
              f"frames: total {f.get('total')}, per episode min {f.get('min')} / mean {f.get('mean')} / max {f.get('max')}"]
-    for key, title in (("by_task", "episodes by task"), ("by_direction", "episodes by direction"),
-                       ("by_layout", "episodes by layout"), ("instructions", "instructions"),
-                       ("instruction_sources", "instruction source"), ("event_types", "action event types"),
-                       ("image_shapes", "image shapes"), ("bad_files", "bad files")):
-        lines += _table(title, rep.get(key))
-    plan = rep.get("sampling")
-    if plan:
-        lines += ["", f"sampling plan: {plan['n_episodes']} episodes x "
-                      f"{plan['frames_per_episode'] or 'all'} frames = {plan['n_frames']} frames"
-                      + (f", stratified by {plan['stratify_by']} (seed {plan['seed']})" if plan["stratify_by"] else "")]
-        lines += _table("  selected per stratum", plan.get("by_stratum"))
+    for key, value in rep.items():
+        if key not in HEADER_KEYS and value is not None:
+            lines += _section(_title(key), value)
     return "\n".join(lines)
 
 

@@ -10,18 +10,25 @@ from pathlib import Path
 
 import click
 
-from toolkit.cli_options import key_values
+from toolkit.cli_options import (
+    PluginOptionsCommand,
+    key_values,
+    pick_store,
+    plugin_option_values,
+    split_csv,
+    store_argument,
+)
 from toolkit.errors import ToolkitError
 
 EXTRACT_EXAMPLES = """
 \b
 Examples:
-  toolkit extract --model pi0 --dataset libero --store stores/libero.zarr
-  toolkit extract --model pi0 --dataset libero --data data/inference_latents \\
+  toolkit extract stores/libero.zarr --model pi0 --dataset libero
+  toolkit extract stores/pi0_libero.zarr --model pi0 --dataset libero --data data/inference_latents \\
       --checkpoint lerobot/pi0 --device cuda --model-dtype bfloat16 \\
-      --sites vlm,action --layers all --layers action=0,8,17 --tokens vlm=text --pool mean \\
-      --store stores/pi0_libero.zarr
+      --site vlm,action --layer all --layer action=0,8,17 --tokens vlm=text --pool mean
   toolkit extract ... --resume      # continue a run that was interrupted
+  toolkit extract --model pi0 --help   # also list pi0's --model-option names
 """
 
 
@@ -30,41 +37,70 @@ def _fail(e: Exception) -> None:
     sys.exit(2)
 
 
+def _resume_command() -> str:
+    """The command line that was run, with --resume instead of --overwrite."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    return shlex.join(["toolkit", *args, *([] if "--resume" in args else ["--resume"])])
+
+
 class ToolkitGroup(click.Group):
-    """Turns ToolkitError into one line on stderr and exit code 2."""
+    """Turns ToolkitError into one line on stderr and exit code 2; an interrupted run (SIGINT, SIGTERM, SIGHUP)
+    into one line with the committed count and the --resume command, exit code 128 + the signal number."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except ToolkitError as e:
             _fail(e)
+        except KeyboardInterrupt as e:
+            msg = str(e) or "interrupted"
+            if hasattr(e, "signum"):  # toolkit.extract.Interrupted: the store is resumable
+                msg += f"; continue with: {_resume_command()}"
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(getattr(e, "exit_code", 130))
 
 
 @click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="toolkit")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug information.")
-def cli(verbose: bool) -> None:
+@click.option("--threads", type=int, help="CPU threads for torch and BLAS (default: OMP_NUM_THREADS, else the "
+                                            "container's CPU quota).")
+def cli(verbose: bool, threads: int | None) -> None:
     """Look inside Vision-Language-Action robot policies: capture hidden states into Zarr stores, probe them.
 
     \b
     toolkit plugins                                          what models and datasets are installed
-    toolkit extract --model pi0 --dataset libero --store stores/libero.zarr
+    toolkit extract stores/libero.zarr --model pi0 --dataset libero
     toolkit info stores/libero.zarr                          what a store holds
     """
+    from toolkit.compute import set_threads
+
+    set_threads(threads)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
 @cli.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins_command(as_json: bool) -> None:
+@click.option("--verbose", "-v", "verbose", is_flag=True, help="Also list each adapter's options and plugin flags.")
+def plugins_command(as_json: bool, verbose: bool) -> None:
     """List model adapters, dataset adapters and probe targets, and the plugin providing each."""
-    from toolkit.plugins import registry
+    from toolkit.cli_options import describe_options
+    from toolkit.plugins import cli_options, registry
 
     reg = registry()
     if as_json:
-        click.echo(json.dumps({kind: [{"name": r.name, "plugin": r.plugin, "description": r.description}
-                                      for r in entries.values()] for kind, entries in reg.items()}, indent=2))
+        def entry(r):
+            out = {"name": r.name, "plugin": r.plugin, "description": r.description}
+            if verbose and r.kind != "target":
+                out["options"] = [{"name": d.name, "type": d.type, "default": d.default, "help": d.help}
+                                  for d in describe_options(r.obj)]
+            return out
+
+        click.echo(json.dumps({kind: [entry(r) for r in entries.values()] for kind, entries in reg.items()},
+                              indent=2, default=str))
         return
     for kind, entries in reg.items():
         click.echo(f"{kind}s:")
@@ -72,16 +108,26 @@ def plugins_command(as_json: bool) -> None:
             click.echo("  (none)")
         for r in sorted(entries.values(), key=lambda r: r.name):
             click.echo(f"  {r.name:<14} {r.description}  [{r.plugin}]")
+            if verbose and kind != "target":
+                for d in describe_options(r.obj):
+                    default = "" if d.default is None else f" (default {d.default})"
+                    click.echo(f"      {d.name}={d.type}{default}" + (f"  {d.help}" if d.help else ""))
+    if verbose:
+        for command in ("extract", "import"):
+            for o in cli_options(command):
+                click.echo(f"plugin flag: toolkit {command} {o.flag}  -> {o.target} option {o.key}: {o.help}")
 
 
 def _selection_options(f):
     opts = [
-        click.option("--sites", help="Comma-separated capture sites (default: all of the model's sites)."),
-        click.option("--layers", multiple=True, help="Layers: all | 0,5,17 | 0-5 | -1; SITE=SPEC for one site."),
+        click.option("--site", "--sites", "sites", multiple=True,
+                     help="Capture sites, comma-separated (default: all of the model's sites)."),
+        click.option("--layer", "--layers", "layers", multiple=True,
+                     help="Layers: all | 0,5,17 | 0-5 | 3- | -1 (the last); SITE=SPEC for one site."),
         click.option("--tokens", multiple=True,
                      help="Tokens: all | last | span (image, text, state, actions, ...) | 0,5,-1; SITE=SPEC."),
         click.option("--pool", multiple=True, help="Pooling over the kept tokens: none | mean | last; SITE=SPEC."),
-        click.option("--streams", multiple=True,
+        click.option("--stream", "--streams", "streams", multiple=True,
                      help="Streams: resid_post (hidden_states), resid_mid (post_attn), resid_pre, attn_out, "
                           "mlp_out, pre_attn_norm_scale, pre_mlp_norm_scale, all; SITE=SPEC."),
         click.option("--dtype", "dtype", default="float16", show_default=True,
@@ -105,11 +151,10 @@ def _multi(values):
     return list(values) if values else None
 
 
-@cli.command("extract", epilog=EXTRACT_EXAMPLES)
-@click.option("--model", default="pi0", show_default=True, help="Model adapter (see `toolkit plugins`).")
+@cli.command("extract", cls=PluginOptionsCommand, epilog=EXTRACT_EXAMPLES)
+@store_argument
+@click.option("--model", default="pi0", show_default=True, help="Model adapter (see `toolkit plugins --verbose`).")
 @click.option("--dataset", default="libero", show_default=True, help="Dataset adapter (see `toolkit plugins`).")
-@click.option("--store", default="stores/libero.zarr", show_default=True, type=click.Path(path_type=Path),
-              help="Zarr store to create.")
 @click.option("--checkpoint", help="Checkpoint path or hub id (default: a small random model, for smoke tests).")
 @click.option("--data", help="Dataset path (default: the dataset adapter's embedded sample).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda, cuda:1.")
@@ -118,65 +163,66 @@ def _multi(values):
 @click.option("--batch-size", default=1, show_default=True, help="Policy calls batched together.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights and sampling noise.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code to run.")
+@click.option("--allow-missing", is_flag=True,
+              help="Run although the checkpoint lacks model weights (they stay random; their names are stored).")
+@click.option("--random-weights", is_flag=True,
+              help="Use the checkpoint's architecture with seeded random weights (a baseline; store says random_init).")
 @click.option("--model-option", multiple=True, help="Adapter-specific KEY=VALUE option.")
 @click.option("--dataset-option", multiple=True, help="Dataset-specific KEY=VALUE option.")
-@click.option("--suite", help="Simulator datasets (libero-sim): LIBERO suite, e.g. libero_object "
-                              "(= --dataset-option suite=...).")
-@click.option("--tasks", help="Task ids, e.g. 0-4 or 0,2 (= --dataset-option tasks=...).")
-@click.option("--trials", type=int, help="libero-sim: episodes per task, trial i from init state i.")
-@click.option("--replan-steps", type=int, help="libero-sim: actions of each chunk executed before the next call.")
-@click.option("--save-video", is_flag=True, help="libero-sim: one MP4 per episode in STORE's stem + '_videos/'.")
 @_selection_options
-def extract_command(model, dataset, store, checkpoint, data, device, model_dtype, batch_size, seed, trust_remote_code,
-                    model_option, dataset_option, suite, tasks, trials, replan_steps, save_video, sites, layers,
+def extract_command(model, dataset, store, store_option, checkpoint, data, device, model_dtype, batch_size, seed,
+                    trust_remote_code, allow_missing, random_weights, model_option, dataset_option, sites, layers,
                     tokens, pool, streams, dtype, codec, chunk_samples, max_episodes, max_steps, stride, resume,
-                    overwrite, no_progress):
-    """Run a policy over a dataset and stream the chosen hidden states into a Zarr store.
+                    overwrite, no_progress, **plugin_flags):
+    """Run a policy over a dataset and stream the chosen hidden states into the Zarr STORE
+    (default stores/libero.zarr).
 
     For a closed-loop dataset (libero-sim: the policy acts in the simulator) --max-steps counts environment
     steps per episode and --stride keeps every N-th policy call (the policy runs at every call).
+    `toolkit extract --model NAME --dataset NAME --help` also lists those adapters' options.
     """
     from toolkit.extract import extract
 
-    # first-class shorthands for dataset options
-    shorthand = {"suite": suite, "tasks": tasks, "trials": trials, "replan_steps": replan_steps,
-                 "video_dir": str(store.parent / f"{store.name.removesuffix('.zarr')}_videos") if save_video else None}
-    dataset_options = {k: v for k, v in shorthand.items() if v is not None}
-    dataset_options.update(key_values(dataset_option, "--dataset-option"))
-
+    store = pick_store(store, store_option, default=Path("stores/libero.zarr"))
+    flags = plugin_option_values("extract", plugin_flags, store)
     path = extract(
         model=model, dataset=dataset, store=store, checkpoint=checkpoint, data=data, device=device,
-        model_dtype=model_dtype, sites=sites.split(",") if sites else None, layers=_multi(layers),
+        model_dtype=model_dtype, sites=split_csv(sites), layers=_multi(layers),
         tokens=_multi(tokens), pool=_multi(pool), streams=_multi(streams), dtype=dtype, codec=codec,
         batch_size=batch_size, seed=seed, max_episodes=max_episodes, max_steps=max_steps, stride=stride,
         chunk_samples=chunk_samples, resume=resume, overwrite=overwrite, progress=not no_progress,
-        trust_remote_code=trust_remote_code, model_options=key_values(model_option, "--model-option"),
-        dataset_options=dataset_options,
+        trust_remote_code=trust_remote_code, allow_missing=allow_missing, random_weights=random_weights,
+        model_options={**flags["model"], **key_values(model_option, "--model-option")},
+        dataset_options={**flags["dataset"], **key_values(dataset_option, "--dataset-option")},
     )
     click.echo(f"wrote {path}  (look inside: toolkit info {path})")
 
 
-@cli.command("import", epilog="""
+@cli.command("import", cls=PluginOptionsCommand, epilog="""
 \b
 Example:
-  toolkit import --dataset libero --data data/inference_latents --store stores/latents.zarr --tokens vlm=text
+  toolkit import stores/latents.zarr --dataset libero --data data/inference_latents --tokens vlm=text
 """)
+@store_argument
 @click.option("--dataset", default="libero", show_default=True, help="Dataset adapter whose data carries latents.")
 @click.option("--data", help="Dataset path (default: the adapter's embedded sample).")
-@click.option("--store", required=True, type=click.Path(path_type=Path), help="Zarr store to create.")
 @click.option("--dataset-option", multiple=True, help="Dataset-specific KEY=VALUE option.")
 @_selection_options
-def import_command(dataset, data, store, dataset_option, sites, layers, tokens, pool, streams, dtype, codec,
-                   chunk_samples, max_episodes, max_steps, stride, resume, overwrite, no_progress):
-    """Store activations a dataset already carries (e.g. LIBERO latent pickles) without running a model."""
+def import_command(store, store_option, dataset, data, dataset_option, sites, layers, tokens, pool, streams, dtype,
+                   codec, chunk_samples, max_episodes, max_steps, stride, resume, overwrite, no_progress,
+                   **plugin_flags):
+    """Store activations a dataset already carries (e.g. LIBERO latent pickles) in the new Zarr STORE,
+    without running a model."""
     from toolkit.extract import import_latents
 
+    store = pick_store(store, store_option)
+    flags = plugin_option_values("import", plugin_flags, store)
     path = import_latents(
-        dataset=dataset, store=store, data=data, sites=sites.split(",") if sites else None, layers=_multi(layers),
+        dataset=dataset, store=store, data=data, sites=split_csv(sites), layers=_multi(layers),
         tokens=_multi(tokens), pool=_multi(pool), streams=_multi(streams), dtype=dtype, codec=codec,
         max_episodes=max_episodes, max_steps=max_steps, stride=stride, chunk_samples=chunk_samples,
         resume=resume, overwrite=overwrite, progress=not no_progress,
-        dataset_options=key_values(dataset_option, "--dataset-option"),
+        dataset_options={**flags["dataset"], **key_values(dataset_option, "--dataset-option")},
     )
     click.echo(f"wrote {path}  (look inside: toolkit info {path})")
 
@@ -194,6 +240,7 @@ def _human_bytes(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 def info_command(store, as_json):
     """Summarise a store: provenance, samples, episodes, sites, streams, shapes and sizes."""
+    from toolkit.spec import format_indices
     from toolkit.store import open_store
 
     s = open_store(store).summary()
@@ -213,7 +260,7 @@ def info_command(store, as_json):
     for site, info in s["sites"].items():
         layers = info["layers"]
         extra = f"  t={info['denoise_t']}" if "denoise_t" in info else ""
-        click.echo(f"site {site:<9} expert={info.get('expert')}  layers={_compact(layers)}{extra}")
+        click.echo(f"site {site:<9} expert={info.get('expert')}  layers={format_indices(layers)}{extra}")
         for stream, a in info["streams"].items():
             raw = 1
             for d in a["shape"]:
@@ -222,21 +269,18 @@ def info_command(store, as_json):
                        f"{a['dtype']}  {_human_bytes(a['stored_bytes'])} on disk")
 
 
-def _compact(values: list[int]) -> str:
-    if values and values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
-        return f"{values[0]}-{values[-1]}"
-    return ",".join(map(str, values))
-
-
 # Commands that live in their own modules: (module, function, command name).
 COMMAND_MODULES = [
     ("toolkit.probe_cli", "probe_command", "probe"),
     ("toolkit.probe_cli", "report_command", "report"),
     ("toolkit.export_cli", "export_command", "export"),
+    ("toolkit.verify_cli", "verify_command", "verify"),
     ("toolkit.analysis_cli", "stats_command", "stats"),
     ("toolkit.analysis_cli", "compare_command", "compare"),
     ("toolkit.analysis_cli", "projection_command", "projection"),
     ("toolkit.analysis_cli", "dataset_stats_command", "dataset-stats"),
+    ("toolkit.intervene_cli", "intervene_command", "intervene"),
+    ("toolkit.separation", "separation_command", "separation"),
 ]
 
 

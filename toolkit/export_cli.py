@@ -6,12 +6,8 @@ from pathlib import Path
 
 import click
 
+from toolkit.cli_options import split_csv
 from toolkit.export import FORMATS, export
-
-
-def _split(values) -> list[str] | None:
-    out = [v.strip() for item in values for v in item.split(",") if v.strip()]
-    return out or None
 
 
 @click.command("export", epilog="""
@@ -24,13 +20,15 @@ Examples:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder to create: OUT/<episode>/step_NNNN/<site>.layers.<L>.<stream>.<format> + step_metadata.json.")
 @click.option("--format", "fmt", default="npy", show_default=True, type=click.Choice(FORMATS), help="File format.")
-@click.option("--site", multiple=True, help="Sites to export (default: all).")
-@click.option("--stream", multiple=True, help="Streams to export, e.g. resid_post,resid_pre (default: all).")
-@click.option("--layers", help="Layers to export: all | 0,5,-1 (stored layer numbers; -1 = the last stored).")
+@click.option("--site", "--sites", "site", multiple=True, help="Sites to export (default: all).")
+@click.option("--stream", "--streams", "stream", multiple=True,
+              help="Streams to export, e.g. resid_post,resid_pre (default: all).")
+@click.option("--layer", "--layers", "layers",
+              help="Layers to export: all | 0,5,-1 | 3- (stored layer numbers; -1 = the last stored).")
 @click.option("--visualize", is_flag=True, help="Also write PCA plots per step and per episode (PNG).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def export_command(store, out, fmt, site, stream, layers, visualize, overwrite):
     """Write a store's activations as one file per step, layer and stream (the OpenVLA cache script's layout)."""
-    path = export(store, out, format=fmt, sites=_split(site), streams=_split(stream), layers=layers,
+    path = export(store, out, format=fmt, sites=split_csv(site), streams=split_csv(stream), layers=layers,
                   visualize=visualize, overwrite=overwrite)
     click.echo(f"exported {path}")

@@ -26,3 +26,9 @@ def register_datasets(register):
 @hookspec
 def register_targets(register):
     """Register probe targets (label encoders): call ``register(TargetClass)`` for each one."""
+
+
+@hookspec
+def register_cli_options(register):
+    """Add flags to a command: call ``register("extract", CliOption(...))`` (or ``"import"``) for each one;
+    a ``toolkit.cli_options.CliOption`` feeds one dataset or model option, so the core CLI names no plugin."""

@@ -64,6 +64,25 @@ def registry() -> dict[str, dict[str, Registered]]:
     return found
 
 
+def cli_options(command: str) -> tuple:
+    """The ``CliOption`` flags plugins contribute to ``command`` ("extract", "import"), in registration order."""
+    pm = plugin_manager()
+    found: dict[str, tuple] = {}
+    for impl in pm.hook.register_cli_options.get_hookimpls():
+        label = _plugin_label(pm, impl.plugin)
+
+        def register(to, option, _label=label):
+            if to != command:
+                return
+            if option.flag in found:
+                raise ToolkitError(f"plugins {found[option.flag][0]} and {_label} both add {option.flag} to "
+                                   f"`toolkit {command}`")
+            found[option.flag] = (_label, option)
+
+        impl.function(register=register)
+    return tuple(option for _, option in found.values())
+
+
 def _lookup(kind: str, name: str) -> type:
     entries = registry()[kind]
     if name not in entries:

@@ -39,9 +39,8 @@ def parse_tokens(spec: str, spans: dict[str, list[int]], seq_len: int) -> TokenS
         return TokenSelection(None)
     if spec == "last":
         return TokenSelection(None, last_valid=True)
-    parsed = IndexSpec.parse(spec, "token position", names=spans)
-    out = parsed.resolve(seq_len, names=spans, where=f"(the sequence has {seq_len} tokens; spans: "
-                                                    f"{', '.join(['all', 'last', *spans])})")
+    parsed = IndexSpec.parse(spec, "token", names=spans)
+    out = parsed.resolve(seq_len, names=spans, where=f"in a sequence of {seq_len}")
     if not out:
         raise ToolkitError(f"token selection {spec!r} selects no tokens")
     return TokenSelection(tuple(out))

@@ -97,9 +97,11 @@ class IndexSpec:
                 items.append(Item(lo, hi, is_range=True))
             elif part in names:
                 items.append(Item(name=part))
+            elif names and re.fullmatch(r"[A-Za-z_][\w.]*", part):
+                raise ToolkitError(f"{what} selection {text!r}: unknown name {part!r}; names: "
+                                   f"{', '.join(sorted(names))}, or indices: {SYNTAX}")
             else:
-                extra = f"; names: {', '.join(sorted(names))}" if names else ""
-                raise ToolkitError(f"malformed {what} selection {text!r}: {part!r} is not one of {SYNTAX}{extra}")
+                raise ToolkitError(f"malformed {what} selection {text!r}: {part!r} is not one of {SYNTAX}")
         return cls(text, tuple(items), what)
 
     @property
@@ -184,6 +186,22 @@ def parse_indices(spec: Any, what: str = "layer", names: Iterable[str] = ()) -> 
 def resolve_indices(spec: Any, available: Sequence[int] | int, what: str = "layer", where: str = "") -> list[int]:
     """Parse and resolve in one go: ``resolve_indices("-1", store.layers("vlm"))``."""
     return IndexSpec.parse(spec, what).resolve(available, where=where)
+
+
+def store_site_stream(store: Any, site: str | None, stream: str | None) -> tuple[str, str]:
+    """The site (default: the store's first) and stream (default: resid_post where the site has it, else its
+    first) a store-reading command uses, checked against the store."""
+    sites = store.sites
+    if not sites:
+        raise ToolkitError(f"{store.path} holds no capture site")
+    site = sites[0] if site is None else site
+    if site not in sites:
+        raise ToolkitError(f"{store.path} has no site {site!r}; sites: {', '.join(sites)}")
+    streams = store.streams(site)
+    stream = ("resid_post" if "resid_post" in streams else streams[0]) if stream is None else stream
+    if stream not in streams:
+        raise ToolkitError(f"site {site!r} of {store.path} has no stream {stream!r}; streams: {', '.join(streams)}")
+    return site, stream
 
 
 def store_layers(store: Any, site: str, spec: Any) -> list[int]:

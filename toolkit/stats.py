@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.errors import ToolkitError
-from toolkit.spec import store_layers
+from toolkit.spec import store_layers, store_site_stream
 from toolkit.store import Store, decode
 
 KL_EPS = 1e-10
@@ -40,23 +40,6 @@ DEFAULT_BINS = 64
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def site_stream(store: Store, site: str | None, stream: str | None) -> tuple[str, str]:
-    """Resolve the site (default: ``context`` if present, else the only/first site) and stream."""
-    sites = store.sites
-    if not sites:
-        raise ToolkitError(f"{store.path} holds no capture site")
-    if site is None:
-        site = "context" if "context" in sites else sites[0]
-    if site not in sites:
-        raise ToolkitError(f"{store.path} has no site {site!r}; sites: {', '.join(sites)}")
-    streams = store.streams(site)
-    if stream is None:
-        stream = "resid_post" if "resid_post" in streams else streams[0]
-    if stream not in streams:
-        raise ToolkitError(f"site {site!r} of {store.path} has no stream {stream!r}; streams: {', '.join(streams)}")
-    return site, stream
 
 
 def iter_rows(store: Store, site: str, stream: str, layer: int, block: int | None = None) -> Iterator[np.ndarray]:
@@ -242,21 +225,32 @@ def layer_stats(store: Store, site: str, stream: str, layer: int, dead_eps: floa
 
 
 def store_stats(store: Store | str, site: str | None = None, stream: str | None = None, layers: Any = None,
-                **kw: Any) -> dict[str, Any]:
-    """Statistics of every selected layer of one site/stream; a JSON-able dict (``layers`` maps layer -> stats)."""
+                progress: bool | None = False, **kw: Any) -> dict[str, Any]:
+    """Statistics of every selected layer of one site/stream; a JSON-able dict (``layers`` maps layer -> stats).
+    ``progress``: a bar per layer on stderr (None: only on a terminal)."""
     from toolkit.store import open_store
 
     s = open_store(store) if not isinstance(store, Store) else store
-    site, stream = site_stream(s, site, stream)
+    site, stream = store_site_stream(s, site, stream)
     arr = s.array(site, stream)
     out = {"store": str(s.path), "site": site, "stream": stream,
            "dims": list(arr.metadata.dimension_names), "shape": [s.n_samples, *arr.shape[1:]],
            "dtype": arr.attrs.get("stored_dtype") or str(arr.dtype), "n_samples": s.n_samples,
            "model": (s.attrs.get("model") or {}).get("name"), "layers": {}}
     per_feature = kw.pop("per_feature", False)
-    for layer in store_layers(s, site, layers):
+    for layer in _progress(store_layers(s, site, layers), progress, "stats"):
         out["layers"][str(layer)] = layer_stats(s, site, stream, layer, **kw).summary(per_feature)
     return out
+
+
+def _progress(layers: list[int], enabled: bool | None, desc: str):
+    """A bar over the layers (with a total, so an ETA) on stderr; ``enabled=None``: only on a terminal."""
+    if enabled is False:
+        return layers
+    from tqdm.auto import tqdm
+
+    return tqdm(layers, desc=desc, unit="layer", disable=None if enabled is None else not enabled,
+                dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------- comparison
@@ -348,13 +342,13 @@ def reservoir(store: Store, site: str, stream: str, layer: int, k: int, seed: in
 
 
 def compare_stores(a: Store | str, b: Store | str, site: str | None = None, stream: str | None = None,
-                   layers: Any = None, **kw: Any) -> dict[str, Any]:
+                   layers: Any = None, progress: bool | None = False, **kw: Any) -> dict[str, Any]:
     from toolkit.store import open_store
 
     sa = open_store(a) if not isinstance(a, Store) else a
     sb = open_store(b) if not isinstance(b, Store) else b
-    site, stream = site_stream(sa, site, stream)
-    site_stream(sb, site, stream)
+    site, stream = store_site_stream(sa, site, stream)
+    store_site_stream(sb, site, stream)
     la, lb = store_layers(sa, site, layers), set(sb.layers(site))
     common = [v for v in la if v in lb]
     if not common:
@@ -364,7 +358,8 @@ def compare_stores(a: Store | str, b: Store | str, site: str | None = None, stre
             "checkpoint": {"a": (sa.attrs.get("model") or {}).get("checkpoint"),
                            "b": (sb.attrs.get("model") or {}).get("checkpoint")},
             "n_samples": {"a": sa.n_samples, "b": sb.n_samples},
-            "layers": {str(layer): compare_layer(sa, sb, site, stream, layer, **kw) for layer in common}}
+            "layers": {str(layer): compare_layer(sa, sb, site, stream, layer, **kw)
+                       for layer in _progress(common, progress, "compare")}}
 
 
 # --------------------------------------------------------------------------- reports

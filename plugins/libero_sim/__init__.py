@@ -33,12 +33,13 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from toolkit.adapters import DatasetAdapter, Episode, Step
-from toolkit.cli_options import int_option
+from toolkit.cli_options import AdapterOptions, CliOption, parse_options
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 from toolkit_plugins.libero import _state, parse_selection
@@ -53,8 +54,24 @@ NOOP = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # LIBERO's no-op: no motion, grippe
 ACTION_DIM = 7
 CAMERAS = {"agentview": "agentview_image", "wrist": "robot0_eye_in_hand_image"}
 ENV_HORIZON = 10_000  # robosuite's own time limit, set past any max_steps: the loop ends episodes itself
-OPTIONS = ("suite", "tasks", "trials", "max_steps", "replan_steps", "settle_steps", "resolution", "seed",
-           "video_dir", "fps")
+
+
+class LiberoSimOptions(AdapterOptions):
+    """The ``--dataset-option`` names of libero-sim (``toolkit plugins --verbose`` lists them)."""
+
+    suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"] = Field(
+        "libero_object", description="LIBERO suite")
+    tasks: str | None = Field(None, description="task ids of the suite, e.g. 0-4 or 0,2 (default: all)")
+    trials: int = Field(1, ge=1, description="episodes per task; trial i starts from the suite's init state i")
+    max_steps: int | None = Field(None, ge=1, description="environment steps per episode (default: per suite, "
+                                                          "220/280/300/520/400)")
+    replan_steps: int = Field(5, ge=1, description="actions of each chunk executed before the next policy call")
+    settle_steps: int = Field(10, ge=0, description="no-op steps before the first call, to let objects settle")
+    resolution: int = Field(256, ge=16, description="camera height and width in pixels")
+    seed: int = Field(0, ge=0, description="environment seed before each reset (default: extract's --seed)")
+    video_dir: str | None = Field(None, description="write one MP4 per episode (agentview | wrist) here")
+    fps: int = Field(10, ge=1, description="frame rate of the videos")
+
 
 
 def _libero():
@@ -108,34 +125,20 @@ class LiberoSimDataset(DatasetAdapter):
                    "(suite=libero_object, tasks=0-4, trials=3; needs toolkit[sim])")
     closed_loop = True
 
-    def __init__(self, data: str | None = None, suite: str = "libero_object", tasks: Any = None, trials: Any = 1,
-                 max_steps: Any = None, replan_steps: Any = 5, settle_steps: Any = 10, resolution: Any = 256,
-                 seed: Any = 0, video_dir: str | None = None, fps: Any = 10, **options: Any) -> None:
-        if options:
-            raise ToolkitError(f"dataset 'libero-sim' has no option {sorted(options)[0]!r}; options: "
-                               f"{', '.join(OPTIONS)}")
+    Options = LiberoSimOptions
+
+    def __init__(self, data: str | None = None, **options: Any) -> None:
         if data is not None:
             raise ToolkitError("dataset 'libero-sim' runs the simulator and reads no --data; choose episodes "
                                "with --suite, --tasks and --trials")
-        if suite not in SUITE_MAX_STEPS:
-            raise ToolkitError(f"unknown LIBERO suite {suite!r}: use one of {', '.join(SUITE_MAX_STEPS)}")
-        self.suite = suite
-
-        def number(value: Any, name: str, minimum: int) -> int:
-            return int_option(value, "dataset 'libero-sim'", name, minimum, required=True)
-
-        self.trials = number(trials, "trials", 1)
-        self.max_steps = SUITE_MAX_STEPS[suite] if max_steps is None else number(max_steps, "max_steps", 1)
-        self.replan_steps = number(replan_steps, "replan_steps", 1)
-        self.settle_steps = number(settle_steps, "settle_steps", 0)
-        self.resolution = number(resolution, "resolution", 16)
-        self.seed = number(seed, "seed", 0)
-        self.fps = number(fps, "fps", 1)
-        self.video_dir = None if video_dir in (None, "") else Path(video_dir)
-        super().__init__(None, suite=suite, tasks=None if tasks is None else str(tasks), trials=self.trials,
-                         max_steps=self.max_steps, replan_steps=self.replan_steps, settle_steps=self.settle_steps,
-                         resolution=self.resolution, seed=self.seed,
-                         video_dir=None if self.video_dir is None else str(self.video_dir))
+        o = LiberoSimOptions(**parse_options(type(self), options, "dataset 'libero-sim'"))
+        self.suite, tasks, self.trials = o.suite, o.tasks, o.trials
+        self.max_steps = SUITE_MAX_STEPS[o.suite] if o.max_steps is None else o.max_steps
+        self.replan_steps, self.settle_steps, self.resolution = o.replan_steps, o.settle_steps, o.resolution
+        self.seed, self.fps = o.seed, o.fps
+        self.video_dir = None if o.video_dir in (None, "") else Path(o.video_dir)
+        super().__init__(None, **o.model_dump(exclude={"fps"}) | {"max_steps": self.max_steps})
+        suite = self.suite
         self._benchmark, self._get_path, self._env_cls = _libero()
         with contextlib.redirect_stdout(io.StringIO()):  # it prints the task order
             self._suite = self._benchmark.get_benchmark_dict()[suite]()
@@ -271,3 +274,20 @@ class LiberoSimDataset(DatasetAdapter):
 @hookimpl
 def register_datasets(register):
     register(LiberoSimDataset)
+
+
+def _video_dir(flag: bool, store: Path) -> str:
+    return str(store.parent / f"{store.name.removesuffix('.zarr')}_videos")
+
+
+@hookimpl
+def register_cli_options(register):
+    register("extract", CliOption("--suite", "suite", "Simulator datasets (libero-sim): LIBERO suite, e.g. "
+                                  "libero_object"))
+    register("extract", CliOption("--tasks", "tasks", "Task ids, e.g. 0-4 or 0,2"))
+    register("extract", CliOption("--trials", "trials", "libero-sim: episodes per task, trial i from init state i",
+                                  type=int))
+    register("extract", CliOption("--replan-steps", "replan_steps",
+                                  "libero-sim: actions of each chunk executed before the next call", type=int))
+    register("extract", CliOption("--save-video", "video_dir", "libero-sim: one MP4 per episode in STORE's stem + "
+                                  "'_videos/'", is_flag=True, convert=_video_dir))
