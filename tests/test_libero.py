@@ -357,3 +357,23 @@ def test_files_sorted_by_task_id_not_name(tmp_path):
     # a single file works as --data too
     one = next(tmp_path.glob("task_2_*.pkl"))
     assert [e.key for e in LiberoDataset(str(one)).episodes()] == ["task_2/episode_0"]
+
+
+def test_import_needs_no_observation_key(tmp_path):
+    """Latent pickles carry what `toolkit import` stores; a step without 'observation' is fine."""
+    d = tmp_path / "d"
+    path, = write_latent_pickles(d, n_tasks=1, n_episodes=1, n_steps=2, n_layers=2, width=4, n_img=2)
+    task = safe_pickle.load(path)
+    for step in task["episodes"]["episode_0"]["rollout_steps"].values():
+        del step["observation"]
+    path.write_bytes(pickle.dumps(task, protocol=4))
+    s = toolkit.open_store(toolkit.import_latents(dataset="libero", data=str(d), store=tmp_path / "s.zarr",
+                                                  sites=["vlm"], dtype="float32"))
+    assert s.complete and s.n_samples == 2
+
+
+def test_text_span_clipped_by_a_short_sequence_warns(tmp_path):
+    write_latent_pickles(tmp_path, n_tasks=1, n_episodes=1, n_steps=1, n_layers=2, width=4, n_img=4, text=20)
+    with pytest.warns(UserWarning, match=r"24 tokens, not more than pi0's 48 text tokens.*'text_only' equals 'vlm'"):
+        layout = LiberoDataset(str(tmp_path)).activation_layout()
+    assert layout.spans["vlm"]["text"] == list(range(24))
