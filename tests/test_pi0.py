@@ -144,31 +144,6 @@ def test_saved_checkpoint_loads_to_the_same_values(pi0_adapter, full_store, data
     np.testing.assert_array_equal(s.coord("policy_action"), full_store.coord("policy_action"))
 
 
-def test_checkpoint_normalisation_stats(pi0_adapter, batch, tmp_path, monkeypatch):
-    """processor_config.json statistics: state is normalised, actions are mapped back to the env's space."""
-    import json
-
-    import huggingface_hub
-
-    ckpt = tmp_path / "ckpt"
-    pi0_adapter.model.save_pretrained(ckpt)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ToolkitError, match="has no tokenizer .* save the PaliGemma tokenizer") as err:
-        Pi0Adapter(checkpoint=str(ckpt))
-    assert "\n" not in str(err.value)
-    pi0_adapter.tokenizer.save_pretrained(ckpt)
-    mean, std = np.arange(7, dtype=np.float32), np.full(7, 2.0, dtype=np.float32)
-    (ckpt / "processor_config.json").write_text(json.dumps({
-        "processor_class": "PI0Processor", "state_mean": [0.0] * 8, "state_std": [1.0] * 8,
-        "actions_mean": mean.tolist(), "actions_std": std.tolist()}))
-    normed = Pi0Adapter(checkpoint=str(ckpt))
-    inputs = pi0_adapter.prepare(batch)
-    raw = pi0_adapter.run(inputs, generators(3)).actions
-    got = normed.run(normed.prepare(batch), generators(3)).actions
-    np.testing.assert_allclose(got, raw * std + mean, rtol=1e-6, atol=1e-6)
-    assert normed.describe()["normalised"] and not pi0_adapter.describe()["normalised"]
-
-
 def test_bfloat16_model_runs(batch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -210,7 +185,7 @@ def test_unreachable_hub_id_is_one_line_error(monkeypatch):
 
 
 def test_layer_out_of_range_names_the_valid_range(dataset, tmp_path):
-    with pytest.raises(ToolkitError, match=r"layer 6 is out of range: valid layers are 0-5"):
+    with pytest.raises(ToolkitError, match=r"layer 6 is out of range: .*0-5"):
         extract(tmp_path / "bad.zarr", dataset, layers="6")
     assert not (tmp_path / "bad.zarr").exists()
 

@@ -153,16 +153,37 @@ def load_state_dict_files(path: str | Path | Sequence[Path], *, device: str = "c
 
 def safetensors_keys(path: str | Path) -> list[str]:
     """The tensor names of a safetensors checkpoint without reading the tensors (to recognise its layout)."""
+    return list(safetensors_shapes(path))
+
+
+def safetensors_shapes(path: str | Path | Sequence[Path]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape without reading the data: enough to recognise a layout and size an architecture."""
     from safetensors import SafetensorError, safe_open
 
-    keys: list[str] = []
-    for f in weight_files(path):
+    files = list(path) if isinstance(path, (list, tuple)) else weight_files(path)
+    out: dict[str, tuple[int, ...]] = {}
+    for f in files:
         try:
             with safe_open(str(f), framework="pt") as h:
-                keys.extend(h.keys())
+                out.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
-    return keys
+    return out
+
+
+def read_tensors(path: str | Path | Sequence[Path], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Only the named tensors of a safetensors checkpoint (e.g. statistics stored beside the weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = list(path) if isinstance(path, (list, tuple)) else weight_files(path)
+    want, out = set(keys), {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                out.update({k: h.get_tensor(k) for k in h.keys() if k in want})
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
+    return out
 
 
 def remap_keys(state_dict: Mapping[str, Any], rules: Sequence[tuple[str, str]]) -> dict[str, Any]:

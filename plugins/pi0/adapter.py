@@ -9,8 +9,10 @@ is built (smoke tests only).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,14 +23,23 @@ import torch
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.capture import DECODER_STREAMS
+from toolkit.checkpoint import CheckpointError, load_into, load_state_dict_files, read_tensors, safetensors_shapes, weight_files
 from toolkit.errors import ToolkitError
 from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
+from toolkit_plugins.pi0 import layouts, normalise
 
 log = logging.getLogger("toolkit.pi0")
 
 PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-OPTIONS = {"action_dim": 7, "max_text_tokens": 48, "cameras": None, "num_steps": None}
+OPTIONS = {"action_dim": 7, "max_text_tokens": 48, "cameras": None, "num_steps": None,
+           # a local PaliGemma tokenizer (directory or tokenizer.model); statistics file/dir; False: raw state/actions
+           "tokenizer": None, "stats": None, "normalise": True}
+TOKENIZER_HELP = ("download the PaliGemma tokenizer (hub repo google/paligemma-3b-pt-224, gated: accept its licence; "
+                  "files tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json) into a "
+                  "directory and pass --model-option tokenizer=DIR, or put the files into the checkpoint directory")
+CONVERT_HELP = ("convert it first with openpi's examples/convert_jax_model_to_pytorch.py --checkpoint_dir CKPT "
+                "--config_name <its openpi config, e.g. pi0_libero> --output_path OUT, then pass --checkpoint OUT")
 
 # The small random pi0: the real architecture at toy sizes.  The VLM and the action expert must share
 # the number of layers, KV heads and head_dim (the action expert reuses the VLM's cache per layer).
@@ -68,24 +79,15 @@ def build_tiny_model(seed: int):
 
 
 
-def _normalisation_stats(checkpoint: Path) -> dict[str, np.ndarray]:
-    """state/actions mean and std from a checkpoint dir's processor config, if any."""
-    keys = ("state_mean", "state_std", "actions_mean", "actions_std")
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        f = checkpoint / name
-        if not f.is_file():
-            continue
-        try:
-            cfg = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            raise ToolkitError(f"cannot read {f}: {one_line(e)}") from None
-        for d in [cfg, *(v for v in cfg.values() if isinstance(v, dict))]:
-            if all(d.get(k) is not None for k in keys):
-                return {k: np.asarray(d[k], dtype=np.float32) for k in keys}
-    return {}
-
-
-
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ToolkitError(f"pi0 option {name} must be true or false, got {value!r}")
 
 
 class Pi0Adapter(ModelAdapter):
@@ -100,16 +102,24 @@ class Pi0Adapter(ModelAdapter):
         super().__init__(checkpoint, device, dtype, seed, trust_remote_code, **options)
         opts = self.opts
         torch_dtype = self.torch_dtype
-        self.stats: dict[str, np.ndarray] = {}
+        self.normalise_enabled = _flag(opts["normalise"], "normalise")
+        self.norm: normalise.Normalisation | None = None
+        self.layout: str | None = None
         if checkpoint is None:
             warnings.warn(RANDOM_WARNING, stacklevel=2)
             self.model = build_tiny_model(seed)
-            self.tokenizer = llama_tokenizer()
+            self.tokenizer = self._load_tokenizer(None) if opts["tokenizer"] else llama_tokenizer()
         else:
-            self.model = self._load(checkpoint, torch_dtype)
-            self.tokenizer = self._load_tokenizer(checkpoint)
-            local = Path(checkpoint).expanduser()
-            self.stats = _normalisation_stats(local) if local.is_dir() else {}
+            directory, files = self._resolve(checkpoint)
+            self.model, meta, buffers = self._load(checkpoint, files, layouts.read_meta(directory), torch_dtype)
+            self.tokenizer = self._load_tokenizer(directory)
+            if self.normalise_enabled:
+                self.norm = (normalise.find(directory, meta, opts["stats"])
+                             or normalise.buffer_stats(buffers, meta, str(files[0])))
+                if self.norm is None:
+                    self.warn_once(f"pi0: {checkpoint} has no normalisation statistics (no lerobot processor files, "
+                                   "no openpi assets/*/norm_stats.json): the state goes in raw and the actions are "
+                                   "stored in the policy's normalised units; give them with --model-option stats=PATH")
         try:
             cast_model(self.model, self.device, torch_dtype)
         except (RuntimeError, AssertionError) as e:
@@ -131,38 +141,92 @@ class Pi0Adapter(ModelAdapter):
 
     # loading ------------------------------------------------------------------------------
     @staticmethod
-    def _load(checkpoint: str, torch_dtype: torch.dtype):
-        from transformers import PI0ForConditionalGeneration
-
+    def _resolve(checkpoint: str) -> tuple[Path, list[Path]]:
+        """(checkpoint directory, safetensors files): a local directory or file, or a hub id (cache first)."""
         local = Path(checkpoint).expanduser()
-        if not local.exists() and (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1):
-            raise ToolkitError(f"pi0 checkpoint {checkpoint!r} does not exist: give a checkpoint directory "
-                               "or a Hugging Face hub id (owner/name)")
-        try:
-            model = from_cache_or_hub(PI0ForConditionalGeneration.from_pretrained,
-                                       str(local) if local.exists() else checkpoint, dtype=torch_dtype)
-        except Exception as e:  # noqa: BLE001 - any load failure is reported as one line
-            raise ToolkitError(f"cannot load pi0 checkpoint {checkpoint!r} ({one_line(e)}); it must be a "
-                               "transformers PI0 or lerobot/openpi pi0 checkpoint") from None
-        return model.eval()
+        if not local.exists():
+            if checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1:
+                raise ToolkitError(f"pi0 checkpoint {checkpoint!r} does not exist: give a checkpoint directory "
+                                   "or a Hugging Face hub id (owner/name)")
+            from huggingface_hub import snapshot_download
 
-    @staticmethod
-    def _load_tokenizer(checkpoint: str):
+            try:
+                local = Path(from_cache_or_hub(snapshot_download, checkpoint))
+            except Exception as e:  # noqa: BLE001 - any download failure is reported as one line
+                raise ToolkitError(f"cannot load pi0 checkpoint {checkpoint!r} ({one_line(e)}); download it into a "
+                                   "directory and pass that directory") from None
+        directory = local if local.is_dir() else local.parent
+        if (directory / "params").is_dir() or local.name == "params":
+            if not list(directory.glob("*.safetensors")):
+                raise CheckpointError(f"{checkpoint} is a native openpi JAX checkpoint (orbax params/), which the "
+                                      f"toolkit does not read: {CONVERT_HELP}")
+        try:
+            return directory, weight_files(local)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot load pi0 checkpoint {checkpoint!r}: {e}") from None
+
+    def _load(self, checkpoint: str, files: list[Path], meta: dict[str, Any], torch_dtype: torch.dtype):
+        """Build the checkpoint's architecture and fill every weight from the file (or fail naming what is missing).
+
+        Returns (model, the checkpoint's config.json, normalisation buffers found among the weights)."""
+        from transformers import PI0Config, PI0ForConditionalGeneration
+        from transformers.initialization import no_init_weights
+
+        shapes = safetensors_shapes(files)
+        self.layout = layouts.recognise(list(shapes))
+        try:
+            if meta.get("model_type") == "pi0":  # transformers' own config.json
+                config = PI0Config.from_dict(meta)
+            else:  # lerobot "type": "pi0", openpi's converted config.json, or none: the weights give the sizes
+                config = layouts.config_from_weights(layouts.to_model_names(shapes, set())[0], meta)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{checkpoint}: cannot build the pi0 architecture ({one_line(e)})") from None
+        buffer_keys = [k for k in shapes if layouts.STATS_BUFFERS.match(k)]
+        buffers = read_tensors(files, buffer_keys) if buffer_keys else {}
+        # random weights (seeded) only where they are wanted; otherwise every value comes from the file
+        init = self.random_weights or self.allow_missing
+        torch.manual_seed(self.seed)
+        with contextlib.nullcontext() if init else no_init_weights():
+            model = PI0ForConditionalGeneration._from_config(config, dtype=torch_dtype)
+        if self.random_weights:
+            return model.eval(), meta, buffers
+        names = set(model.state_dict().keys())
+        weights, _ = layouts.to_model_names(load_state_dict_files(files), names)
+        derived = [n for n in layouts.UNUSED if n not in weights and n in names]
+        for name in derived:  # never read by pi0's forward; zeros rather than uninitialised memory
+            model.get_parameter(name).data.zero_()
+        self.load_report = load_into(model, weights, source=checkpoint, layout=self.layout, derived=derived,
+                                     allow_missing=self.allow_missing)
+        return model.eval(), meta, buffers
+
+    def _load_tokenizer(self, directory: Path | None):
+        """The ``tokenizer`` option, else the checkpoint's own tokenizer files, else PaliGemma's from the HF cache."""
         from transformers import AutoTokenizer
 
-        local = Path(checkpoint).expanduser()
-        sources = [str(local)] if any((local / f).is_file() for f in TOKENIZER_FILES) else []
-        if not local.exists():
-            sources.append(checkpoint)
+        given = self.opts["tokenizer"]
+        if given:
+            p = Path(given).expanduser()
+            if not p.exists():
+                raise ToolkitError(f"pi0 tokenizer={given} does not exist; {TOKENIZER_HELP}")
+            try:
+                if p.is_file():  # a bare SentencePiece model, as openpi downloads paligemma_tokenizer.model
+                    from transformers import GemmaTokenizer
+
+                    with tempfile.TemporaryDirectory() as d:
+                        shutil.copy(p, Path(d) / "tokenizer.model")
+                        return GemmaTokenizer.from_pretrained(d)
+                return AutoTokenizer.from_pretrained(str(p))
+            except Exception as e:  # noqa: BLE001
+                raise ToolkitError(f"pi0 tokenizer={given} cannot be loaded ({one_line(e)}); {TOKENIZER_HELP}") from None
+        sources = [str(directory)] if directory and any((directory / f).is_file() for f in TOKENIZER_FILES) else []
         sources.append(PALIGEMMA_TOKENIZER)
         for src in sources:
             try:
                 return from_cache_or_hub(AutoTokenizer.from_pretrained, src)
             except Exception as e:  # noqa: BLE001
                 log.debug("pi0: tokenizer from %s failed: %s", src, one_line(e))
-        raise ToolkitError(f"pi0 checkpoint {checkpoint!r} has no tokenizer and {PALIGEMMA_TOKENIZER} cannot be "
-                           "loaded: save the PaliGemma tokenizer into the checkpoint directory "
-                           "(tokenizer.save_pretrained(CHECKPOINT_DIR)) or make it available in the HF cache")
+        raise ToolkitError(f"pi0: no tokenizer in {directory} and {PALIGEMMA_TOKENIZER} is not in the HF cache; "
+                           f"{TOKENIZER_HELP}")
 
     # what the adapter exposes ----------------------------------------------------------------
     @property
@@ -193,8 +257,10 @@ class Pi0Adapter(ModelAdapter):
         }
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "cameras": self.cameras,
-                "num_steps": self.num_steps, "action_dim": self.action_dim, "normalised": bool(self.stats)}
+        return {**super().describe(), "cameras": self.cameras, "num_steps": self.num_steps,
+                "action_dim": self.action_dim, "layout": self.layout, "normalised": self.norm is not None,
+                "normalisation": self.norm.describe() if self.norm else
+                ("disabled (--no-normalise)" if not self.normalise_enabled else None)}
 
     # inputs ------------------------------------------------------------------------------------
     def _image(self, img: Any) -> torch.Tensor:
@@ -218,10 +284,8 @@ class Pi0Adapter(ModelAdapter):
         if state is None:
             return out
         s = np.asarray(state, dtype=np.float32).reshape(-1)
-        if self.stats:
-            n = min(len(s), len(self.stats["state_mean"]))
-            s = s.copy()
-            s[:n] = (s[:n] - self.stats["state_mean"][:n]) / (self.stats["state_std"][:n] + 1e-8)
+        if self.norm and self.norm.state:  # normalised first, then zero-padded, as lerobot and openpi do
+            s = self.norm.state.normalise(s)
         s = s[: self.max_state_dim]
         out[: len(s)] = torch.from_numpy(s)
         return out
@@ -292,10 +356,8 @@ class Pi0Adapter(ModelAdapter):
             pixel_attention_mask=t["pixel_attention_mask"], num_steps=self.num_steps,
         )
         out = actions.float().cpu().numpy()[..., : self.action_dim]
-        if self.stats:
-            n = min(self.action_dim, len(self.stats["actions_mean"]))
-            out = out.copy()
-            out[..., :n] = out[..., :n] * (self.stats["actions_std"][:n] + 1e-8) + self.stats["actions_mean"][:n]
+        if self.norm and self.norm.action:
+            out = self.norm.action.unnormalise(out)
         return PolicyOutput(actions=out, denoise_t=self.denoise_t())
 
     def reference_hidden_states(self, inputs: ModelInputs, generators: Sequence[torch.Generator]

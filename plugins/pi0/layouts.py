@@ -1,0 +1,175 @@
+"""pi0 checkpoints as users hold them: recognise the layout, rename keys onto transformers' PI0 names, and
+build the matching ``PI0Config``.
+
+Layouts (key facts from lerobot, openpi and transformers; see the README's pi0 checkpoint section):
+
+* current lerobot (``lerobot/pi0_base``, ``pi0_libero`` ...): ``model.paligemma_with_expert.paligemma.model.
+  {vision_tower.vision_model,multi_modal_projector,language_model}.*``, ``model.paligemma_with_expert.gemma_expert.
+  model.*``, ``model.{state_proj,action_in_proj,action_out_proj,action_time_mlp_in,action_time_mlp_out}.*``; only
+  ``paligemma.lm_head`` is saved (the input embedding is tied to it);
+* openpi converted to PyTorch (``examples/convert_jax_model_to_pytorch.py``): the same keys without ``model.``;
+* older lerobot (before lerobot PR #1415): ``...paligemma.language_model.model.*``, ``...paligemma.language_model.
+  lm_head``, ``...paligemma.vision_tower.*``, ``...paligemma.multi_modal_projector.*``, and possibly the policy's
+  normalisation buffers (``normalize_inputs.buffer_observation_state.mean`` ...);
+* transformers' ``save_pretrained`` (hub names: ``...paligemma.model.language_model.model.*``) or native names
+  (``model.vlm.*``, ``model.dit.*``, ``embed_action_time.*``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from toolkit.checkpoint import CheckpointError, remap_keys
+
+NATIVE = "transformers PI0 (native names)"
+HUB = "transformers PI0 save_pretrained"
+CURRENT = "lerobot pi0 (current)"
+OPENPI = "openpi pi0 converted to PyTorch"
+OLDER = "lerobot pi0 (older, before lerobot PR #1415)"
+
+PE = r"paligemma_with_expert\."
+HEADS = r"(state_proj|action_in_proj|action_time_mlp_in|action_time_mlp_out)\."
+# checkpoint key -> transformers PI0 name; the first matching rule wins
+RULES = [
+    (rf"(model\.)?{PE}paligemma\.model\.language_model\.model\.", "model.vlm.language_model."),
+    (rf"(model\.)?{PE}paligemma\.model\.language_model\.", "model.vlm.language_model."),
+    (rf"(model\.)?{PE}paligemma\.language_model\.model\.", "model.vlm.language_model."),
+    (rf"(model\.)?{PE}paligemma\.(language_model\.)?lm_head\.", "model.vlm.language_model.embed_tokens."),
+    (rf"(model\.)?{PE}paligemma\.(model\.)?vision_tower\.(vision_model\.)?", "model.vlm.vision_tower."),
+    (rf"(model\.)?{PE}paligemma\.(model\.)?multi_modal_projector\.", "model.vlm.multi_modal_projector."),
+    (rf"(model\.)?{PE}gemma_expert\.model\.", "model.dit."),
+    (rf"(model\.)?{PE}gemma_expert\.lm_head\.", "model.dit.embed_tokens."),
+    (rf"(model\.)?{HEADS}", r"embed_action_time.\2."),
+    (r"model\.action_out_proj\.", "action_out_proj."),
+]
+# the older lerobot policies kept their normalisation statistics among the weights
+STATS_BUFFERS = re.compile(r"^(normalize_inputs|normalize_targets|unnormalize_outputs)\.buffer_(\w+)\.(\w+)$")
+# never used by PI0's forward (the action expert runs on embeddings), so a checkpoint may lack it
+UNUSED = ("model.dit.embed_tokens.weight",)
+VISION_HEADS = 16  # SigLIP So400m/14, the only vision tower pi0 uses (not recoverable from weight shapes)
+KV_HEADS = 1  # both Gemma variants pi0 uses (gemma_2b, gemma_300m) have one KV head
+
+
+def recognise(keys: list[str]) -> str:
+    """The layout name of a checkpoint from its tensor names (one line error when it is not a pi0 layout)."""
+    ks = set(keys)
+
+    def has(pattern: str) -> bool:
+        rx = re.compile(pattern)
+        return any(rx.match(k) for k in ks)
+
+    if has(r"model\.vlm\.") or has(r"embed_action_time\."):
+        return NATIVE
+    if has(rf"(model\.)?{PE}paligemma\.language_model\.model\."):
+        return OLDER
+    if has(rf"{PE}paligemma\.model\.language_model\.model\."):
+        return HUB
+    if has(rf"model\.{PE}paligemma\.model\."):
+        return CURRENT
+    if has(rf"{PE}paligemma\.model\."):
+        return OPENPI
+    first = ", ".join(sorted(ks)[:3]) or "none"
+    raise CheckpointError(f"the weights are not a pi0 layout the toolkit knows (first keys: {first}); expected "
+                          "lerobot, openpi-converted or transformers pi0 keys (paligemma_with_expert.* or model.vlm.*)")
+
+
+def to_model_names(tensors: dict[str, Any], model_names: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(weights under transformers' PI0 names, normalisation buffers of the older layout by their own key).
+
+    The VLM's input embedding may be stored once as ``embed_tokens`` and once as the tied ``lm_head``: both must
+    then hold the same values, and one is used.  SigLIP keys gain or lose ``vision_model.`` to match the
+    installed transformers' module tree.
+    """
+    stats = {k: v for k, v in tensors.items() if STATS_BUFFERS.match(k)}
+    rest = {k: v for k, v in tensors.items() if k not in stats}
+    embed = [k for k in rest if re.search(r"paligemma\.(model\.)?language_model\.(model\.)?embed_tokens\.weight$", k)]
+    head = [k for k in rest if re.search(r"paligemma\.(language_model\.)?lm_head\.weight$", k)]
+    if embed and head:
+        a, b = rest[embed[0]], rest[head[0]]
+        if hasattr(a, "shape") and (tuple(a.shape) != tuple(b.shape) or not _equal(a, b)):
+            raise CheckpointError(f"{embed[0]} and {head[0]} differ, but pi0 ties them; the checkpoint is corrupt")
+        del rest[head[0]]
+    mapped = remap_keys(rest, RULES)
+    if not any(".vision_tower.vision_model." in n for n in model_names):
+        return mapped, stats
+    return remap_keys(mapped, [(r"model\.vlm\.vision_tower\.(?!vision_model\.)", "model.vlm.vision_tower.vision_model.")]), stats
+
+
+def _equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b)) if isinstance(a, torch.Tensor) else True
+
+
+def _layers(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
+    rx = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in shapes if (m := rx.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def _gemma(shapes: dict[str, tuple[int, ...]], prefix: str, what: str) -> dict[str, Any]:
+    """A Gemma text config from weight shapes (depth, width, MLP, heads; one KV head as in pi0's variants)."""
+    try:
+        q = shapes[f"{prefix}layers.0.self_attn.q_proj.weight"]
+        k = shapes[f"{prefix}layers.0.self_attn.k_proj.weight"]
+        gate = shapes[f"{prefix}layers.0.mlp.gate_proj.weight"]
+    except KeyError as e:
+        raise CheckpointError(f"the {what} has no weight {e.args[0]}; cannot build its architecture") from None
+    head_dim = k[0] // KV_HEADS
+    return dict(model_type="gemma", hidden_size=q[1], num_hidden_layers=_layers(shapes, f"{prefix}layers."),
+                intermediate_size=gate[0], num_attention_heads=q[0] // head_dim, num_key_value_heads=KV_HEADS,
+                head_dim=head_dim)
+
+
+def config_from_weights(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any]):
+    """transformers ``PI0Config`` for weights under PI0 names (``shapes``) and the checkpoint's own config
+    (lerobot ``"type": "pi0"`` or openpi's converted ``config.json``), which gives chunk size and step count."""
+    from transformers import PI0Config
+
+    vt = "model.vlm.vision_tower."
+    if f"{vt}vision_model.embeddings.patch_embedding.weight" in shapes:
+        vt += "vision_model."
+    try:
+        patch = shapes[f"{vt}embeddings.patch_embedding.weight"]
+        positions = shapes[f"{vt}embeddings.position_embedding.weight"][0]
+        fc1 = shapes[f"{vt}encoder.layers.0.mlp.fc1.weight"]
+        proj = shapes["model.vlm.multi_modal_projector.linear.weight"]
+        vocab = shapes["model.vlm.language_model.embed_tokens.weight"][0]
+        state_in = shapes["embed_action_time.state_proj.weight"][1]
+        action_in = shapes["embed_action_time.action_in_proj.weight"][1]
+    except KeyError as e:
+        raise CheckpointError(f"the checkpoint has no weight {e.args[0]}; cannot build the pi0 architecture") from None
+    side = math.isqrt(positions)
+    text = _gemma(shapes, "model.vlm.language_model.", "VLM")
+    dit = _gemma(shapes, "model.dit.", "action expert")
+    chunk = meta.get("chunk_size") or meta.get("action_horizon") or 50
+    steps = meta.get("num_inference_steps") or meta.get("num_steps") or 10
+    return PI0Config(
+        vlm_config=dict(
+            model_type="paligemma", text_config={**text, "vocab_size": vocab},
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=patch[0], intermediate_size=fc1[0],
+                               num_hidden_layers=_layers(shapes, f"{vt}encoder.layers."),
+                               num_attention_heads=VISION_HEADS, patch_size=patch[-1], image_size=side * patch[-1],
+                               vision_use_head=False),
+            projection_dim=proj[0], image_token_id=vocab),
+        dit_config=dit, chunk_size=int(chunk), max_state_dim=state_in, max_action_dim=action_in,
+        num_inference_steps=int(steps))
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """The checkpoint's ``config.json`` ({} when absent); a lerobot policy other than pi0 is refused."""
+    f = directory / "config.json"
+    if not f.is_file():
+        return {}
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: not readable JSON ({type(e).__name__}: {e})") from None
+    kind = meta.get("type") or meta.get("model_type")
+    if kind not in (None, "pi0"):
+        raise CheckpointError(f"{f} describes a {kind!r} policy; the pi0 adapter loads pi0 checkpoints only")
+    return meta

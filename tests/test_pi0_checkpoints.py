@@ -1,0 +1,373 @@
+"""pi0 checkpoints in the layouts users hold (tiny, built here from the upstream key names and file formats):
+every tensor is used, a dropped one is a one-line error, normalisation follows each pipeline's own formulas."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import save_file
+
+import toolkit
+from toolkit.checkpoint import CheckpointError
+from toolkit.errors import ToolkitError
+from toolkit.hf import llama_tokenizer
+from toolkit.testing import generators
+from toolkit_plugins.pi0 import Pi0Adapter
+from toolkit_plugins.pi0.normalise import Stats
+from synthetic import camera_episodes
+
+pytestmark = pytest.mark.usefixtures("pi0_single_thread")
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# the real pi0 head layout (one KV head; SigLIP So400m has 16 heads) at toy widths
+SMALL = dict(
+    vlm_config=dict(
+        model_type="paligemma",
+        text_config=dict(model_type="gemma", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                         num_attention_heads=8, num_key_value_heads=1, head_dim=8, vocab_size=32001),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=16, patch_size=14, image_size=28, vision_use_head=False),
+        projection_dim=64, image_token_id=32001),
+    dit_config=dict(model_type="gemma", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                    num_attention_heads=8, num_key_value_heads=1, head_dim=8),
+    chunk_size=50, max_state_dim=32, max_action_dim=32, num_inference_steps=10,
+)
+STATE_DIM, ACTION_DIM = 8, 7
+
+
+def native_weights(seed: int = 3) -> dict[str, torch.Tensor]:
+    from transformers import PI0Config, PI0ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = PI0ForConditionalGeneration(PI0Config(**SMALL))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _siglip(rest: str) -> str:
+    return rest.removeprefix("vision_model.")
+
+
+def file_key(name: str, layout: str) -> str:
+    """Where a transformers PI0 weight lives in each upstream layout (written from the key facts, not the loader)."""
+    pe = "paligemma_with_expert."
+    older = layout == "older"
+    if name == "model.vlm.language_model.embed_tokens.weight":  # only the tied lm_head is saved
+        key = pe + ("paligemma.language_model.lm_head.weight" if older else "paligemma.lm_head.weight")
+    elif name.startswith("model.vlm.language_model."):
+        rest = name.removeprefix("model.vlm.language_model.")
+        key = pe + ("paligemma.language_model.model." if older else "paligemma.model.language_model.") + rest
+    elif name.startswith("model.vlm.vision_tower."):
+        rest = _siglip(name.removeprefix("model.vlm.vision_tower."))
+        key = pe + ("paligemma.vision_tower.vision_model." if older else
+                    "paligemma.model.vision_tower.vision_model.") + rest
+    elif name.startswith("model.vlm.multi_modal_projector."):
+        rest = name.removeprefix("model.vlm.multi_modal_projector.")
+        key = pe + ("paligemma.multi_modal_projector." if older else "paligemma.model.multi_modal_projector.") + rest
+    elif name == "model.dit.embed_tokens.weight":
+        key = pe + "gemma_expert.lm_head.weight"
+    elif name.startswith("model.dit."):
+        key = pe + "gemma_expert.model." + name.removeprefix("model.dit.")
+    elif name.startswith("embed_action_time."):
+        key = name.removeprefix("embed_action_time.")
+    else:
+        assert name.startswith("action_out_proj."), name
+        key = name
+    return key if layout == "openpi" else "model." + key
+
+
+LEROBOT_CONFIG = {
+    "type": "pi0", "n_obs_steps": 1, "chunk_size": 50, "n_action_steps": 50, "max_state_dim": 32,
+    "max_action_dim": 32, "num_steps": 10, "tokenizer_max_length": 48, "resize_imgs_with_padding": [224, 224],
+    "proj_width": 1024, "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
+    "input_features": {"observation.state": {"type": "STATE", "shape": [STATE_DIM]},
+                       "observation.images.image": {"type": "VISUAL", "shape": [3, 224, 224]}},
+    "output_features": {"action": {"type": "ACTION", "shape": [ACTION_DIM]}},
+}
+FEATURES = {"observation.state": {"type": "STATE", "shape": [STATE_DIM]},
+            "action": {"type": "ACTION", "shape": [ACTION_DIM]}}
+
+
+def _stat_arrays(dim: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=dim).astype(np.float32)
+    std = rng.uniform(0.5, 2.0, size=dim).astype(np.float32)
+    return {"mean": mean, "std": std, "min": mean - 3 * std, "max": mean + 3 * std,
+            "q01": mean - 2 * std, "q99": mean + 2 * std}
+
+
+STATE_STATS, ACTION_STATS = _stat_arrays(STATE_DIM, 1), _stat_arrays(ACTION_DIM, 2)
+
+
+def write_lerobot_processors(d: Path) -> None:
+    """policy_preprocessor.json / policy_postprocessor.json and their normaliser step files."""
+    norm_cfg = {"eps": 1e-8, "features": FEATURES, "norm_map": LEROBOT_CONFIG["normalization_mapping"]}
+    pre = "policy_preprocessor_step_5_normalizer_processor.safetensors"
+    post = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+    flat = {**{f"observation.state.{k}": v for k, v in STATE_STATS.items()},
+            **{f"action.{k}": v for k, v in ACTION_STATS.items()}}
+    save_numpy(flat, str(d / pre))
+    save_numpy({f"action.{k}": v for k, v in ACTION_STATS.items()}, str(d / post))
+    (d / "policy_preprocessor.json").write_text(json.dumps({"name": "policy_preprocessor", "steps": [
+        {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
+        {"registry_name": "to_batch_processor", "config": {}},
+        {"registry_name": "pi0_new_line_processor", "config": {}},
+        {"registry_name": "tokenizer_processor", "config": {"max_length": 48, "padding_side": "right",
+                                                            "padding": "max_length",
+                                                            "tokenizer_name": "google/paligemma-3b-pt-224"}},
+        {"registry_name": "device_processor", "config": {"device": "cpu"}},
+        {"registry_name": "normalizer_processor", "config": norm_cfg, "state_file": pre}]}))
+    (d / "policy_postprocessor.json").write_text(json.dumps({"name": "policy_postprocessor", "steps": [
+        {"registry_name": "unnormalizer_processor", "config": {"eps": 1e-8, "features": {"action": FEATURES["action"]},
+                                                               "norm_map": norm_cfg["norm_map"]}, "state_file": post},
+        {"registry_name": "device_processor", "config": {"device": "cpu"}}]}))
+
+
+def write_checkpoint(d: Path, layout: str, weights: dict[str, torch.Tensor], drop: str | None = None) -> Path:
+    """A tiny checkpoint directory in one upstream layout, with its config and statistics files."""
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {file_key(n, layout): t for n, t in weights.items() if n != drop}
+    if layout == "older":  # the older lerobot policies kept their statistics among the weights
+        for module, feature, stats in (("normalize_inputs", "observation_state", STATE_STATS),
+                                       ("normalize_targets", "action", ACTION_STATS),
+                                       ("unnormalize_outputs", "action", ACTION_STATS)):
+            tensors.update({f"{module}.buffer_{feature}.{k}": torch.tensor(stats[k]) for k in ("mean", "std")})
+    save_file(tensors, str(d / "model.safetensors"))
+    if layout in ("current", "older"):
+        (d / "config.json").write_text(json.dumps(LEROBOT_CONFIG))
+        if layout == "current":
+            write_lerobot_processors(d)
+    else:  # openpi's converter writes this config.json and copies the training assets
+        (d / "config.json").write_text(json.dumps({"action_dim": 32, "action_horizon": 50, "paligemma_variant":
+                                                   "gemma_2b", "action_expert_variant": "gemma_300m",
+                                                   "precision": "float32"}))
+        assets = d / "assets" / "physical-intelligence" / "libero"
+        assets.mkdir(parents=True)
+        (assets / "norm_stats.json").write_text(json.dumps({"norm_stats": {
+            "state": {k: STATE_STATS[k].tolist() for k in ("mean", "std", "q01", "q99")},
+            "actions": {k: ACTION_STATS[k].tolist() for k in ("mean", "std", "q01", "q99")}}}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return native_weights()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("paligemma_tokenizer")
+    llama_tokenizer().save_pretrained(d)
+    return d
+
+
+def load(ckpt: Path, tokenizer_dir: Path, **kw) -> Pi0Adapter:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return Pi0Adapter(checkpoint=str(ckpt), tokenizer=str(tokenizer_dir), **kw)
+
+
+@pytest.mark.parametrize("layout, name", [("current", "lerobot pi0 (current)"),
+                                          ("openpi", "openpi pi0 converted to PyTorch"),
+                                          ("older", "lerobot pi0 (older, before lerobot PR #1415)")])
+def test_each_layout_loads_every_tensor_of_the_file(layout, name, weights, tokenizer_dir, tmp_path):
+    ckpt = write_checkpoint(tmp_path / layout, layout, weights)
+    a = load(ckpt, tokenizer_dir)
+    from safetensors.torch import load_file
+
+    file = load_file(str(ckpt / "model.safetensors"))
+    params = a.model.state_dict()
+    assert set(params) == set(weights)
+    for n, t in weights.items():  # every model tensor equals the file tensor at its upstream key
+        torch.testing.assert_close(params[n], file[file_key(n, layout)], rtol=0, atol=0)
+    report = a.load_report
+    assert report.layout == name and report.missing == [] and report.unexpected == []
+    assert len(report.loaded) == len(weights) and a.layout == name
+    d = a.describe()
+    assert d["random_init"] is False and d["load_report"]["n_loaded"] == len(weights)
+    # the architecture came from the weights (+ config.json), with the real head layout
+    text = a.model.config.vlm_config.text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.head_dim) == (2, 64, 8, 8)
+    assert a.model.config.dit_config.hidden_size == 32 and a.image_size == 28 and a.chunk_size == 50
+
+
+def test_transformers_save_pretrained_round_trips(weights, tokenizer_dir, tmp_path):
+    from transformers import PI0Config, PI0ForConditionalGeneration
+
+    m = PI0ForConditionalGeneration(PI0Config(**SMALL))
+    m.load_state_dict(weights)
+    m.save_pretrained(tmp_path / "tf")
+    a = load(tmp_path / "tf", tokenizer_dir)
+    assert a.layout == "transformers PI0 save_pretrained" and a.load_report.missing == []
+    for n, t in a.model.state_dict().items():
+        assert torch.equal(t, weights[n]), n
+
+
+def toolkit_cli(*args):
+    """`toolkit ARGS` in this process (the same click group and one-line error handling as the console script)."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import cli
+
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    return SimpleNamespace(returncode=res.exit_code, stderr=res.stderr, output=res.output)
+
+
+def test_a_dropped_weight_is_one_line_error_and_no_store(weights, tokenizer_dir, tmp_path):
+    dropped = "model.vlm.vision_tower.encoder.layers.1.mlp.fc2.weight"
+    ckpt = write_checkpoint(tmp_path / "ck", "current", weights, drop=dropped)
+    store = tmp_path / "s.zarr"
+    res = toolkit_cli("extract", "--model", "pi0", "--checkpoint", str(ckpt), "--model-option",
+                      f"tokenizer={tokenizer_dir}", "--store", str(store), "--max-episodes", "1", "--max-steps", "1",
+                      "--no-progress")
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert f"1 of {len(weights)} weights are not in the checkpoint (recognised layout: lerobot pi0 (current))" in lines[0]
+    assert dropped in lines[0] and "--allow-missing" in lines[0]
+    assert not store.exists()
+
+    res = toolkit_cli("extract", "--model", "pi0", "--checkpoint", str(ckpt), "--model-option",
+                      f"tokenizer={tokenizer_dir}", "--store", str(store), "--max-episodes", "1", "--max-steps", "1",
+                      "--no-progress", "--allow-missing")
+    assert res.returncode == 0, res.stderr
+    model = toolkit.open_store(store).attrs["model"]
+    assert model["load_report"]["missing"] == [dropped] and model["load_report"]["n_missing"] == 1
+    assert model["random_init"] is False and model["layout"] == "lerobot pi0 (current)"
+
+
+def test_random_weights_keep_the_checkpoint_architecture_and_say_so(weights, tokenizer_dir, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ck", "openpi", weights)
+    a = load(ckpt, tokenizer_dir, random_weights=True, seed=5)
+    assert a.describe()["random_init"] is True and a.load_report is None
+    got = a.model.state_dict()
+    assert {n: tuple(t.shape) for n, t in got.items()} == {n: tuple(t.shape) for n, t in weights.items()}
+    assert not torch.equal(got["action_out_proj.weight"], weights["action_out_proj.weight"])
+    again = load(ckpt, tokenizer_dir, random_weights=True, seed=5).model.state_dict()
+    assert all(torch.equal(got[n], again[n]) for n in got)  # seeded
+
+
+def test_native_openpi_jax_checkpoint_says_how_to_convert(tmp_path):
+    ckpt = tmp_path / "pi0_libero"
+    (ckpt / "params").mkdir(parents=True)
+    (ckpt / "params" / "_METADATA").write_text("{}")
+    (ckpt / "assets").mkdir()
+    res = toolkit_cli("extract", "--model", "pi0", "--checkpoint", str(ckpt), "--store", str(tmp_path / "s.zarr"))
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode != 0 and len(lines) == 1, res.stderr
+    assert "native openpi JAX checkpoint" in lines[0] and "examples/convert_jax_model_to_pytorch.py" in lines[0]
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_missing_tokenizer_names_what_to_download(weights, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    ckpt = write_checkpoint(tmp_path / "ck", "openpi", weights)
+    with pytest.raises(ToolkitError) as err:
+        Pi0Adapter(checkpoint=str(ckpt))
+    msg = str(err.value)
+    assert "\n" not in msg and "google/paligemma-3b-pt-224" in msg and "--model-option tokenizer=DIR" in msg
+    with pytest.raises(ToolkitError, match="tokenizer=.*nowhere does not exist"):
+        Pi0Adapter(checkpoint=str(ckpt), tokenizer=str(tmp_path / "nowhere"))
+
+
+def test_an_unknown_layout_is_one_line(tmp_path):
+    save_file({"encoder.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"not a pi0 layout the toolkit knows \(first keys: encoder.weight\)"):
+        Pi0Adapter(checkpoint=str(tmp_path))
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def test_lerobot_formulas_round_trip():
+    x = np.random.default_rng(0).normal(size=(4, STATE_DIM)).astype(np.float32) * 3
+    m, s, eps = STATE_STATS["mean"], STATE_STATS["std"], 1e-8
+    st = Stats("lerobot", "MEAN_STD", {"mean": m, "std": s}, eps)
+    np.testing.assert_allclose(st.normalise(x), (x - m) / (s + eps), rtol=1e-6)
+    np.testing.assert_allclose(st.unnormalise(st.normalise(x)), x, rtol=1e-5, atol=1e-5)
+    lo, hi = STATE_STATS["q01"], STATE_STATS["q99"]
+    q = Stats("lerobot", "QUANTILES", {"q01": lo, "q99": hi}, eps)
+    np.testing.assert_allclose(q.normalise(x), 2 * (x - lo) / (hi - lo) - 1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q.unnormalise(q.normalise(x)), x, rtol=1e-5, atol=1e-5)
+
+
+def test_openpi_formulas_round_trip_and_pad():
+    x = np.random.default_rng(1).normal(size=(3, 50, 10)).astype(np.float32)
+    m, s = ACTION_STATS["mean"], ACTION_STATS["std"]
+    st = Stats("openpi", "MEAN_STD", {"mean": m, "std": s}, 1e-6)
+    want = x.copy()
+    want[..., :7] = x[..., :7] * (s + 1e-6) + m
+    want[..., 7:] = x[..., 7:] * (1 + 1e-6)  # mean padded with 0, std with 1
+    np.testing.assert_allclose(st.unnormalise(x), want, rtol=1e-6)
+    y = x[..., :5]  # fewer dims than the statistics: the leading statistics are used
+    np.testing.assert_allclose(st.normalise(y), (y - m[:5]) / (s[:5] + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(st.unnormalise(np.pad(st.normalise(x[..., :7]), ((0, 0), (0, 0), (0, 3))))[..., :7],
+                               x[..., :7], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout, eps, state_source", [("current", 1e-8, "policy_preprocessor_step_5"),
+                                                       ("openpi", 1e-6, "norm_stats.json"),
+                                                       ("older", 1e-8, "normalisation buffers")])
+def test_checkpoint_statistics_normalise_state_and_unnormalise_actions(layout, eps, state_source, weights,
+                                                                       tokenizer_dir, tmp_path):
+    ckpt = write_checkpoint(tmp_path / layout, layout, weights)
+    normed, raw = load(ckpt, tokenizer_dir), load(ckpt, tokenizer_dir, normalise="false")
+    batch = [(ep, step) for ep in camera_episodes(["pick up the bowl"], n_episodes=1) for step in ep.steps()]
+    state = np.stack([step.state for _, step in batch])
+    m, s = STATE_STATS["mean"], STATE_STATS["std"]
+    got = normed.prepare(batch).tensors["state"].numpy()
+    np.testing.assert_allclose(got[:, :STATE_DIM], (state - m) / (s + eps), rtol=1e-5, atol=1e-6)
+    assert not got[:, STATE_DIM:].any()  # zero-padded after normalising
+    np.testing.assert_array_equal(raw.prepare(batch).tensors["state"].numpy()[:, :STATE_DIM], state)
+    inputs = raw.prepare(batch)  # the same model inputs through both: only the output mapping differs
+    a_raw = raw.run(inputs, generators(len(batch))).actions
+    a_norm = normed.run(inputs, generators(len(batch))).actions
+    am, asd = ACTION_STATS["mean"], ACTION_STATS["std"]
+    want = a_raw * (asd + 1e-6) + am if layout == "openpi" else a_raw * asd + am
+    np.testing.assert_allclose(a_norm, want, rtol=1e-5, atol=1e-5)
+    d = normed.describe()["normalisation"]
+    assert state_source in d["source"] and d["state"]["mode"] == "MEAN_STD" and d["state"]["eps"] == eps
+    assert raw.describe()["normalisation"] == "disabled (--no-normalise)"
+
+
+# --------------------------------------------------------------------------- the README command
+
+
+def readme_command() -> list[str]:
+    """The README's pi0 real-checkpoint command (the block after the 'pi0 from lerobot' marker)."""
+    text = README.read_text()
+    block = text[text.index("<!-- pi0-checkpoint-command -->"):]
+    block = block[block.index("```bash") + len("```bash"):block.index("```", block.index("```bash") + 7)]
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def test_the_readme_pi0_checkpoint_command_runs_on_a_tiny_lerobot_checkpoint(weights, tokenizer_dir, tmp_path):
+    """The same command with the user's paths replaced by a tiny lerobot checkpoint and --device cpu."""
+    args = readme_command()
+    assert args[:2] == ["toolkit", "extract"] and "--checkpoint" in args and "--device" in args
+    ckpt = write_checkpoint(tmp_path / "pi0_libero", "current", weights)
+    replace = {"--checkpoint": str(ckpt), "--store": str(tmp_path / "pi0.zarr"), "--device": "cpu"}
+    out = args[1:]
+    for i, a in enumerate(out):
+        if i and out[i - 1] in replace:
+            out[i] = replace[out[i - 1]]
+        elif a.startswith("tokenizer="):
+            out[i] = f"tokenizer={tokenizer_dir}"
+    res = toolkit_cli(*out, "--max-episodes", "1", "--max-steps", "2", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    s = toolkit.open_store(tmp_path / "pi0.zarr")
+    model = s.attrs["model"]
+    assert model["random_init"] is False and model["load_report"]["n_missing"] == 0
+    assert model["layout"] == "lerobot pi0 (current)" and model["normalised"] is True
+    assert "policy_preprocessor_step_5_normalizer_processor.safetensors" in model["normalisation"]["source"]
+    assert s.n_samples == 2
