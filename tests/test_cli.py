@@ -79,3 +79,67 @@ def test_an_empty_data_directory_is_an_error(tmp_path):
     (tmp_path / "data").mkdir()
     res = toolkit_cli("extract", "--data", "data", "--store", "s.zarr", cwd=tmp_path)
     assert res.returncode == 2 and "error:" in res.stderr and not (tmp_path / "s.zarr").exists()
+
+
+# --------------------------------------------------------------------------- one spelling everywhere
+
+
+def _invoke(*args):
+    from click.testing import CliRunner
+
+    from synthetic import registered
+    from toolkit.cli import cli
+
+    with registered():
+        return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+TINY = ("--model", "tinyvla", "--dataset", "synthetic", "--dataset-option", "n_tasks=1", "--dataset-option",
+        "n_episodes=1", "--dataset-option", "n_steps=2", "--dtype", "float32", "--no-progress")
+
+
+def test_the_store_is_positional_and_old_spellings_still_work(tmp_path, pi0_single_thread):
+    new = _invoke("extract", tmp_path / "new.zarr", *TINY, "--site", "llm", "--layer", "-1", "--stream", "resid_post")
+    old = _invoke("extract", "--store", tmp_path / "old.zarr", *TINY, "--sites", "llm", "--layers", "2",
+                  "--streams", "resid_post")
+    assert new.exit_code == 0 and old.exit_code == 0, new.output + old.output
+    a, b = toolkit.open_store(tmp_path / "new.zarr"), toolkit.open_store(tmp_path / "old.zarr")
+    assert a.sites == b.sites == ["llm"] and a.layers("llm") == b.layers("llm") == [2]
+    assert (a.read("llm", "resid_post") == b.read("llm", "resid_post")).all()
+
+
+def test_a_hook_name_selects_site_layer_and_stream(tmp_path, pi0_single_thread):
+    res = _invoke("extract", tmp_path / "h.zarr", *TINY, "--hook", "llm.layers.0-1.resid_mid",
+                  "--hook", "blocks.2.hook_resid_mid")
+    assert res.exit_code != 0 and "several" in res.output  # tinyvla has two sites: 'blocks' is ambiguous
+    res = _invoke("extract", tmp_path / "h.zarr", *TINY, "--hook", "llm.layers.0-1.resid_mid",
+                  "--hook", "llm.layers.-1.resid_*")
+    assert res.exit_code == 0, res.output
+    s = toolkit.open_store(tmp_path / "h.zarr")
+    assert s.sites == ["llm"] and s.layers("llm") == [0, 1, 2] and s.streams("llm") == ["resid_mid", "resid_post", "resid_pre"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["extract", "a.zarr", "--store", "b.zarr"], "two stores given"),
+    (["import", "--dataset", "libero"], "missing STORE"),
+    (["--threads", "0", "info", "x.zarr"], "--threads must be at least 1"),
+])
+def test_store_and_thread_mistakes_are_one_line(tmp_path, args, message):
+    res = _invoke(*args)
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_extract_help_lists_the_chosen_adapters_options_and_plugin_flags():
+    out = _invoke("extract", "--model", "tinyvla", "--dataset", "libero-sim", "--help").output
+    assert "--model-option KEY=VALUE of tinyvla" in out and "layers=int" in out and "[default: 3]" in out
+    assert "--dataset-option KEY=VALUE of libero-sim" in out and "replan_steps=int" in out
+    assert "--save-video" in out and "--tiny-layers" in out  # flags contributed by plugins
+
+
+def test_the_core_cli_names_no_plugin_flag():
+    import inspect
+
+    import toolkit.cli
+
+    src = inspect.getsource(toolkit.cli)
+    assert not any(flag in src for flag in ("--suite", "--trials", "--replan-steps", "--save-video"))

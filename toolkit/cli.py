@@ -124,6 +124,10 @@ def _selection_options(f):
                      help="Capture sites, comma-separated (default: all of the model's sites)."),
         click.option("--layer", "--layers", "layers", multiple=True,
                      help="Layers: all | 0,5,17 | 0-5 | 3- | -1 (the last); SITE=SPEC for one site."),
+        click.option("--hook", "hooks", multiple=True,
+                     help="Instead of --site/--layer/--stream: hook names such as vlm.layers.*.resid_post or "
+                          "action.layers.0-5.resid_mid (globs allowed; TransformerLens' blocks.5.hook_resid_post "
+                          "for a one-site model); repeat for more."),
         click.option("--tokens", multiple=True,
                      help="Tokens: all | last | span (image, text, state, actions, ...) | 0,5,-1; SITE=SPEC."),
         click.option("--pool", multiple=True, help="Pooling over the kept tokens: none | mean | last; SITE=SPEC."),
@@ -172,7 +176,7 @@ def _multi(values):
 @_selection_options
 def extract_command(model, dataset, store, store_option, checkpoint, data, device, model_dtype, batch_size, seed,
                     trust_remote_code, allow_missing, random_weights, model_option, dataset_option, sites, layers,
-                    tokens, pool, streams, dtype, codec, chunk_samples, max_episodes, max_steps, stride, resume,
+                    hooks, tokens, pool, streams, dtype, codec, chunk_samples, max_episodes, max_steps, stride, resume,
                     overwrite, no_progress, **plugin_flags):
     """Run a policy over a dataset and stream the chosen hidden states into the Zarr STORE
     (default stores/libero.zarr).
@@ -187,7 +191,7 @@ def extract_command(model, dataset, store, store_option, checkpoint, data, devic
     flags = plugin_option_values("extract", plugin_flags, store)
     path = extract(
         model=model, dataset=dataset, store=store, checkpoint=checkpoint, data=data, device=device,
-        model_dtype=model_dtype, sites=split_csv(sites), layers=_multi(layers),
+        model_dtype=model_dtype, sites=split_csv(sites), layers=_multi(layers), hooks=_multi(hooks),
         tokens=_multi(tokens), pool=_multi(pool), streams=_multi(streams), dtype=dtype, codec=codec,
         batch_size=batch_size, seed=seed, max_episodes=max_episodes, max_steps=max_steps, stride=stride,
         chunk_samples=chunk_samples, resume=resume, overwrite=overwrite, progress=not no_progress,
@@ -208,8 +212,8 @@ Example:
 @click.option("--data", help="Dataset path (default: the adapter's embedded sample).")
 @click.option("--dataset-option", multiple=True, help="Dataset-specific KEY=VALUE option.")
 @_selection_options
-def import_command(store, store_option, dataset, data, dataset_option, sites, layers, tokens, pool, streams, dtype,
-                   codec, chunk_samples, max_episodes, max_steps, stride, resume, overwrite, no_progress,
+def import_command(store, store_option, dataset, data, dataset_option, sites, layers, hooks, tokens, pool, streams,
+                   dtype, codec, chunk_samples, max_episodes, max_steps, stride, resume, overwrite, no_progress,
                    **plugin_flags):
     """Store activations a dataset already carries (e.g. LIBERO latent pickles) in the new Zarr STORE,
     without running a model."""
@@ -218,7 +222,7 @@ def import_command(store, store_option, dataset, data, dataset_option, sites, la
     store = pick_store(store, store_option)
     flags = plugin_option_values("import", plugin_flags, store)
     path = import_latents(
-        dataset=dataset, store=store, data=data, sites=split_csv(sites), layers=_multi(layers),
+        dataset=dataset, store=store, data=data, sites=split_csv(sites), layers=_multi(layers), hooks=_multi(hooks),
         tokens=_multi(tokens), pool=_multi(pool), streams=_multi(streams), dtype=dtype, codec=codec,
         max_episodes=max_episodes, max_steps=max_steps, stride=stride, chunk_samples=chunk_samples,
         resume=resume, overwrite=overwrite, progress=not no_progress,

@@ -30,6 +30,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError
 from toolkit.spec import store_layers
+from toolkit.stats import pca2
 from toolkit.store import jsonable, open_store
 
 FORMATS = ("npy", "pt")
@@ -38,13 +39,6 @@ SEED_NAMES = {"resid_post": "residual_output", "resid_pre": "residual_input"}
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "episode"
-
-
-def _pca2(x: np.ndarray) -> np.ndarray:
-    x = x - x.mean(0, keepdims=True)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    pcs = x @ vt[:2].T
-    return pcs if pcs.shape[1] == 2 else np.pad(pcs, ((0, 0), (0, 2 - pcs.shape[1])))
 
 
 def export(store: str | Path, out: str | Path, format: str = "npy", sites: list[str] | None = None,
@@ -158,7 +152,7 @@ def _plots(step_dirs, pooled, layers_by_site, eps) -> None:
             continue
         fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.8), squeeze=False)
         for ax, (name, x) in zip(axes[0], series.items()):
-            pcs = _pca2(x.astype(np.float64))
+            pcs = pca2(x.astype(np.float64))
             ax.plot(pcs[:, 0], pcs[:, 1], "-", color="0.7", zorder=1)
             sc = ax.scatter(pcs[:, 0], pcs[:, 1], c=np.arange(len(x)), cmap="viridis", zorder=2)
             for k, layer in enumerate(layers_by_site[name.split("/")[0]]):
@@ -181,7 +175,7 @@ def _plots(step_dirs, pooled, layers_by_site, eps) -> None:
         steps_, layers_, feat = x.shape
         if steps_ * layers_ < 2:
             continue
-        pcs = _pca2(x.reshape(-1, feat).astype(np.float64)).reshape(steps_, layers_, 2)
+        pcs = pca2(x.reshape(-1, feat).astype(np.float64)).reshape(steps_, layers_, 2)
         fig, ax = plt.subplots(figsize=(5, 4))
         for k in range(layers_):
             ax.plot(pcs[:, k, 0], pcs[:, k, 1], "o-", ms=3, label=f"layer {layers_by_site[name.split('/')[0]][k]}")

@@ -323,22 +323,19 @@ def compare_layer(a: Store, b: Store, site: str, stream: str, layer: int, bins: 
 
 def reservoir(store: Store, site: str, stream: str, layer: int, k: int, seed: int = 0,
               block: int | None = None) -> np.ndarray:
-    """A seeded uniform sample of ``k`` rows, streamed (Algorithm R over blocks)."""
+    """A seeded uniform sample of ``k`` rows without replacement, streamed one block at a time: every row
+    draws a uniform key and the ``k`` smallest keys survive (numpy's argpartition per block)."""
     rng = np.random.default_rng(seed)
     keep: np.ndarray | None = None
-    seen = 0
+    keys = np.empty(0)
     for x in iter_rows(store, site, stream, layer, block):
-        if keep is None:
-            keep = np.empty((k, x.shape[1]))
-        for row in x:
-            if seen < k:
-                keep[seen] = row
-            else:
-                j = rng.integers(0, seen + 1)
-                if j < k:
-                    keep[j] = row
-            seen += 1
-    return keep[: min(k, seen)] if keep is not None else np.empty((0, 0))
+        rows = x if keep is None else np.concatenate([keep, x])
+        keys = np.concatenate([keys, rng.random(len(x))])
+        if len(keys) > k:
+            best = np.argpartition(keys, k)[:k]
+            rows, keys = rows[best], keys[best]
+        keep = rows
+    return keep if keep is not None else np.empty((0, 0))
 
 
 def compare_stores(a: Store | str, b: Store | str, site: str | None = None, stream: str | None = None,
@@ -489,36 +486,53 @@ def _save(fig, out_dir, name: str) -> str:
 
 
 def sample_vectors(store: Store, site: str, stream: str, layer: int, max_samples: int | None = None,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                   seed: int = 0, denoise: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sample indices, (n, features)): one vector per sample, the mean over its stored tokens (and denoising
-    steps); a seeded subset of ``max_samples`` samples, read chunk by chunk."""
+    steps, or at the one denoising step ``denoise``); a seeded subset of ``max_samples`` samples."""
     n = store.n_samples
     idx = np.arange(n)
     if max_samples and n > max_samples:
         idx = np.sort(np.random.default_rng(seed).choice(n, max_samples, replace=False))
+    return idx, np.concatenate([x for _, x in iter_sample_vectors(store, site, stream, layer, idx, denoise)])
+
+
+def iter_sample_vectors(store: Store, site: str, stream: str, layer: int, idx: np.ndarray | None = None,
+                        denoise: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(sample indices, (n, features) float64) chunk by chunk: each sample's mean over its stored tokens and
+    denoising steps (or at denoising step ``denoise``), for the samples ``idx`` (sorted; None = all)."""
+    n = store.n_samples
+    idx = np.arange(n) if idx is None else idx
     arr = store.array(site, stream)
     li = store.layers(site).index(layer)
     step = int(arr.chunks[0])
-    out = []
     for a in range(0, n, step):
         sel = idx[(idx >= a) & (idx < a + step)]
         if not len(sel):
             continue
         x = decode(arr[a:min(n, a + step), li], arr.attrs.get("stored_dtype"))[sel - a]
         x = np.asarray(x, dtype=np.float64)
-        out.append(x.reshape(len(sel), -1, x.shape[-1]).mean(1))
-    return idx, np.concatenate(out)
+        if denoise is not None:
+            x = x[:, denoise]
+        yield sel, x.reshape(len(sel), -1, x.shape[-1]).mean(1)
+
+
+def pca2(x: np.ndarray) -> np.ndarray:
+    """(n, features) -> (n, 2) principal-component scores (scikit-learn), zero-padded when fewer exist."""
+    from sklearn.decomposition import PCA
+
+    if len(x) < 2:  # one point: it is its own mean
+        return np.zeros((len(x), 2))
+    y = PCA(n_components=min(2, *x.shape)).fit_transform(np.asarray(x, dtype=np.float64))
+    return y if y.shape[1] == 2 else np.pad(y, ((0, 0), (0, 2 - y.shape[1])))
 
 
 def project(x: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
-    """2-D projection: pca (SVD), tsne (scikit-learn) or umap (umap-learn, when installed)."""
+    """2-D projection: pca, tsne (scikit-learn) or umap (umap-learn, when installed)."""
     if len(x) < 3:
         raise ToolkitError(f"a projection needs at least 3 samples, the store has {len(x)}")
     x = x - x.mean(0)
     if method == "pca":
-        u, s, _ = np.linalg.svd(x, full_matrices=False)
-        y = u[:, :2] * s[:2]
-        return y if y.shape[1] == 2 else np.pad(y, ((0, 0), (0, 2 - y.shape[1])))
+        return pca2(x)
     if method == "tsne":
         from sklearn.manifold import TSNE
 
