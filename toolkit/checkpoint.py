@@ -186,6 +186,41 @@ def read_tensors(path: str | Path | Sequence[Path], keys: Iterable[str]) -> dict
     return out
 
 
+def assign_from_safetensors(model: torch.nn.Module, files: Sequence[Path], *, device: torch.device,
+                            dtype: torch.dtype, source: str, layout: str) -> tuple[list[str], list[str]]:
+    """Fill a model built on the meta device from safetensors files, one file (shard) at a time, with
+    ``load_state_dict(assign=True)``: each parameter *is* the tensor read from the file (read straight onto
+    ``device``; floating-point ones cast to ``dtype`` only where the file differs), so no weight is held twice
+    and the host holds at most one shard.  Keys must already be the model's names.  Returns
+    ``(loaded, unexpected)`` for ``check_complete``; a shape mismatch is one line naming the weight."""
+    from safetensors import SafetensorError, safe_open
+
+    own = model.state_dict(keep_vars=True)
+    where = "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
+    loaded: list[str] = []
+    unexpected: list[str] = []
+    for f in files:
+        part: dict[str, torch.Tensor] = {}
+        try:
+            with safe_open(str(f), framework="pt", device=where) as h:
+                for key in h.keys():
+                    if key not in own:
+                        unexpected.append(key)
+                        continue
+                    shape = tuple(h.get_slice(key).get_shape())
+                    if shape != tuple(own[key].shape):
+                        raise CheckpointError(f"{source}: weight {key} has shape {shape} in {Path(f).name} but "
+                                              f"{tuple(own[key].shape)} in the model built from its config "
+                                              f"(recognised layout: {layout})")
+                    t = h.get_tensor(key)
+                    part[key] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
+        model.load_state_dict(part, strict=False, assign=True)
+        loaded.extend(part)
+    return loaded, unexpected
+
+
 def remap_keys(state_dict: Mapping[str, Any], rules: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Rename checkpoint keys with a table of ``(regex, replacement)`` rules; the first matching rule wins
     (applied once, anchored at the start), a key matching none keeps its name."""

@@ -19,17 +19,18 @@ tokens after generation, and keeps that one (``Expert.record_call``): it holds e
 token's state.  The ``action`` span is the positions whose outputs predicted the action tokens (the
 last prompt position, then a1..a6); ``capture=prefix`` has only the first of them.
 
-Without a checkpoint a small randomly initialised stand-in of the same structure is built
-(``toolkit_plugins.openvla.model``), announced by one warning.
+Checkpoints in openvla-7b's layout load natively (``toolkit_plugins.openvla.loading``: shard by shard onto
+the meta-built model, every weight checked); other Prismatic variants run their own code with
+``--trust-remote-code``.  Without a checkpoint a small randomly initialised model of the same architecture
+is built (``toolkit_plugins.openvla.model``), announced by one warning.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import logging
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,40 +39,44 @@ import torch
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.capture import DECODER_STREAMS
 from toolkit.errors import ToolkitError
+from toolkit.hf import cast_model, image_tensor, llama_tokenizer, one_line
+from toolkit_plugins.openvla.loading import load_native, load_remote, load_tokenizer, local_checkpoint, read_config
 from toolkit_plugins.openvla.model import (
-    DINO_MEAN,
-    DINO_STD,
-    MODEL_TYPE,
-    SIGLIP_MEAN,
-    SIGLIP_STD,
-    PrismaticStandInForActionPrediction,
+    PrismaticConfig,
+    build_random,
     build_tiny_model,
-    register_auto_classes,
+    is_prismatic_config,
+    native_support_problem,
 )
-from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
+from toolkit_plugins.openvla.vit import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("toolkit.openvla")
 
-OPTIONS = {"unnorm_key": None, "capture": "prefix", "prompt_tokens": 64, "camera": None, "action_dim": None}
+OPTIONS = {"unnorm_key": None, "capture": "prefix", "prompt_tokens": 64, "camera": None, "action_dim": None,
+           "tokenizer": None}
 CAPTURE_MODES = ("prefix", "actions")
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 RANDOM_WARNING = ("openvla: no --checkpoint given, using a small randomly initialised Prismatic/OpenVLA stand-in "
                   "(same structure, random weights) - results are for smoke tests only")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 OUTPUT_STREAM = {"resid_post": ("output", "")}
 
 
-def _vision_blocks(tower: torch.nn.Module, path: str) -> tuple[str, int, int]:
-    """(module path of the block list, number of blocks, width) of a timm or transformers ViT."""
-    for sub in ("blocks", "encoder.layer", "encoder.layers", "vision_model.encoder.layers"):
-        try:
-            blocks = tower.get_submodule(sub)
-        except AttributeError:
-            continue
-        cfg = getattr(tower, "config", None)
-        width = getattr(cfg, "hidden_size", None) or getattr(tower, "embed_dim", None) or 0
-        return f"{path}.{sub}", len(blocks), int(width)
-    raise ToolkitError(f"openvla: cannot find the transformer blocks of {path} ({type(tower).__name__})")
+def _tower(tower: torch.nn.Module, path: str) -> dict[str, Any]:
+    """Block path, depth, width, patch size, prefix tokens and image normalisation of a vision tower: the
+    project's ViT (``vit.VisionTransformer``) or a timm one (remote code); both keep blocks at ``.blocks``."""
+    blocks = getattr(tower, "blocks", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise ToolkitError(f"openvla: cannot find the transformer blocks of {path} ({type(tower).__name__})")
+    spec = getattr(tower, "spec", None)
+    if spec is not None:
+        patch, prefix, mean, std = spec.patch_size, tower.n_prefix, spec.mean, spec.std
+    else:  # timm
+        patch, prefix = tower.patch_embed.patch_size[0], tower.num_prefix_tokens
+        pcfg = getattr(tower, "pretrained_cfg", None) or {}
+        default = (IMAGENET_MEAN, IMAGENET_STD) if prefix else ((0.5,) * 3, (0.5,) * 3)  # DINOv2 / SigLIP
+        mean, std = pcfg.get("mean", default[0]), pcfg.get("std", default[1])
+    return {"path": f"{path}.blocks", "layers": len(blocks), "width": int(tower.embed_dim), "patch": int(patch),
+            "prefix": int(prefix), "mean": tuple(mean), "std": tuple(std)}
 
 
 def _config_value(cfg: Any, name: str, default: Any = None) -> Any:
@@ -84,15 +89,18 @@ def _config_value(cfg: Any, name: str, default: Any = None) -> Any:
 
 
 class OpenVLAAdapter(ModelAdapter):
-    """OpenVLA-7B (remote code, ``--trust-remote-code``) or the project's small Prismatic stand-in."""
+    """OpenVLA-7B (the project's Prismatic implementation; other variants with ``--trust-remote-code``), or a
+    small random instance of the same architecture."""
 
     name = "openvla"
     description = "OpenVLA (Prismatic DINOv2+SigLIP -> Llama 2, 256-bin action tokens)"
     option_defaults = OPTIONS
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-                 trust_remote_code: bool = False, **options: Any) -> None:
-        super().__init__(checkpoint, device, dtype, seed, trust_remote_code, **options)
+                 trust_remote_code: bool = False, *, allow_missing: bool = False, random_weights: bool = False,
+                 **options: Any) -> None:
+        super().__init__(checkpoint, device, dtype, seed, trust_remote_code, allow_missing=allow_missing,
+                         random_weights=random_weights, **options)
         opts = self.opts
         self.capture = str(opts["capture"])
         if self.capture not in CAPTURE_MODES:
@@ -110,8 +118,7 @@ class OpenVLAAdapter(ModelAdapter):
             self.model = build_tiny_model(seed)
             self.tokenizer = llama_tokenizer()
         else:
-            self.model = self._load(checkpoint, torch_dtype, trust_remote_code)
-            self.tokenizer = self._load_tokenizer(checkpoint, self.model)
+            self._load(checkpoint, torch_dtype, opts["tokenizer"])
         try:
             cast_model(self.model, self.device, torch_dtype)
         except (RuntimeError, AssertionError) as e:
@@ -120,56 +127,33 @@ class OpenVLAAdapter(ModelAdapter):
         self._setup(opts)
 
     # loading ------------------------------------------------------------------------------
-    @staticmethod
-    def _load(checkpoint: str, torch_dtype: torch.dtype, trust_remote_code: bool):
-        local = Path(checkpoint).expanduser()
-        if not local.exists() and (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1):
-            raise ToolkitError(f"openvla checkpoint {checkpoint!r} does not exist: give a checkpoint directory "
-                               "or a Hugging Face hub id (owner/name, e.g. openvla/openvla-7b)")
-        if local.exists() and not (local / "config.json").is_file():
-            raise ToolkitError(f"openvla checkpoint {checkpoint!r} has no config.json: it is not a saved model")
-        model_type = None
-        if local.is_dir():
-            try:
-                model_type = json.loads((local / "config.json").read_text()).get("model_type")
-            except (OSError, ValueError) as e:
-                raise ToolkitError(f"cannot read {local / 'config.json'}: {one_line(e)}") from None
-        if model_type == MODEL_TYPE:  # the project's own stand-in: no remote code needed
-            register_auto_classes()
-            try:
-                model = PrismaticStandInForActionPrediction.from_pretrained(str(local), dtype=torch_dtype)
-            except Exception as e:  # noqa: BLE001 - any load failure is one line
-                raise ToolkitError(f"cannot load openvla checkpoint {checkpoint!r} ({one_line(e)})") from None
-            return model.eval()
-        if not trust_remote_code:
-            raise ToolkitError(f"openvla checkpoint {checkpoint!r} ships its own model code (OpenVLAForActionPrediction); "
-                               "pass --trust-remote-code to allow it to run (only for checkpoints you trust)")
-        source = str(local) if local.exists() else checkpoint
-        try:
-            model = from_cache_or_hub(_load_remote, source, dtype=torch_dtype)
-        except ToolkitError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise ToolkitError(f"cannot load openvla checkpoint {checkpoint!r} ({one_line(e)}); it must be an "
-                               "OpenVLA checkpoint (e.g. openvla/openvla-7b) loadable with trust_remote_code") from None
-        return model.eval()
-
-    @staticmethod
-    def _load_tokenizer(checkpoint: str, model: torch.nn.Module):
-        from transformers import AutoTokenizer
-
-        local = Path(checkpoint).expanduser()
-        has_files = local.is_dir() and any((local / f).is_file() for f in TOKENIZER_FILES)
-        if has_files or not local.exists():
-            try:
-                return from_cache_or_hub(AutoTokenizer.from_pretrained, str(local) if has_files else checkpoint)
-            except Exception as e:  # noqa: BLE001
-                if not isinstance(model, PrismaticStandInForActionPrediction):
-                    raise ToolkitError(f"cannot load the tokenizer of openvla checkpoint {checkpoint!r} "
-                                       f"({one_line(e)})") from None
-        if isinstance(model, PrismaticStandInForActionPrediction):
-            return llama_tokenizer()  # a saved stand-in without tokenizer files: the one it was built for
-        raise ToolkitError(f"openvla checkpoint {checkpoint!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    def _load(self, checkpoint: str, torch_dtype: torch.dtype, tokenizer: str | None) -> None:
+        """The checkpoint's model and tokenizer: natively for the layouts the project implements (openvla-7b's),
+        through the checkpoint's own code for other Prismatic variants when the user trusts it."""
+        ckpt = local_checkpoint(checkpoint)
+        raw = read_config(ckpt)
+        if not is_prismatic_config(raw):
+            raise ToolkitError(f"openvla checkpoint {checkpoint!r} is not an OpenVLA/Prismatic model (its config.json "
+                               f"has model_type {raw.get('model_type')!r}, architectures {raw.get('architectures')})")
+        problem = native_support_problem(raw)
+        if problem is None:
+            config = PrismaticConfig(raw)
+            if self.random_weights:
+                self.model = build_random(config, self.seed, torch_dtype)
+            else:
+                self.model, self.load_report = load_native(ckpt, config, source=checkpoint, device=self.device,
+                                                           dtype=torch_dtype, seed=self.seed,
+                                                           allow_missing=self.allow_missing)
+        elif not self.trust_remote_code:
+            raise ToolkitError(f"openvla checkpoint {checkpoint!r}: {problem}, which the toolkit does not implement; "
+                               "pass --trust-remote-code to run the checkpoint's own model code (only for checkpoints "
+                               "you trust)")
+        elif self.random_weights:
+            raise ToolkitError(f"openvla: --random-weights needs a checkpoint the toolkit implements ({problem})")
+        else:
+            self.model, self.load_report = load_remote(ckpt, source=checkpoint, dtype=torch_dtype,
+                                                       allow_missing=self.allow_missing)
+        self.tokenizer = load_tokenizer(ckpt, tokenizer)
 
     def _setup(self, opts: dict[str, Any]) -> None:
         m, cfg = self.model, self.model.config
@@ -200,19 +184,19 @@ class OpenVLAAdapter(ModelAdapter):
         if self.action_dim < 1:
             raise ToolkitError(f"openvla option action_dim must be at least 1, got {self.action_dim}")
         vb = m.vision_backbone
-        self.dino_path, self.dino_layers, dino_w = _vision_blocks(vb.featurizer, "vision_backbone.featurizer")
-        self.siglip_path, self.siglip_layers, siglip_w = _vision_blocks(vb.fused_featurizer,
-                                                                         "vision_backbone.fused_featurizer")
-        self.dino_width, self.siglip_width = dino_w, siglip_w
-        dcfg = getattr(vb.featurizer, "config", None)
-        patch = int(getattr(dcfg, "patch_size", 14) or 14)
+        self.dino = _tower(vb.featurizer, "vision_backbone.featurizer")
+        self.siglip = _tower(vb.fused_featurizer, "vision_backbone.fused_featurizer")
+        patch = self.dino["patch"]
         self.n_patches = (self.image_size[0] // patch) * (self.image_size[1] // patch)
-        self.dino_prefix = 1 + int(getattr(dcfg, "num_register_tokens", 4) if dcfg is not None else 4)
+        self.dino_prefix = self.dino["prefix"]
         tok = self.tokenizer
         self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else 1
         self.pad_id = int(_config_value(cfg, "pad_token_id", 0) or 0)
         space = tok.convert_tokens_to_ids("▁")
         self.space_id = space if isinstance(space, int) and space != tok.unk_token_id else None
+        # the KV-cache keyword: ``cache`` where transformers has renamed ``past_key_values`` (which then warns
+        # until its removal in 5.40), ``past_key_values`` in the releases before
+        self.cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
     # what the adapter exposes ----------------------------------------------------------------
     @property
@@ -232,9 +216,9 @@ class OpenVLAAdapter(ModelAdapter):
                                 record_call=keep, layered=False,
                                 description="the LLM's input embeddings (token embeddings with the projected "
                                             "patches inserted after BOS), i.e. layer 0's input"),
-            "dino": Expert("dino", self.dino_path, self.dino_layers, self.dino_width, ("prefix", "patches"),
+            "dino": Expert("dino", self.dino["path"], self.dino["layers"], self.dino["width"], ("prefix", "patches"),
                            streams=dict(OUTPUT_STREAM), description="DINOv2 blocks (CLS + 4 registers + patches)"),
-            "siglip": Expert("siglip", self.siglip_path, self.siglip_layers, self.siglip_width, ("patches",),
+            "siglip": Expert("siglip", self.siglip["path"], self.siglip["layers"], self.siglip["width"], ("patches",),
                              streams=dict(OUTPUT_STREAM), description="SigLIP blocks (patches)"),
             "projector": Expert("projector", "projector", 1, self.hidden, ("patches",), streams=dict(OUTPUT_STREAM),
                                 layered=False, description="projector output: the vision tokens the LLM sees"),
@@ -251,7 +235,7 @@ class OpenVLAAdapter(ModelAdapter):
         }
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "random_init": self.checkpoint is None, "capture": self.capture,
+        return {**super().describe(), "capture": self.capture,
                 "unnorm_key": self.unnorm_key, "action_dim": self.action_dim, "prompt_tokens": self.prompt_tokens,
                 "camera": self.camera, "prompt": PROMPT}
 
@@ -259,8 +243,8 @@ class OpenVLAAdapter(ModelAdapter):
     def _pixels(self, img: Any) -> torch.Tensor:
         """(H, W, 3) uint8 -> (6, H', W'): DINO-normalised and SigLIP-normalised copies (resize-naive)."""
         x = image_tensor(img, self.image_size, "openvla")
-        norm = lambda mean, std: (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]  # noqa: E731
-        return torch.cat([norm(DINO_MEAN, DINO_STD), norm(SIGLIP_MEAN, SIGLIP_STD)], 0)
+        norm = lambda t: (x - torch.tensor(t["mean"])[:, None, None]) / torch.tensor(t["std"])[:, None, None]  # noqa: E731
+        return torch.cat([norm(self.dino), norm(self.siglip)], 0)
 
     def prompt_ids(self, instruction: str) -> list[int]:
         """The prompt's token ids after BOS (with the "▁" token OpenVLA's predict_action appends)."""
@@ -325,15 +309,19 @@ class OpenVLAAdapter(ModelAdapter):
 
     def _generate(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Greedy decoding of action_dim tokens with the KV cache (OpenVLA's generate)."""
+        from transformers import DynamicCache
+
+        cache = {self.cache_kw: DynamicCache(config=self.lm.config)}  # filled in place by every call
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                      **cache)  # only the last position's logits (32064 per position otherwise)
         tokens = [out.logits[:, -1].argmax(-1)]
         embed = self.lm.get_input_embeddings()
         for _ in range(self.action_dim - 1):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             pos = pos[:, -1:] + 1
             out = self.lm(inputs_embeds=embed(tokens[-1])[:, None], attention_mask=mask, position_ids=pos,
-                          past_key_values=out.past_key_values, use_cache=True)
+                          use_cache=True, **cache)
             tokens.append(out.logits[:, -1].argmax(-1))
         return torch.stack(tokens, 1)
 
@@ -388,23 +376,3 @@ class OpenVLAAdapter(ModelAdapter):
             base.norm = norm
         return {"llm": torch.stack(out.hidden_states[1:], 1)}
 
-
-def _load_remote(source: str, dtype: torch.dtype, **kw: Any):
-    """OpenVLA's remote code: ``AutoModelForVision2Seq`` where transformers still has it, else the class its
-    config's ``auto_map`` names."""
-    import transformers
-
-    auto = getattr(transformers, "AutoModelForVision2Seq", None)
-    if auto is not None:
-        return auto.from_pretrained(source, trust_remote_code=True, dtype=dtype, **kw)
-    from transformers import AutoConfig
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-    config = AutoConfig.from_pretrained(source, trust_remote_code=True, **kw)
-    auto_map = getattr(config, "auto_map", None) or {}
-    ref = auto_map.get("AutoModelForVision2Seq") or auto_map.get("AutoModelForImageTextToText")
-    if not ref:
-        raise ToolkitError(f"openvla checkpoint {source!r} names no AutoModelForVision2Seq class in its config's "
-                           "auto_map: it is not an OpenVLA checkpoint")
-    cls = get_class_from_dynamic_module(ref, source, **kw)
-    return cls.from_pretrained(source, config=config, trust_remote_code=True, dtype=dtype, **kw)
