@@ -177,3 +177,112 @@ def test_extract_pi0_over_rlds(rlds_dir, tmp_path, pi0_single_thread):
         s = toolkit.open_store(toolkit.extract(model="pi0", dataset="rlds", data=str(rlds_dir), store=tmp_path / "p.zarr",
                                                sites=["vlm"], layers="0", max_episodes=1, max_steps=1))
     assert s.n_samples == 1 and s.attrs["model"]["cameras"] == ["agentview", "wrist"]
+
+
+# --------------------------------------------------------------------------- RT-1 / fractal: a dict action
+
+FRACTAL_PARTS = [["world_vector", 3], ["rotation_delta", 3], ["gripper_closedness_action", 1],
+                 ["base_displacement_vector", 2], ["base_displacement_vertical_rotation", 1], ["terminate_episode", 3]]
+
+
+def write_fractal_rlds(root):
+    """2 episodes in RT-1's fractal20220817_data layout: the action is a dict, the instruction an observation."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("tensorflow")
+    feat = tfds.features
+    features = feat.FeaturesDict({
+        "steps": feat.Dataset({
+            "observation": feat.FeaturesDict({
+                "image": feat.Image(shape=(32, 40, 3), encoding_format="jpeg"),
+                "natural_language_instruction": feat.Text(),
+                "base_pose_tool_reached": feat.Tensor(shape=(7,), dtype=np.float32),
+            }),
+            "action": feat.FeaturesDict({  # keys in the order fractal's features.json lists them
+                "base_displacement_vector": feat.Tensor(shape=(2,), dtype=np.float32),
+                "base_displacement_vertical_rotation": feat.Tensor(shape=(1,), dtype=np.float32),
+                "gripper_closedness_action": feat.Tensor(shape=(1,), dtype=np.float32),
+                "rotation_delta": feat.Tensor(shape=(3,), dtype=np.float32),
+                "terminate_episode": feat.Tensor(shape=(3,), dtype=np.int32),
+                "world_vector": feat.Tensor(shape=(3,), dtype=np.float32),
+            }),
+            "reward": feat.Scalar(dtype=np.float32),
+            "is_first": feat.Scalar(dtype=np.bool_),
+            "is_last": feat.Scalar(dtype=np.bool_),
+            "is_terminal": feat.Scalar(dtype=np.bool_),
+        }),
+    })
+
+    def episode(e, n):
+        steps = [{
+            "observation": {"image": np.full((32, 40, 3), 10 * k, np.uint8),
+                            "natural_language_instruction": ["pick rxbar chocolate", "open top drawer"][e],
+                            "base_pose_tool_reached": np.zeros(7, np.float32)},
+            "action": {"world_vector": np.array([1, 2, 3], np.float32) + 100 * e + 10 * k,
+                       "rotation_delta": np.array([4, 5, 6], np.float32),
+                       "gripper_closedness_action": np.array([7], np.float32),
+                       "base_displacement_vector": np.array([8, 9], np.float32),
+                       "base_displacement_vertical_rotation": np.array([10], np.float32),
+                       "terminate_episode": np.array([0, 1, 0] if k < n - 1 else [1, 0, 0], np.int32)},
+            "reward": float(k == n - 1), "is_first": k == 0, "is_last": k == n - 1, "is_terminal": k == n - 1,
+        } for k in range(n)]
+        return f"ep{e}", {"steps": steps}
+
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="fractal_tiny", version="0.1.0", features=features, split_datasets={"train": [episode(0, 3), episode(1, 2)]},
+        data_dir=str(root), file_format="tfrecord", disable_shuffling=True)
+    return root / "fractal_tiny" / "0.1.0"
+
+
+@pytest.fixture(scope="module")
+def fractal_dir(tmp_path_factory):
+    return write_fractal_rlds(tmp_path_factory.mktemp("fractal"))
+
+
+def test_dict_action_is_flattened_in_the_documented_order(fractal_dir):
+    ds = RLDSDataset(str(fractal_dir), instruction_key="observation/natural_language_instruction")
+    eps = list(ds.episodes())
+    assert [e.instruction for e in eps] == ["pick rxbar chocolate", "open top drawer"]
+    steps = list(eps[1].steps())
+    np.testing.assert_array_equal(steps[1].action, [111, 112, 113, 4, 5, 6, 7, 8, 9, 10, 1, 0, 0])
+    assert steps[1].action.dtype == np.float32 and steps[1].state is None
+    assert steps[1].images["agentview"].shape == (32, 40, 3)
+    assert ds.describe()["action_parts"] == FRACTAL_PARTS
+    one = RLDSDataset(str(fractal_dir), instruction_key="observation/natural_language_instruction",
+                      action_key="action/world_vector")
+    np.testing.assert_array_equal(next(next(one.episodes()).steps()).action, [1, 2, 3])
+    assert "action_parts" not in one.describe()
+
+
+def test_fractal_through_extract_stores_the_flat_action(fractal_dir, tmp_path):
+    s = toolkit.open_store(toolkit.extract(
+        model="openvla", dataset="rlds", data=str(fractal_dir), store=tmp_path / "f.zarr", sites=["llm"], layers="0",
+        max_episodes=1, max_steps=2, dataset_options={"instruction_key": "observation/natural_language_instruction"}))
+    assert s.n_samples == 2 and s.coord("dataset_action").shape == (2, 13)
+    np.testing.assert_array_equal(s.coord("dataset_action")[1][:3], [11, 12, 13])
+    assert s.attrs["dataset"]["action_parts"] == FRACTAL_PARTS
+
+
+def test_reading_prints_no_tensorflow_start_up_lines(fractal_dir):
+    """TF's oneDNN notice and absl's pre-init warning are switched off before TensorFlow is imported."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+    code = ("from toolkit_plugins.rlds import RLDSDataset\n"
+            f"ds = RLDSDataset({str(fractal_dir)!r}, instruction_key='observation/natural_language_instruction')\n"
+            "print(sum(len(list(e.steps())) for e in ds.episodes()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "5", proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_non_numeric_action_part_is_one_line_pointing_at_action_key():
+    from toolkit_plugins.rlds import flatten_action
+
+    parts = flatten_action({"terminate": np.int32(0), "nested": {"b": [1.0], "a": [2.0, 3.0]}, "world_vector": [0.5]},
+                           "x")
+    assert [(n, a.tolist()) for n, a in parts] == [("world_vector", [0.5]), ("nested.a", [2.0, 3.0]),
+                                                   ("nested.b", [1.0]), ("terminate", [0])]
+    with pytest.raises(ToolkitError, match=r"ds: ep step 0: action part 'mode' is not numeric .*action_key=action/PART"):
+        flatten_action({"world_vector": [1.0], "mode": "absolute"}, "ds: ep step 0")

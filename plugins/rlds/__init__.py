@@ -14,7 +14,14 @@ Options (``--dataset-option KEY=VALUE``): ``split`` (TFDS slicing, ``train[:10%]
 keys; ``episode_metadata.*`` reads the episode's metadata, anything else the step, e.g.
 ``language_instruction`` or ``observation.natural_language_instruction``; ``none`` drops an optional key),
 ``num_episodes``, ``max_steps_per_episode``, ``step_stride``, ``data_dir``.  The defaults fit OpenVLA's
-``modified_libero_rlds`` layout.  The seed script's ``--num_episodes`` / ``--max_steps_per_episode`` / stride
+``modified_libero_rlds`` layout.
+
+An action stored as a dict (RT-1 / fractal: ``world_vector``, ``rotation_delta``,
+``gripper_closedness_action``, ``base_displacement_vector``, ``base_displacement_vertical_rotation``,
+``terminate_episode``) is flattened into one vector: the parts named in ``ACTION_ORDER`` first (the 7-dim
+end-effector action OpenVLA and Octo train on), then every other part in key order, nested dicts alike;
+``describe()["action_parts"]`` (the store's ``dataset`` attribute) lists the parts and their sizes.  To keep
+one part, name it: ``action_key=action/world_vector``.  The seed script's ``--num_episodes`` / ``--max_steps_per_episode`` / stride
 are also ``toolkit extract --max-episodes / --max-steps / --stride``, which apply to every dataset.
 
 Steps: ``images["agentview"]`` (image key), ``images["wrist"]`` (wrist key), ``state``, ``action`` and the
@@ -26,6 +33,7 @@ kept off the GPUs.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -34,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit import fields
 from toolkit.adapters import DatasetAdapter, Episode, Step
 from toolkit.cli_options import int_option
 from toolkit.errors import ToolkitError
@@ -52,6 +61,8 @@ OPTIONS = {
     "data_dir": None,
 }
 OPTIONAL_KEYS = ("wrist_image_key", "state_key", "action_key")  # absent defaults are skipped silently
+# a dict action's parts that come first, in this order (RT-1/fractal's end-effector action); others follow by key
+ACTION_ORDER = ("world_vector", "rotation_delta", "gripper_closedness_action")
 INSTALL = "pip install 'toolkit[rlds]'"
 
 
@@ -61,14 +72,19 @@ def _one_line(e: BaseException) -> str:
 
 
 def _import_tfds():
-    """tensorflow + tensorflow_datasets, imported on first use; TF is kept off the GPUs (torch's)."""
+    """tensorflow + tensorflow_datasets, imported on first use; TF is kept off the GPUs (torch's) and quiet:
+    its C++ start-up lines (the oneDNN notice, absl's pre-init warning) are switched off before the import
+    (TF only decodes records here, so oneDNN's numerics never matter) and its Python loggers show errors only."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         import tensorflow as tf
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise ToolkitError(f"the rlds dataset needs TensorFlow and tensorflow-datasets ({_one_line(e)}); "
                            f"install them with: {INSTALL}") from None
+    for name in ("tensorflow", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         tf.config.set_visible_devices([], "GPU")
     except (RuntimeError, ValueError):
@@ -98,6 +114,23 @@ def _get(d: Any, parts: list[str]) -> Any:
             raise KeyError(p)
         d = d[p]
     return d
+
+
+def flatten_action(action: dict, where: str, prefix: str = "") -> list[tuple[str, np.ndarray]]:
+    """A dict action's numeric parts as (dotted name, 1-D values), in the documented order (module doc)."""
+    keys = [k for k in ACTION_ORDER if k in action] + sorted(k for k in action if k not in ACTION_ORDER)
+    parts: list[tuple[str, np.ndarray]] = []
+    for k in keys:
+        name, v = f"{prefix}{k}", action[k]
+        if isinstance(v, dict):
+            parts.extend(flatten_action(v, where, f"{name}."))
+            continue
+        a = np.asarray(v)
+        if a.dtype.kind not in "biuf":
+            raise ToolkitError(f"{where}: action part {name!r} is not numeric (dtype {a.dtype}); pick numeric parts "
+                               f"with --dataset-option action_key=action/PART")
+        parts.append((name, a.reshape(-1)))
+    return parts
 
 
 def _text(v: Any) -> str:
@@ -131,6 +164,7 @@ class RLDSDataset(DatasetAdapter):
         if self.keys["image_key"] is None or self.keys["instruction_key"] is None:
             raise ToolkitError("rlds options image_key and instruction_key cannot be none")
         self._builder = None
+        self.action_parts: list[tuple[str, int]] | None = None  # a dict action's parts and sizes, once seen
 
     # opening ---------------------------------------------------------------------------------
     def builder(self):
@@ -225,40 +259,52 @@ class RLDSDataset(DatasetAdapter):
             for k, v in (meta.get("episode_metadata") or {}).items():
                 if not isinstance(v, dict):
                     md[k] = _text(v) if isinstance(v, (bytes, np.bytes_)) else np.asarray(v).tolist()
-            yield Episode(key=f"{self.opts['split']}/episode_{e:06d}", task=instruction, task_id=task_id,
+            key = f"{self.opts['split']}/episode_{e:06d}"
+            yield Episode(key=key, task=instruction, task_id=task_id,
                           instruction=instruction, metadata=md, n_steps=len(steps),
-                          _steps=lambda steps=steps, meta=meta: self._steps(steps, meta))
+                          _steps=lambda steps=steps, meta=meta, key=key: self._steps(steps, meta, key))
 
-    def _steps(self, steps: list[dict], meta: dict) -> Iterator[Step]:
+    def _steps(self, steps: list[dict], meta: dict, key: str) -> Iterator[Step]:
         for k, st in enumerate(steps):
             if self.max_steps is not None and k >= self.max_steps:
                 return
             if k % self.stride:
                 continue
-            images = {"agentview": self._image(self._lookup("image_key", meta, st, required=True), "image_key")}
+            where = f"{self.data}: {key} step {k}"
+            images = {"agentview": self._image(self._lookup("image_key", meta, st, required=True), "image_key", where)}
             wrist = self._lookup("wrist_image_key", meta, st, required=False)
             if wrist is not None:
-                images["wrist"] = self._image(wrist, "wrist_image_key")
+                images["wrist"] = self._image(wrist, "wrist_image_key", where)
             state = self._lookup("state_key", meta, st, required=False)
             action = self._lookup("action_key", meta, st, required=False)
-            fields = {}
+            if isinstance(action, dict):
+                parts = flatten_action(action, where)
+                sizes = [(name, int(a.size)) for name, a in parts]
+                if self.action_parts is not None and sizes != self.action_parts:
+                    raise ToolkitError(f"{where}: the action's parts are {sizes}, but earlier steps had "
+                                       f"{self.action_parts}")
+                self.action_parts = sizes
+                action = np.concatenate([a.astype(np.float32) for _, a in parts]) if parts else None
+            scalars = {}
             for name, v in st.items():
                 if isinstance(v, dict) or name == "action":
                     continue
                 a = np.asarray(v)
                 if a.ndim == 0 and a.dtype.kind in "biuf":
-                    fields[name] = a[()]  # numpy scalar: the store keeps its dtype
-            yield Step(index=k, images=images, fields=fields,
-                       state=None if state is None else np.asarray(state, dtype=np.float32).reshape(-1),
-                       action=None if action is None else np.asarray(action, dtype=np.float32).reshape(-1))
+                    scalars[name] = a[()]  # numpy scalar: the store keeps its dtype
+            yield Step(index=k, images=images, fields=scalars,
+                       state=fields.vector(None if state is None else np.asarray(state).reshape(-1), "state", where),
+                       action=fields.vector(None if action is None else np.asarray(action).reshape(-1), "action",
+                                            where))
 
-    def _image(self, v: Any, option: str) -> np.ndarray:
+    def _image(self, v: Any, option: str, where: str) -> np.ndarray:
         a = np.asarray(v)
         if a.dtype.kind in "SO":  # encoded bytes (a dataset stored without the Image feature)
             import io
 
             from PIL import Image
             a = np.asarray(Image.open(io.BytesIO(_raw_bytes(a))).convert("RGB"))
+        fields.image_shape(a.shape, f"{where}: {option}={self.keys[option]!r}")
         if a.ndim == 2:
             a = np.repeat(a[..., None], 3, axis=-1)
         if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
@@ -268,7 +314,10 @@ class RLDSDataset(DatasetAdapter):
         return a[..., :3] if a.shape[-1] >= 3 else np.repeat(a, 3, axis=-1)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "keys": dict(self.keys), "split": self.opts["split"]}
+        out = {**super().describe(), "keys": dict(self.keys), "split": self.opts["split"]}
+        if self.action_parts is not None:
+            out["action_parts"] = [list(p) for p in self.action_parts]
+        return out
 
 
 def _raw_bytes(a: np.ndarray) -> bytes:
