@@ -102,3 +102,20 @@ def test_cli_writes_the_table_and_a_figure_per_layer(latent_store, tmp_path):
     assert bad.exit_code == 2 and "no site 'nope'" in bad.output
     with pytest.raises(ToolkitError, match="layer 7 is out of range"):
         expert_separation(latent_store, ["vlm"], ["action"], layers="7")
+
+
+def test_projection_picks_one_denoising_step(latent_store, tmp_path):
+    from toolkit.cli import cli
+
+    out = tmp_path / "p.png"
+    res = CliRunner().invoke(cli, ["projection", str(latent_store), "--site", "action", "--layer", "1", "--denoise", "-1",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    s = open_store(latent_store)
+    x = s.read("action", "resid_post")[:, 1, -1].astype(np.float64).mean(1)  # layer 1, last step, token mean
+    x -= x.mean(0)
+    u, sv, _ = np.linalg.svd(x, full_matrices=False)
+    got = np.load(out.with_suffix(".npz"))["xy"]
+    np.testing.assert_allclose(np.abs(got), np.abs(u[:, :2] * sv[:2]), rtol=1e-6, atol=1e-9)
+    bad = CliRunner().invoke(cli, ["projection", str(latent_store), "--site", "vlm", "--denoise", "0"])
+    assert bad.exit_code == 2 and "no denoising steps" in bad.output

@@ -32,6 +32,7 @@ PROJECTION_EXAMPLES = """
 Examples:
   toolkit projection stores/robovlms.zarr --method pca --color task
   toolkit projection stores/robovlms.zarr --site text --layer -1 --method tsne --color episode --out proj.png
+  toolkit projection stores/pi0.zarr --site action --layer 8 --denoise -1    # the last denoising step only
 """
 DATASET_EXAMPLES = """
 \b
@@ -136,9 +137,11 @@ def compare_command(store_a, store_b, site, stream, layers, no_progress, bins, e
               help="umap needs umap-learn (pip install 'toolkit[umap]').")
 @click.option("--color", type=click.Choice(["task", "episode", "success"]), default="task", show_default=True)
 @click.option("--max-samples", default=5000, show_default=True, help="Seeded subset of samples to project.")
+@click.option("--denoise", default=None, help="Action expert: one denoising step (index; -1 the last) instead of "
+                                              "the mean over them.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Figure path (default reports/projection_<store>_<method>.png).")
-def projection_command(store, site, stream, layer, method, color, max_samples, seed, out):
+def projection_command(store, site, stream, layer, method, color, max_samples, denoise, seed, out):
     """2-D projection (PCA, t-SNE, UMAP) of one vector per sample (mean over its stored tokens)."""
     import matplotlib
 
@@ -161,7 +164,8 @@ def projection_command(store, site, stream, layer, method, color, max_samples, s
     if len(picked) != 1:
         raise ToolkitError(f"--layer {layer!r} selects {len(picked)} layers; a projection takes one (e.g. -1)")
     chosen = picked[0]
-    idx, x = sample_vectors(s, site, stream, chosen, max_samples, seed)
+    step, at = _denoise_step(s, site, stream, denoise)
+    idx, x = sample_vectors(s, site, stream, chosen, max_samples, seed, denoise=step)
     y = project(x, method, seed)
     labels = s.coord(color)[idx]
     out = out or Path("reports") / f"projection_{store.name.removesuffix('.zarr')}_{site}_{method}.png"
@@ -176,13 +180,30 @@ def projection_command(store, site, stream, layer, method, color, max_samples, s
                    label=g[:40] if len(groups) <= 20 else None)
     if len(groups) <= 20:
         ax.legend(fontsize=7, markerscale=1.5, loc="best")
-    ax.set_title(f"{site}/{stream} layer {chosen}: {method.upper()} by {color} ({len(y)} samples)")
+    ax.set_title(f"{site}/{stream} layer {chosen}{at}: {method.upper()} by {color} ({len(y)} samples)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     np.savez(out.with_suffix(".npz"), sample=idx, xy=y, label=np.array(values))
     click.echo(f"wrote {out} and {out.with_suffix('.npz')}  ({site}/{stream} layer {chosen}, {len(y)} samples, "
                f"{len(groups)} {color} groups)")
+
+
+def _denoise_step(store: Any, site: str, stream: str, spec: str | None) -> tuple[int | None, str]:
+    """--denoise: the position of one denoising step along the site's denoise axis, and a label naming its t."""
+    if spec is None:
+        return None, ""
+    from toolkit.spec import resolve_indices
+
+    dims = tuple(store.array(site, stream).metadata.dimension_names or ())
+    if "denoise" not in dims:
+        raise ToolkitError(f"site {site!r} has no denoising steps (dims {', '.join(dims)}); drop --denoise")
+    picked = resolve_indices(spec, store.array(site, stream).shape[dims.index("denoise")], "denoising step",
+                             where=f"at site {site!r}")
+    if len(picked) != 1:
+        raise ToolkitError(f"--denoise {spec!r} selects {len(picked)} denoising steps; a projection takes one (e.g. -1)")
+    t = store.static(f"{site}/t")[picked[0]] if f"{site}/t" in store.root else None
+    return picked[0], f" denoise {picked[0]}" + ("" if t is None else f" (t={float(t):g})")
 
 
 # --------------------------------------------------------------------------- dataset-stats

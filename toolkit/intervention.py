@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,8 @@ from toolkit.capture import _first_tensor, expert_streams, hook_point, resolve_m
 from toolkit.errors import ToolkitError
 from toolkit.selection import parse_tokens
 from toolkit.spec import HookPattern, hook_name, resolve_hooks
-from toolkit.store import Store, decode, open_store
+from toolkit.stats import iter_sample_vectors
+from toolkit.store import Store, open_store
 
 OPS = ("add", "ablate", "clamp", "zero", "mean")
 
@@ -386,21 +387,6 @@ def probe_direction(results: str | Path, row_id: int | None = None) -> ProbeDire
                           dict(res.meta.get("selection") or {}))
 
 
-def _sample_means(store: Store, site: str, stream: str, layer: int, denoise: int | None = None
-                  ) -> Iterator[tuple[int, np.ndarray]]:
-    """(first sample, (n, F) float64) per chunk: each sample's vector, averaged over its stored tokens and
-    denoising steps (or at one denoising step)."""
-    arr = store.array(site, stream)
-    li = store.layers(site).index(layer)
-    step, n = int(arr.chunks[0]), store.n_samples
-    has_denoise = "denoise" in tuple(arr.metadata.dimension_names or ())
-    for a in range(0, n, step):
-        x = np.asarray(decode(arr[a:min(n, a + step), li], arr.attrs.get("stored_dtype")), dtype=np.float64)
-        if has_denoise and denoise is not None:
-            x = x[:, denoise]
-        yield a, x.reshape(len(x), -1, x.shape[-1]).mean(1)
-
-
 def _store_hook(store: Store, hook: str) -> tuple[str, int, str]:
     site, layer, stream = parse_hook(hook)
     if site not in store.sites:
@@ -444,10 +430,9 @@ def mean_difference(store: str | Path | Store, hook: str, group_a: str, group_b:
     if (ma & mb).any():
         raise ToolkitError(f"groups {group_a!r} and {group_b!r} share samples: pick disjoint groups")
     sums = {}
-    for a, x in _sample_means(s, site, stream, layer):
+    for rows, x in iter_sample_vectors(s, site, stream, layer):
         for key, m in (("a", ma), ("b", mb)):
-            part = x[m[a:a + len(x)]]
-            sums[key] = sums.get(key, 0) + part.sum(0)
+            sums[key] = sums.get(key, 0) + x[m[rows]].sum(0)
     return sums["a"] / ma.sum() - sums["b"] / mb.sum()
 
 
@@ -456,6 +441,6 @@ def store_mean(store: str | Path | Store, hook: str) -> np.ndarray:
     s = store if isinstance(store, Store) else open_store(store)
     site, layer, stream = _store_hook(s, hook)
     total, count = 0.0, 0
-    for _, x in _sample_means(s, site, stream, layer):
+    for _, x in iter_sample_vectors(s, site, stream, layer):
         total, count = total + x.sum(0), count + len(x)
     return total / count
