@@ -96,7 +96,8 @@ def test_bad_files_name_file_and_key(root, tmp_path):
         f.create_dataset("images", data=np.zeros((3, 8, 8, 3), dtype=np.uint8))
     raw = (root / "episode_20250101_120000_1box_vert_left.h5").read_bytes()
     (d / "episode_20250101_000200_trunc.h5").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(ToolkitError, match=r"episode_20250101_000100_right\.h5: missing key 'actions'") as err:
+    with pytest.raises(ToolkitError, match=r"episode_20250101_000100_right\.h5: missing key 'actions' .*"
+                                           r"use --dataset-option skip_bad=true") as err:
         list(H5Dataset(str(d)).episodes())
     assert "\n" not in str(err.value)
     with pytest.warns(UserWarning) as rec:
@@ -104,6 +105,10 @@ def test_bad_files_name_file_and_key(root, tmp_path):
     assert [e.key for e in eps] == ["episode_20250101_000000_left"]
     msgs = [str(w.message) for w in rec]
     assert any("000200_trunc.h5" in m for m in msgs) and msgs[-1].startswith("h5: skipped 2 of 3 files")
+    assert not any("skip_bad" in m for m in msgs)  # already set: no advice to set it
+    (d / "episode_20250101_000100_right.h5").unlink()
+    with pytest.raises(ToolkitError, match=r"000200_trunc\.h5: cannot open as HDF5 .*truncated.*skip_bad=true"):
+        list(H5Dataset(str(d)).episodes())
     with pytest.raises(ToolkitError, match="no embedded sample: pass --data DIR"):
         H5Dataset(None)
     with pytest.raises(ToolkitError, match="stratify_by 'colour'"):
@@ -140,3 +145,11 @@ def test_extract_robovlms_over_h5(root, tmp_path, pi0_single_thread):
     assert list(s.coord("step")) == [0, 4, 8] * 2
     assert list(s.coord("event_type")) == ["episode_start", "a", "stop_action"] * 2
     assert s.coord("dataset_action").shape == (6, 3)
+
+
+def test_huge_frames_are_refused_before_reading(tmp_path):
+    with h5py.File(tmp_path / "episode_20250101_000000_left.h5", "w") as f:
+        f.create_dataset("images", shape=(2, 9000, 16000, 3), dtype=np.uint8, chunks=(1, 64, 64, 3))
+        f.create_dataset("actions", data=np.zeros((2, 3), np.float32))
+    with pytest.raises(ToolkitError, match=r"key 'images': an image of shape \(9000, 16000, 3\) is out of bounds"):
+        list(H5Dataset(str(tmp_path)).episodes())

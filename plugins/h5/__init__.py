@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit import fields
 from toolkit.adapters import DatasetAdapter, Episode, Step
 from toolkit.cli_options import int_option
 from toolkit.errors import ToolkitError
@@ -45,6 +46,7 @@ REQUIRED = ("images", "actions")
 DIRECTIONS = ("left", "right", "straight", "center", "front")
 _NAME = re.compile(r"^episode_(\d{8}_\d{6})_?(.*)$")
 _LAYOUT = re.compile(r"(\d+box(?:_(?:vert|hori|vertical|horizontal))?|vert|hori)")
+SKIP_HINT = "use --dataset-option skip_bad=true to skip unreadable files"
 
 
 @dataclass
@@ -130,14 +132,15 @@ def _read_index(root: Path) -> dict[str, str]:
 
 
 def scan_file(path: Path, index: dict[str, str]) -> EpisodeInfo:
-    """Validate one episode file and read its metadata; a ToolkitError names the file and the key."""
+    """Validate one episode file and read its metadata; a ToolkitError names the file and the key (the
+    caller adds the ``skip_bad`` hint when it applies)."""
     import h5py
 
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise ToolkitError(f"{path}: cannot open as HDF5 ({str(e).splitlines()[0]}); the file is truncated or "
-                           "not an .h5 episode (use --dataset-option skip_bad=true to skip it)") from None
+                           "not an .h5 episode") from None
     with f:
         for key in REQUIRED:
             if key not in f:
@@ -145,6 +148,10 @@ def scan_file(path: Path, index: dict[str, str]) -> EpisodeInfo:
         images, actions = f["images"], f["actions"]
         if images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise ToolkitError(f"{path}: key 'images' has shape {images.shape}, expected (T, H, W, 3)")
+        fields.image_shape(images.shape[1:], f"{path}: key 'images'")  # a frame is read whole, so bound it
+        if actions.ndim == 2 and actions.shape[1] > fields.MAX_VECTOR:
+            raise ToolkitError(f"{path}: key 'actions' has {actions.shape[1]:,} values per step; at most "
+                               f"{fields.MAX_VECTOR} are expected")
         if actions.ndim not in (1, 2) or actions.shape[0] != images.shape[0]:
             raise ToolkitError(f"{path}: key 'actions' has shape {actions.shape}, expected ({images.shape[0]}, k)")
         t = int(images.shape[0])
@@ -156,7 +163,7 @@ def scan_file(path: Path, index: dict[str, str]) -> EpisodeInfo:
             events = [_text(v) for v in f["action_event_types"][:]] if "action_event_types" in f else []
         except (OSError, ValueError, KeyError) as e:
             raise ToolkitError(f"{path}: cannot read key 'images'/'actions' ({str(e).splitlines()[0]}); the file "
-                               "looks truncated (use --dataset-option skip_bad=true to skip it)") from None
+                               "looks truncated") from None
         attrs = {k: _plain(v) for k, v in f.attrs.items()}
         name = _text(attrs.get("episode_name") or path.stem)
         if "language_instruction" in f and _text(f["language_instruction"][()]):
@@ -270,7 +277,7 @@ class H5Dataset(DatasetAdapter):
                     infos.append(scan_file(path, index))
                 except ToolkitError as e:
                     if not self.skip_bad:
-                        raise
+                        raise ToolkitError(f"{e} ({SKIP_HINT})") from None
                     self.bad.append((path, str(e)))
                     warnings.warn(f"h5: skipping {e}", stacklevel=2)
             if not infos:
@@ -320,7 +327,8 @@ class H5Dataset(DatasetAdapter):
                     raise ToolkitError(f"{info.path}: cannot read frame {i} of key 'images' "
                                        f"({str(e).splitlines()[0]}); the file looks truncated") from None
                 yield Step(index=i, images={self.camera: _resize(np.asarray(img), self.image_size)},
-                           action=np.asarray(act, dtype=np.float32).reshape(-1),
+                           action=fields.vector(np.asarray(act).reshape(-1), "action",
+                                                f"{info.path}: key 'actions' frame {i}"),
                            fields={"event_type": info.event_types[i] if info.event_types else ""})
 
     # summary ------------------------------------------------------------------------------------
