@@ -218,6 +218,10 @@ def test_a_dropped_weight_is_one_cli_line_and_allow_missing_records_it(files, tm
     model = toolkit.open_store(store).attrs["model"]
     assert model["load_report"]["missing"] == [key] and model["load_report"]["n_missing"] == 1
     assert model["settings"]["window"]["value"] == 3 and model["hand_camera"] == "wrist"
+    # the missing weight keeps the seeded random value a --random-weights run gives it, the others are the file's
+    kept, rand = load(files, path, allow_missing=True).model.state_dict(), load(files, random_weights=True).model
+    assert torch.equal(kept[key], rand.state_dict()[key])
+    assert torch.equal(kept["action_token"], files["policy"].action_token)
 
 
 def test_the_tokenizer_is_found_or_named(files, tmp_path, monkeypatch):

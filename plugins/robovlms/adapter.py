@@ -42,7 +42,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
@@ -263,21 +262,35 @@ class RoboVLMsAdapter(ModelAdapter):
         self.settings["tokenizer"] = {"value": source, "from": origin}
         return tok
 
-    def _load_policy(self, ckpt: RoboVLMsCheckpoint, trained: TrainingConfig, opts: dict[str, Any]) -> RoboKosmosPolicy:
+    def _load_policy(self, ckpt: RoboVLMsCheckpoint, trained: TrainingConfig,
+                     opts: dict[str, Any]) -> RoboKosmosPolicy:
         """The policy shaped by the checkpoint's tensors, filled from them (or seeded random: ``random_weights``)."""
         heads = {k: int_option(opts[k], "robovlms", k, 1) for k in ("text_heads", "vision_heads")}
         kosmos_config, head = shapes_from_state_dict(ckpt.weights, ckpt.path, **heads)
         check_shapes_agree(trained, kosmos_config, head, ckpt.path)
         for key, value in head.items():
             self.settings[key] = {"value": value, "from": "checkpoint tensors"}
-        torch.manual_seed(self.seed)
-        policy = RoboKosmosPolicy(kosmos_config, window_size=self.window, **head)
+
+        def seeded() -> RoboKosmosPolicy:
+            torch.manual_seed(self.seed)
+            return RoboKosmosPolicy(kosmos_config, window_size=self.window, **head)
+
         if self.random_weights:
             log.warning("robovlms: --random-weights: the architecture of %s with random weights (seed %d); none of "
                         "its weights are loaded", self.checkpoint, self.seed)
-            return policy.eval()
+            return seeded().eval()
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():  # every weight is overwritten: skip the random init (minutes at 1.7 B on a CPU)
+            policy = RoboKosmosPolicy(kosmos_config, window_size=self.window, **head)
+        policy.backbone.tie_weights()  # post_init's tying is skipped with the init
         report = load_into(policy, ckpt.weights, source=str(self.checkpoint), layout=ckpt.layout,
                            allow_missing=self.allow_missing)
+        if report.missing:  # --allow-missing: those keep seeded random values, never uninitialised memory
+            fresh, own = seeded().state_dict(), policy.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for name in report.missing:
+                    own[name].copy_(fresh[name])
         # unused tensors by their names in the file: those under the prefix the model lacks, and all outside it
         report.unexpected = sorted([ckpt.prefix + k for k in report.unexpected] + ckpt.outside)
         if report.unexpected:
