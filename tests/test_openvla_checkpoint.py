@@ -358,3 +358,72 @@ def test_extract_in_process_matches_the_loaded_model(ckpt, loaded, tmp_path):
     out = loaded.run(loaded.prepare(steps), generators(len(steps)))
     np.testing.assert_allclose(s.coord("policy_action"), out.actions, rtol=1e-5, atol=1e-6)
     assert s.attrs["model"]["load_report"]["layout"] == loaded.load_report.layout
+
+
+def _randomised(tower):
+    """The tower with every parameter redrawn (LayerScale 1e-5 would hide the blocks)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 and p.shape[0] == 32 else 0.0))
+    return tower
+
+
+def test_vision_towers_compute_what_transformers_dinov2_and_siglip_compute():
+    """Our timm-named towers against transformers' independent DINOv2-with-registers and SigLIP, with the
+    checkpoint's weights renamed onto them: the second-to-last block's patch tokens agree."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipVisionConfig, SiglipVisionModel
+
+    vb = build_tiny_model(0).vision_backbone
+    dino, siglip = _randomised(vb.featurizer), _randomised(vb.fused_featurizer)
+    size = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14,
+                layer_norm_eps=1e-6, hidden_act="gelu")  # timm 0.9 (OpenVLA's) uses exact GELU for both
+    hf_dino = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**size, mlp_ratio=2, num_register_tokens=4)).eval()
+    hf_siglip = SiglipVisionModel(SiglipVisionConfig(**size, intermediate_size=64, vision_use_head=False)).eval()
+
+    def renamed(own, hf, rules):
+        sd = {}
+        for key in hf.state_dict():
+            for pattern, fn in rules:
+                if (m := re.fullmatch(pattern, key)):
+                    sd[key] = fn(own, m)
+                    break
+        hf.load_state_dict(sd, strict=False)
+        assert set(hf.state_dict()) - set(sd) <= {"embeddings.mask_token"}
+
+    def qkv(i):
+        return lambda o, m: o[f"blocks.{m[1]}.attn.qkv.{m[2]}"].chunk(3)[i]
+
+    own = dino.state_dict()
+    renamed(own, hf_dino, [
+        (r"embeddings\.cls_token", lambda o, m: o["cls_token"]),
+        (r"embeddings\.register_tokens", lambda o, m: o["reg_token"]),
+        (r"embeddings\.position_embeddings", lambda o, m: torch.cat([torch.zeros(1, 1, 32), o["pos_embed"]], 1)),
+        (r"embeddings\.patch_embeddings\.projection\.(\w+)", lambda o, m: o[f"patch_embed.proj.{m[1]}"]),
+        (r"encoder\.layer\.(\d+)\.attention\.q_proj\.(\w+)", qkv(0)),
+        (r"encoder\.layer\.(\d+)\.attention\.k_proj\.(\w+)", qkv(1)),
+        (r"encoder\.layer\.(\d+)\.attention\.v_proj\.(\w+)", qkv(2)),
+        (r"encoder\.layer\.(\d+)\.attention\.o_proj\.(\w+)", lambda o, m: o[f"blocks.{m[1]}.attn.proj.{m[2]}"]),
+        (r"encoder\.layer\.(\d+)\.layer_scale(\d)\.lambda1", lambda o, m: o[f"blocks.{m[1]}.ls{m[2]}.scale_factor"]),
+        (r"encoder\.layer\.(\d+)\.(norm\d|mlp\.fc\d)\.(\w+)", lambda o, m: o[f"blocks.{m[1]}.{m[2]}.{m[3]}"]),
+        (r"layernorm\.(\w+)", lambda o, m: o[f"norm.{m[1]}"]),
+    ])
+    own = siglip.state_dict()
+    renamed(own, hf_siglip, [
+        (r"embeddings\.patch_embedding\.(\w+)", lambda o, m: o[f"patch_embed.proj.{m[1]}"]),
+        (r"embeddings\.position_embedding\.weight", lambda o, m: o["pos_embed"][0]),
+        (r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(\w+)", qkv(0)),
+        (r"encoder\.layers\.(\d+)\.self_attn\.k_proj\.(\w+)", qkv(1)),
+        (r"encoder\.layers\.(\d+)\.self_attn\.v_proj\.(\w+)", qkv(2)),
+        (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(\w+)", lambda o, m: o[f"blocks.{m[1]}.attn.proj.{m[2]}"]),
+        (r"encoder\.layers\.(\d+)\.layer_norm(\d)\.(\w+)", lambda o, m: o[f"blocks.{m[1]}.norm{m[2]}.{m[3]}"]),
+        (r"encoder\.layers\.(\d+)\.(mlp\.fc\d)\.(\w+)", lambda o, m: o[f"blocks.{m[1]}.{m[2]}.{m[3]}"]),
+        (r"post_layernorm\.(\w+)", lambda o, m: o[f"norm.{m[1]}"]),
+    ])
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_dino = hf_dino(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1 + 4:]
+        want_siglip = hf_siglip(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(dino(x), want_dino, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(siglip(x), want_siglip, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(dino(x), siglip(x), atol=1e-2)
