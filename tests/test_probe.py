@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from toolkit.errors import ToolkitError
 from toolkit.extract import COORDINATES
 from toolkit.probe import ProbeConfig, Results, Selection, probe
 from toolkit.probe.select import plain, resolve
-from toolkit.probe.splits import make_split
+from toolkit.probe.splits import make_folds
 from toolkit.probe.stats import iter_blocks
 from toolkit.store import ArraySpec, StoreWriter, open_store
 
@@ -22,7 +23,7 @@ INSTRUCTIONS = ["put the bowl on the plate", "open the top drawer", "turn on the
 
 def write_store(path, n_tasks=4, eps_per_task=10, steps=12, layers=(0, 3, 6, 9), d=24, tokens=2, signal_layer=6,
                 signal=1.5, episode_noise=1.0, denoise_t=(1.0, 0.5), seed=0, chunk_samples=64, action=True,
-                codec="zstd", bf16=False):
+                codec="zstd", bf16=False, random_init=False, resid_pre=False):
     """A store with a task signal planted at one layer only, a per-episode offset everywhere, and an action
     expert whose task signal grows as t falls (strongest at the last denoising step)."""
     rng = np.random.default_rng(seed)
@@ -55,6 +56,10 @@ def write_store(path, n_tasks=4, eps_per_task=10, steps=12, layers=(0, 3, 6, 9),
     static = {"vlm/layer": (("layer",), np.array(layers, np.int32)),
               "vlm/token": (("token",), np.arange(tokens, dtype=np.int32))}
     arrays = {"vlm/resid_post": vlm}
+    if resid_pre:  # layer inputs: at layer 0 the input embeddings, here carrying no task signal
+        specs.append(ArraySpec("vlm/resid_pre", (L, tokens, d), "float32", ("layer", "token", "feature"),
+                               chunk_inner=(1, tokens, d)))
+        arrays["vlm/resid_pre"] = rng.standard_normal((n, L, tokens, d)).astype(np.float32)
     if action:
         specs.append(ArraySpec("action/resid_post", (L, S, 1, d), "float32", ("layer", "denoise", "token", "feature"),
                                chunk_inner=(1, S, 1, d)))
@@ -67,7 +72,7 @@ def write_store(path, n_tasks=4, eps_per_task=10, steps=12, layers=(0, 3, 6, 9),
         dims = tuple(f"{name}_dim{i}" if i else f"{name}_dim" for i in range(v.ndim - 1))
         specs.append(ArraySpec(name, tuple(v.shape[1:]), "str" if v.dtype == object else str(v.dtype), dims))
     w = StoreWriter(path, mode="create", codec=codec)
-    w.initialize({"model": "synthetic"}, specs, static, COORDINATES, chunk_samples=chunk_samples)
+    w.initialize({"model": {"name": "synthetic", "checkpoint": None, "random_init": random_init}}, specs, static, COORDINATES, chunk_samples=chunk_samples)
     w.root["vlm"].attrs.update({"expert": "vlm"})
     if action:
         w.root["action"].attrs.update({"expert": "action"})
@@ -82,19 +87,22 @@ def store_path(tmp_path_factory):
     return write_store(tmp_path_factory.mktemp("probe") / "s.zarr")
 
 
-FAST = dict(n_boot=200)
+FAST = dict(mdl=False)
 
 
 def test_planted_signal_is_found_at_its_layer_only(store_path):
-    res = probe(store_path, Selection(site="vlm"), ["task"], ProbeConfig(**FAST))
-    rows = [r for r in res.rows if r["target"] == "task"]
-    acc = {r["layer"]: r["metric"] for r in rows}
+    res = probe(store_path, Selection(site="vlm"), ["task"], ProbeConfig())
+    acc = {r["layer"]: r["metric"] for r in res.rows}
     assert max(acc, key=acc.get) == 6
     assert acc[6] > 0.9
     assert all(acc[k] < 0.6 for k in (0, 3, 9))
-    best = next(r for r in rows if r["layer"] == 6)
+    best = next(r for r in res.rows if r["layer"] == 6)
     assert best["ci_low"] <= best["metric"] <= best["ci_high"]
-    assert best["selectivity"] > 0.5 and best["chance"] == 0.25
+    assert best["chance"] == 0.25 and best["n_test_episodes"] == 40  # every episode tested once
+    assert best["selectivity"] <= 1 and best["compression"] > 1.5
+    assert all(r["compression"] < best["compression"] for r in res.rows if r["layer"] != 6)
+    (sel,) = res.best  # chosen inside the outer folds, not on the test rows
+    assert sel["layer"] == 6 and sel["layers_per_fold"] == "6,6,6,6,6" and sel["metric"] > 0.9
 
 
 def _layer_rows(store_path, layer):
@@ -111,23 +119,25 @@ def test_ridge_matches_scikit_learn_on_the_same_folds(store_path):
     from sklearn.preprocessing import StandardScaler
 
     lam = 1e-2
-    res = probe(store_path, Selection(site="vlm", layers="6"), ["task"],
+    res = probe(store_path, Selection(site="vlm", layers="3,6"), ["task"],
                 ProbeConfig(lambdas=(lam,), save_weights="all", **FAST))
-    row = next(r for r in res.rows if r["target"] == "task")
-    W, b, shift = res.weights[row["id"]]
     X, ep, task = _layer_rows(store_path, 6)
-    split = make_split("episodes", ep, task, 5, 0.2, 0)
-    tr, te = ~split.is_test(), split.is_test()
+    folds = make_folds("episodes", ep, task, 5, 0)
     names, y = np.unique(task, return_inverse=True)
     Y = np.eye(len(names))[y]
-    sc = StandardScaler().fit(X[tr].astype(np.float64))
-    sk = Ridge(alpha=lam * tr.sum()).fit(sc.transform(X[tr]), Y[tr])
+    pred = np.empty(len(y), dtype=int)
+    for k in range(folds.n_folds):  # the same outer folds; the intercept from the whole selection's proportions
+        tr, te = folds.train(k), folds.test(k)
+        sc = StandardScaler().fit(X[tr].astype(np.float64))
+        sk = Ridge(alpha=lam * tr.sum()).fit(sc.transform(X[tr]), Y[tr])
+        pred[te] = (sk.predict(sc.transform(X[te])) - Y[tr].mean(0) + Y.mean(0)).argmax(1)
+    row = next(r for r in res.rows if r["layer"] == 6)
+    assert abs(row["accuracy"] - np.mean(pred == y)) <= 0.01
+    W, b, shift = res.weights[row["id"]]  # the saved probe: refitted on every episode
+    sc = StandardScaler().fit(X.astype(np.float64))
+    sk = Ridge(alpha=lam * len(X)).fit(sc.transform(X), Y)
     W_sk = sk.coef_.T / sc.scale_[:, None]
     assert np.linalg.norm(W - W_sk) / np.linalg.norm(W_sk) < 1e-4
-    pred_sk = sk.predict(sc.transform(X[te])).argmax(1)
-    pred = ((X[te] - shift) @ W + b).argmax(1)
-    assert abs(np.mean(pred == y[te]) - np.mean(pred_sk == y[te])) <= 0.01
-    assert abs(row["accuracy"] - np.mean(pred_sk == y[te])) <= 0.01
 
 
 def test_logistic_matches_scikit_learn_on_the_same_folds(store_path):
@@ -135,8 +145,8 @@ def test_logistic_matches_scikit_learn_on_the_same_folds(store_path):
     from toolkit.probe.solvers import fit_logistic
 
     X, ep, task = _layer_rows(store_path, 6)
-    split = make_split("episodes", ep, task, 5, 0.2, 0)
-    tr, te = ~split.is_test(), split.is_test()
+    folds = make_folds("episodes", ep, task, 5, 0)
+    tr, te = folds.train(0), folds.test(0)
     _, y = np.unique(task, return_inverse=True)
     mu, sd = X[tr].mean(0), X[tr].std(0)
     z, zt = (X[tr] - mu) / sd, (X[te] - mu) / sd
@@ -145,24 +155,90 @@ def test_logistic_matches_scikit_learn_on_the_same_folds(store_path):
     sk = LogisticRegression(C=1 / (l2 * tr.sum()), max_iter=1000).fit(z, y[tr])
     assert abs(np.mean((zt @ W + b).argmax(1) == y[te]) - sk.score(zt, y[te])) <= 0.01
     res = probe(store_path, Selection(site="vlm", layers="6"), ["task"], ProbeConfig(solver="logistic", **FAST))
-    assert res.rows[0]["solver"] == "logistic" and res.rows[0]["metric"] > 0.9
+    row = res.rows[0]
+    assert row["solver"] == "logistic" and row["metric"] > 0.9 and row["lambda"] in (1e-4, 1e-3, 1e-2, 1e-1)
 
 
-def test_random_episode_label_is_at_chance_unless_split_by_step(tmp_path):
+def test_unsupported_solver_target_pairs_are_one_line_errors(store_path):
+    for solver, target in (("logistic", "instruction"), ("cosine", "task"), ("logistic", "field:progress")):
+        with pytest.raises(ToolkitError, match=f"--solver {solver} cannot fit") as e:
+            probe(store_path, Selection(site="vlm", layers="6"), [target], ProbeConfig(solver=solver, **FAST))
+        assert "\n" not in str(e.value)
+
+
+def test_a_random_episode_label_is_at_chance_unless_split_by_step(tmp_path):
     path = write_store(tmp_path / "c.zarr", n_tasks=2, eps_per_task=24, steps=16, d=32, signal=0.0,
                        episode_noise=2.0, action=False, layers=(0,), signal_layer=0)
     honest = probe(path, Selection(site="vlm"), ["task"], ProbeConfig(**FAST)).rows[0]
     leaky = probe(path, Selection(site="vlm"), ["task"], ProbeConfig(splits=("steps",), **FAST)).rows[0]
     # the task label here is random per episode (no signal planted): only memorising episodes decodes it
-    assert abs(honest["metric"] - 0.5) < 0.15 and abs(honest["control"] - 0.5) < 0.15
-    assert leaky["metric"] > 0.7 and leaky["control"] > 0.7
+    assert abs(honest["metric"] - 0.5) < 0.15 and honest["ci_low"] <= 0.5 <= honest["ci_high"]
+    assert leaky["metric"] > 0.7
+
+
+def test_the_control_task_is_learnable_when_its_type_is_encoded(tmp_path):
+    """Control labels are a random function of (task, progress quartile): a layer encoding both learns them."""
+    path = write_store(tmp_path / "t.zarr", n_tasks=3, eps_per_task=8, steps=16, d=24, signal=0.0, action=False,
+                       layers=(0,), signal_layer=0, episode_noise=0.3)
+    store = open_store(path)
+    task_id = store.coord("task_id").astype(int)
+    quarter = store.coord("step").astype(int) * 4 // 16
+    x = np.zeros((store.n_samples, 1, 2, 24), np.float32)
+    x[np.arange(len(x)), 0, :, task_id * 4 + quarter] = 3.0  # a one-hot code of the type
+    typed = write_store(tmp_path / "typed.zarr", n_tasks=3, eps_per_task=8, steps=16, d=24, signal=0.0,
+                        action=False, layers=(0,), signal_layer=0, episode_noise=0.3)
+    import zarr
+
+    arr = zarr.open_group(str(typed), mode="r+")["vlm/resid_post"]
+    arr[:] = arr[:] * 0.3 + x
+    row = probe(typed, Selection(site="vlm"), ["task"], ProbeConfig(**FAST)).rows[0]
+    assert row["control"] > 0.8 and row["metric"] > 0.9  # learnable on held-out episodes
+    assert row["selectivity"] == pytest.approx(row["metric"] - max(row["control"], row["majority"]))
+    plain_row = probe(path, Selection(site="vlm"), ["task"], ProbeConfig(**FAST)).rows[0]
+    assert plain_row["control"] < 0.6  # not encoded: at chance
+
+
+def test_intervals_are_calibrated_on_null_stores_and_never_collapse(tmp_path):
+    """A fast version of benchmarks/bench_calibration.py (which measures 95 % ± 3 %): a loose bound."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import bench_calibration as B
+
+    excluded, n = 0, 0
+    for s in range(6):
+        path = B.write_store(tmp_path / f"n{s}.zarr", B.world(0.0), 4, 6, seed=s)
+        for r in probe(path, Selection(site="vlm"), ["task"], ProbeConfig(seed=s, **FAST)).rows:
+            excluded += not r["ci_low"] <= 0.25 <= r["ci_high"]
+            n += 1
+    assert excluded / n <= 0.15
+    perfect = B.write_store(tmp_path / "p.zarr", B.world(5.0), 2, 1, seed=0)
+    row = probe(perfect, Selection(site="vlm"), ["task"], ProbeConfig(**FAST)).rows[0]
+    assert row["metric"] == 1.0 and 0.5 < row["ci_low"] < 0.95 and row["ci_high"] == 1.0
+    assert "only 8 test episodes" in row["warnings"] and row["flagged"]
+
+
+def test_baselines_random_weights_store_and_input_embeddings(tmp_path, store_path):
+    a = write_store(tmp_path / "a.zarr", action=False, resid_pre=True, layers=(0, 6))
+    rand = write_store(tmp_path / "r.zarr", action=False, resid_pre=True, layers=(0, 6), signal=0.0,
+                       random_init=True)
+    res = probe(a, Selection(site="vlm", layers="6"), ["task"], ProbeConfig(baseline=str(rand), **FAST))
+    row = res.rows[0]
+    assert row["metric"] > 0.9 and row["baseline_random"] < 0.6 and row["baseline_embedding"] < 0.6
+    assert row["selectivity_random"] > 0.3 and row["selectivity_embedding"] > 0.3
+    assert row["baseline_random_ci_low"] <= row["baseline_random"] <= row["baseline_random_ci_high"]
+    with pytest.raises(ToolkitError, match="random_init"):
+        probe(a, Selection(site="vlm", layers="6"), ["task"], ProbeConfig(baseline=str(store_path), **FAST))
+    other = write_store(tmp_path / "o.zarr", action=False, layers=(0, 6), random_init=True, eps_per_task=5)
+    with pytest.raises(ToolkitError, match="same samples"):
+        probe(a, Selection(site="vlm", layers="6"), ["task"], ProbeConfig(baseline=str(other), **FAST))
 
 
 def test_results_are_identical_across_runs(store_path):
-    cfg = ProbeConfig(**FAST)
-    a = probe(store_path, Selection(site="vlm", layers="3,6"), ["task"], cfg).rows
-    b = probe(store_path, Selection(site="vlm", layers="3,6"), ["task"], cfg).rows
-    assert json.dumps(a, default=str) == json.dumps(b, default=str)
+    cfg = ProbeConfig(mdl=True)
+    a = probe(store_path, Selection(site="vlm", layers="3,6"), ["task"], cfg)
+    b = probe(store_path, Selection(site="vlm", layers="3,6"), ["task"], cfg)
+    assert json.dumps([a.rows, a.best], default=str) == json.dumps([b.rows, b.best], default=str)
 
 
 def test_action_expert_denoising_selection_by_t(store_path):
@@ -174,24 +250,38 @@ def test_action_expert_denoising_selection_by_t(store_path):
     assert both[1]["metric"] >= both[0]["metric"]
 
 
-def test_instruction_embedding_target_with_minilm(store_path):
-    res = probe(store_path, Selection(site="vlm", layers="0,6"), ["instruction"], ProbeConfig(**FAST))
+def test_instruction_embedding_target_and_held_out_tasks(tmp_path):
+    path = write_store(tmp_path / "i.zarr", n_tasks=6, eps_per_task=5, action=False)
+    res = probe(path, Selection(site="vlm", layers="0,6"), ["instruction"], ProbeConfig(**FAST))
     rows = {(r["layer"], r["split"]): r for r in res.rows}
     assert {s for _, s in rows} == {"episodes", "tasks"}
-    assert rows[(6, "episodes")]["metric"] > 0.9 > rows[(0, "episodes")]["metric"]
-    assert rows[(6, "episodes")]["cosine"] > rows[(6, "episodes")]["cosine_baseline"]
-    assert "similarity" in res.details[rows[(6, "episodes")]["id"]]
+    ep6 = rows[(6, "episodes")]
+    assert ep6["metric"] > 0.9 > rows[(0, "episodes")]["metric"] and ep6["cosine"] > ep6["cosine_baseline"]
+    assert ep6["lambda"] is not None and "similarity" in res.details[ep6["id"]]
+    tasks = rows[(6, "tasks")]  # 3 folds of 2 held-out tasks: chance is 1/2, the control competes on the same
+    assert tasks["chance"] == pytest.approx(0.5) and tasks["selectivity"] <= 1 - 0.5
 
 
-def test_cosine_solver_and_field_targets(store_path):
+def test_cosine_solver_reports_epochs_not_lambda(store_path):
     res = probe(store_path, Selection(site="vlm", layers="6"), ["instruction"],
                 ProbeConfig(solver="cosine", splits=("episodes",), **FAST))
-    assert res.rows[0]["solver"] == "cosine" and res.rows[0]["metric"] > 0.8
+    row = res.rows[0]
+    assert row["solver"] == "cosine" and row["metric"] > 0.8 and row["lambda"] is None and row["epochs"] >= 1
+
+
+def test_field_targets_take_an_explicit_kind(store_path):
     res = probe(store_path, Selection(site="vlm", layers="6"),
-                ["field:dataset_action[0]", "field:success", "field:progress"], ProbeConfig(**FAST))
+                ["field:dataset_action[0]", "field:success", "field:step:regression", "field:step:classification",
+                 "field:step"], ProbeConfig(**FAST))
     kinds = {r["target"]: r for r in res.rows}
     assert kinds["field:dataset_action[0]"]["kind"] == "regression" and kinds["field:dataset_action[0]"]["r2"] > 0.5
     assert kinds["field:success"]["kind"] == "classification"
+    assert kinds["field:success"]["majority"] == pytest.approx(26 / 40, abs=0.01)  # 2 of 3 episodes succeed
+    assert kinds["field:step:regression"]["kind"] == "regression" == kinds["field:step"]["kind"]
+    assert kinds["field:step:classification"]["kind"] == "classification"
+    assert all(r["selectivity"] <= 1 for r in res.rows)
+    with pytest.raises(ToolkitError, match="unknown target kind"):
+        probe(store_path, Selection(site="vlm", layers="6"), ["field:step:ordinal"], ProbeConfig(**FAST))
 
 
 def test_step_buckets_and_ranges(store_path):
@@ -205,12 +295,12 @@ def test_step_buckets_and_ranges(store_path):
 
 @pytest.mark.parametrize("sel, target, message", [
     (Selection(site="nope"), "task", "sites: action, vlm"),
-    (Selection(site="vlm", layers="4"), "task", "holds layers 0,3,6,9"),
+    (Selection(site="vlm", layers="4"), "task", "layer"),
     (Selection(site="action", t="0.7"), "task", "t values: 1, 0.5"),
     (Selection(site="vlm", steps="99"), "task", "steps present"),
     (Selection(site="vlm", task_range=(0, 1)), "task", "one task"),
     (Selection(site="vlm", task_range=(7, 9)), "task", "selects no sample"),
-    (Selection(site="vlm", episode_range=(0, 1)), "task", "at least 2 per task"),
+    (Selection(site="vlm", task_range=(0, 1), episode_range=(0, 2)), "field:success", "at least 3 folds"),
     (Selection(site="vlm"), "instruction:t5", "--encoder-path"),
     (Selection(site="vlm"), "nope", "known targets"),
 ])
@@ -222,20 +312,30 @@ def test_bad_input_is_one_clear_line(store_path, sel, target, message, monkeypat
 
 
 def test_cli_probe_and_report(store_path, tmp_path):
+    from toolkit.probe.results import load_direction
     from toolkit.probe_cli import probe_command, report_command
 
     out = tmp_path / "res"
-    r = CliRunner().invoke(probe_command, ["--store", str(store_path), "--layer", "3,6", "--out", str(out),
-                                           "--bootstrap", "100"])
+    r = CliRunner().invoke(probe_command, [str(store_path), "--layers", "3,6", "--out", str(out), "--no-progress"])
     assert r.exit_code == 0, r.output
+    assert "selected (inner-CV" in r.output
     loaded = Results.load(out)
     assert {row["site"] for row in loaded.rows} == {"vlm", "action"}
+    for col in ("metric", "ci_low", "ci_high", "control", "control_ci_low", "baseline_random", "baseline_embedding",
+                "selectivity", "chance", "majority", "balanced_chance", "n_train_episodes", "n_test_episodes",
+                "warnings", "flagged", "mdl_bits", "compression"):
+        assert col in loaded.rows[0]
+    d = load_direction(out, "vlm", 6, "task")
+    assert d.W.shape == (24, 4) and d.labels == ["task_0", "task_1", "task_2", "task_3"]
+    with pytest.raises(ToolkitError, match="no saved probe"):
+        load_direction(out, "vlm", 3, "task")
     r = CliRunner().invoke(report_command, [str(out)])
     assert r.exit_code == 0, r.output
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64" in html and (out / "report.md").exists()
-    r = CliRunner().invoke(probe_command, ["--store", str(store_path), "--site", "vlm", "--layer", "5"])
-    assert r.exit_code != 0 and "holds layers" in r.output
+    md = (out / "report.md").read_text()
+    assert "data:image/png;base64" in html and "synthetic" in md and "inner" in md
+    old = CliRunner().invoke(probe_command, ["--store", str(store_path), "--site", "vlm", "--layer", "5"])
+    assert old.exit_code != 0 and "layer" in old.output
 
 
 @pytest.mark.parametrize("codec, bf16", [("none", False), ("blosc", True)])

@@ -11,10 +11,11 @@ from toolkit.errors import ToolkitError
 PROBE_EXAMPLES = """
 \b
 Examples:
-  toolkit probe --store stores/libero.zarr          # every site, every layer, task identity
-  toolkit probe --store stores/libero.zarr --site vlm --target instruction --encoder minilm --out results/vlm
-  toolkit probe --store stores/libero.zarr --expert action --layer 10 --rollout-step 20 --action-timestep 0.9
-  toolkit probe --store stores/libero.zarr --site vlm --step-buckets 50 --target task --target field:success
+  toolkit probe stores/libero.zarr                  # every site, every layer, task identity
+  toolkit probe stores/libero.zarr --site vlm --target instruction --encoder minilm --out results/vlm
+  toolkit probe stores/libero.zarr --expert action --layer 10 --rollout-step 20 --action-timestep 0.9
+  toolkit probe stores/libero.zarr --site vlm --step-buckets 50 --target task --target field:success
+  toolkit probe stores/libero.zarr --target field:step:regression --baseline stores/libero_random.zarr
   toolkit report results/vlm
 """
 
@@ -29,7 +30,9 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
 
 
 @click.command(epilog=PROBE_EXAMPLES)
-@click.option("--store", "store_path", required=True, type=click.Path(), help="The activation store to probe.")
+@click.argument("store_path", required=False, type=click.Path(), metavar="STORE")
+@click.option("--store", "store_opt", default=None, type=click.Path(), hidden=True,
+              help="The store (older spelling of the STORE argument).")
 @click.option("--site", "--expert", "sites", multiple=True,
               help="Capture site(s)/expert(s): vlm, action, text_only (default: all; comma lists allowed).")
 @click.option("--stream", default=None, help="Stream inside the site (default resid_post).")
@@ -45,19 +48,26 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
 @click.option("--task-range", "--task_range", type=int, nargs=2, default=None, help="Task ids A..B-1 only.")
 @click.option("--episode-range", "--episode_range", type=int, nargs=2, default=None,
               help="Each task's episodes A..B-1 only.")
-@click.option("--target", "targets", multiple=True,
-              help="task (default) | instruction | field:NAME (e.g. field:success, field:dataset_action[3]).")
+@click.option("--target", "--targets", "targets", multiple=True,
+              help="task (default) | instruction | field:NAME[:classification|regression] (e.g. field:success, "
+                   "field:step:regression, field:dataset_action[3]).")
 @click.option("--encoder", type=click.Choice(["minilm", "t5"]), default="minilm", show_default=True,
               help="Text encoder of the instruction target.")
 @click.option("--encoder-path", type=click.Path(), default=None, help="Local folder with the encoder's weights.")
 @click.option("--solver", type=click.Choice(["ridge", "logistic", "cosine"]), default="ridge", show_default=True,
               help="ridge: streamed, all λ at once; logistic: L-BFGS (classification); cosine: the seed's probe.")
-@click.option("--split", "splits", multiple=True, type=click.Choice(["auto", "episodes", "tasks", "steps"]),
-              help="Held-out unit (default auto: episodes, plus tasks for embedding targets). steps leaks.")
-@click.option("--folds", default=5, show_default=True, help="Inner grouped CV folds that choose λ.")
-@click.option("--test-fraction", default=0.2, show_default=True, help="Share of episodes (or tasks) held out.")
+@click.option("--split", "--splits", "splits", multiple=True,
+              type=click.Choice(["auto", "episodes", "tasks", "steps"]),
+              help="Held-out unit (default auto: episodes, plus tasks for embedding targets with ≥ 6 tasks). "
+                   "steps leaks.")
+@click.option("--folds", default=5, show_default=True,
+              help="Outer folds over episodes (every episode tested once); λ is chosen inside each training set.")
 @click.option("--lambdas", default=None, help="Comma list of relative λ (default 1e-6..1e3, 10 values).")
-@click.option("--bootstrap", default=1000, show_default=True, help="Episode-bootstrap resamples for the 95 % CI.")
+@click.option("--baseline", default=None, type=click.Path(),
+              help="A store of the same samples from a random-weights model (`toolkit extract --random-weights`): "
+                   "the same probe on it is the baseline column.")
+@click.option("--mdl/--no-mdl", default=True, show_default=True,
+              help="Online code length (MDL) for classification targets (ridge).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--learning-rate", "--learning_rate", "lr", default=1e-3, show_default=True, help="cosine solver.")
 @click.option("--epochs", "--num_epochs", default=100, show_default=True, help="cosine solver.")
@@ -66,19 +76,26 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
 @click.option("--save-weights", type=click.Choice(["best", "all", "none"]), default="best", show_default=True)
 @click.option("--out", "--output_dir", "out", default="results/probe", show_default=True, type=click.Path())
 @click.option("--report", "make_report", is_flag=True, help="Also write the report into --out.")
-def probe_command(store_path, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool, task_range,
-                  episode_range, targets, encoder, encoder_path, solver, splits, folds, test_fraction, lambdas,
-                  bootstrap, seed, lr, epochs, batch_size, patience, save_weights, out, make_report) -> None:
-    """Fit linear probes on a store's hidden states, layer by layer, and write a tidy results table."""
+@click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on stderr.")
+def probe_command(store_path, store_opt, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool,
+                  task_range, episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline,
+                  mdl, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress) -> None:
+    """Fit linear probes on a store's hidden states, layer by layer, with nested episode cross-validation."""
     try:
-        _probe(**locals())
+        if store_path and store_opt and store_path != store_opt:
+            raise ToolkitError(f"two stores given ({store_path} and --store {store_opt}): give one STORE")
+        if not (store_path or store_opt):
+            raise ToolkitError("no store given: toolkit probe STORE (e.g. toolkit probe stores/libero.zarr)")
+        _probe(store_path or store_opt, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool,
+               task_range, episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline,
+               mdl, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress)
     except ToolkitError as e:
         _fail(e)
 
 
 def _probe(store_path, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool, task_range,
-           episode_range, targets, encoder, encoder_path, solver, splits, folds, test_fraction, lambdas,
-           bootstrap, seed, lr, epochs, batch_size, patience, save_weights, out, make_report) -> None:
+           episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline, mdl, seed, lr,
+           epochs, batch_size, patience, save_weights, out, make_report, progress) -> None:
     from toolkit.probe import LAMBDAS, CosineOptions, ProbeConfig, Results, Selection, probe
     from toolkit.store import open_store
 
@@ -90,8 +107,8 @@ def _probe(store_path, sites, stream, layers, steps, step_buckets, denoise, t, t
         lams = tuple(float(v) for v in lambdas.split(",")) if lambdas else LAMBDAS
     except ValueError:
         raise ToolkitError(f"malformed --lambdas {lambdas!r}: give comma-separated numbers such as 1e-3,1e-1,10")
-    cfg = ProbeConfig(solver=solver, splits=tuple(splits) or ("auto",), n_folds=folds, test_fraction=test_fraction,
-                      lambdas=lams, seed=seed, n_boot=bootstrap, save_weights=save_weights,
+    cfg = ProbeConfig(solver=solver, splits=tuple(splits) or ("auto",), n_folds=folds, lambdas=lams, seed=seed,
+                      save_weights=save_weights, baseline=baseline, mdl=mdl, progress=progress,
                       cosine=CosineOptions(lr=lr, epochs=epochs, batch_size=batch_size, patience=patience),
                       target_options={"encoder": encoder, "encoder_path": encoder_path})
     results = Results()
@@ -110,6 +127,10 @@ def _probe(store_path, sites, stream, layers, steps, step_buckets, denoise, t, t
 
 
 def _print_summary(results) -> None:
+    model = results.meta.get("model")
+    if isinstance(model, dict) and model.get("random_init"):
+        click.echo("warning: this store was made by a model with RANDOM weights (no checkpoint): the numbers say "
+                   "what the architecture and inputs alone give", err=True)
     head = f"{'site':<9} {'layer':>5} {'t':>5} {'step':>7} {'target':<14} {'split':<8} {'metric':<10} " \
            f"{'value':>6} {'95% CI':>13} {'control':>7} {'select.':>7}"
     click.echo(head)
@@ -117,7 +138,12 @@ def _print_summary(results) -> None:
         t = "" if r["t"] is None else f"{r['t']:.2f}"
         click.echo(f"{r['site']:<9} {r['layer']:>5} {t:>5} {str(r['step']):>7} {r['target'][:14]:<14} "
                    f"{r['split']:<8} {r['metric_name']:<10} {r['metric']:6.3f} "
-                   f"[{r['ci_low']:.3f},{r['ci_high']:.3f}] {r['control']:7.3f} {r['selectivity']:7.3f}")
+                   f"[{r['ci_low']:.3f},{r['ci_high']:.3f}] {r['control']:7.3f} {r['selectivity']:7.3f}"
+                   + (f"  ! {r['warnings']}" if r.get("warnings") else ""))
+    for b in results.best:
+        click.echo(f"selected ({b['selected_by']} inside each outer fold): {b['site']} {b['target']} steps {b['step']}"
+                   f" layer {b['layer']} (per fold {b['layers_per_fold']}): {b['metric_name']} {b['metric']:.3f} "
+                   f"[{b['ci_low']:.3f}, {b['ci_high']:.3f}]")
 
 
 @click.command()

@@ -55,15 +55,25 @@ class InstructionTarget:
 
 
 class FieldTarget:
-    """Any per-sample field: ``field:success``, ``field:progress``, ``field:dataset_action[3]``."""
+    """Any per-sample field, with an optional explicit kind: ``field:success``, ``field:step:regression``,
+    ``field:progress``, ``field:dataset_action[3]``, ``field:task_id:classification``.
+
+    Without a kind: text fields and fields with exactly two values are classified, other numbers regressed.
+    """
 
     name = "field"
-    description = "any per-sample field, e.g. field:success, field:progress, field:dataset_action[3]"
+    description = ("any per-sample field, kind optional: field:success, field:step:regression, "
+                   "field:dataset_action[3], field:task_id:classification")
+    KINDS = ("classification", "regression")
 
     def __init__(self, arg: str | None = None, **options):
         if not arg:
-            raise ToolkitError("the field target needs a field name: --target field:NAME (e.g. field:success, "
-                               "field:progress, field:dataset_action[3])")
+            raise ToolkitError("the field target needs a field name: --target field:NAME[:classification|regression] "
+                               "(e.g. field:success, field:step:regression, field:dataset_action[3])")
+        arg, _, kind = arg.partition(":")
+        if kind and kind not in self.KINDS:
+            raise ToolkitError(f"unknown target kind {kind!r} in field:{arg}:{kind}: use classification or regression")
+        self.kind = kind or None
         self.field, self.column = arg, None
         if arg.endswith("]") and "[" in arg:
             self.field, col = arg[:-1].split("[", 1)
@@ -75,20 +85,30 @@ class FieldTarget:
             if v.ndim != 2 or not -v.shape[1] <= self.column < v.shape[1]:
                 raise ToolkitError(f"field {self.field!r} has shape {v.shape[1:]}: column {self.column} does not exist")
             v = v[:, self.column]
-        if v.dtype.kind in "OUS":
-            names, classes = np.unique(v.astype(str), return_inverse=True)
-            return TargetData("classification", classes=classes, class_names=[str(n) for n in names])
-        if v.ndim == 1 and v.dtype.kind in "iub" and len(np.unique(v)) <= 20:
-            valid = v >= 0 if self.field == "success" else None  # -1 = outcome unknown
-            vals = v if valid is None else v[valid]
-            names = np.unique(vals)
+        text = v.dtype.kind in "OUS"
+        valid = (v >= 0) if self.field == "success" and not text else None  # success -1 = outcome unknown
+        kind = self.kind
+        if kind is None:
+            kind = "classification" if text or (v.ndim == 1 and len(np.unique(v if valid is None else v[valid])) == 2)                 else "regression"
+        if kind == "classification":
+            if v.ndim != 1:
+                raise ToolkitError(f"field {self.field!r} has shape {v.shape[1:]} per sample: pick one column "
+                                   f"(field:{self.field}[0]:classification)")
+            vals = v.astype(str) if text else v
+            names = np.unique(vals if valid is None else vals[valid])
             if len(names) < 2:
                 raise ToolkitError(f"field {self.field!r} takes one value ({names[0] if len(names) else 'none'}) in "
                                    "the selection: nothing to classify")
-            classes = np.searchsorted(names, v).clip(0, len(names) - 1)
+            if not text and len(names) > 50:
+                raise ToolkitError(f"field {self.field!r} takes {len(names)} values: classify at most 50 (use "
+                                   f"field:{self.field}:regression)")
+            classes = np.searchsorted(names, vals).clip(0, len(names) - 1)
             return TargetData("classification", classes=classes, class_names=[str(n) for n in names], valid=valid)
+        if text:
+            raise ToolkitError(f"field {self.field!r} holds text: it can only be classified (field:{self.field})")
         y = v.reshape(len(v), -1).astype(np.float32)
-        return TargetData("regression", y=y, valid=np.isfinite(y).all(1))
+        ok = np.isfinite(y).all(1)
+        return TargetData("regression", y=y, valid=ok if valid is None else ok & valid)
 
 
 # ----------------------------------------------------------------------------- text encoders

@@ -1,4 +1,5 @@
-"""Linear probes on a toolkit store: streamed ridge sweeps, honest episode splits, control tasks, reports.
+"""Linear probes on a toolkit store: nested episode cross-validation, calibrated intervals, controls,
+baselines, MDL, reports.
 
     from toolkit.probe import probe, Selection, ProbeConfig
     results = probe("stores/libero.zarr", Selection(site="vlm", layers="all"), targets=["task"])
@@ -7,8 +8,9 @@
 """
 
 from toolkit.probe.engine import SOLVERS, ProbeConfig, probe
-from toolkit.probe.results import Results
+from toolkit.probe.results import Direction, Results, load_direction
 from toolkit.probe.select import Selection, resolve
 from toolkit.probe.solvers import LAMBDAS, CosineOptions
 
-__all__ = ["probe", "ProbeConfig", "Selection", "Results", "resolve", "CosineOptions", "LAMBDAS", "SOLVERS"]
+__all__ = ["probe", "ProbeConfig", "Selection", "Results", "Direction", "load_direction", "resolve", "CosineOptions",
+           "LAMBDAS", "SOLVERS"]

@@ -1,15 +1,17 @@
 """Figures and a self-contained report (Markdown beside PNGs, and one HTML file with the PNGs embedded).
 
-The figures follow the layer-sweep conventions of the probing literature: metric against layer with
-95 % episode-bootstrap bands, one line per expert / denoising step, chance and control dashed; a
-layer × rollout-step heatmap; language retention against rollout step split by episode success; the
-confusion matrix and instruction-similarity matrix of the best probe.
+The report first says what was probed (model, checkpoint or **random init**, dataset, store, selection,
+episodes and steps per class, the split) and how the numbers were made, then per target: metric against
+layer with 95 % intervals, the control and the baselines in the legend, one panel per denoising step
+(t), a fixed y-range and integer layer ticks, flagged cells (too few episodes, λ at the grid edge) in
+grey; a layer × rollout-step heatmap and a retention curve with intervals when steps are bucketed; the
+confusion or instruction-similarity matrix of the selected probe.  Markdown and HTML come from Jinja2
+templates.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +20,52 @@ import numpy as np
 
 from toolkit.errors import ToolkitError
 from toolkit.probe.results import Results
+
+MARKDOWN = """# Probe report
+
+{{ what }}
+
+{% if random %}**Warning: the probed model has random weights (no checkpoint was loaded).** Every number below says
+what the architecture and the inputs alone make decodable, not what a trained policy learned.
+
+{% endif %}{{ how }}
+
+## Selected probe per target (chosen inside each outer fold: no winner's curse)
+
+| {{ best_head | join(" | ") }} |
+|{% for _ in best_head %}---|{% endfor %}
+{% for r in best %}| {{ r | join(" | ") }} |
+{% endfor %}
+{% for s in sections %}
+## {{ s.title }}
+
+{% for img in s.images %}![{{ img.stem }}]({{ img.rel }})
+
+{% endfor %}{% if s.per_task %}{{ s.per_task_title }}
+
+| task | rows | {{ s.metric }} |
+|---|---|---|
+{% for p in s.per_task %}| {{ p | join(" | ") }} |
+{% endfor %}{% endif %}{% endfor %}"""
+
+HTML = """<!doctype html><html><head><meta charset="utf-8"><title>Probe report</title><style>
+body{font-family:sans-serif;max-width:1000px;margin:2em auto;line-height:1.4}
+table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}
+.warn{background:#fee;border:1px solid #c00;padding:.5em}</style></head><body>
+<h1>Probe report</h1>
+<p>{{ what }}</p>
+{% if random %}<p class="warn"><b>Warning: the probed model has random weights (no checkpoint was loaded).</b>
+Every number below says what the architecture and the inputs alone make decodable, not what a trained policy
+learned.</p>{% endif %}
+<p>{{ how }}</p>
+<h2>Selected probe per target (chosen inside each outer fold: no winner's curse)</h2>
+<table><tr>{% for h in best_head %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for r in best %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% for s in sections %}<h2>{{ s.title }}</h2>
+{% for img in s.images %}<p><img alt="{{ img.stem }}" src="data:image/png;base64,{{ img.data }}"></p>{% endfor %}
+{% if s.per_task %}<p>{{ s.per_task_title }}</p><table><tr><th>task</th><th>rows</th><th>{{ s.metric }}</th></tr>
+{% for p in s.per_task %}<tr>{% for c in p %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+{% endfor %}</body></html>"""
 
 
 def _num(v):
@@ -42,55 +90,80 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _series_key(r: dict) -> tuple:
-    return r["target"], r["split"], r["solver"]
-
-
 def _label(r: dict) -> str:
     return r["site"] if r["t"] is None else f"{r['site']} t={_num(r['t']):.2f}"
 
 
+def _ylim(rows: list[dict]) -> tuple[float, float]:
+    """Accuracies and retrieval on [0, 1] always; R² from a floor of −0.2 (or lower if the data go there)."""
+    if rows[0]["metric_name"] != "r2":
+        return -0.02, 1.02
+    lows = [_num(r["ci_low"]) for r in rows] + [_num(r.get("control")) for r in rows]
+    return min(-0.2, np.nanmin(lows) - 0.05), 1.02
+
+
 def fig_layers(rows: list[dict], path: Path, title: str) -> Path:
-    """Metric vs layer: one line per site / denoising step, CI bands, control dotted, chance dashed."""
+    """Metric vs layer, one panel per denoising step t: interval band, control and baselines in the legend,
+    flagged cells grey, chance (or the majority rate) dashed, fixed y-range, integer layer ticks."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    lines = defaultdict(list)
+    from matplotlib.ticker import MaxNLocator
+
+    panels = defaultdict(list)
     for r in rows:
-        lines[(r["site"], r["t"])].append(r)
-    sites = sorted({s for s, _ in lines})
-    cmaps = ["Blues", "Oranges", "Greens", "Purples"]
-    order = sorted(lines, key=lambda k: (k[0], 0 if k[1] is None else -_num(k[1])))  # t from 1 (noise) down
-    for site, t in order:
-        rs = lines[(site, t)]
-        rs = sorted(rs, key=lambda r: r["layer"])
-        ts = sorted({_num(r["t"]) for r in rows if r["site"] == site and r["t"] is not None}, reverse=True)
-        shade = 0.75 if t is None or len(ts) < 2 else 0.35 + 0.6 * ts.index(_num(t)) / (len(ts) - 1)
-        color = plt.get_cmap(cmaps[sites.index(site) % len(cmaps)])(shade)
-        x = [r["layer"] for r in rs]
-        ax.plot(x, [_num(r["metric"]) for r in rs], "-o", ms=3, color=color, label=_label(rs[0]))
-        ax.fill_between(x, [_num(r["ci_low"]) for r in rs], [_num(r["ci_high"]) for r in rs], color=color, alpha=0.2)
-        ax.plot(x, [_num(r["control"]) for r in rs], "--", color=color, lw=0.8, alpha=0.7)
-    chance = _num(rows[0]["chance"])
-    ax.axhline(chance, ls="--", color="grey", lw=1, label=f"chance {chance:.2f}")
-    if rows[0].get("majority") not in (None, ""):
-        ax.axhline(_num(rows[0]["majority"]), ls="--", color="black", lw=0.8, label="majority class")
-    ax.set_xlabel("layer")
-    ax.set_ylabel(f"held-out {rows[0]['metric_name']} (control dashed)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+        panels[r["t"]].append(r)
+    keys = sorted(panels, key=lambda t: 0 if t is None else -_num(t))  # t from 1 (noise) down
+    ncol = min(len(keys), 4)
+    nrow = math.ceil(len(keys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol + 1, 3.0 * nrow + 0.6), squeeze=False, sharey=True)
+    ylim = _ylim(rows)
+    for ax, t in zip(axes.flat, keys):
+        rs = sorted(panels[t], key=lambda r: int(r["layer"]))
+        x = [int(r["layer"]) for r in rs]
+        ax.plot(x, [_num(r["metric"]) for r in rs], "-", color="C0", label=rs[0]["metric_name"])
+        ax.fill_between(x, [_num(r["ci_low"]) for r in rs], [_num(r["ci_high"]) for r in rs], color="C0", alpha=0.2,
+                        label="95 % interval")
+        ok = [not str(r.get("flagged")) in ("True", "1") for r in rs]
+        ax.scatter([v for v, k in zip(x, ok) if k], [_num(r["metric"]) for r, k in zip(rs, ok) if k], s=12, color="C0")
+        if not all(ok):
+            ax.scatter([v for v, k in zip(x, ok) if not k], [_num(r["metric"]) for r, k in zip(rs, ok) if not k], s=14,
+                       color="0.6", zorder=3, label="flagged (see warnings)")
+        ax.plot(x, [_num(r["control"]) for r in rs], ":", color="C3", label="control (random f(task, progress))")
+        for col, style, color, name in (("baseline_random", "--", "C2", "random-weights model"),
+                                        ("baseline_embedding", "-.", "C4", "input embeddings")):
+            v = [_num(r.get(col)) for r in rs]
+            if np.isfinite(v).any():
+                ax.plot(x, v, style, color=color, lw=1, label=name)
+        floor = max(_num(rs[0]["chance"]), _num(rs[0].get("majority")) if np.isfinite(_num(rs[0].get("majority")))
+                    else -1)
+        name = "majority class" if _num(rs[0].get("majority")) > _num(rs[0]["chance"]) + 1e-9 else "chance"
+        ax.axhline(floor, ls="--", color="grey", lw=0.8, label=f"{name} {floor:.2f}")
+        ax.set_ylim(*ylim)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.set_title(_label(rs[0]), fontsize=8)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(f"held-out {rows[0]['metric_name']}")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.1 if nrow == 1 else 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def fig_heatmap(rows: list[dict], path: Path, title: str) -> Path:
     """Layer × rollout-step bucket heatmap of the metric for one site/t."""
     plt = _plt()
-    layers = sorted({r["layer"] for r in rows})
+    layers = sorted({int(r["layer"]) for r in rows})
     steps = list(dict.fromkeys(r["step"] for r in rows))
     m = np.full((len(layers), len(steps)), np.nan)
     for r in rows:
-        m[layers.index(r["layer"]), steps.index(r["step"])] = _num(r["metric"])
+        m[layers.index(int(r["layer"])), steps.index(r["step"])] = _num(r["metric"])
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(steps) + 2), max(3, 0.3 * len(layers) + 1.5)))
-    im = ax.imshow(m, aspect="auto", origin="lower", cmap="viridis")
+    lo, hi = _ylim(rows)
+    im = ax.imshow(m, aspect="auto", origin="lower", cmap="viridis", vmin=max(lo, np.nanmin(m)), vmax=min(hi, 1))
     ax.set_xticks(range(len(steps)), steps, rotation=45, fontsize=7)
     ax.set_yticks(range(len(layers)), layers, fontsize=7)
     ax.set_xlabel("rollout step")
@@ -101,14 +174,25 @@ def fig_heatmap(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def fig_retention(rows: list[dict], path: Path, title: str) -> Path:
-    """Metric against rollout-step bucket at one layer, successful and failed episodes apart."""
+    """Metric (with its interval) against rollout-step bucket at one layer; successful and failed episodes."""
     plt = _plt()
     steps = list(dict.fromkeys(r["step"] for r in rows))
+    x = np.arange(len(steps))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, style, name in (("metric", "-o", "all episodes"), ("metric_success", "-s", "successful episodes"),
-                             ("metric_failure", "-^", "failed episodes")):
-        ax.plot(range(len(steps)), [_num(r.get(key)) for r in rows], style, ms=3, label=name)
-    ax.set_xticks(range(len(steps)), steps, rotation=45, fontsize=7)
+    ax.plot(x, [_num(r["metric"]) for r in rows], "-o", ms=3, label="all episodes")
+    ax.fill_between(x, [_num(r["ci_low"]) for r in rows], [_num(r["ci_high"]) for r in rows], alpha=0.2,
+                    label="95 % interval")
+    flagged = [i for i, r in enumerate(rows) if str(r.get("flagged")) in ("True", "1")]
+    if flagged:
+        ax.scatter(flagged, [_num(rows[i]["metric"]) for i in flagged], color="0.6", zorder=3, s=16,
+                   label="flagged (few episodes)")
+    for key, style, name in (("metric_success", "s", "successful episodes"), ("metric_failure", "^", "failed episodes")):
+        v = [_num(r.get(key)) for r in rows]
+        if np.isfinite(v).any():
+            ax.plot(x, v, style, ms=4, ls="none", label=name)
+    ax.plot(x, [_num(r["control"]) for r in rows], ":", color="C3", label="control")
+    ax.set_ylim(*_ylim(rows))
+    ax.set_xticks(x, steps, rotation=45, fontsize=7)
     ax.set_xlabel("rollout step")
     ax.set_ylabel(rows[0]["metric_name"])
     ax.set_title(title, fontsize=9)
@@ -137,116 +221,112 @@ def _fmt(v, nd=3) -> str:
     return "–" if math.isnan(f) else f"{f:.{nd}f}"
 
 
+def _ci(r: dict, key: str = "") -> str:
+    lo, hi = r.get(f"{key}ci_low" if not key else f"{key}_ci_low"), r.get(f"{key}ci_high" if not key else
+                                                                          f"{key}_ci_high")
+    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write figures/, report.md and report.html; returns the HTML path."""
+    import jinja2
+
     res = Results.load(results_dir)
     out = Path(out or results_dir)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    rows = res.rows
-    if not rows:
+    if not res.rows:
         raise ToolkitError(f"{results_dir} holds no result rows")
-    blocks: list[tuple] = [("h1", "Probe report"), ("p", _settings(res))]
     by_series = defaultdict(list)
-    for r in rows:
-        by_series[_series_key(r)].append(r)
-    best_rows = []
-    for (target, split, solver), rs in by_series.items():
-        name = f"{target}_{split}_{solver}".replace(":", "-").replace("[", "").replace("]", "")
-        blocks.append(("h2", f"{target} — held-out {split} — {solver}"))
+    for r in res.rows:
+        by_series[(r["site"], r["target"], r["split"], r["solver"])].append(r)
+    sections = []
+    for (site, target, split, solver), rs in by_series.items():
+        name = f"{site}_{target}_{split}_{solver}".replace(":", "-").replace("[", "").replace("]", "")
+        images = []
         buckets = list(dict.fromkeys(r["step"] for r in rs))
         first = [r for r in rs if r["step"] == buckets[0]]
-        blocks.append(("img", fig_layers(first, figs / f"layers_{name}.png",
-                                         f"{target}: held-out {split}, {solver}, steps {buckets[0]}")))
-        best = max(rs, key=lambda r: _num(r["metric"]))
-        best_rows.append(best)
+        images.append(fig_layers(first, figs / f"layers_{name}.png",
+                                 f"{site} — {target}: held-out {split}, {solver}, rollout steps {buckets[0]}"))
+        sel = next((b for b in res.best if (b["site"], b["target"], b["split"], b["solver"]) == (site, target, split,
+                                                                                                 solver)), None)
+        layer = int(sel["layer"]) if sel else int(first[0]["layer"])
+        t = sel["t"] if sel else first[0]["t"]
+        at = [r for r in rs if int(r["layer"]) == layer and r["t"] == t]
         if len(buckets) > 1:
-            site_t = [r for r in rs if r["site"] == best["site"] and r["t"] == best["t"]]
-            blocks.append(("img", fig_heatmap(site_t, figs / f"heatmap_{name}.png",
-                                              f"{target} — {_label(best)}: layer × rollout step")))
-            at_layer = [r for r in site_t if r["layer"] == best["layer"]]
-            blocks.append(("img", fig_retention(at_layer, figs / f"retention_{name}.png",
-                                                f"{target} retention vs rollout step — {_label(best)} layer "
-                                                f"{best['layer']}, by episode outcome")))
-        d = res.details.get(int(best["id"]), {})
+            site_t = [r for r in rs if r["t"] == t]
+            images.append(fig_heatmap(site_t, figs / f"heatmap_{name}.png",
+                                      f"{target} — {_label(at[0])}: layer × rollout step"))
+            images.append(fig_retention(at, figs / f"retention_{name}.png",
+                                        f"{target} vs rollout step — {_label(at[0])} layer {layer}, by episode outcome"))
+        ref = at[0] if at else first[0]
+        d = res.details.get(int(ref["id"]), {})
         if "confusion" in d:
-            blocks.append(("img", fig_matrix(d["confusion"], d["labels"], d["labels"], figs / f"confusion_{name}.png",
-                                             f"confusion (rows true) — {_label(best)} layer {best['layer']}", "count")))
+            images.append(fig_matrix(d["confusion"], d["labels"], d["labels"], figs / f"confusion_{name}.png",
+                                     f"confusion (rows true) — {_label(ref)} layer {ref['layer']}", "count"))
         if "similarity" in d:
-            blocks.append(("img", fig_matrix(d["similarity"], d["similarity_rows"], d["labels"],
-                                             figs / f"similarity_{name}.png",
-                                             f"mean predicted vs instruction embeddings — {_label(best)} layer "
-                                             f"{best['layer']}", "cosine")))
-        pt = [p for p in res.per_task if int(p["id"]) == int(best["id"])]
-        if pt:
-            blocks.append(("p", f"Per-task {best['metric_name']} at the best probe ({_label(best)}, layer "
-                                f"{best['layer']}, steps {best['step']}):"))
-            blocks.append(("table", ["task", "rows", best["metric_name"]],
-                           [[p["task"], p["n"], _fmt(p["metric"])] for p in pt]))
-    blocks.insert(2, ("h2", "Best probe per target"))
-    blocks.insert(3, ("table", ["target", "split", "solver", "site", "layer", "step", "metric", "value", "95% CI",
-                                "control", "selectivity", "chance", "λ", "train/test episodes"],
-                      [[r["target"], r["split"], r["solver"], r["site"] + ("" if r["t"] is None else
-                                                                          f" t={_num(r['t']):.2f}"),
-                        r["layer"], r["step"], r["metric_name"], _fmt(r["metric"]),
-                        f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", _fmt(r["control"]),
-                        _fmt(r["selectivity"]), _fmt(r["chance"]), _fmt(r["lambda"], 6) if r["lambda"] is not None
-                        else "–", f"{r['n_train_episodes']}/{r['n_test_episodes']}"] for r in best_rows]))
-    (out / "report.md").write_text(_markdown(blocks, out))
+            images.append(fig_matrix(d["similarity"], d["similarity_rows"], d["labels"], figs / f"similarity_{name}.png",
+                                     f"mean predicted vs instruction embeddings — {_label(ref)} layer {ref['layer']}",
+                                     "cosine"))
+        pt = [[p["task"], p["n"], _fmt(p["metric"])] for p in res.per_task if int(p["id"]) == int(ref["id"])]
+        sections.append({"title": f"{site} — {target} — held-out {split} — {solver}",
+                         "images": [{"stem": p.stem, "rel": p.relative_to(out).as_posix(),
+                                     "data": base64.b64encode(p.read_bytes()).decode()} for p in images],
+                         "per_task": pt, "metric": ref["metric_name"],
+                         "per_task_title": f"Per-task {ref['metric_name']} ({_label(ref)}, layer {ref['layer']}, "
+                                           f"steps {ref['step']}):"})
+    best_head = ["site", "target", "split", "solver", "steps", "layer (per fold)", "t", "metric", "value", "95% CI",
+                 "selected by", "test episodes"]
+    best = [[b["site"], b["target"], b["split"], b["solver"], b["step"], f"{b['layer']} ({b['layers_per_fold']})",
+             "–" if b["t"] is None else _fmt(b["t"], 2), b["metric_name"], _fmt(b["metric"]), _ci(b),
+             b["selected_by"], b["n_test_episodes"]] for b in res.best]
+    model = res.meta.get("model")
+    ctx = {"what": _what(res), "how": _how(res), "random": isinstance(model, dict) and bool(model.get("random_init")),
+           "best_head": best_head, "best": best, "sections": sections}
+    md = jinja2.Environment(autoescape=False, keep_trailing_newline=True).from_string(MARKDOWN).render(**ctx)
+    (out / "report.md").write_text(md)
     path = out / "report.html"
-    path.write_text(_html(blocks))
+    path.write_text(jinja2.Environment(autoescape=True).from_string(HTML).render(**ctx))
     return path
 
 
-def _settings(res: Results) -> str:
+def _what(res: Results) -> str:
+    """Model, checkpoint (or random init), dataset, store, selection, episodes and steps per class."""
+    model = res.meta.get("model")
+    if isinstance(model, dict):
+        ckpt = "**random init**" if model.get("random_init") else (model.get("checkpoint") or "none recorded")
+        name = model.get("name", "?")
+    else:
+        name, ckpt = (model or "?"), "none recorded"
+    ds = res.meta.get("dataset")
+    ds_name = ds.get("name", "?") if isinstance(ds, dict) else (ds or "?")
+    sel = res.meta.get("selection") or {}
+    sel_txt = ", ".join(f"{k}={v}" for k, v in sel.items()) or "everything"
+    counts = sorted({(r["target"], r.get("n_classes"), r.get("min_episodes_per_class"), r.get("min_steps_per_class"),
+                      r["n_test_episodes"], r["n_test"]) for r in res.rows if r.get("step") is not None}, key=str)
+    per = "; ".join(f"{t}: {ne} episodes / {ns} steps" + (f", {nc} classes with ≥ {me} episodes and ≥ {ms} steps "
+                                                           f"each" if nc not in (None, "") else "")
+                    for t, nc, me, ms, ne, ns in counts[:6])
+    return (f"Model **{name}**, checkpoint {ckpt}; dataset {ds_name}; store `{res.meta.get('store', '?')}`; "
+            f"selection {sel_txt}. Probed rows: {per}.")
+
+
+def _how(res: Results) -> str:
     c = res.meta.get("config", {})
-    rows = res.rows
-    pools = sorted({f"{r['site']}: " + ("pooled at capture" if r["tokens"] == "pooled" else
-                                        f"positions {r['tokens']}, {r['pool']}-pooled") for r in rows})
-    return (f"Store `{res.meta.get('store', '?')}`. Linear probes, features z-scored with training-episode statistics "
-            f"only. Split: whole episodes held out ({c.get('test_fraction', 0.2):.0%}, stratified by task; "
-            f"'tasks' rows hold out whole tasks and retrieve among held-out instructions only). Ridge λ chosen by "
-            f"{c.get('n_folds', 5)}-fold episode-grouped CV on the training episodes (held-out squared error), "
-            f"relative to the mean eigenvalue of the standardised gram. Control task: a random label per episode "
-            f"(Hewitt & Liang), scored at the same λ; selectivity = metric − control. 95 % CIs: "
-            f"{c.get('n_boot', 1000)} bootstrap resamples of test episodes. Seed {c.get('seed', 0)}. "
-            f"Tokens: {'; '.join(pools)}.")
-
-
-def _markdown(blocks, out: Path) -> str:
-    lines = []
-    for b in blocks:
-        if b[0] == "h1":
-            lines += [f"# {b[1]}", ""]
-        elif b[0] == "h2":
-            lines += [f"## {b[1]}", ""]
-        elif b[0] == "p":
-            lines += [b[1], ""]
-        elif b[0] == "img":
-            lines += [f"![{b[1].stem}]({b[1].relative_to(out).as_posix()})", ""]
-        elif b[0] == "table":
-            lines += ["| " + " | ".join(map(str, b[1])) + " |", "|" + "---|" * len(b[1])]
-            lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in b[2]]
-            lines.append("")
-    return "\n".join(lines)
-
-
-def _html(blocks) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Probe report</title><style>"
-             "body{font-family:sans-serif;max-width:1000px;margin:2em auto;line-height:1.4}"
-             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
-             "img{max-width:100%}</style></head><body>"]
-    for b in blocks:
-        if b[0] in ("h1", "h2"):
-            parts.append(f"<{b[0]}>{html.escape(b[1])}</{b[0]}>")
-        elif b[0] == "p":
-            parts.append(f"<p>{html.escape(b[1])}</p>")
-        elif b[0] == "img":
-            data = base64.b64encode(Path(b[1]).read_bytes()).decode()
-            parts.append(f"<p><img alt='{html.escape(b[1].stem)}' src='data:image/png;base64,{data}'></p>")
-        elif b[0] == "table":
-            parts.append("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in b[1]) + "</tr>")
-            parts += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in b[2]]
-            parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    base = res.meta.get("baseline_store")
+    return (f"Linear probes ({c.get('solver', 'ridge')}), features z-scored with training statistics only. "
+            f"Nested cross-validation: {c.get('n_folds', 5)} outer folds of whole episodes (stratified by task; "
+            f"'tasks' rows hold out whole tasks and retrieve among each fold's held-out instructions only), every "
+            f"episode tested once by a probe that never saw it; λ is chosen by leave-one-fold-out inside each outer "
+            f"training set (ridge: relative to the mean eigenvalue of the standardised gram). Headline numbers pool "
+            f"the out-of-fold predictions. 95 % intervals: cluster-robust over episodes plus the fold-to-fold "
+            f"(split) variance, Agresti–Coull-adjusted on episodes so they never collapse at 0 or 1 (coverage "
+            f"measured in benchmarks/bench_calibration.py). Control: a random label per (task, progress quartile) "
+            f"type (Hewitt & Liang), learnable whenever task and progress are encoded; selectivity = metric − "
+            f"max(control, chance or majority). Baselines: the same probe on a random-weights model "
+            f"({'store ' + base if base else 'not given: --baseline STORE'}) and on the input embeddings "
+            f"({'layer 0 input' if res.meta.get('embedding_baseline') else 'not in the store: extract resid_pre at layer 0'}"
+            f"). MDL: online code over the outer folds as blocks (Voita & Titov), in bits, with compression against "
+            f"the uniform code. The selected layer is chosen by inner-CV score inside each outer fold, so its "
+            f"score carries no winner's curse. Flagged cells (grey): fewer than 10 test episodes, fewer than 2 "
+            f"episodes in a class, or λ at the grid edge. Seed {c.get('seed', 0)}.")

@@ -1,9 +1,10 @@
-"""Honest splits: held-out episodes (stratified by task) or held-out tasks, never held-out steps by default.
+"""Outer cross-validation folds over whole episodes (or whole tasks); never over steps by default.
 
 Consecutive steps of one episode are near duplicates, so a step split lets a probe recognise the episode
 and decode even a random per-episode label far above chance (Hewitt & Liang's memorisation effect, with
-the episode as the word type).  Every split here assigns whole episodes (or whole tasks) to one group:
-groups 0..K-1 are the inner cross-validation folds that choose λ, group K is the held-out test set.
+the episode as the word type).  Every split here puts whole episodes (or whole tasks) into one of K outer
+folds, so every episode is tested exactly once, by a probe that never saw it; the K−1 other folds are its
+training set and, one at a time, its inner validation folds (nested cross-validation).
 The ``steps`` split exists only to show that the tests can fail.
 """
 
@@ -19,82 +20,60 @@ SPLITS = ("episodes", "tasks", "steps")
 
 
 @dataclass
-class Split:
-    """Per-row group ids (0..n_folds-1 inner folds, n_folds = test) and what they mean."""
+class Folds:
+    """Per-row outer fold ids 0..n_folds-1 and what the held-out unit is."""
 
     kind: str
-    group: np.ndarray  # per row
+    fold: np.ndarray  # (n_rows,) int
     n_folds: int
 
-    @property
-    def test(self) -> int:
-        return self.n_folds
+    def train(self, k: int) -> np.ndarray:
+        return self.fold != k
 
-    def is_test(self) -> np.ndarray:
-        return self.group == self.n_folds
+    def test(self, k: int) -> np.ndarray:
+        return self.fold == k
 
 
-def make_split(kind: str, episode: np.ndarray, task: np.ndarray, n_folds: int = 5, test_fraction: float = 0.2,
-               seed: int = 0) -> Split:
-    """Assign rows to inner folds and a test group, by episode (stratified by task), by task, or by step."""
+def make_folds(kind: str, episode: np.ndarray, task: np.ndarray, n_folds: int = 5, seed: int = 0,
+               strata: np.ndarray | None = None) -> Folds:
+    """Assign rows to K outer folds by episode (stratified by ``strata``, per episode), by task, or by step.
+
+    ``strata`` is one label per row that is constant within an episode (the task, or a per-episode class
+    such as success); stratifying keeps every class in every training set when it has enough episodes.
+    """
     if kind not in SPLITS:
         raise ToolkitError(f"unknown split {kind!r}: use one of {', '.join(SPLITS)}")
+    if n_folds < 2:
+        raise ToolkitError(f"--folds {n_folds}: cross-validation needs at least 2 folds")
     rng = np.random.default_rng(seed)
     if kind == "steps":
-        n = len(episode)
-        order = rng.permutation(n)
-        group = np.empty(n, dtype=np.int64)
-        n_test = max(1, int(round(test_fraction * n)))
-        group[order[:n_test]] = n_folds
-        group[order[n_test:]] = np.arange(n - n_test) % n_folds
-        return Split(kind, group, n_folds)
+        fold = np.empty(len(episode), dtype=np.int64)
+        fold[rng.permutation(len(episode))] = np.arange(len(episode)) % n_folds
+        return Folds(kind, fold, n_folds)
     if kind == "tasks":
-        return _by_unit(task, np.unique(task), n_folds, test_fraction, rng, "tasks", "task")
-    return _by_episode(episode, task, n_folds, test_fraction, rng)
+        units = np.unique(task)
+        if len(units) < 4:  # 2 held-out tasks at least: retrieval among one held-out instruction is trivially right
+            raise ToolkitError(f"holding out tasks needs at least 4 tasks (2 to train, 2 to test); the selection has "
+                               f"{len(units)}")
+        k = min(n_folds, len(units) // 2)
+        order = units[rng.permutation(len(units))]
+        f = {u: i % k for i, u in enumerate(order)}
+        return Folds(kind, np.array([f[u] for u in task], dtype=np.int64), k)
+    return _by_episode(episode, task if strata is None else strata, n_folds, rng)
 
 
-def _by_episode(episode: np.ndarray, task: np.ndarray, n_folds: int, test_fraction: float, rng) -> Split:
+def _by_episode(episode: np.ndarray, strata: np.ndarray, n_folds: int, rng) -> Folds:
     eps, first = np.unique(episode, return_index=True)
-    ep_task = task[first]
-    tasks = np.unique(ep_task)
-    ep_group = np.empty(len(eps), dtype=np.int64)
-    n_train_eps = 0
+    if len(eps) < 2:
+        raise ToolkitError(f"the selection holds {len(eps)} episode: cross-validation over episodes needs at least 2")
+    k = min(n_folds, len(eps))
+    ep_stratum = strata[first]
+    ep_fold = np.empty(len(eps), dtype=np.int64)
     offset = 0
-    for t in tasks:  # stratified: every task contributes episodes to the test set and to every fold it can
-        idx = np.flatnonzero(ep_task == t)
-        if len(idx) < 2:
-            raise ToolkitError(f"task {t!r} has {len(idx)} episode in the selection: holding out episodes needs at "
-                               "least 2 per task (add episodes or narrow --task-range)")
+    for s in np.unique(ep_stratum):  # deal each stratum's shuffled episodes round-robin, continuing the count
+        idx = np.flatnonzero(ep_stratum == s)
         idx = idx[rng.permutation(len(idx))]
-        n_test = min(len(idx) - 1, max(1, int(round(test_fraction * len(idx)))))
-        ep_group[idx[:n_test]] = -1
-        rest = idx[n_test:]
-        ep_group[rest] = (np.arange(len(rest)) + offset) % n_folds  # continue round-robin: balanced folds
-        offset += len(rest)
-        n_train_eps += len(rest)
-    if n_train_eps < 2:
-        raise ToolkitError(f"only {n_train_eps} training episode(s): too few episodes to split")
-    k = min(n_folds, n_train_eps)
-    ep_group[ep_group >= 0] %= k
-    ep_group[ep_group < 0] = k
-    return Split("episodes", ep_group[np.searchsorted(eps, episode)], k)
-
-
-def _by_unit(unit: np.ndarray, units: np.ndarray, n_folds: int, test_fraction: float, rng, kind: str,
-             what: str) -> Split:
-    if len(units) < 4:  # 2 held-out tasks at least: retrieval among one held-out instruction is trivially right
-        raise ToolkitError(f"holding out {kind} needs at least 4 {what}s (2 to train, 2 to test); the selection "
-                           f"has {len(units)}")
-    order = units[rng.permutation(len(units))]
-    n_test = min(len(units) - 2, max(2, int(round(test_fraction * len(units)))))
-    k = min(n_folds, len(units) - n_test)
-    g = {u: (k if i < n_test else (i - n_test) % k) for i, u in enumerate(order)}
-    return Split(kind, np.array([g[u] for u in unit], dtype=np.int64), k)
-
-
-def control_labels(episode: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
-    """Hewitt & Liang control task: one uniformly random class per episode, shared by all its steps."""
-    eps = np.unique(episode)
-    rng = np.random.default_rng(seed + 7919)
-    per_ep = rng.integers(0, n_classes, len(eps))
-    return per_ep[np.searchsorted(eps, episode)]
+        ep_fold[idx] = (np.arange(len(idx)) + offset) % k
+        offset += len(idx)
+    perm = rng.permutation(k)  # which fold gets the remainders is random too
+    return Folds("episodes", perm[ep_fold][np.searchsorted(eps, episode)], k)

@@ -50,11 +50,19 @@ class Stats:
         return Stats(self.G - o.G, self.B - o.B, self.sx - o.sx, self.sy - o.sy, self.yy - o.yy, self.n - o.n)
 
 
-class CellStats:
-    """Per-fold statistics of one cell (layer × denoising step × step bucket).
+def sum_stats(stats: list[Stats]) -> Stats:
+    out = stats[0]
+    for s in stats[1:]:
+        out = out + s
+    return out
 
-    A storage chunk splits into several folds, and GEMMs on a few dozen rows run far below peak, so rows
-    are buffered per fold (a bounded few MB) and multiplied in blocks of ``block_rows``.
+
+class FoldStats:
+    """Per-outer-fold statistics of one cell (layer × denoising step × step bucket).
+
+    Every row belongs to one outer fold, so any training set of the nested cross-validation is a sum of
+    folds.  A storage chunk splits into several folds, and GEMMs on a few dozen rows run far below peak,
+    so rows are buffered per fold (a bounded few MB) and multiplied in blocks of ``block_rows``.
     """
 
     def __init__(self, d: int, m: int, n_folds: int, block_rows: int = 2048):
@@ -64,17 +72,16 @@ class CellStats:
         self._buf: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_folds)]
         self._rows = [0] * n_folds
 
-    def add(self, x: np.ndarray, y: np.ndarray, group: np.ndarray) -> None:
+    def add(self, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> None:
         if self.shift is None:
             self.shift = x.mean(0)
         x = x - self.shift
-        for g in np.unique(group):
-            if g < len(self.folds):  # the test group is never accumulated: it is read again to predict
-                m = group == g
-                self._buf[g].append((x[m], y[m]))
-                self._rows[g] += int(m.sum())
-                if self._rows[g] >= self.block_rows:
-                    self._flush(g)
+        for g in np.unique(fold):
+            m = fold == g
+            self._buf[g].append((x[m], y[m]))
+            self._rows[g] += int(m.sum())
+            if self._rows[g] >= self.block_rows:
+                self._flush(g)
 
     def _flush(self, g: int) -> None:
         if self._buf[g]:
@@ -82,13 +89,11 @@ class CellStats:
                               np.concatenate([b[1] for b in self._buf[g]]))
             self._buf[g], self._rows[g] = [], 0
 
-    def total(self) -> Stats:
+    def finish(self) -> list[Stats]:
+        """Flush the buffers; the per-fold statistics."""
         for g in range(len(self.folds)):
             self._flush(g)
-        out = self.folds[0]
-        for f in self.folds[1:]:
-            out = out + f
-        return out
+        return self.folds
 
 
 class ChunkReader:
