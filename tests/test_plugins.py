@@ -48,11 +48,67 @@ def test_a_pip_installed_plugin_is_listed_and_runs_through_extract(installed_plu
     listed = json.loads(_toolkit("plugins", "--json", check=True).stdout)
     tiny = next(m for m in listed["model"] if m["name"] == "tinyvla")
     assert tiny["plugin"] == "toolkit-tinyvla 0.0.1"
-    assert "tinyvla" in _toolkit("plugins", check=True).stdout
+    verbose = _toolkit("plugins", "--verbose", check=True).stdout
+    assert "layers=int (default 3)  decoder layers of the random model" in verbose
+    assert "plugin flag: toolkit extract --tiny-layers  -> model option layers" in verbose
     store = tmp_path / "tiny.zarr"
+    # the plugin's own typed option, set through the flag the plugin adds to the CLI
     res = _toolkit("extract", "--model", "tinyvla", "--dataset", "libero", "--store", str(store), "--max-episodes",
-                   "3", "--no-progress")
+                   "3", "--no-progress", "--tiny-layers", "2")
     assert res.returncode == 0, res.stderr
     s = toolkit.open_store(store)
     assert s.attrs["model"]["name"] == "tinyvla" and s.sites == ["llm", "text"]
+    assert s.layers("llm") == [0, 1] and s.attrs["model"]["options"] == {"layers": 2}
     assert s.summary()["n_episodes"] == 3 and s.n_samples == 3 * 6  # the embedded sample: 6 steps per episode
+    res = _toolkit("extract", str(tmp_path / "bad.zarr"), "--model", "tinyvla", "--model-option", "layers=many")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == \
+        "error: tinyvla option layers='many': Input should be a valid integer, unable to parse string as an integer"
+
+
+def test_typed_options_validate_convert_and_fill_in_defaults():
+    from synthetic import toolkit_tinyvla
+
+    a = toolkit_tinyvla.TinyVLAAdapter(layers="2")
+    assert a.opts == {"layers": 2, "hidden": 32} and a.experts["llm"].n_layers == 2
+    with pytest.raises(ToolkitError, match="tinyvla has no option 'depth'; options: layers, hidden"):
+        toolkit_tinyvla.TinyVLAAdapter(depth=2)
+    with pytest.raises(ToolkitError, match="tinyvla option hidden=30: Input should be a multiple of 4"):
+        toolkit_tinyvla.TinyVLAAdapter(hidden=30)
+
+
+def test_untyped_option_defaults_keep_working():
+    """The older ``option_defaults`` dict: unknown names rejected, values passed through, defaults filled in."""
+    from toolkit.adapters import ModelAdapter
+    from toolkit.cli_options import describe_options, parse_options
+
+    class Legacy(ModelAdapter):
+        name = "legacy"
+        option_defaults = {"window": None, "camera": "agentview"}
+
+    assert parse_options(Legacy, {"window": "4"}, "legacy") == {"window": "4", "camera": "agentview"}
+    with pytest.raises(ToolkitError, match="legacy has no option 'size'; options: window, camera"):
+        parse_options(Legacy, {"size": 1}, "legacy")
+    assert [(d.name, d.default) for d in describe_options(Legacy)] == [("window", None), ("camera", "agentview")]
+
+
+def test_two_plugins_adding_the_same_flag_is_an_error():
+    import types
+
+    from toolkit.cli_options import CliOption
+    from toolkit.hookspecs import hookimpl
+    from toolkit.plugins import cli_options, plugin_manager
+
+    clash = types.ModuleType("toolkit_test_clash")
+
+    @hookimpl
+    def register_cli_options(register):
+        register("extract", CliOption("--suite", "suite", "another --suite"))
+
+    clash.register_cli_options = register_cli_options
+    pm = plugin_manager()
+    pm.register(clash)
+    try:
+        with pytest.raises(ToolkitError, match="both add --suite to `toolkit extract`"):
+            cli_options("extract")
+    finally:
+        pm.unregister(clash)

@@ -26,17 +26,18 @@ from toolkit.store import ArraySpec, StoreWriter
 SITE = "context"
 
 
-def make_store(path, x, chunk=16, batch=8, dtype="float32", tasks=None):
-    """A store with one site ``context``/``context`` holding x: (samples, layer, token, feature)."""
+def make_store(path, x, chunk=16, batch=8, dtype="float32", tasks=None, sites=(SITE,)):
+    """A store whose sites (default one, ``context``) hold x as stream ``context``: (samples, layer, token, feature)."""
     n, n_layers, n_tokens, f = x.shape
     w = StoreWriter(path, mode="create")
     stored = "bfloat16" if dtype == "bfloat16" else None
-    specs = [ArraySpec(f"{SITE}/context", (n_layers, n_tokens, f), "uint16" if stored else dtype,
-                       ("layer", "token", "feature"), stored, chunk_inner=(1, n_tokens, f)),
+    specs = [*(ArraySpec(f"{site}/context", (n_layers, n_tokens, f), "uint16" if stored else dtype,
+                         ("layer", "token", "feature"), stored, chunk_inner=(1, n_tokens, f)) for site in sites),
              ArraySpec("episode", (), "int32", ()), ArraySpec("task", (), "str", ()),
              ArraySpec("success", (), "int8", ())]
-    static = {f"{SITE}/layer": (("layer",), np.arange(n_layers, dtype=np.int32)),
-              f"{SITE}/token": (("token",), np.arange(n_tokens, dtype=np.int32))}
+    static = {name: value for site in sites for name, value in (
+        (f"{site}/layer", (("layer",), np.arange(n_layers, dtype=np.int32))),
+        (f"{site}/token", (("token",), np.arange(n_tokens, dtype=np.int32))))}
     w.initialize({"model": {"name": "synthetic", "checkpoint": None}}, specs, static, ["episode", "task", "success"],
                  chunk_samples=chunk, batch_size=batch)
     tasks = tasks if tasks is not None else np.array([f"task {i % 3}" for i in range(n)], dtype=object)
@@ -45,7 +46,7 @@ def make_store(path, x, chunk=16, batch=8, dtype="float32", tasks=None):
         if stored:
             import torch
             v = torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        w.append({f"{SITE}/context": v, "episode": np.arange(a, a + len(v), dtype=np.int32) // 4,
+        w.append({**{f"{site}/context": v for site in sites}, "episode": np.arange(a, a + len(v), dtype=np.int32) // 4,
                   "task": tasks[a:a + batch], "success": (np.arange(a, a + len(v)) % 2).astype(np.int8)})
     w.close()
     return toolkit.open_store(path)
@@ -216,3 +217,21 @@ def test_errors_are_one_line(tmp_path, store, data):
     small = make_store(tmp_path / "small.zarr", data[:, :, :, :6])
     with pytest.raises(ToolkitError, match="12 features.*6"):
         compare_stores(store, small, SITE)
+
+
+def test_stats_default_to_the_stores_first_site_not_a_model_specific_one(tmp_path, data):
+    s = make_store(tmp_path / "two.zarr", data[:20], sites=("action", "context"))
+    rep = store_stats(s)
+    assert (rep["site"], rep["stream"], list(rep["layers"])) == ("action", "context", ["0", "1"])
+    assert list(store_stats(s, layers="-1")["layers"]) == ["1"]
+
+
+def test_dataset_stats_prints_whatever_the_dataset_summarises():
+    from toolkit.analysis_cli import summary_text
+
+    text = summary_text({"dataset": "d", "data": "x", "n_episodes": 3, "frames": {"total": 9, "min": 3, "max": 3,
+                                                                                 "mean": 3.0},
+                         "by_gripper": {"open": 2, "closed": 1}, "plan": {"seed": 0, "by_stratum": {"a": 1}}})
+    assert "dataset d at x: 3 episodes" in text
+    assert "episodes by gripper:\n  open    2\n  closed  1" in text
+    assert "plan:\n  seed        0\n  episodes by stratum:\n    a  1" in text
