@@ -188,6 +188,20 @@ def test_a_config_file_wins_and_must_describe_these_weights(files, tmp_path):
         load(files, config=str(cfg))
 
 
+def test_a_bare_state_dict_runs_with_defaults_and_says_so(files, tmp_path, caplog):
+    path = tmp_path / "bare.pt"
+    torch.save({"model_state_dict": files["policy"].state_dict()}, path)
+    with caplog.at_level(logging.WARNING, logger="toolkit.robovlms"):
+        a = load(files, path)
+    assert a.describe()["load_report"]["layout"] == "RoboVLMs model_state_dict checkpoint, weights under '(no prefix)'"
+    assert a.describe()["load_report"]["n_missing"] == 0 and a.window == 1
+    assert any("holds no RoboVLMs training config (hyper_parameters)" in r.getMessage() and "config=FILE" in
+               r.getMessage() for r in caplog.records)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(training_configs()))
+    assert load(files, path, config=str(cfg)).window == 3
+
+
 def test_tensors_the_policy_does_not_use_are_reported(files, tmp_path, caplog):
     extra = {"model.fwd_head.decoder.weight": torch.ones(2, 2),  # a head this adapter does not build
              "model_ema.action_token": torch.ones(HIDDEN),  # an EMA copy beside the policy

@@ -189,6 +189,10 @@ class RoboVLMsAdapter(ModelAdapter):
         else:
             self.tokenizer = self._load_tokenizer(opts["tokenizer"], trained, ckpt.path)
             self.model = self._load_policy(ckpt, trained, opts)
+            if trained.source is None:
+                self.warn_once(f"robovlms: {checkpoint} holds no RoboVLMs training config (hyper_parameters), so the "
+                               f"window ({self.window}) and cameras are defaults or options; pass --model-option "
+                               "config=FILE (the training JSON released with the checkpoint) to run it as trained")
         if trained.problems:
             self.warn_once(f"robovlms: training-config values not read (not plain data), defaults used instead: "
                            f"{', '.join(trained.problems)}")
