@@ -229,8 +229,9 @@ def write_fractal_rlds(root):
         return f"ep{e}", {"steps": steps}
 
     tfds.dataset_builders.store_as_tfds_dataset(
-        name="fractal_tiny", version="0.1.0", features=features, split_datasets={"train": [episode(0, 3), episode(1, 2)]},
-        data_dir=str(root), file_format="tfrecord", disable_shuffling=True)
+        name="fractal_tiny", version="0.1.0", features=features,
+        split_datasets={"train": [episode(0, 3), episode(1, 2)]}, data_dir=str(root), file_format="tfrecord",
+        disable_shuffling=True)
     return root / "fractal_tiny" / "0.1.0"
 
 
@@ -284,5 +285,6 @@ def test_non_numeric_action_part_is_one_line_pointing_at_action_key():
                            "x")
     assert [(n, a.tolist()) for n, a in parts] == [("world_vector", [0.5]), ("nested.a", [2.0, 3.0]),
                                                    ("nested.b", [1.0]), ("terminate", [0])]
-    with pytest.raises(ToolkitError, match=r"ds: ep step 0: action part 'mode' is not numeric .*action_key=action/PART"):
+    with pytest.raises(ToolkitError, match=r"ds: ep step 0: action part 'mode' is not numeric .*"
+                                           r"action_key=action/PART"):
         flatten_action({"world_vector": [1.0], "mode": "absolute"}, "ds: ep step 0")

@@ -421,8 +421,8 @@ def _layout_from(step: Mapping, recipes: dict[str, Callable], where: str) -> Act
         n_layers, seq, hidden = shape_of("vlm")
         text = list(range(max(0, seq - TEXT_TOKENS), seq))
         if seq <= TEXT_TOKENS:
-            warnings.warn(f"{where}: the VLM sequence has {seq} tokens, not more than pi0's {TEXT_TOKENS} text tokens, so "
-                          f"the 'text' span is clipped to all {seq} positions and site 'text_only' equals 'vlm' "
+            warnings.warn(f"{where}: the VLM sequence has {seq} tokens, not more than pi0's {TEXT_TOKENS} text tokens, "
+                          f"so the 'text' span is clipped to all {seq} positions and site 'text_only' equals 'vlm' "
                           "(no image tokens to leave out)", stacklevel=2)
         vspans = {"image": list(range(0, seq - TEXT_TOKENS))} if seq > TEXT_TOKENS else {}
         if seq - TEXT_TOKENS == 3 * IMAGE_TOKENS_PER_VIEW:  # pi0 LIBERO: base, wrist, (padded) second wrist

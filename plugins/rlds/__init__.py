@@ -14,15 +14,15 @@ Options (``--dataset-option KEY=VALUE``): ``split`` (TFDS slicing, ``train[:10%]
 keys; ``episode_metadata.*`` reads the episode's metadata, anything else the step, e.g.
 ``language_instruction`` or ``observation.natural_language_instruction``; ``none`` drops an optional key),
 ``num_episodes``, ``max_steps_per_episode``, ``step_stride``, ``data_dir``.  The defaults fit OpenVLA's
-``modified_libero_rlds`` layout.
+``modified_libero_rlds`` layout.  The seed script's ``--num_episodes`` / ``--max_steps_per_episode`` / stride
+are also ``toolkit extract --max-episodes / --max-steps / --stride``, which apply to every dataset.
 
 An action stored as a dict (RT-1 / fractal: ``world_vector``, ``rotation_delta``,
 ``gripper_closedness_action``, ``base_displacement_vector``, ``base_displacement_vertical_rotation``,
 ``terminate_episode``) is flattened into one vector: the parts named in ``ACTION_ORDER`` first (the 7-dim
 end-effector action OpenVLA and Octo train on), then every other part in key order, nested dicts alike;
 ``describe()["action_parts"]`` (the store's ``dataset`` attribute) lists the parts and their sizes.  To keep
-one part, name it: ``action_key=action/world_vector``.  The seed script's ``--num_episodes`` / ``--max_steps_per_episode`` / stride
-are also ``toolkit extract --max-episodes / --max-steps / --stride``, which apply to every dataset.
+one part, name it: ``action_key=action/world_vector``.
 
 Steps: ``images["agentview"]`` (image key), ``images["wrist"]`` (wrist key), ``state``, ``action`` and the
 step's scalar fields (``is_first``, ``is_last``, ``is_terminal``, ``reward``, ``discount``, ...) as
