@@ -72,3 +72,71 @@ def test_resuming_a_complete_store_changes_nothing(reference, tmp_path):
     res = _run(store, "--resume", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     _assert_same(reference, store)
+
+
+def _wait_committed(store, proc, at_least):
+    deadline = time.time() + 120
+    while _committed(store) < at_least and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_commits_prints_the_resume_command_and_the_store_resumes(reference, tmp_path, sig, code):
+    import shlex
+
+    store = tmp_path / "stopped.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit", "extract", "--store", str(store), *ARGS], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_committed(store, proc, 4)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "Aborted" not in err
+    name = signal.Signals(sig).name
+    n = _committed(store)
+    assert 4 <= n < 24
+    assert last.startswith(f"error: interrupted by {name}: {n} samples are committed in {store}; continue with: "
+                           "toolkit extract "), last
+    assert not list(store.rglob("*.partial")) and not (tmp_path / ".stopped.zarr.lock").exists()
+    command = shlex.split(last.split("continue with: ", 1)[1])
+    assert command[0] == "toolkit" and command[-1] == "--resume"
+    res = subprocess.run([sys.executable, "-m", "toolkit", *command[1:]], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    _assert_same(reference, store)
+
+
+def _race(tmp_path, store, *extra):
+    procs = [subprocess.Popen([sys.executable, "-m", "toolkit", "extract", "--store", str(store), *ARGS, *extra],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    return [(p, *p.communicate(timeout=300)) for p in procs]
+
+
+def _exactly_one_proceeds(results, store):
+    codes = sorted(p.returncode for p, _, _ in results)
+    assert codes == [0, 2], [err for _, _, err in results]
+    loser = next(err for p, _, err in results if p.returncode == 2)
+    line = loser.strip().splitlines()[-1]
+    assert "Traceback" not in loser
+    assert line.startswith(f"error: {store} is being written by pid ") or "already exists" in line, line
+
+
+def test_two_concurrent_creates_one_proceeds_and_the_store_equals_a_single_run(reference, tmp_path):
+    store = tmp_path / "race.zarr"
+    _exactly_one_proceeds(_race(tmp_path, store), store)
+    _assert_same(reference, store)
+    assert not list(tmp_path.glob(".race.zarr.*"))  # no temp directory, no lock file left
+
+
+def test_two_concurrent_resumes_one_proceeds_and_the_store_equals_a_single_run(reference, tmp_path):
+    import shutil
+
+    from toolkit.store import write_consolidated
+
+    store = tmp_path / "half.zarr"
+    shutil.copytree(reference, store)
+    write_consolidated(store, 8, False)  # as if killed after 8 committed samples
+    _exactly_one_proceeds(_race(tmp_path, store, "--resume"), store)
+    _assert_same(reference, store)

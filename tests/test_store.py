@@ -52,14 +52,16 @@ def test_coordinates_follow_the_samples(store):
 def test_xarray_and_dask_read_the_store_without_toolkit(store):
     code = f"""
 import sys, xarray as xr, dask.array as da
-root = xr.open_zarr({str(store)!r}, consolidated=False)
-site = xr.open_zarr({str(store)!r}, group="text", consolidated=False)
+root = xr.open_zarr({str(store)!r})
+site = xr.open_zarr({str(store)!r}, group="text")
 x = site["resid_post"].sel(layer=2)
 lazy = da.from_zarr({str(store)!r}, component="text/resid_post")
 print(sorted(root.coords), x.dims, x.shape, int(x["episode"][7]), site["layer"].values.tolist(),
       lazy.chunksize, float(lazy[:, 2].sum().compute()), "toolkit" in sys.modules)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[0]
+    res = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, check=True)
+    assert "arning" not in res.stderr, res.stderr  # consolidated metadata: xarray opens the store silently
+    out = res.stdout.split("\n")[0]
     expected_sum = float(toolkit.open_store(store).read("text", "resid_post", layer=2).sum())
     coords, rest = out.split("]", 1)
     assert coords == "['episode', 'step', 'success', 'task', 'task_id'"
@@ -123,10 +125,11 @@ def test_resume_refuses_a_store_made_from_other_data(tmp_path):
         toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "s.zarr", chunk_samples=4)
         root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
         root.attrs.update({"n_samples": 8, "complete": False})
-        with pytest.raises(ToolkitError, match="cannot resume: sample 3 .* other data"):
+        with pytest.raises(ToolkitError, match="it was made with dataset_options.n_steps=None, this run uses "
+                                               "dataset_options.n_steps=3; rerun with the store's options or use"):
             toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "s.zarr", resume=True,
                             dataset_options={"n_steps": 3})
-        with pytest.raises(ToolkitError, match="cannot resume .*: it was made with another capture"):
+        with pytest.raises(ToolkitError, match=r"cannot resume .*: it was made with selection.llm.layers=\[0, 1, 2\]"):
             toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "s.zarr", resume=True,
                             layers="0")
 
@@ -150,3 +153,86 @@ def test_info_json_is_what_the_store_says(store):
     assert info["sites"]["text"]["streams"]["resid_mid"]["shape"] == [30, 3, 24, 32]
     text = CliRunner().invoke(cli, ["info", str(store)]).output
     assert "site text" in text and "resid_mid" in text and "complete" in text
+
+
+def test_readers_polling_during_a_write_see_a_consistent_committed_prefix(tmp_path):
+    """xarray (and Store) opened while extract writes: always one sample count, never an error, and the values
+    of the committed prefix are the final ones."""
+    import threading
+    import warnings
+
+    import xarray as xr
+
+    path = tmp_path / "live.zarr"
+    done = threading.Event()
+    failure = []
+
+    def write():
+        try:
+            with registered():
+                toolkit.extract(model="tinyvla", dataset="synthetic", store=path, chunk_samples=2, sites=["llm"],
+                                dtype="float32", pool="mean", dataset_options={"n_episodes": 6, "n_steps": 8})
+        except BaseException as e:  # surfaced below
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=write).start()
+    seen = []
+    while not done.is_set():
+        if not (path / "zarr.json").exists():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no consolidated-metadata or other warnings either
+            root = xr.open_zarr(path)
+            site = xr.open_zarr(path, group="llm")
+        n = root.sizes["sample"]
+        ep = root["episode"].values
+        x = site["resid_post"].values
+        assert len(ep) == n and len(x) == site.sizes["sample"]
+        seen.append((n, ep, site.sizes["sample"], x))
+    assert not failure, failure
+    final = toolkit.open_store(path)
+    full_x = final.read("llm", "resid_post")
+    full_ep = final.coord("episode")
+    assert final.n_samples == 144 and len(seen) >= 3 and len({s[0] for s in seen}) >= 2
+    for n, ep, m, x in seen:
+        np.testing.assert_array_equal(ep, full_ep[:n])
+        np.testing.assert_array_equal(x, full_x[:m])
+
+
+def test_dataset_is_lazy_decodes_bfloat16_and_has_t_as_a_coordinate(tmp_path):
+    import ml_dtypes
+    import xarray as xr
+
+    path = tmp_path / "pi0.zarr"
+    toolkit.extract(model="pi0", dataset="libero", store=path, max_episodes=1, max_steps=2, sites=["action"],
+                    layers="0", dtype="bfloat16", pool="mean")
+    s = toolkit.open_store(path)
+    ds = s.dataset("action")
+    x = ds["resid_post"]
+    assert x.dtype == np.dtype(ml_dtypes.bfloat16) and type(x.data).__module__.startswith("dask")
+    assert x.dims == ("sample", "layer", "denoise", "token", "feature")
+    np.testing.assert_array_equal(x.values.astype(np.float32), s.read("action", "resid_post"))
+    assert "t" in ds.coords and ds["t"].dims == ("denoise",) and list(ds["episode"].values) == [0, 0]
+    plain = xr.open_zarr(path, group="action")  # without toolkit: t is a coordinate there too
+    assert "t" in plain.coords and "episode" in plain.coords
+    np.testing.assert_allclose(plain["t"].values, ds["t"].values)
+
+
+def test_info_on_a_store_whose_model_attribute_is_a_string(tmp_path):
+    from click.testing import CliRunner
+
+    from toolkit.cli import cli
+    from toolkit.store import ArraySpec, StoreWriter
+
+    w = StoreWriter(tmp_path / "s.zarr")
+    w.initialize({"model": "synthetic", "dataset": "hand-made"},
+                 [ArraySpec("vlm/resid_post", (1, 1, 4), "float32", ("layer", "token", "feature")),
+                  ArraySpec("episode", (), "int32", ())],
+                 {"vlm/layer": (("layer",), np.array([0], np.int32))}, ["episode"], chunk_samples=2)
+    w.append({"vlm/resid_post": np.ones((3, 1, 1, 4), np.float32), "episode": np.arange(3, dtype=np.int32)})
+    w.close()
+    res = CliRunner().invoke(cli, ["info", str(tmp_path / "s.zarr")])
+    assert res.exit_code == 0, res.output
+    assert "model     synthetic" in res.output and "dataset   hand-made" in res.output

@@ -7,10 +7,11 @@ schema, the resume logic and the progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolkit import __version__
-from toolkit.adapters import Episode, Expert, Step
+from toolkit import __version__, fields
+from toolkit.adapters import Episode, Expert, ModelAdapter, Step
 from toolkit.capture import (
     Capture,
     SiteCapture,
@@ -30,6 +31,7 @@ from toolkit.capture import (
     to_numpy,
 )
 from toolkit.errors import ToolkitError
+from toolkit.intervention import Intervention, Steering
 from toolkit.plugins import get_dataset, get_model
 from toolkit.selection import check_dtype, parse_tokens
 from toolkit.store import ArraySpec, StoreWriter, jsonable
@@ -115,24 +117,21 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
 
 
-def _success(ep: Episode) -> int:
-    s = ep.metadata.get("success")
-    return -1 if s is None else int(bool(s))
-
-
-def sample_fields(batch: list[Sample]) -> dict[str, np.ndarray]:
-    """Per-sample coordinates and dataset fields for a batch."""
+def sample_fields(batch: list[Sample], check: fields.FieldCheck | None = None) -> dict[str, np.ndarray]:
+    """Per-sample coordinates and dataset fields for a batch, checked against their declared types
+    (``toolkit.fields``; ``check`` carries the sizes first seen in the run) before anything is stored."""
+    actions = fields.check_samples([(s.episode, s.step) for s in batch], check or fields.FieldCheck())
     out: dict[str, Any] = {
         "episode": np.array([s.episode_index for s in batch], dtype=np.int32),
         "step": np.array([s.step.index for s in batch], dtype=np.int32),
         "task": np.array([s.episode.task for s in batch], dtype=object),
-        "task_id": np.array([s.episode.task_id for s in batch], dtype=np.int32),
-        "success": np.array([_success(s.episode) for s in batch], dtype=np.int8),
+        "task_id": np.array([fields.task_id(s.episode.task_id, "") for s in batch], dtype=np.int32),
+        "success": np.array([fields.success(s.episode.metadata.get("success"), "") for s in batch], dtype=np.int8),
         "episode_key": np.array([s.episode.key for s in batch], dtype=object),
         "instruction": np.array([s.episode.instruction for s in batch], dtype=object),
     }
-    if batch[0].step.action is not None:
-        out["dataset_action"] = np.stack([np.asarray(s.step.action, dtype=np.float32) for s in batch])
+    if actions[0] is not None:
+        out["dataset_action"] = np.stack(actions)
     for name in batch[0].step.fields:
         values = [s.step.fields.get(name) for s in batch]
         # strings stay variable-length (a fixed-width array would cut a longer value in a later batch)
@@ -209,6 +208,65 @@ class Progress:
             self.bar.close()
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP during a run: whole samples are committed; the CLI exits 128 + the signal number
+    with one line giving the committed count and the ``--resume`` command."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class _Signals:
+    """Turns SIGINT/SIGTERM/SIGHUP into ``Interrupted`` in the main thread, but never inside a store call
+    (``critical``): a signal there is held until the call returns, so buffers and commits stay consistent."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self):
+        self.pending: int | None = None
+        self.depth = 0
+        self.saved: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        self.pending = signum
+        if self.depth == 0:
+            raise Interrupted(signum)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                num = getattr(signal, name, None)
+                if num is not None:
+                    self.saved[num] = signal.signal(num, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for num, old in self.saved.items():
+            signal.signal(num, old)
+        self.saved.clear()
+
+    @contextlib.contextmanager
+    def critical(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.pending is not None:
+            raise Interrupted(self.pending)
+
+    def hold(self) -> None:
+        """From now on only record signals (the run is being wound up)."""
+        self.depth += 1
+
+
 def _run_loop(path: Path, writer: StoreWriter, samples: Iterator[Sample], batch_size: int,
               process: Callable[[list[Sample]], tuple[dict[str, np.ndarray] | None, dict]], initialize: Callable,
               progress: bool, closed_loop: bool = False) -> None:
@@ -226,20 +284,24 @@ def _run_loop(path: Path, writer: StoreWriter, samples: Iterator[Sample], batch_
 
     def emit(arrays, meta):
         nonlocal first
-        if not writer.started:  # first batch of this run: create (or re-open) the arrays
-            initialize(arrays, meta)
-            writer.defer_commits = closed_loop
-        first = False
-        writer.append(arrays)
+        with signals.critical():
+            if not writer.started:  # first batch of this run: create (or re-open) the arrays
+                initialize(arrays, meta)
+                writer.defer_commits = closed_loop
+            first = False
+            writer.append(arrays)
 
+    signals = _Signals()
     try:
+        signals.__enter__()
         for batch in _batches(samples, batch_size):
             if isinstance(batch[0], EpisodeEnd):
                 for b, arrays, meta in held:
                     arrays.update(sample_fields(b))
                     emit(arrays, meta)
                 held.clear()
-                writer.flush()
+                with signals.critical():
+                    writer.flush()
                 continue
             arrays, meta = process(batch)
             if arrays is None:
@@ -252,17 +314,27 @@ def _run_loop(path: Path, writer: StoreWriter, samples: Iterator[Sample], batch_
         if first and not committed:
             raise ToolkitError("the dataset selection is empty: no episode has a step to process "
                                "(check --data, --max-episodes, --max-steps and --stride)")
+        signals.hold()
         if not writer.started:  # resumed a store whose samples were all committed already
-            writer.root.attrs["complete"] = True
+            writer.mark_complete()
         else:
             writer.close(complete=True)
-    except BaseException:
-        writer.abort()
+    except BaseException as e:
+        signals.hold()
+        writer.abort(release=False)
         if writer.created and writer.committed == 0:
             import shutil
             shutil.rmtree(path, ignore_errors=True)  # nothing useful was written: leave nothing behind
+        if isinstance(e, KeyboardInterrupt):
+            import signal
+
+            num = getattr(e, "signum", signal.SIGINT)
+            raise Interrupted(num, f"interrupted by {signal.Signals(num).name}: {writer.committed} samples are "
+                                   f"committed in {path}") from None
         raise
     finally:
+        signals.__exit__()
+        writer.release()
         bar.close()
 
 
@@ -284,8 +356,19 @@ def _check_target(path: Path, resume: bool, overwrite: bool) -> None:
         raise ToolkitError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
 
 
-def _writer(store: str | Path, resume: bool, overwrite: bool, codec: str) -> StoreWriter:
-    return StoreWriter(store, mode="resume" if resume else "overwrite" if overwrite else "create", codec=codec)
+def _writer(store: str | Path, resume: bool, overwrite: bool, codec: str, spec: dict[str, Any]) -> StoreWriter:
+    return StoreWriter(store, mode="resume" if resume else "overwrite" if overwrite else "create", codec=codec,
+                       spec=spec)
+
+
+def run_spec(plan: list[SiteCapture], **options: Any) -> dict[str, Any]:
+    """Everything about a run that changes the stored bytes, in the order a mismatch is reported: recorded at
+    creation (``run_spec`` attribute), and a ``--resume`` with any other value is refused naming the first."""
+    spec = {k: v for k, v in options.items()}
+    if "device" in spec:  # cuda:0 and cuda:1 compute the same; cpu and cuda do not
+        spec["device"] = str(spec["device"]).split(":")[0]
+    spec["selection"] = {p["site"]: {k: v for k, v in p.items() if k != "site"} for p in plan_spec(plan)}
+    return jsonable(spec)
 
 
 def extract(
@@ -302,6 +385,7 @@ def extract(
     tokens: Any = None,
     pool: Any = None,
     streams: Any = None,
+    hooks: list[str] | None = None,
     dtype: str = "float16",
     codec: str = "zstd",
     batch_size: int = 1,
@@ -314,10 +398,21 @@ def extract(
     overwrite: bool = False,
     progress: bool = False,
     trust_remote_code: bool = False,
+    allow_missing: bool = False,
+    random_weights: bool = False,
     model_options: dict[str, Any] | None = None,
     dataset_options: dict[str, Any] | None = None,
+    interventions: Sequence[Intervention] | None = None,
+    adapter: ModelAdapter | None = None,
 ) -> Path:
-    """Run ``model`` over ``dataset`` and stream the selected hidden states into ``store``."""
+    """Run ``model`` over ``dataset`` and stream the selected hidden states into ``store``.
+
+    ``allow_missing``: run although the checkpoint lacks weights (their names are stored);
+    ``random_weights``: the checkpoint's architecture with seeded random weights (a baseline).
+    ``interventions`` (``toolkit.intervention``) change the model while it runs; the store then holds the
+    intervened activations and actions and records the interventions in its attributes.  ``adapter``: an
+    already loaded model to reuse (a sweep loads it once); ``checkpoint`` and the model options are then its own.
+    """
     path = Path(store)
     if batch_size < 1:
         raise ToolkitError(f"--batch-size must be at least 1, got {batch_size}")
@@ -332,49 +427,67 @@ def extract(
         dataset_options = {"seed": seed, **({} if max_steps is None else {"max_steps": max_steps}),
                            **(dataset_options or {})}
     ds = dataset_cls(data, **(dataset_options or {}))
-    adapter = model_cls(checkpoint=checkpoint, device=device, dtype=model_dtype, seed=seed,
-                        trust_remote_code=trust_remote_code, **(model_options or {}))
-    plan = build_plan(adapter.name, adapter.experts, adapter.sites, sites, layers, tokens, pool, streams, dtype)
-    writer = _writer(path, resume, overwrite, codec)
+    adapter = adapter or model_cls(checkpoint=checkpoint, device=device, dtype=model_dtype, seed=seed,
+                                   trust_remote_code=trust_remote_code, allow_missing=allow_missing,
+                                   random_weights=random_weights, **(model_options or {}))
+    plan = build_plan(adapter.name, adapter.experts, adapter.sites, sites, layers, tokens, pool, streams, dtype,
+                      hooks=hooks)
+    steering = Steering(adapter, interventions or ())  # checks the intervention names before any data is read
+    spec = run_spec(plan, command="extract", model=model, checkpoint=checkpoint, random_weights=random_weights,
+                    model_dtype=model_dtype, model_options=model_options or {}, device=device, dataset=dataset, data=data,
+                    dataset_options=dataset_options or {}, max_episodes=max_episodes, max_steps=max_steps,
+                    stride=stride, seed=seed, batch_size=batch_size, dtype=dtype, codec=codec,
+                    interventions=[iv.describe() for iv in interventions or ()])
+    writer = _writer(path, resume, overwrite, codec, spec)
     if closed:
         samples = iter_closed_loop(ds, max_episodes, stride, _stored_episodes(writer), writer.committed)
     else:
         samples = iter_samples(ds, max_episodes, max_steps, stride)
+    check = fields.FieldCheck()
 
     def process(batch: list[Sample]):
+        sampled = None if closed else sample_fields(batch, check)  # bad fields stop the run before the model
         inputs = adapter.prepare([(s.episode, s.step) for s in batch])
         if closed:
             s = batch[0]
             cap.begin(inputs if s.capture else None)  # None: the hooks record nothing
+            steering.begin(inputs)
             out = adapter.run(inputs, [call_generator(seed, s.episode_index, s.call)])
             ds.feedback(s.episode, s.step, np.asarray(out.actions)[0])
             if not s.capture:
                 return None, {}
         else:
             cap.begin(inputs)
+            steering.begin(inputs)
             out = adapter.run(inputs, [sample_generator(seed, s.index) for s in batch])
         arrays = cap.collect()
         if not closed:  # closed loop: added when the episode has ended (_run_loop)
-            arrays.update(sample_fields(batch))
+            arrays.update(sampled)
         arrays["policy_action"] = np.asarray(out.actions, dtype=np.float32)
         return arrays, {"inputs": inputs, "out": out}
 
     def initialize(arrays, meta):
         inputs, out = meta["inputs"], meta["out"]
         denoise_t = {e: out.denoise_t for e, ex in adapter.experts.items() if ex.denoise_steps}
+        model_attrs = adapter.describe()
+        # random weights are never recorded as loaded, whatever a subclass's describe() says
+        model_attrs["random_init"] = bool(model_attrs.get("random_init")) or adapter.random_init
         attrs = {
             "toolkit_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": adapter.describe(),
+            "model": model_attrs,
             "dataset": ds.describe(),
             "capture": {"sites": plan_spec(plan), "seed": seed, "batch_size": batch_size,
                         "stride": stride, "max_episodes": max_episodes, "max_steps": max_steps},
             "site_info": _site_attrs(plan, adapter.experts, inputs.spans),
         }
+        if interventions:
+            attrs["intervention"] = [iv.describe() for iv in interventions]
         _initialize(writer, arrays, plan, adapter.experts, inputs.spans, inputs.seq_len, denoise_t, attrs,
                     chunk_samples, batch_size)
 
-    with torch.inference_mode(), Capture(adapter, plan) as cap:
+    # interventions hook in first, so capture records what they made
+    with torch.inference_mode(), steering, Capture(adapter, plan) as cap:
         _run_loop(path, writer, samples, batch_size, process, initialize, progress, closed_loop=closed)
     return path
 
@@ -390,7 +503,8 @@ def _stored_episodes(writer: StoreWriter) -> list[str]:
 def _initialize(writer, arrays, plan, experts, spans, seq_len, denoise_t, attrs, chunk_samples, batch_size):
     if writer.root is not None:  # resuming: the run must be the same run
         old = writer.root.attrs
-        for key, what in (("model", "name"), ("model", "checkpoint"), ("dataset", "name"), ("dataset", "data")):
+        for key, what in (("model", "name"), ("model", "checkpoint"), ("model", "random_init"), ("dataset", "name"),
+                          ("dataset", "data")):
             if (old.get(key) or {}).get(what) != (attrs.get(key) or {}).get(what):
                 raise ToolkitError(f"cannot resume {writer.path}: it was made with {key} {what} "
                                    f"{(old.get(key) or {}).get(what)!r}, this run uses "
@@ -407,9 +521,8 @@ def _initialize(writer, arrays, plan, experts, spans, seq_len, denoise_t, attrs,
         else:
             specs.append(_field_spec(name, value))
     static = _static_coords(plan, experts, spans, seq_len, denoise_t)
-    writer.initialize(attrs, specs, static, COORDINATES, chunk_samples=chunk_samples, batch_size=batch_size)
-    for site, info in attrs.get("site_info", {}).items():
-        writer.root[site].attrs.update(info)
+    writer.initialize(attrs, specs, static, COORDINATES, chunk_samples=chunk_samples, batch_size=batch_size,
+                      group_attrs=attrs.get("site_info", {}))
 
 
 def import_latents(
@@ -422,6 +535,7 @@ def import_latents(
     tokens: Any = None,
     pool: Any = None,
     streams: Any = None,
+    hooks: list[str] | None = None,
     dtype: str = "float16",
     codec: str = "zstd",
     max_episodes: int | None = None,
@@ -442,12 +556,17 @@ def import_latents(
     layout = ds.activation_layout()
     if layout is None:
         raise ToolkitError(f"dataset {dataset!r} carries no activations to import; use `toolkit extract` instead")
-    plan = build_plan(layout.model, layout.experts, layout.sites, sites, layers, tokens, pool, streams, dtype)
-    writer = _writer(path, resume, overwrite, codec)
+    plan = build_plan(layout.model, layout.experts, layout.sites, sites, layers, tokens, pool, streams, dtype,
+                      hooks=hooks)
+    spec = run_spec(plan, command="import", model=layout.model, dataset=dataset, data=data,
+                    dataset_options=dataset_options or {}, max_episodes=max_episodes, max_steps=max_steps, stride=stride, dtype=dtype, codec=codec)
+    writer = _writer(path, resume, overwrite, codec, spec)
     samples = iter_samples(ds, max_episodes, max_steps, stride)
     seq_len: dict[str, int] = {}
+    check = fields.FieldCheck()
 
     def process(batch: list[Sample]):
+        sampled = sample_fields(batch, check)
         arrays: dict[str, np.ndarray] = {}
         for sc in plan:
             expert = layout.experts[sc.expert]
@@ -463,7 +582,7 @@ def import_latents(
                                                      bool(expert.denoise_steps), s))
                     seq_len[sc.expert] = acts[key].shape[-2]
                 arrays[f"{sc.site}/{stream}"] = np.stack(per_sample)
-        arrays.update(sample_fields(batch))
+        arrays.update(sampled)
         return arrays, {}
 
     def initialize(arrays, meta):

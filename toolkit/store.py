@@ -181,6 +181,9 @@ class StoreWriter:
         self.lock.acquire()
         try:
             self._open(mode)
+        except OSError as e:  # e.g. a read-only store directory
+            self.lock.release()
+            raise ToolkitError(f"cannot write {self.path}: {e.strerror or e} ({e.filename or self.path})") from None
         except BaseException:
             self.lock.release()
             raise
@@ -361,7 +364,10 @@ class StoreWriter:
 
     def mark_complete(self) -> None:
         """A resumed store whose samples were all committed already: just mark it finished."""
-        self.commit(self.committed, complete=True)
+        try:
+            self.commit(self.committed, complete=True)
+        except OSError as e:
+            raise ToolkitError(f"cannot write {self.path}: {e.strerror or e} ({e.filename or self.path})") from None
 
     def release(self) -> None:
         """Give up the store's lock (after close/abort; safe to call twice)."""
@@ -521,7 +527,8 @@ def first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] 
             if d:
                 return d
         return None
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+    if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
+            and any(isinstance(v, (dict, list)) for v in old + new)):  # lists of plain values are named whole
         for i, (a, b) in enumerate(zip(old, new)):
             d = first_difference(a, b, f"{key}[{i}]")
             if d:
@@ -603,7 +610,13 @@ def jsonable(obj: Any) -> Any:
 
 
 class CorruptStoreError(ToolkitError):
-    """A chunk inside the committed range is missing, truncated or fails its checksum (one line, CLI exit 2)."""
+    """A chunk inside the committed range is missing, truncated or fails its checksum (one line, CLI exit 2).
+
+    ``key`` (e.g. ``vlm/resid_post/c/3/0/0/0``), ``samples`` (first, last) and ``reason`` say which and why."""
+
+    def __init__(self, message: str, key: str = "", samples: tuple[int, int] = (0, -1), reason: str = ""):
+        super().__init__(message)
+        self.key, self.samples, self.reason = key, samples, reason
 
 
 def _local_root(arr) -> Path | None:
@@ -622,8 +635,8 @@ def corrupt_error(arr, coords: tuple[int, ...], reason: str) -> CorruptStoreErro
     a = coords[0] * arr.chunks[0]
     b = min(a + arr.chunks[0], arr.shape[0]) - 1
     return CorruptStoreError(f"{root}: chunk {chunk_key(arr, coords)} (samples {a}-{b}) is {reason}; run "
-                             f"`toolkit verify {root}` to list every bad chunk, then re-extract the store "
-                             "(--overwrite)")
+                             f"`toolkit verify {root}` to list every bad chunk (`--repair` re-extracts them)",
+                             chunk_key(arr, coords), (a, b), reason)
 
 
 def _fast_decoders(arr) -> list | None:
@@ -860,6 +873,36 @@ class Store:
                 raise ToolkitError(f"site {site!r} holds layers {_ranges(layers)}, not {layer}")
             sel.append(layers.index(layer))
         return decode(arr[tuple(sel)], arr.attrs.get("stored_dtype"))
+
+    def dataset(self, site: str):
+        """One site as a lazy ``xarray.Dataset``: its streams as dask arrays over checked chunk reads (a bad
+        chunk raises ``CorruptStoreError`` when computed), cut to the committed samples, bfloat16 as ml_dtypes'
+        ``bfloat16`` (zero-copy); per-sample coordinates, ``layer``/``token``/``denoise`` and ``t`` as coordinates."""
+        try:
+            import dask.array as da
+            import xarray as xr
+        except ImportError:
+            raise ToolkitError("Store.dataset needs xarray and dask: pip install 'toolkit[analysis]'") from None
+        self._check_site(site)
+        group = self.root[site]
+        n = self.n_samples
+        coords: dict[str, Any] = {c: ((SAMPLE,), self.coord(c)) for c in self.attrs.get("coordinates", "").split()
+                                  if c in self.fields()}
+        for name, arr in group.arrays():
+            if (arr.metadata.dimension_names or (None,))[0] != SAMPLE:
+                coords[name] = (tuple(arr.metadata.dimension_names), arr[...])
+        data = {}
+        for stream in self.streams(site):
+            arr = self.array(site, stream)
+            lazy = da.from_array(arr, chunks=arr.chunks, name=f"toolkit-{self.path}-{site}-{stream}-{n}",
+                                 lock=False, asarray=True, fancy=False)[:n]
+            if arr.attrs.get("stored_dtype") == "bfloat16":
+                import ml_dtypes
+
+                lazy = lazy.view(ml_dtypes.bfloat16)
+            attrs = {k: v for k, v in arr.attrs.items() if k != "coordinates"}
+            data[stream] = (tuple(arr.metadata.dimension_names), lazy, attrs)
+        return xr.Dataset(data, coords=coords, attrs=dict(group.attrs))
 
     def summary(self) -> dict[str, Any]:
         """Everything `toolkit info` shows, from the store's own metadata."""

@@ -1,0 +1,118 @@
+"""Integrity: a flipped byte, a truncated chunk and a deleted chunk are one line naming the chunk in verify, probe,
+stats and export; verify --repair re-extracts them bit-identically."""
+
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import toolkit
+from synthetic import registered
+from toolkit.cli import cli
+from toolkit.store import CorruptStoreError, open_store, read_chunk
+
+KEY = "llm/resid_post/c/1/0/0/0"  # samples 4-7, layer 0 of the llm site
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v") / "clean.zarr"
+    with registered():
+        toolkit.extract(model="tinyvla", dataset="synthetic", store=path, chunk_samples=4, sites=["llm"],
+                        dtype="float32", pool="mean")
+    return path
+
+
+def flip(f):
+    b = bytearray(f.read_bytes())
+    for i in range(len(b) // 2, len(b) // 2 + 16):
+        b[i] ^= 0xFF
+    f.write_bytes(bytes(b))
+
+
+def truncate(f):
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+
+
+def delete(f):
+    f.unlink()
+
+
+DAMAGE = {"flipped": (flip, "crc32c checksum mismatch"), "truncated": (truncate, "crc32c checksum mismatch"),
+          "deleted": (delete, "missing")}
+
+
+@pytest.fixture(params=sorted(DAMAGE))
+def damaged(request, clean, tmp_path):
+    path = tmp_path / "bad.zarr"
+    shutil.copytree(clean, path)
+    how, problem = DAMAGE[request.param]
+    how(path / KEY)
+    return path, problem
+
+
+def _one_error_line(res):
+    assert res.exit_code != 0, res.output
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    return errors[0]
+
+
+def test_read_chunk_names_the_chunk(damaged):
+    path, problem = damaged
+    s = open_store(path)
+    with pytest.raises(CorruptStoreError, match=f"chunk {KEY} \\(samples 4-7\\) is .*{problem}.*toolkit verify"):
+        read_chunk(s.array("llm", "resid_post"), (1, 0))
+    with pytest.raises(CorruptStoreError, match=KEY):
+        s.read("llm", "resid_post", layer=0)
+    good = read_chunk(s.array("llm", "resid_post"), (2, 0))
+    np.testing.assert_array_equal(good, s.array("llm", "resid_post").zarr[8:12, 0:1])
+
+
+@pytest.mark.parametrize("command", ["stats", "export"])
+def test_readers_fail_with_one_line_naming_the_chunk(damaged, command, tmp_path):
+    path, problem = damaged
+    args = {"stats": ["stats", str(path), "--site", "llm", "--json"],
+            "export": ["export", str(path), "--out", str(tmp_path / "out"), "--site", "llm"],
+            "probe": ["probe", "--store", str(path), "--site", "llm", "--out", str(tmp_path / "p")]}[command]
+    with registered():
+        line = _one_error_line(CliRunner().invoke(cli, args))
+    assert KEY in line and problem in line and "toolkit verify" in line
+
+
+def test_verify_lists_the_bad_chunk(damaged):
+    path, problem = damaged
+    res = CliRunner().invoke(cli, ["verify", str(path)])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert lines[0] == f"bad {KEY} (samples 4-7): " + lines[0].split(": ", 1)[1] and problem in lines[0]
+    assert lines[1].startswith("error: 1 of ") and "samples 4-7" in lines[1] and len(lines) == 2
+    res = CliRunner().invoke(cli, ["verify", str(path), "--json"])
+    import json
+
+    report = json.loads(res.output)
+    assert [b["chunk"] for b in report["bad"]] == [KEY] and report["bad"][0]["samples"] == [4, 7]
+
+
+def test_verify_passes_a_clean_store(clean):
+    res = CliRunner().invoke(cli, ["verify", str(clean)])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("ok: ") and "30 samples committed, all checksums match" in res.output
+
+
+def test_verify_repair_re_extracts_bit_identically(clean, tmp_path):
+    path = tmp_path / "bad.zarr"
+    shutil.copytree(clean, path)
+    flip(path / KEY)
+    delete(path / "llm/resid_post/c/5/0/0/0")
+    with registered():
+        res = CliRunner().invoke(cli, ["verify", str(path), "--repair"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("repaired ") == 2 and "ok: " in res.output
+    a, b = open_store(clean), open_store(path)
+    assert b.complete and b.n_samples == a.n_samples == 30
+    np.testing.assert_array_equal(a.read("llm", "resid_post"), b.read("llm", "resid_post"))
+    for f in a.fields():
+        assert np.array_equal(a.coord(f), b.coord(f)), f
