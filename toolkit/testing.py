@@ -11,13 +11,19 @@ Each check raises ``AssertionError`` (or the adapter's own error) with a message
 * ``check_outputs_unchanged``: ``run`` gives bit-identical actions with and without a capture of every
   site and stream (and is deterministic for fixed generators);
 * ``check_hooks_removed``: no hook is left behind when an exception is raised inside ``with Capture(...)``;
-* ``check_reference_hidden_states``: if the adapter implements the optional
+* ``check_reference_hidden_states``: the adapter's
   ``reference_hidden_states(inputs, generators) -> {expert: (B, n_layers, [denoise,] seq, hidden)}`` (each
-  layer's output as the model itself reports it), the captured ``resid_post`` equals it.
+  layer's output as the model itself reports it) equals the captured ``resid_post``.  It is part of the
+  contract: without it this check is *skipped loudly* (a pytest skip naming the reason, or a warning outside
+  pytest), after every other check has passed.
+
+docs/plugins.md walks through the contract and a complete plugin.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -122,6 +128,9 @@ def check_reference_hidden_states(adapter: ModelAdapter, inputs: ModelInputs, at
                                   rtol: float = 1e-5) -> None:
     ref_fn = getattr(adapter, "reference_hidden_states", None)
     if ref_fn is None:
+        _skip(f"{adapter.name}: the captured values were NOT compared with the model's own hidden states, because "
+              "the adapter has no reference_hidden_states(inputs, generators) -> {expert: (B, n_layers, "
+              "[denoise,] seq, hidden)}; implement it (docs/plugins.md)")
         return
     with torch.inference_mode():
         refs = ref_fn(inputs, generators(inputs.batch_size))
@@ -136,8 +145,18 @@ def check_reference_hidden_states(adapter: ModelAdapter, inputs: ModelInputs, at
                                    msg=lambda m, e=expert: f"captured {e} resid_post != reference_hidden_states: {m}")
 
 
+def _skip(reason: str) -> None:
+    """A loud skip: pytest reports it with the reason; outside pytest it is a warning."""
+    if "pytest" in sys.modules:
+        import pytest
+
+        pytest.skip(reason)
+    warnings.warn(reason, stacklevel=3)
+
+
 def check_model_adapter(adapter: ModelAdapter, batch: Batch, atol: float = 1e-5) -> None:
-    """Run every conformance check on ``adapter`` with the dataset steps in ``batch``."""
+    """Run every conformance check on ``adapter`` with the dataset steps in ``batch`` (the reference check last:
+    without ``reference_hidden_states`` it skips loudly once the others have passed)."""
     inputs = adapter.prepare(batch)
     assert inputs.batch_size == len(batch), f"prepare() gives batch_size {inputs.batch_size} for {len(batch)} steps"
     check_structure(adapter, inputs)
