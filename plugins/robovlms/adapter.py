@@ -162,6 +162,9 @@ class RoboVLMsAdapter(ModelAdapter):
                 raise ToolkitError(f"robovlms checkpoint {checkpoint!r} is not a file: give a RoboVLMs .pt/.ckpt "
                                    "(e.g. kosmos_ph_oxe-pretrain.pt)")
             ckpt = read_checkpoint(path)
+            if ckpt.foreign:
+                log.info("robovlms: %s holds pickled objects of %s, not read (only plain data is)", checkpoint,
+                         ", ".join(ckpt.foreign))
         trained = training_config(ckpt, opts["config"])
         if ckpt is not None:
             check_supported(trained, ckpt.path)

@@ -198,6 +198,10 @@ def check_supported(cfg: TrainingConfig, path: Path) -> None:
         if value is not None and value != want[key]:
             raise CheckpointError(f"{where}: act_head {key} is {value!r}; the robovlms adapter runs RoboVLMs' "
                                   f"{want['type']} head with {key} {want[key]!r} only")
+    tokenizer_type = cfg.get("tokenizer.tokenizer_type", str)
+    if tokenizer_type is not None and tokenizer_type != "kosmos":
+        raise CheckpointError(f"{where}: tokenizer_type {tokenizer_type!r}; the robovlms adapter builds RoboVLMs' "
+                              "'kosmos' prompt only")
     if cfg.get("use_vision_resampler", bool):
         raise CheckpointError(f"{where}: trained with use_vision_resampler (a perceiver resampler after the vision "
                               "tower), which the robovlms adapter does not implement")
