@@ -112,3 +112,17 @@ def test_two_plugins_adding_the_same_flag_is_an_error():
             cli_options("extract")
     finally:
         pm.unregister(clash)
+
+
+def test_a_bad_selection_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    """tinyvla's architecture() knows its layers from the options alone: layer 5 of 3 fails at once."""
+    from synthetic import registered, toolkit_tinyvla
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the selection was checked")
+
+    monkeypatch.setattr(toolkit_tinyvla, "TinyVLA", never)
+    with registered():
+        with pytest.raises(ToolkitError, match="layer 5 is out of range: available layers at site 'llm': 0-2"):
+            toolkit.extract(model="tinyvla", dataset="synthetic", store=tmp_path / "s.zarr", layers="5")
+    assert not (tmp_path / "s.zarr").exists()

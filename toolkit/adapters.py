@@ -227,6 +227,14 @@ class ModelAdapter(abc.ABC):
             self._warned.add(message)
             logging.getLogger(f"toolkit.{self.name}").warning(message)
 
+    @classmethod
+    def architecture(cls, checkpoint: str | None = None,
+                     **options: Any) -> tuple[dict[str, Expert], dict[str, SiteInfo]] | None:
+        """The experts and sites a model of these options would have, known without building it or loading
+        weights (e.g. from a checkpoint's config alone), so `toolkit extract` rejects a bad selection before
+        the slow part.  None (the default): known only once loaded; the selection is checked right then."""
+        return None
+
     # What the adapter exposes ----------------------------------------------------------
     @property
     @abc.abstractmethod
