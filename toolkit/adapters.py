@@ -76,6 +76,11 @@ class DatasetAdapter(abc.ABC):
     def episodes(self) -> Iterator[Episode]:
         """Yield episodes in a deterministic order."""
 
+    def length_hint(self) -> Sequence[int] | None:
+        """Steps of each episode, in order, when known without reading them: progress bars then show a total
+        and an ETA.  None (the default): unknown, e.g. a simulator's episodes end on success."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Provenance stored in the store's attributes."""
         return {"name": self.name, "data": self.data, "options": self.options}
