@@ -297,7 +297,7 @@ def test_step_buckets_and_ranges(store_path):
     (Selection(site="nope"), "task", "sites: action, vlm"),
     (Selection(site="vlm", layers="4"), "task", "layer"),
     (Selection(site="action", t="0.7"), "task", "t values: 1, 0.5"),
-    (Selection(site="vlm", steps="99"), "task", "steps present"),
+    (Selection(site="vlm", steps="99"), "task", "rollout step 99 is out of range"),
     (Selection(site="vlm", task_range=(0, 1)), "task", "one task"),
     (Selection(site="vlm", task_range=(7, 9)), "task", "selects no sample"),
     (Selection(site="vlm", task_range=(0, 1), episode_range=(0, 2)), "field:success", "at least 3 folds"),
