@@ -184,15 +184,24 @@ def _site_attrs(plan: list[SiteCapture], experts: dict[str, Expert], spans) -> d
             for sc in plan}
 
 
-class Progress:
-    """tqdm bar: samples/s, episodes, steps and MB written."""
+def expected_samples(dataset, max_episodes: int | None, max_steps: int | None, stride: int) -> int | None:
+    """How many samples an open-loop run will store, from the dataset's ``length_hint()`` (None: unknown)."""
+    hint = dataset.length_hint()
+    if hint is None:
+        return None
+    steps = list(hint)[:max_episodes] if max_episodes is not None else list(hint)
+    return sum(-(-(n if max_steps is None else min(n, max_steps)) // stride) for n in steps)
 
-    def __init__(self, enabled: bool, writer: StoreWriter, initial: int):
+
+class Progress:
+    """tqdm bar: samples/s, episodes, steps and MB written; a total and an ETA where the dataset knows its size."""
+
+    def __init__(self, enabled: bool, writer: StoreWriter, initial: int, total: int | None = None):
         self.writer = writer
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
-            self.bar = tqdm(unit="sample", initial=initial, dynamic_ncols=True, desc="extract")
+            self.bar = tqdm(unit="sample", initial=initial, total=total, dynamic_ncols=True, desc="extract")
         self.episodes: set[int] = set()
 
     def update(self, batch: list[Sample]) -> None:
@@ -269,7 +278,7 @@ class _Signals:
 
 def _run_loop(path: Path, writer: StoreWriter, samples: Iterator[Sample], batch_size: int,
               process: Callable[[list[Sample]], tuple[dict[str, np.ndarray] | None, dict]], initialize: Callable,
-              progress: bool, closed_loop: bool = False) -> None:
+              progress: bool, closed_loop: bool = False, total: int | None = None) -> None:
     """Skip committed samples (checking they match), then process and append batches.
 
     Closed loop (``iter_closed_loop`` samples, batch size 1): ``process`` returns ``None`` arrays for an
@@ -278,7 +287,7 @@ def _run_loop(path: Path, writer: StoreWriter, samples: Iterator[Sample], batch_
     committed = writer.committed
     if committed and not closed_loop:  # closed loop: iter_closed_loop skipped the committed episodes
         _check_resume_prefix(writer, samples, committed)
-    bar = Progress(progress, writer, committed)
+    bar = Progress(progress, writer, committed, total)
     first = not committed
     held: list[tuple[list[Sample], dict[str, np.ndarray], dict]] = []
 
@@ -426,6 +435,9 @@ def extract(
                                f"got {batch_size}")
         dataset_options = {"seed": seed, **({} if max_steps is None else {"max_steps": max_steps}),
                            **(dataset_options or {})}
+    arch = None if adapter is not None else model_cls.architecture(checkpoint, **(model_options or {}))
+    if arch is not None:  # a bad selection fails here, before any weight loads
+        build_plan(model_cls.name, *arch, sites, layers, tokens, pool, streams, dtype, hooks=hooks)
     ds = dataset_cls(data, **(dataset_options or {}))
     adapter = adapter or model_cls(checkpoint=checkpoint, device=device, dtype=model_dtype, seed=seed,
                                    trust_remote_code=trust_remote_code, allow_missing=allow_missing,
@@ -488,7 +500,8 @@ def extract(
 
     # interventions hook in first, so capture records what they made
     with torch.inference_mode(), steering, Capture(adapter, plan) as cap:
-        _run_loop(path, writer, samples, batch_size, process, initialize, progress, closed_loop=closed)
+        _run_loop(path, writer, samples, batch_size, process, initialize, progress, closed_loop=closed,
+                  total=None if closed else expected_samples(ds, max_episodes, max_steps, stride))
     return path
 
 
@@ -599,7 +612,8 @@ def import_latents(
                     chunk_samples, 1)
 
     with torch.inference_mode():
-        _run_loop(path, writer, samples, 1, process, initialize, progress)
+        _run_loop(path, writer, samples, 1, process, initialize, progress,
+                  total=expected_samples(ds, max_episodes, max_steps, stride))
     return path
 
 
