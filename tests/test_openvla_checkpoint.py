@@ -427,3 +427,18 @@ def test_vision_towers_compute_what_transformers_dinov2_and_siglip_compute():
         torch.testing.assert_close(dino(x), want_dino, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(siglip(x), want_siglip, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(dino(x), siglip(x), atol=1e-2)
+
+
+def test_trusted_remote_code_failure_is_one_line(tmp_path):
+    """--trust-remote-code on a variant the toolkit does not implement runs the checkpoint's own code; here it
+    names a module the directory lacks, which is one line, not a traceback."""
+    path = tmp_path / "clip"
+    write_openvla_checkpoint(path)
+    config = json.loads((path / "config.json").read_text())
+    config["timm_model_ids"][1] = "vit_large_patch14_clip_336.openai"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ToolkitError, match="cannot load openvla checkpoint .* with its own code") as e:
+        OpenVLAAdapter(checkpoint=str(path), trust_remote_code=True)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ToolkitError, match="--random-weights needs a checkpoint the toolkit implements"):
+        OpenVLAAdapter(checkpoint=str(path), trust_remote_code=True, random_weights=True)
