@@ -71,7 +71,7 @@ def test_read_chunk_names_the_chunk(damaged):
     np.testing.assert_array_equal(good, s.array("llm", "resid_post").zarr[8:12, 0:1])
 
 
-@pytest.mark.parametrize("command", ["stats", "export"])
+@pytest.mark.parametrize("command", ["stats", "export", "probe"])
 def test_readers_fail_with_one_line_naming_the_chunk(damaged, command, tmp_path):
     path, problem = damaged
     args = {"stats": ["stats", str(path), "--site", "llm", "--json"],
