@@ -133,7 +133,9 @@ def write_lerobot_processors(d: Path) -> None:
 def write_checkpoint(d: Path, layout: str, weights: dict[str, torch.Tensor], drop: str | None = None) -> Path:
     """A tiny checkpoint directory in one upstream layout, with its config and statistics files."""
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {file_key(n, layout): t for n, t in weights.items() if n != drop}
+    # openpi's converter leaves out the action expert's lm_head (its line is commented out upstream)
+    skip = {drop, "model.dit.embed_tokens.weight" if layout == "openpi" else None}
+    tensors = {file_key(n, layout): t for n, t in weights.items() if n not in skip}
     if layout == "older":  # the older lerobot policies kept their statistics among the weights
         for module, feature, stats in (("normalize_inputs", "observation_state", STATE_STATS),
                                        ("normalize_targets", "action", ACTION_STATS),
@@ -185,13 +187,19 @@ def test_each_layout_loads_every_tensor_of_the_file(layout, name, weights, token
     file = load_file(str(ckpt / "model.safetensors"))
     params = a.model.state_dict()
     assert set(params) == set(weights)
+    derived = ["model.dit.embed_tokens.weight"] if layout == "openpi" else []
     for n, t in weights.items():  # every model tensor equals the file tensor at its upstream key
+        if n in derived:  # never used by pi0's forward: zeroed, and named in the report
+            assert not params[n].any()
+            continue
         torch.testing.assert_close(params[n], file[file_key(n, layout)], rtol=0, atol=0)
     report = a.load_report
     assert report.layout == name and report.missing == [] and report.unexpected == []
-    assert len(report.loaded) == len(weights) and a.layout == name
+    assert report.derived == derived and len(report.loaded) == len(weights) - len(derived) == len(file) - (
+        6 if layout == "older" else 0)  # the older layout's six statistics buffers are read as statistics
+    assert a.layout == name
     d = a.describe()
-    assert d["random_init"] is False and d["load_report"]["n_loaded"] == len(weights)
+    assert d["random_init"] is False and d["load_report"]["n_loaded"] == len(report.loaded)
     # the architecture came from the weights (+ config.json), with the real head layout
     text = a.model.config.vlm_config.text_config
     assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.head_dim) == (2, 64, 8, 8)
@@ -371,3 +379,23 @@ def test_the_readme_pi0_checkpoint_command_runs_on_a_tiny_lerobot_checkpoint(wei
     assert model["layout"] == "lerobot pi0 (current)" and model["normalised"] is True
     assert "policy_preprocessor_step_5_normalizer_processor.safetensors" in model["normalisation"]["source"]
     assert s.n_samples == 2
+
+
+def test_statistics_and_tokenizer_can_be_given_as_files(weights, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ck", "openpi", weights)
+    extra = ckpt / "assets" / "other_robot"
+    extra.mkdir()
+    (extra / "norm_stats.json").write_text(json.dumps({"norm_stats": {"state": {"mean": [0.0] * 8, "std": [1.0] * 8},
+                                                                      "actions": {"mean": [5.0] * 7, "std": [1.0] * 7}}}))
+    import importlib.resources
+    import shutil
+
+    spm = tmp_path / "paligemma_tokenizer.model"  # a bare SentencePiece file, as openpi downloads it
+    with importlib.resources.as_file(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1") as f:
+        shutil.copy(f, spm)
+    with pytest.raises(ToolkitError, match="holds 2 openpi statistics .* --model-option stats=PATH"):
+        Pi0Adapter(checkpoint=str(ckpt), tokenizer=str(spm))
+    a = Pi0Adapter(checkpoint=str(ckpt), tokenizer=str(spm), stats=str(extra / "norm_stats.json"))
+    assert a.describe()["normalisation"]["source"] == str(extra / "norm_stats.json")
+    np.testing.assert_allclose(a.norm.action.unnormalise(np.zeros((1, 2, 7))), 5.0)
+    assert len(a._text("pick up the bowl")) > 2

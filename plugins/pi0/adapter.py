@@ -20,10 +20,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.capture import DECODER_STREAMS
-from toolkit.checkpoint import CheckpointError, load_into, load_state_dict_files, read_tensors, safetensors_shapes, weight_files
+from toolkit.checkpoint import (
+    CheckpointError,
+    load_into,
+    load_state_dict_files,
+    read_tensors,
+    safetensors_shapes,
+    weight_files,
+)
+from toolkit.cli_options import AdapterOptions
 from toolkit.errors import ToolkitError
 from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
 from toolkit_plugins.pi0 import layouts, normalise
@@ -32,9 +41,19 @@ log = logging.getLogger("toolkit.pi0")
 
 PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-OPTIONS = {"action_dim": 7, "max_text_tokens": 48, "cameras": None, "num_steps": None,
-           # a local PaliGemma tokenizer (directory or tokenizer.model); statistics file/dir; False: raw state/actions
-           "tokenizer": None, "stats": None, "normalise": True}
+
+
+class Pi0Options(AdapterOptions):
+    """The ``--model-option`` names of pi0."""
+
+    action_dim: int = Field(7, ge=1, description="action dimensions kept from the policy's 32")
+    max_text_tokens: int = Field(48, ge=1, description="instruction tokens (BOS + text + newline), padded")
+    cameras: str | list[str] | None = Field(None, description="camera order, comma-separated (default: sorted)")
+    num_steps: int | None = Field(None, ge=1, description="flow-matching steps (default: the checkpoint's)")
+    tokenizer: str | None = Field(None, description="local PaliGemma tokenizer: a directory or a tokenizer.model")
+    stats: str | None = Field(None, description="statistics: a norm_stats.json or a lerobot processor directory")
+    normalise: bool = Field(True, description="normalise the state and unnormalise actions with the statistics")
+
 TOKENIZER_HELP = ("download the PaliGemma tokenizer (hub repo google/paligemma-3b-pt-224, gated: accept its licence; "
                   "files tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json) into a "
                   "directory and pass --model-option tokenizer=DIR, or put the files into the checkpoint directory")
@@ -63,12 +82,6 @@ RANDOM_WARNING = ("pi0: no --checkpoint given, using a small randomly initialise
                   "random weights) - results are for smoke tests only")
 
 
-
-
-
-
-
-
 def build_tiny_model(seed: int):
     from transformers import PI0Config, PI0ForConditionalGeneration
 
@@ -76,33 +89,19 @@ def build_tiny_model(seed: int):
     return PI0ForConditionalGeneration(PI0Config(**TINY_CONFIG)).eval()
 
 
-
-
-
-def _flag(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ToolkitError(f"pi0 option {name} must be true or false, got {value!r}")
-
-
 class Pi0Adapter(ModelAdapter):
     """pi0 (PaliGemma VLM + flow-matching action expert) on transformers' PI0ForConditionalGeneration."""
 
     name = "pi0"
     description = "pi0 (PaliGemma VLM + flow-matching action expert), transformers-native"
-    option_defaults = OPTIONS
+    Options = Pi0Options
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, **options: Any) -> None:
         super().__init__(checkpoint, device, dtype, seed, trust_remote_code, **options)
         opts = self.opts
         torch_dtype = self.torch_dtype
-        self.normalise_enabled = _flag(opts["normalise"], "normalise")
+        self.normalise_enabled = opts["normalise"]
         self.norm: normalise.Normalisation | None = None
         self.layout: str | None = None
         if checkpoint is None:
