@@ -312,6 +312,38 @@ def test_lightning_objects_in_the_file_are_read_as_data_or_stood_in_for(files, t
         assert torch.equal(b.model.state_dict()[k], v), k
 
 
+class _Payload:
+    """Unpickling this with plain pickle calls ``func(marker)``."""
+
+    def __init__(self, func, marker):
+        self.func, self.marker = func, marker
+
+    def __reduce__(self):
+        return self.func, (str(self.marker),)
+
+
+def test_code_named_in_the_file_never_runs(files, tmp_path):
+    def touch(marker):
+        Path(marker).touch()
+
+    sd = {f"model.{k}": v for k, v in files["policy"].state_dict().items()}
+    with pytest.MonkeyPatch.context() as mp:
+        _fake_module(mp, "somelib.hooks", touch=touch)  # importable while loading: plain pickle would call it
+        path = tmp_path / "hook.pt"
+        torch.save({"state_dict": sd, "callbacks": {"Hook": _Payload(touch, tmp_path / "ran")},
+                    "hyper_parameters": {"configs": training_configs()}}, path)
+        a = load(files, path)
+    assert not (tmp_path / "ran").exists() and a.window == 3 and a.describe()["load_report"]["n_missing"] == 0
+    import os
+
+    path = tmp_path / "shell.pt"
+    torch.save({"state_dict": sd, "callbacks": {"Shell": _Payload(os.system, f"touch {tmp_path / 'shell'}")}}, path)
+    with pytest.raises(CheckpointError, match=r"cannot read RoboVLMs checkpoint .*shell.pt \(Trying to load "
+                                              r"unsupported GLOBAL (posix|nt)\.system whose module (posix|nt) is blocked"):
+        load(files, path)
+    assert not (tmp_path / "shell").exists()
+
+
 def readme_command(model):
     """The README's `toolkit extract --model MODEL ...` command, continuation lines joined."""
     text = README.read_text().replace("\\\n", " ")

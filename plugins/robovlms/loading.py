@@ -113,7 +113,9 @@ def read_checkpoint(path: Path) -> RoboVLMsCheckpoint:
     try:
         obj, foreign = _torch_load(path)
     except Exception as e:  # noqa: BLE001 - a bad file is one line
-        raise CheckpointError(f"cannot read RoboVLMs checkpoint {path} ({one_line(e)}); it must be a .pt/.ckpt "
+        # torch's refusal names the global on a later line of its message
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), one_line(e))
+        raise CheckpointError(f"cannot read RoboVLMs checkpoint {path} ({why}); it must be a .pt/.ckpt "
                               "readable with torch.load(weights_only=True)") from None
     container, sd = "top level", obj
     for key in STATE_DICT_KEYS:
