@@ -399,3 +399,12 @@ def test_statistics_and_tokenizer_can_be_given_as_files(weights, tmp_path):
     assert a.describe()["normalisation"]["source"] == str(extra / "norm_stats.json")
     np.testing.assert_allclose(a.norm.action.unnormalise(np.zeros((1, 2, 7))), 5.0)
     assert len(a._text("pick up the bowl")) > 2
+
+
+def test_the_lerobot_action_feature_size_sets_the_kept_action_dims(weights, tokenizer_dir, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ck", "current", weights)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["output_features"]["action"]["shape"] = [6]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert load(ckpt, tokenizer_dir).action_dim == 6
+    assert load(ckpt, tokenizer_dir, action_dim=4).action_dim == 4

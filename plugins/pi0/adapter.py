@@ -46,7 +46,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 class Pi0Options(AdapterOptions):
     """The ``--model-option`` names of pi0."""
 
-    action_dim: int = Field(7, ge=1, description="action dimensions kept from the policy's 32")
+    action_dim: int | None = Field(None, ge=1, description="action dimensions kept from the policy's 32 (default: "
+                                  "the lerobot checkpoint's action feature size, else 7 as in LIBERO)")
     max_text_tokens: int = Field(48, ge=1, description="instruction tokens (BOS + text + newline), padded")
     cameras: str | list[str] | None = Field(None, description="camera order, comma-separated (default: sorted)")
     num_steps: int | None = Field(None, ge=1, description="flow-matching steps (default: the checkpoint's)")
@@ -104,6 +105,7 @@ class Pi0Adapter(ModelAdapter):
         self.normalise_enabled = opts["normalise"]
         self.norm: normalise.Normalisation | None = None
         self.layout: str | None = None
+        meta: dict[str, Any] = {}
         if checkpoint is None:
             warnings.warn(RANDOM_WARNING, stacklevel=2)
             self.model = build_tiny_model(seed)
@@ -133,7 +135,7 @@ class Pi0Adapter(ModelAdapter):
         self.chunk_size = cfg.chunk_size
         self.max_state_dim, self.max_action_dim = cfg.max_state_dim, cfg.max_action_dim
         self.num_steps = int(opts["num_steps"] or cfg.num_inference_steps)
-        self.action_dim = min(int(opts["action_dim"] or self.max_action_dim), self.max_action_dim)
+        self.action_dim = min(int(opts["action_dim"] or layouts.action_size(meta) or 7), self.max_action_dim)
         self.max_text_tokens = int(opts["max_text_tokens"])
         cams = opts["cameras"]
         self.cameras: list[str] | None = (cams.split(",") if isinstance(cams, str) else list(cams)) if cams else None

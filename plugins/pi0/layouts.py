@@ -173,3 +173,9 @@ def read_meta(directory: Path) -> dict[str, Any]:
     if kind not in (None, "pi0"):
         raise CheckpointError(f"{f} describes a {kind!r} policy; the pi0 adapter loads pi0 checkpoints only")
     return meta
+
+
+def action_size(meta: dict[str, Any]) -> int | None:
+    """The action feature size a lerobot config declares (lerobot cuts the policy's 32-dim chunk to it)."""
+    shape = ((meta.get("output_features") or {}).get("action") or {}).get("shape")
+    return int(shape[0]) if shape else None
