@@ -188,6 +188,29 @@ def test_a_config_file_wins_and_must_describe_these_weights(files, tmp_path):
         load(files, config=str(cfg))
 
 
+def test_the_real_kosmos_policy_is_shaped_from_its_tensors(tmp_path):
+    """At real size (on the meta device: shapes only): the OXE-pretrain policy's tensors give Kosmos-2's own
+    config back, and its training config agrees with them."""
+    from transformers import Kosmos2Config
+
+    from toolkit_plugins.robovlms.loading import TrainingConfig, check_shapes_agree, shapes_from_state_dict
+
+    real = Kosmos2Config()
+    with torch.device("meta"):
+        policy = RoboKosmosPolicy(real, window_size=16, action_dim=7, latent=1, fwd_pred_next_n=10,
+                                  head_hidden_size=1024, head_layers=4)
+    cfg, head = shapes_from_state_dict(policy.state_dict(), tmp_path / "kosmos_ph_oxe-pretrain.pt")
+    assert head == dict(action_dim=7, latent=1, fwd_pred_next_n=10, head_hidden_size=1024, head_layers=4)
+    for part in ("text_config", "vision_config"):
+        got, want = getattr(cfg, part).to_dict(), getattr(real, part).to_dict()
+        assert {k: got[k] for k in want if got[k] != want[k]} == {}, part
+    assert cfg.latent_query_num == real.latent_query_num == 64
+    oxe = training_configs(image_size=224, window_size=16, fwd_pred_next_n=10)
+    oxe["act_head"] = oxe["act_head"] | {"hidden_size": 1024, "num_layers": 4}
+    check_shapes_agree(TrainingConfig(oxe, "test"), cfg, head, tmp_path)
+    assert sum(p.numel() for p in policy.parameters()) == 1_705_698_374  # the README's 1.71 B
+
+
 def test_a_bare_state_dict_runs_with_defaults_and_says_so(files, tmp_path, caplog):
     path = tmp_path / "bare.pt"
     torch.save({"model_state_dict": files["policy"].state_dict()}, path)
