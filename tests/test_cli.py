@@ -143,3 +143,23 @@ def test_the_core_cli_names_no_plugin_flag():
 
     src = inspect.getsource(toolkit.cli)
     assert not any(flag in src for flag in ("--suite", "--trials", "--replan-steps", "--save-video"))
+
+
+def test_a_run_can_be_given_as_one_spec_object(tmp_path, pi0_single_thread):
+    import dataclasses
+
+    from synthetic import registered
+    from toolkit.extract import ExtractSpec
+
+    spec = ExtractSpec(model="tinyvla", dataset="synthetic", store=tmp_path / "spec.zarr", sites=["llm"], layers="-1",
+                       dtype="float32", max_episodes=1, dataset_options={"n_tasks": 1, "n_episodes": 1, "n_steps": 2})
+    with registered():
+        a = toolkit.open_store(toolkit.extract(spec))
+        b = toolkit.open_store(toolkit.extract(**{**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)},
+                                                  "store": tmp_path / "kw.zarr"}))
+        with pytest.raises(toolkit.ToolkitError, match="already exists"):
+            toolkit.extract(spec)
+        toolkit.extract(dataclasses.replace(spec, overwrite=True))
+    assert a.layers("llm") == b.layers("llm") == [2]
+    assert (a.read("llm", "resid_post") == b.read("llm", "resid_post")).all()
+    assert [f.name for f in dataclasses.fields(ExtractSpec)][:3] == ["model", "dataset", "store"]

@@ -381,7 +381,7 @@ def run_spec(plan: list[SiteCapture], **options: Any) -> dict[str, Any]:
 
 
 def extract(
-    model: str = "pi0",
+    model: str | ExtractSpec = "pi0",
     dataset: str = "libero",
     store: str | Path = "stores/libero.zarr",
     *,
@@ -421,7 +421,10 @@ def extract(
     ``interventions`` (``toolkit.intervention``) change the model while it runs; the store then holds the
     intervened activations and actions and records the interventions in its attributes.  ``adapter``: an
     already loaded model to reuse (a sweep loads it once); ``checkpoint`` and the model options are then its own.
+    The whole run may also be given as one object: ``extract(ExtractSpec(model="pi0", layers="-1", ...))``.
     """
+    if isinstance(model, ExtractSpec):
+        return extract(**_spec_fields(model))
     path = Path(store)
     if batch_size < 1:
         raise ToolkitError(f"--batch-size must be at least 1, got {batch_size}")
@@ -539,7 +542,7 @@ def _initialize(writer, arrays, plan, experts, spans, seq_len, denoise_t, attrs,
 
 
 def import_latents(
-    dataset: str = "libero",
+    dataset: str | ImportSpec = "libero",
     store: str | Path = "stores/libero_latents.zarr",
     *,
     data: str | None = None,
@@ -560,7 +563,10 @@ def import_latents(
     progress: bool = False,
     dataset_options: dict[str, Any] | None = None,
 ) -> Path:
-    """Store the activations a dataset already carries (e.g. LIBERO latent pickles), running no model."""
+    """Store the activations a dataset already carries (e.g. LIBERO latent pickles), running no model.
+    The whole run may also be given as one object: ``import_latents(ImportSpec(dataset="libero", ...))``."""
+    if isinstance(dataset, ImportSpec):
+        return import_latents(**_spec_fields(dataset))
     path = Path(store)
     check_dtype(dtype)
     dataset_cls = get_dataset(dataset)
@@ -636,3 +642,28 @@ def _select_stored(values: np.ndarray, sc: SiteCapture, spans: dict[str, list[in
     pos = None if sel.positions is None else torch.tensor(sel.positions)
     kept = select_tokens(flat, sel, sc.pool, None, pos).to(check_dtype(sc.dtype))
     return to_numpy(kept.reshape(*lead, *kept.shape[1:]))
+
+
+def _spec_class(fn: Callable, name: str) -> type:
+    """A frozen dataclass whose fields are ``fn``'s parameters (names, types, defaults), so a run's options stay
+    declared once, in ``fn``'s signature, and a run can be built, kept, compared and changed
+    (``dataclasses.replace``) as one object."""
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    cls = dataclasses.make_dataclass(name, [(p.name, p.annotation, dataclasses.field(default=p.default))
+                                            for p in params], frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = f"The parameters of one ``{fn.__name__}`` run as an object: ``{fn.__name__}({name}(...))``."
+    return cls
+
+
+def _spec_fields(spec: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}  # shallow: models stay objects
+
+
+ExtractSpec = _spec_class(extract, "ExtractSpec")
+ImportSpec = _spec_class(import_latents, "ImportSpec")
