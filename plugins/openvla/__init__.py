@@ -1,4 +1,5 @@
-"""Built-in OpenVLA model adapter (remote-code OpenVLA checkpoints, or the project's Prismatic stand-in)."""
+"""Built-in OpenVLA model adapter: the project's Prismatic implementation (openvla-7b checkpoints loaded natively,
+other Prismatic variants through their remote code)."""
 
 from toolkit.hookspecs import hookimpl
 from toolkit_plugins.openvla.adapter import OpenVLAAdapter

@@ -28,7 +28,6 @@ is built (``toolkit_plugins.openvla.model``), announced by one warning.
 from __future__ import annotations
 
 import inspect
-import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -50,14 +49,12 @@ from toolkit_plugins.openvla.model import (
 )
 from toolkit_plugins.openvla.vit import IMAGENET_MEAN, IMAGENET_STD
 
-log = logging.getLogger("toolkit.openvla")
-
 OPTIONS = {"unnorm_key": None, "capture": "prefix", "prompt_tokens": 64, "camera": None, "action_dim": None,
            "tokenizer": None}
 CAPTURE_MODES = ("prefix", "actions")
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
-RANDOM_WARNING = ("openvla: no --checkpoint given, using a small randomly initialised Prismatic/OpenVLA stand-in "
-                  "(same structure, random weights) - results are for smoke tests only")
+RANDOM_WARNING = ("openvla: no --checkpoint given, using a small randomly initialised OpenVLA (the same Prismatic "
+                  "architecture at toy sizes, random weights) - results are for smoke tests only")
 OUTPUT_STREAM = {"resid_post": ("output", "")}
 
 
