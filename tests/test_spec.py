@@ -129,8 +129,9 @@ def sparse_store(tmp_path_factory, pi0_single_thread):
                                progress=False, dataset_options={"n_tasks": 2, "n_episodes": 1, "n_steps": 2})
 
 
-def _stats_layers(store, spec):
-    res = CliRunner().invoke(cli, ["stats", str(store), "--layer", spec, "--json"])
+def _stats_layers(store, spec, hook=False):
+    args = ["--hook", f"llm.layers.{spec}.resid_post"] if hook else ["--layer", spec]
+    res = CliRunner().invoke(cli, ["stats", str(store), *args, "--json"])
     assert res.exit_code == 0, res.output
     return [int(k) for k in json.loads(res.output)["layers"]]
 
@@ -142,8 +143,9 @@ def _compare_layers(store, spec, tmp):
     return [int(k) for k in json.loads(res.output.split("\nwrote")[0])["layers"]]
 
 
-def _export_layers(store, spec, tmp):
-    res = CliRunner().invoke(cli, ["export", str(store), "--out", str(tmp), "--layers", spec, "--overwrite"])
+def _export_layers(store, spec, tmp, hook=False):
+    args = ["--hook", f"*.layers.{spec}.resid_*"] if hook else ["--layers", spec]
+    res = CliRunner().invoke(cli, ["export", str(store), "--out", str(tmp), *args, "--overwrite"])
     assert res.exit_code == 0, res.output
     meta = json.loads(next(tmp.rglob("step_metadata.json")).read_text())
     return meta["layers_extracted"]["llm"]
@@ -167,6 +169,8 @@ def test_every_command_resolves_a_spec_to_the_same_layers(sparse_store, tmp_path
     assert _compare_layers(sparse_store, spec, tmp / "cmp") == want
     assert _export_layers(sparse_store, spec, tmp / "exp") == want
     assert _probe_layers(sparse_store, spec) == want
+    assert _stats_layers(sparse_store, spec, hook=True) == want  # the same spec inside a hook name
+    assert _export_layers(sparse_store, spec, tmp / "hook", hook=True) == want
 
 
 def test_minus_one_means_the_last_stored_layer_in_every_command(sparse_store, tmp_path):
@@ -183,3 +187,13 @@ def test_a_layer_the_store_lacks_fails_the_same_way_everywhere(sparse_store, tmp
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 2 and "layer 1 is out of range: available layers at site 'llm' of the store: 0,2" \
             in res.output, (args, res.output)
+
+
+def test_reading_commands_take_hook_names(sparse_store, tmp_path):
+    res = CliRunner().invoke(cli, ["projection", str(sparse_store), "--hook", "llm.layers.0.resid_post",
+                                   "--out", str(tmp_path / "p.png")])
+    assert res.exit_code == 0 and "llm/resid_post layer 0," in res.output, res.output
+    res = CliRunner().invoke(cli, ["stats", str(sparse_store), "--hook", "llm.layers.0.*", "--site", "llm"])
+    assert res.exit_code == 2 and "either --hook or --site/--stream/--layer" in res.output
+    res = CliRunner().invoke(cli, ["stats", str(sparse_store), "--hook", "llm.layers.0.resid_mid"])
+    assert res.exit_code == 2 and "site 'llm' has no stream 'resid_mid'; streams: resid_post" in res.output

@@ -19,6 +19,7 @@ STATS_EXAMPLES = """
 Examples:
   toolkit stats stores/robovlms.zarr                       # the store's first site (context), every layer
   toolkit stats stores/robovlms.zarr --site text --layer 23 --json
+  toolkit stats stores/libero.zarr --hook 'vlm.layers.-4-.resid_post'   # the last four stored vlm layers
   toolkit stats stores/robovlms.zarr --out reports/ctx     # stats.json + stats.md (+ per-feature arrays)
 """
 COMPARE_EXAMPLES = """
@@ -43,8 +44,24 @@ Examples:
 """
 
 
+HOOK_HELP = "Instead of --site/--stream/--layer: one hook name, e.g. vlm.layers.-1.resid_post (globs allowed)."
+
+
 def _layers(values: tuple[str, ...]) -> str | None:
     return ",".join(values) if values else None
+
+
+def _from_hook(store: Path, hook: str | None, site: str | None, stream: str | None, layers: str | None):
+    """``--hook NAME`` as the (site, stream, layers) of a command that reads one site and stream."""
+    if hook is None:
+        return site, stream, layers
+    if site or stream or layers:
+        raise ToolkitError("give either --hook or --site/--stream/--layer, not both")
+    from toolkit.spec import store_hook
+    from toolkit.store import open_store
+
+    site, stream, picked = store_hook(open_store(store), hook)
+    return site, stream, ",".join(map(str, picked))
 
 
 def _write(out: Path, name: str, text: str) -> Path:
@@ -62,16 +79,18 @@ def _write(out: Path, name: str, text: str) -> Path:
 @click.option("--stream", "--streams", "stream", help="Stream (default resid_post, else the site's first).")
 @click.option("--layer", "--layers", "layers", multiple=True,
               help="Layers: all (default) | 0,5 | 0-5 | 3- | -1 (the last stored).")
+@click.option("--hook", help=HOOK_HELP)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar (shown on a terminal).")
 @click.option("--dead-eps", default=1e-6, show_default=True, help="|x| at or below this counts as zero.")
 @click.option("--outlier-z", default=6.0, show_default=True, help="Robust z-score (median/MAD) of an outlier feature.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the Markdown report.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write stats.json, stats.md and features.npz here.")
-def stats_command(store, site, stream, layers, no_progress, dead_eps, outlier_z, as_json, out):
+def stats_command(store, site, stream, layers, hook, no_progress, dead_eps, outlier_z, as_json, out):
     """Shape, dtype, global and per-feature mean/std/min/max, dead/constant/outlier features of a site."""
     from toolkit.stats import stats_markdown, store_stats
 
-    rep = store_stats(str(store), site, stream, _layers(layers), progress=False if no_progress else None,
+    site, stream, layers = _from_hook(store, hook, site, stream, _layers(layers))
+    rep = store_stats(str(store), site, stream, layers, progress=False if no_progress else None,
                       dead_eps=dead_eps, outlier_z=outlier_z, per_feature=out is not None)
     features = {k: v.pop("features") for k, v in rep["layers"].items() if "features" in v}
     md = stats_markdown(rep)
@@ -95,6 +114,7 @@ def stats_command(store, site, stream, layers, no_progress, dead_eps, outlier_z,
 @click.option("--stream", "--streams", "stream", help="Stream (default resid_post, else the site's first).")
 @click.option("--layer", "--layers", "layers", multiple=True,
               help="Layers: all (default) | 0,5 | 0-5 | 3- | -1 (the last stored).")
+@click.option("--hook", help=HOOK_HELP)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar (shown on a terminal).")
 @click.option("--bins", default=64, show_default=True, help="Histogram bins for KL and Wasserstein.")
 @click.option("--exact-samples", default=0, show_default=True,
@@ -104,14 +124,15 @@ def stats_command(store, site, stream, layers, no_progress, dead_eps, outlier_z,
               help="Report folder (default reports/compare_<A>_vs_<B>): compare.json, compare.md, figures.")
 @click.option("--no-figures", is_flag=True, help="Skip the figures.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the Markdown report.")
-def compare_command(store_a, store_b, site, stream, layers, no_progress, bins, exact_samples, seed, out, no_figures,
-                    as_json):
+def compare_command(store_a, store_b, site, stream, layers, hook, no_progress, bins, exact_samples, seed, out,
+                    no_figures, as_json):
     """Compare one site of two stores: KL, Wasserstein, mean/std shifts, dead-neuron overlap, figures."""
     from toolkit.stats import compare_figures, compare_markdown, compare_stores, strip_arrays
 
     if bins < 2:
         raise ToolkitError(f"--bins must be at least 2, got {bins}")
-    rep = compare_stores(str(store_a), str(store_b), site, stream, _layers(layers), bins=bins,
+    site, stream, layers = _from_hook(store_a, hook, site, stream, _layers(layers))
+    rep = compare_stores(str(store_a), str(store_b), site, stream, layers, bins=bins,
                          exact_samples=exact_samples, seed=seed, progress=False if no_progress else None)
     out = out or Path("reports") / f"compare_{store_a.name.removesuffix('.zarr')}_vs_{store_b.name.removesuffix('.zarr')}"
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +153,8 @@ def compare_command(store_a, store_b, site, stream, layers, no_progress, bins, e
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--site", "--sites", "site", help="Capture site (default: the store's first site).")
 @click.option("--stream", "--streams", "stream", help="Stream (default resid_post, else the site's first).")
-@click.option("--layer", "--layers", "layer", default="-1", show_default=True, help="One layer (-1: the last stored).")
+@click.option("--layer", "--layers", "layer", help="One layer (default -1: the last stored).")
+@click.option("--hook", help=HOOK_HELP)
 @click.option("--method", type=click.Choice(["pca", "tsne", "umap"]), default="pca", show_default=True,
               help="umap needs umap-learn (pip install 'toolkit[umap]').")
 @click.option("--color", type=click.Choice(["task", "episode", "success"]), default="task", show_default=True)
@@ -141,7 +163,7 @@ def compare_command(store_a, store_b, site, stream, layers, no_progress, bins, e
                                               "the mean over them.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Figure path (default reports/projection_<store>_<method>.png).")
-def projection_command(store, site, stream, layer, method, color, max_samples, denoise, seed, out):
+def projection_command(store, site, stream, layer, hook, method, color, max_samples, denoise, seed, out):
     """2-D projection (PCA, t-SNE, UMAP) of one vector per sample (mean over its stored tokens)."""
     import matplotlib
 
@@ -158,9 +180,10 @@ def projection_command(store, site, stream, layer, method, color, max_samples, d
         if importlib.util.find_spec("umap") is None:
             raise ToolkitError("--method umap needs umap-learn, which is not installed: pip install 'toolkit[umap]' "
                                "(or use --method pca or tsne)")
+    site, stream, layer = _from_hook(store, hook, site, stream, layer)
     s = open_store(store)
     site, stream = store_site_stream(s, site, stream)
-    picked = store_layers(s, site, "-1" if layer == "last" else layer)
+    picked = store_layers(s, site, "-1" if layer in (None, "last") else layer)
     if len(picked) != 1:
         raise ToolkitError(f"--layer {layer!r} selects {len(picked)} layers; a projection takes one (e.g. -1)")
     chosen = picked[0]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.errors import ToolkitError
-from toolkit.spec import store_layers
+from toolkit.spec import store_hooks, store_layers
 from toolkit.stats import pca2
 from toolkit.store import jsonable, open_store
 
@@ -43,8 +43,9 @@ def _safe(name: str) -> str:
 
 def export(store: str | Path, out: str | Path, format: str = "npy", sites: list[str] | None = None,
            streams: list[str] | None = None, layers: str | None = None, visualize: bool = False,
-           overwrite: bool = False) -> Path:
-    """Write ``store`` as per-episode/per-step files into ``out``; returns ``out``."""
+           overwrite: bool = False, hooks: list[str] | None = None) -> Path:
+    """Write ``store`` as per-episode/per-step files into ``out``; returns ``out``.  ``hooks`` (hook names with
+    globs, ``toolkit.spec``) choose sites, streams and layers instead of ``sites``/``streams``/``layers``."""
     if format not in FORMATS:
         raise ToolkitError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     s = open_store(store)
@@ -53,10 +54,13 @@ def export(store: str | Path, out: str | Path, format: str = "npy", sites: list[
     out = Path(out)
     if out.exists() and not overwrite:
         raise ToolkitError(f"{out} already exists: pass --overwrite to replace it")
-    chosen_sites = list(sites) if sites else s.sites
+    if hooks and (sites or streams or layers):
+        raise ToolkitError("give either --hook or --site/--stream/--layer, not both")
+    chosen_sites = [] if hooks else list(sites) if sites else s.sites
     for site in chosen_sites:
         s._check_site(site)  # one-line error naming the sites
-    plan: list[tuple[str, str, list[int]]] = []
+    plan: list[tuple[str, str, list[int]]] = [(p.site, st, list(p.layers)) for p in
+                                              store_hooks(s, hooks or []).values() for st in p.streams]
     for site in chosen_sites:
         offered = s.streams(site)
         picked = [st for st in (streams or offered) if st in offered]

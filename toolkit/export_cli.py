@@ -25,10 +25,12 @@ Examples:
               help="Streams to export, e.g. resid_post,resid_pre (default: all).")
 @click.option("--layer", "--layers", "layers",
               help="Layers to export: all | 0,5,-1 | 3- (stored layer numbers; -1 = the last stored).")
+@click.option("--hook", "hooks", multiple=True,
+              help="Instead of --site/--stream/--layer: hook names, e.g. 'llm.layers.*.resid_post'; repeat for more.")
 @click.option("--visualize", is_flag=True, help="Also write PCA plots per step and per episode (PNG).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def export_command(store, out, fmt, site, stream, layers, visualize, overwrite):
+def export_command(store, out, fmt, site, stream, layers, hooks, visualize, overwrite):
     """Write a store's activations as one file per step, layer and stream (the OpenVLA cache script's layout)."""
     path = export(store, out, format=fmt, sites=split_csv(site), streams=split_csv(stream), layers=layers,
-                  visualize=visualize, overwrite=overwrite)
+                  visualize=visualize, overwrite=overwrite, hooks=list(hooks) or None)
     click.echo(f"exported {path}")

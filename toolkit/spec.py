@@ -303,3 +303,20 @@ def resolve_hooks(patterns: Iterable[str | HookPattern], layers: Mapping[str, Se
             lay.update(dict.fromkeys(p.layers.resolve(layers[site], where=f"at site {site!r}")))
             st.update(dict.fromkeys(hit))
     return {s: SiteSelection(s, tuple(lay), tuple(st)) for s, (lay, st) in chosen.items()}
+
+
+def store_hooks(store: Any, patterns: Iterable[str | HookPattern]) -> dict[str, SiteSelection]:
+    """Hook patterns resolved against a store: its sites, the layers it holds, its streams."""
+    sites = store.sites
+    return resolve_hooks(patterns, {s: store.layers(s) for s in sites}, {s: store.streams(s) for s in sites})
+
+
+def store_hook(store: Any, pattern: str) -> tuple[str, str, list[int]]:
+    """(site, stream, layers) of one hook pattern naming one site and one stream (stats, compare, projection)."""
+    picked = store_hooks(store, [pattern])
+    if len(picked) != 1 or len(next(iter(picked.values())).streams) != 1:
+        names = [f"{s}.{st}" for s, p in picked.items() for st in p.streams]
+        raise ToolkitError(f"hook {pattern!r} matches {len(names)} site/stream pairs ({', '.join(names)}); "
+                           "this command reads one: narrow the site and stream")
+    sel = next(iter(picked.values()))
+    return sel.site, sel.streams[0], list(sel.layers)

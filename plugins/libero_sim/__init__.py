@@ -207,7 +207,8 @@ class LiberoSimDataset(DatasetAdapter):
 
     def _observe(self, obs: dict, index: int, fields: dict) -> Step:
         images = {cam: np.ascontiguousarray(obs[key][::-1, ::-1]) for cam, key in CAMERAS.items()}
-        return Step(index=index, images=images, state=_state(obs), fields=fields)
+        where = f"libero-sim {self.suite} trial {fields.get('trial')} step {index}"
+        return Step(index=index, images=images, state=_state(obs, where), fields=fields)
 
     def _rollout(self, ep: Episode, tid: int, trial: int) -> Iterator[Step]:
         env = self._env(tid)
