@@ -208,7 +208,33 @@ def select_tokens(x: torch.Tensor, sel: TokenSelection, pool: str, mask: torch.T
     return x
 
 
-class Capture:
+class HookSet:
+    """Hooks registered by ``_register`` on entering the context and removed on exit, also after an exception
+    (shared by capture and ``toolkit.intervention.Steering``)."""
+
+    _handles: list[Any]
+
+    def __enter__(self):
+        try:
+            self._register()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _register(self) -> None:
+        raise NotImplementedError
+
+
+class Capture(HookSet):
     """Context manager that hooks the planned sites of a model and collects one batch at a time.
 
         with Capture(adapter, plan) as cap:
@@ -229,22 +255,6 @@ class Capture:
         self._positions: dict[tuple[str, str, int], tuple[TokenSelection, torch.Tensor | None]] = {}
 
     # hooks ---------------------------------------------------------------------------------
-    def __enter__(self) -> "Capture":
-        try:
-            self._register()
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
     def _register(self) -> None:
         root = self.adapter.module
         # (module path, direction, transform) -> consumers [(site capture, layer, stream)]

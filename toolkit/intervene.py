@@ -531,15 +531,6 @@ def _json(v: Any) -> Any:
 # --------------------------------------------------------------------------- figures and report
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _series(rows: list[dict], metric: str, dim: Any = None) -> dict[str, list[dict]]:
     """Rows of one metric grouped by hook, each series sorted by alpha."""
     out: dict[str, list[dict]] = {}
@@ -565,6 +556,8 @@ def _num(v: Any) -> float:
 def write_figures(rows: list[dict], out: Path) -> list[Path]:
     """dose_response.png (action L2 and cosine vs alpha per hook), success_vs_alpha.png (closed loop) and
     probe_check.png (probe accuracy and score shift vs alpha) where the table has those rows."""
+    from toolkit.probe.report import _plt, _save
+
     plt = _plt()
     made = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -609,13 +602,6 @@ def write_figures(rows: list[dict], out: Path) -> list[Path]:
                 ax.legend(fontsize=7)
         made.append(_save(fig, out / "probe_check.png"))
     return made
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
 
 
 def _fmt(v: Any) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from toolkit.adapters import ModelAdapter, ModelInputs
-from toolkit.capture import _first_tensor, expert_streams, hook_point, resolve_module
+from toolkit.capture import HookSet, _first_tensor, expert_streams, hook_point, resolve_module
 from toolkit.errors import ToolkitError
 from toolkit.selection import parse_tokens
 from toolkit.spec import HookPattern, hook_name, resolve_hooks
@@ -139,7 +139,7 @@ class _Resolved:
     cache: dict = field(default_factory=dict)  # (device, dtype) -> tensors
 
 
-class Steering:
+class Steering(HookSet):
     """Context manager that applies interventions to an adapter's model for every call inside it.
 
         with Steering(adapter, [Intervention("text_only.layers.3.resid_post", "add", 4.0, w)]) as steer:
@@ -171,22 +171,6 @@ class Steering:
         return _Resolved(iv, site, expert.name, layer, stream, iv.tokens or sites[site].tokens)
 
     # hooks ---------------------------------------------------------------------------------
-    def __enter__(self) -> Steering:
-        try:
-            self._register()
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
     def _register(self) -> None:
         groups: dict[tuple[str, str], list[_Resolved]] = defaultdict(list)
         for r in self.items:

@@ -188,11 +188,9 @@ def save(rows: list[dict], out: Path, store: str, figures: bool = True) -> list[
 
 
 def _figures(rows: list[dict], out: Path) -> list[Path]:
-    import matplotlib
+    from toolkit.probe.report import _plt, _save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     made = []
     for layer in sorted({r["layer"] for r in rows}):
         mine = [r for r in rows if r["layer"] == layer]
@@ -210,11 +208,7 @@ def _figures(rows: list[dict], out: Path) -> list[Path]:
                          transform=axes[1].transAxes)
             axes[2].text(0.5, 0.5, "experts differ in width", ha="center", transform=axes[2].transAxes)
         axes[0].legend(fontsize=6)
-        fig.tight_layout()
-        path = out / f"separation_layer{layer}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(fig, out / f"separation_layer{layer}.png"))
     return made
 
 
