@@ -222,3 +222,7 @@ def test_checkpoint_errors_are_one_line(adapter, tmp_path, monkeypatch):
 def test_unknown_option_is_one_line_error():
     with pytest.raises(ToolkitError, match="robovlms has no option 'nope'; options: window"):
         RoboVLMsAdapter(nope=1)
+    with pytest.raises(ToolkitError, match="robovlms option window='0': Input should be greater than or equal to 1"):
+        RoboVLMsAdapter(window="0")
+    with pytest.raises(ToolkitError, match="robovlms option action_position='middle'"):
+        RoboVLMsAdapter(action_position="middle")

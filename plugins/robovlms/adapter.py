@@ -40,13 +40,14 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.checkpoint import load_into
-from toolkit.cli_options import int_option
+from toolkit.cli_options import AdapterOptions
 from toolkit.errors import ToolkitError
 from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
 from toolkit_plugins.robovlms.loading import (
@@ -67,9 +68,6 @@ KOSMOS_TOKENIZER = "microsoft/kosmos-2-patch14-224"
 TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "preprocessor_config.json")
 PROMPT = "<grounding>An image of a robot {}"  # RoboVLMs' tokenizer_type "kosmos" (data_utils.get_text_function)
-OPTIONS = {"window": None, "hand_camera": None, "camera": None, "tokenizer": None, "config": None,
-           "max_text_tokens": 32, "action_position": "before_eos", "text_heads": None, "vision_heads": None}
-ACTION_POSITIONS = ("before_eos", "end")
 HAND_CAMERA = re.compile(r"wrist|hand|gripper", re.IGNORECASE)
 NO_CAMERA = "none"
 
@@ -93,6 +91,24 @@ TINY_KOSMOS = dict(
 TINY_HEAD = dict(action_dim=7, latent=1, fwd_pred_next_n=2, head_hidden_size=32, head_layers=2)
 RANDOM_WARNING = ("robovlms: no --checkpoint given, using a small randomly initialised Kosmos-2 + LSTM policy "
                   "(same structure, random weights) - results are for smoke tests only")
+
+
+class RoboVLMsOptions(AdapterOptions):
+    """The ``--model-option`` names of robovlms; each overrides the checkpoint's training configuration."""
+
+    window: int | None = Field(None, ge=1, description="frames per policy call (default: the training config's "
+                               "window_size, else 1)")
+    hand_camera: str | None = Field(None, description="hand camera name, or none (default: with use_hand_rgb, "
+                                    "the step's camera named wrist/hand/gripper)")
+    camera: str | None = Field(None, description="static camera (default: the first other camera, sorted)")
+    tokenizer: str | None = Field(None, description="local Kosmos-2 processor/tokenizer directory")
+    config: str | None = Field(None, description="RoboVLMs training config JSON (default: the checkpoint's "
+                               "hyper_parameters)")
+    max_text_tokens: int = Field(32, ge=1, description="prompt tokens per frame, padded")
+    action_position: Literal["before_eos", "end"] = Field("before_eos", description="action token before </s>, "
+                                                          "or after it")
+    text_heads: int | None = Field(None, ge=1, description="text attention heads (default: hidden // 64)")
+    vision_heads: int | None = Field(None, ge=1, description="vision attention heads (default: hidden // 64)")
 
 
 def build_tiny_policy(seed: int, window: int = 1) -> RoboKosmosPolicy:
@@ -140,7 +156,7 @@ class RoboVLMsAdapter(ModelAdapter):
 
     name = "robovlms"
     description = "RoboVLMs (Kosmos-2 + LSTM action head): text layers and the act_head context vector"
-    option_defaults = OPTIONS
+    Options = RoboVLMsOptions
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, *, allow_missing: bool = False, random_weights: bool = False,
@@ -148,11 +164,7 @@ class RoboVLMsAdapter(ModelAdapter):
         super().__init__(checkpoint, device, dtype, seed, trust_remote_code, allow_missing=allow_missing,
                          random_weights=random_weights, **options)
         opts = self.opts
-        self.max_text_tokens = int_option(opts["max_text_tokens"], "robovlms", "max_text_tokens", 1, required=True)
-        self.action_position = str(opts["action_position"])
-        if self.action_position not in ACTION_POSITIONS:
-            raise ToolkitError(f"robovlms action_position {self.action_position!r}: use one of "
-                               f"{', '.join(ACTION_POSITIONS)}")
+        self.max_text_tokens, self.action_position = opts["max_text_tokens"], opts["action_position"]
         if checkpoint is None and opts["config"] is not None:
             raise ToolkitError("robovlms option config= describes a checkpoint: give it with --checkpoint")
         ckpt = None
@@ -169,9 +181,8 @@ class RoboVLMsAdapter(ModelAdapter):
         if ckpt is not None:
             check_supported(trained, ckpt.path)
         self.settings: dict[str, dict[str, Any]] = {}
-        self.window = self._setting("window", int_option(options.get("window"), "robovlms", "window", 1),
-                                    trained.get("window_size", int), 1, trained)
-        self._resolve_hand_request(options.get("hand_camera"), trained)
+        self.window = self._setting("window", opts["window"], trained.get("window_size", int), 1, trained)
+        self._resolve_hand_request(opts["hand_camera"], trained)
         self.camera: str | None = self._setting("camera", opts["camera"], None, None, trained)
         if self.camera is None:
             self.settings["camera"]["from"] = "default (the first camera in sorted order, not the hand camera)"
@@ -272,7 +283,7 @@ class RoboVLMsAdapter(ModelAdapter):
     def _load_policy(self, ckpt: RoboVLMsCheckpoint, trained: TrainingConfig,
                      opts: dict[str, Any]) -> RoboKosmosPolicy:
         """The policy shaped by the checkpoint's tensors, filled from them (or seeded random: ``random_weights``)."""
-        heads = {k: int_option(opts[k], "robovlms", k, 1) for k in ("text_heads", "vision_heads")}
+        heads = {k: opts[k] for k in ("text_heads", "vision_heads")}
         kosmos_config, head = shapes_from_state_dict(ckpt.weights, ckpt.path, **heads)
         check_shapes_agree(trained, kosmos_config, head, ckpt.path)
         for key, value in head.items():
