@@ -236,3 +236,48 @@ def test_info_on_a_store_whose_model_attribute_is_a_string(tmp_path):
     res = CliRunner().invoke(cli, ["info", str(tmp_path / "s.zarr")])
     assert res.exit_code == 0, res.output
     assert "model     synthetic" in res.output and "dataset   hand-made" in res.output
+
+
+def test_a_long_block_is_committed_on_time_and_reads_back_whole(tmp_path):
+    """commit_seconds: a partly filled chunk is written and committed early (a kill loses at most that long);
+    the next write into the same chunk keeps the committed rows."""
+    import time
+
+    from toolkit.store import ArraySpec, StoreWriter
+
+    x = np.arange(10 * 2 * 3, dtype=np.float32).reshape(10, 2, 3)
+    w = StoreWriter(tmp_path / "s.zarr")
+    w.initialize({"model": "m"}, [ArraySpec("vlm/resid_post", (2, 3), "float32", ("layer", "feature")),
+                                  ArraySpec("episode", (), "int32", ())],
+                 {"vlm/layer": (("layer",), np.arange(2, dtype=np.int32))}, ["episode"], chunk_samples=8)
+    w.commit_seconds = 0.0
+    w.append({"vlm/resid_post": x[:3], "episode": np.zeros(3, np.int32)})
+    deadline = time.time() + 10
+    while toolkit.open_store(tmp_path / "s.zarr", warn_incomplete=False).n_samples < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    assert toolkit.open_store(tmp_path / "s.zarr", warn_incomplete=False).n_samples == 3  # before any chunk filled
+    w.append({"vlm/resid_post": x[3:], "episode": np.ones(7, np.int32)})
+    w.close()
+    s = toolkit.open_store(tmp_path / "s.zarr")
+    assert s.complete and s.n_samples == 10
+    np.testing.assert_array_equal(s.read("vlm", "resid_post"), x)
+    assert list(s.coord("episode")) == [0] * 3 + [1] * 7
+
+
+@pytest.mark.parametrize("command", ["stats", "export", "probe"])
+def test_readers_of_an_incomplete_store_warn_once_with_the_committed_count(store, tmp_path, command):
+    import shutil
+
+    from toolkit.store import write_consolidated
+
+    path = tmp_path / "part.zarr"
+    shutil.copytree(store, path)
+    write_consolidated(path, 12, False)
+    args = {"stats": ["stats", str(path), "--site", "llm", "--json"],
+            "export": ["export", str(path), "--out", str(tmp_path / "out"), "--site", "llm"],
+            "probe": ["probe", str(path), "--site", "llm", "--out", str(tmp_path / "p")]}[command]
+    res = subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stderr.splitlines() if "incomplete" in line]
+    assert lines == [f"warning: {path} is incomplete: 12 samples are committed (a run is writing it or was "
+                     "interrupted; its extract command with --resume completes it); using those only"], res.stderr
