@@ -23,7 +23,7 @@ from toolkit.checkpoint import CheckpointError
 from toolkit.cli import cli
 from toolkit.errors import ToolkitError
 from toolkit.hf import llama_tokenizer
-from toolkit.testing import full_plan, run_captured
+from toolkit.testing import check_model_adapter, full_plan, run_captured
 from toolkit_plugins.robovlms import RoboVLMsAdapter
 from toolkit_plugins.robovlms.adapter import TINY_KOSMOS
 from toolkit_plugins.robovlms.model import RoboKosmosPolicy
@@ -154,6 +154,11 @@ def test_hyper_parameters_set_window_hand_camera_chunk_and_action_scale(loaded):
     before, after = before["context/context"][0, 0], after["context/context"][0, 0]
     assert np.abs(after[-1] - before[-1]).max() > 1e-5
     np.testing.assert_array_equal(after[:2], before[:2])
+
+
+def test_conformance_with_window_and_hand_camera(loaded):
+    batch = [(ep, s) for ep in episodes(2, 3) for s in ep.steps()]
+    check_model_adapter(loaded, batch)  # hooks change nothing, residuals equal transformers' hidden states, ...
 
 
 def test_user_options_override_the_training_config(files):
