@@ -26,7 +26,7 @@ from toolkit.checkpoint import CheckpointError
 from toolkit.cli import cli
 from toolkit.errors import ToolkitError
 from toolkit.hf import llama_tokenizer
-from toolkit.testing import check_model_adapter, full_plan, generators, run_captured
+from toolkit.testing import check_model_adapter, generators
 from toolkit_plugins.openvla import OpenVLAAdapter, loading
 from toolkit_plugins.openvla.model import TINY_CONFIG, PrismaticConfig, PrismaticForActionPrediction, build_tiny_model
 
@@ -257,15 +257,14 @@ def test_seven_action_tokens_decode_through_the_files_norm_stats(ckpt, loaded, b
 
 
 def test_a_loaded_checkpoint_passes_the_adapter_contract(loaded, batch):
-    """Conformance (hooks change nothing, captured residuals equal the LLM's own hidden states, ...)."""
+    """Conformance on the loaded weights: hooks change nothing, and the captured LLM residuals equal the LLM's
+    own ``output_hidden_states`` (``check_reference_hidden_states``), in both capture modes."""
     check_model_adapter(loaded, batch)
-    inputs = loaded.prepare(batch)
-    _, arrays = run_captured(loaded, inputs, full_plan(loaded))
-    embeds, mask = loaded._embed_prefix(inputs)
-    with torch.no_grad():
-        hs = loaded.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                       output_hidden_states=True).hidden_states
-    torch.testing.assert_close(torch.from_numpy(arrays["llm/resid_post"][:, 0]), hs[1], atol=1e-5, rtol=1e-5)
+    loaded.capture = "actions"
+    try:
+        check_model_adapter(loaded, batch)
+    finally:
+        loaded.capture = "prefix"
 
 
 def test_generation_emits_no_deprecation_warning(loaded, batch, caplog):
@@ -318,6 +317,7 @@ def test_readme_openvla_command_runs_on_the_same_layout(ckpt, tmp_path):
       "timm_model_ids": ["vit_so400m_patch14_siglip_224"]}, "not a fused DINOv2\\+SigLIP pair .*--trust-remote-code"),
     ({"timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_large_patch14_clip_336.openai"]},
      "'vit_large_patch14_clip_336.openai' is not one the toolkit implements.*--trust-remote-code"),
+    ({"timm_override_act_layers": [None, "quick_gelu"]}, "activation is overridden \\('quick_gelu'\\)"),
     ({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}, "is not an OpenVLA/Prismatic"),
 ])
 def test_other_variants_need_their_remote_code(tmp_path, change, match):

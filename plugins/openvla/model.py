@@ -74,6 +74,9 @@ def native_support_problem(raw: dict) -> str | None:
     unknown = [i for i in ids if str(i).split(".")[0] not in KNOWN_VITS]
     if unknown:
         return f"vision tower {unknown[0]!r} is not one the toolkit implements ({', '.join(KNOWN_VITS)})"
+    acts = [a for a in raw.get("timm_override_act_layers") or () if a is not None]
+    if acts:
+        return f"the vision towers' activation is overridden ({acts[0]!r}), which the toolkit does not implement"
     if not isinstance(raw.get("text_config"), dict) or "model_type" not in raw["text_config"]:
         return "config.json has no text_config with a model_type"
     return None
