@@ -220,23 +220,10 @@ def probe(store: Store | str, selection: Selection | None = None, targets: tuple
     return out
 
 
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def update(self, n=1):
-        pass
-
-
 def _bar(enabled: bool, total: int, site: str):
-    if not enabled:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="layer", desc=f"probe {site}", dynamic_ncols=True)
+    return tqdm(total=total, unit="layer", desc=f"probe {site}", dynamic_ncols=True, disable=not enabled)
 
 
 def _split_kinds(cfg: ProbeConfig, members, labels: Labels) -> list[str]:
@@ -454,7 +441,7 @@ def _fit_in_memory(store, sw: Sweep, li, layer, nd, buckets, loc, means, cfg) ->
                     fits = []
                     for k in range(K):
                         tr, te = fold != k, fold == k
-                        fits.append(_fit_one(cfg, x[tr], d, p[tr], fold[tr], fits_l2(cf, t, name, k)))
+                        fits.append(_fit_one(cfg, x[tr], d, p[tr], fold[tr], _control_l2(cf, t, name, k)))
                         cf.outcomes[name].add(loc[p[te]], fits[-1].model.predict(x[te]), d, p[te],
                                               _train_mean(sw, means, name, d, b, k), _allowed(sw, d, k))
                     cf.fits[name] = fits
@@ -465,7 +452,7 @@ def _fit_in_memory(store, sw: Sweep, li, layer, nd, buckets, loc, means, cfg) ->
     return out
 
 
-def fits_l2(cf: CellFit, t: Target, name: str, k: int) -> float | None:
+def _control_l2(cf: CellFit, t: Target, name: str, k: int) -> float | None:
     """The logistic control reuses its target's l2 in the same outer fold."""
     return cf.fits[t.spec][k].lam if name != t.spec and t.spec in cf.fits else None
 

@@ -1,10 +1,12 @@
-"""Probe solvers: closed-form ridge over a λ path, multinomial logistic (L-BFGS), cosine-loss linear probe.
+"""Probe solvers: nested cross-validated ridge from fold statistics, multinomial logistic (L-BFGS), cosine-loss probe.
 
-Ridge is the default because it needs only the streamed statistics: one eigendecomposition of the
-standardised training gram gives W(λ) = V diag(1/(s+λn)) VᵀXᵀY for every λ and every target at once.
+Ridge is the default because it needs only the streamed statistics: one eigendecomposition of a
+standardised training gram gives W(λ) = V diag(1/(s+λn)) VᵀXᵀY for every λ and every target at once, and
+every training set of the nested cross-validation is a sum of fold statistics (``NestedRidge``).
 λ is relative to the mean eigenvalue of the standardised gram (which is n), so one grid means the same
 thing at every layer whatever its activation scale.  Features are standardised with training statistics
 only (the z-score comes from the diagonal of the centred training gram, no second pass).
+Each solver returns ``Fitted`` probes: the linear map, what it chose (λ, l2 or epochs) and its inner score.
 """
 
 from __future__ import annotations
