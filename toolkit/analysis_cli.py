@@ -64,6 +64,20 @@ def _from_hook(store: Path, hook: str | None, site: str | None, stream: str | No
     return site, stream, ",".join(map(str, picked))
 
 
+def _read_options(f):
+    """The selection options of the commands that read one site and stream of a store (stats, compare)."""
+    for option in reversed([
+        click.option("--site", "--sites", "site", help="Capture site (default: the (first) store's first site)."),
+        click.option("--stream", "--streams", "stream", help="Stream (default resid_post, else the site's first)."),
+        click.option("--layer", "--layers", "layers", multiple=True,
+                     help="Layers: all (default) | 0,5 | 0-5 | 3- | -1 (the last stored)."),
+        click.option("--hook", help=HOOK_HELP),
+        click.option("--no-progress", is_flag=True, help="Hide the progress bar (shown on a terminal)."),
+    ]):
+        f = option(f)
+    return f
+
+
 def _write(out: Path, name: str, text: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(text)
@@ -75,12 +89,7 @@ def _write(out: Path, name: str, text: str) -> Path:
 
 @click.command(epilog=STATS_EXAMPLES)
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--site", "--sites", "site", help="Capture site (default: the store's first site).")
-@click.option("--stream", "--streams", "stream", help="Stream (default resid_post, else the site's first).")
-@click.option("--layer", "--layers", "layers", multiple=True,
-              help="Layers: all (default) | 0,5 | 0-5 | 3- | -1 (the last stored).")
-@click.option("--hook", help=HOOK_HELP)
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar (shown on a terminal).")
+@_read_options
 @click.option("--dead-eps", default=1e-6, show_default=True, help="|x| at or below this counts as zero.")
 @click.option("--outlier-z", default=6.0, show_default=True, help="Robust z-score (median/MAD) of an outlier feature.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the Markdown report.")
@@ -110,12 +119,7 @@ def stats_command(store, site, stream, layers, hook, no_progress, dead_eps, outl
 @click.command(epilog=COMPARE_EXAMPLES)
 @click.argument("store_a", type=click.Path(path_type=Path))
 @click.argument("store_b", type=click.Path(path_type=Path))
-@click.option("--site", "--sites", "site", help="Capture site (default: the first store's first site).")
-@click.option("--stream", "--streams", "stream", help="Stream (default resid_post, else the site's first).")
-@click.option("--layer", "--layers", "layers", multiple=True,
-              help="Layers: all (default) | 0,5 | 0-5 | 3- | -1 (the last stored).")
-@click.option("--hook", help=HOOK_HELP)
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar (shown on a terminal).")
+@_read_options
 @click.option("--bins", default=64, show_default=True, help="Histogram bins for KL and Wasserstein.")
 @click.option("--exact-samples", default=0, show_default=True,
               help="Also compute per-feature Wasserstein with scipy on this many sampled rows per store.")
