@@ -183,9 +183,9 @@ class RoboVLMsAdapter(ModelAdapter):
         self.settings: dict[str, dict[str, Any]] = {}
         self.window = self._setting("window", opts["window"], trained.get("window_size", int), 1, trained)
         self._resolve_hand_request(opts["hand_camera"], trained)
-        self.camera: str | None = self._setting("camera", opts["camera"], None, None, trained)
-        if self.camera is None:
-            self.settings["camera"]["from"] = "default (the first camera in sorted order, not the hand camera)"
+        self.camera: str | None = opts["camera"]
+        self.settings["camera"] = {"value": self.camera, "from": "user option" if self.camera else
+                                   "default (the first camera in sorted order, not the hand camera)"}
         # RoboVLMs' evaluation maps the arm actions from [-1, 1] back to [norm_min, norm_max] when trained so
         norm = trained.get("norm_action", bool)
         bounds = (trained.get("norm_min", float), trained.get("norm_max", float))
@@ -203,7 +203,7 @@ class RoboVLMsAdapter(ModelAdapter):
         else:
             self.tokenizer = self._load_tokenizer(opts["tokenizer"], trained, ckpt.path)
             self.model = self._load_policy(ckpt, trained, opts)
-            if trained.source is None:
+            if trained.source is None and not trained.problems:
                 self.warn_once(f"robovlms: {checkpoint} holds no RoboVLMs training config (hyper_parameters), so the "
                                f"window ({self.window}) and cameras are defaults or options; pass --model-option "
                                "config=FILE (the training JSON released with the checkpoint) to run it as trained")
@@ -236,7 +236,7 @@ class RoboVLMsAdapter(ModelAdapter):
             value, origin = trained_value, trained.source
         else:
             value, origin = default, "default"
-        self.settings[name] = {"value": list(value) if isinstance(value, tuple) else value, "from": origin}
+        self.settings[name] = {"value": value, "from": origin}
         return value
 
     def _resolve_hand_request(self, user: str | None, trained: TrainingConfig) -> None:
