@@ -180,9 +180,10 @@ def test_store_from_extract(dataset, tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     ({"nope": 1}, "openvla has no option 'nope'; options: unnorm_key"),
-    ({"capture": "all"}, "capture='all': use one of prefix, actions"),
+    ({"capture": "all"}, "capture='all': Input should be 'prefix' or 'actions'"),
     ({"unnorm_key": "fractal"}, "unnorm_key 'fractal' is not in the checkpoint's norm_stats; keys: bridge_orig"),
-    ({"prompt_tokens": "x"}, "prompt_tokens='x' is not an integer"),
+    ({"prompt_tokens": "x"}, "prompt_tokens='x': Input should be a valid integer"),
+    ({"prompt_tokens": 2}, "prompt_tokens=2: Input should be greater than or equal to 4"),
     ({"checkpoint": "/no/such/dir"}, "does not exist"),
     ({"dtype": "int8"}, "unknown model dtype"),
 ])

@@ -30,13 +30,15 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.capture import DECODER_STREAMS
+from toolkit.cli_options import AdapterOptions
 from toolkit.errors import ToolkitError
 from toolkit.hf import cast_model, image_tensor, llama_tokenizer, one_line
 from toolkit_plugins.openvla.loading import load_native, load_remote, load_tokenizer, local_checkpoint, read_config
@@ -49,9 +51,22 @@ from toolkit_plugins.openvla.model import (
 )
 from toolkit_plugins.openvla.vit import IMAGENET_MEAN, IMAGENET_STD
 
-OPTIONS = {"unnorm_key": None, "capture": "prefix", "prompt_tokens": 64, "camera": None, "action_dim": None,
-           "tokenizer": None}
-CAPTURE_MODES = ("prefix", "actions")
+
+class OpenVLAOptions(AdapterOptions):
+    """The ``--model-option`` names of openvla."""
+
+    unnorm_key: str | None = Field(None, description="the norm_stats dataset that un-normalises actions (needed "
+                                                     "when the checkpoint has several, e.g. bridge_orig)")
+    capture: Literal["prefix", "actions"] = Field("prefix", description="keep the prompt forward, or also a "
+                                                                        "teacher-forced forward over the action tokens")
+    prompt_tokens: int = Field(64, ge=4, description="prompt length after BOS (left-padded)")
+    camera: str | None = Field(None, description="camera fed to the model (default: agentview, else the first)")
+    action_dim: int | None = Field(None, ge=1, description="action tokens to generate (default: the statistics' "
+                                                           "width, else 7)")
+    tokenizer: str | None = Field(None, description="local tokenizer: a directory or a file in it (default: the "
+                                                    "checkpoint's)")
+
+
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 RANDOM_WARNING = ("openvla: no --checkpoint given, using a small randomly initialised OpenVLA (the same Prismatic "
                   "architecture at toy sizes, random weights) - results are for smoke tests only")
@@ -91,7 +106,7 @@ class OpenVLAAdapter(ModelAdapter):
 
     name = "openvla"
     description = "OpenVLA (Prismatic DINOv2+SigLIP -> Llama 2, 256-bin action tokens)"
-    option_defaults = OPTIONS
+    Options = OpenVLAOptions
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, *, allow_missing: bool = False, random_weights: bool = False,
@@ -99,15 +114,8 @@ class OpenVLAAdapter(ModelAdapter):
         super().__init__(checkpoint, device, dtype, seed, trust_remote_code, allow_missing=allow_missing,
                          random_weights=random_weights, **options)
         opts = self.opts
-        self.capture = str(opts["capture"])
-        if self.capture not in CAPTURE_MODES:
-            raise ToolkitError(f"openvla option capture={self.capture!r}: use one of {', '.join(CAPTURE_MODES)}")
-        try:
-            self.prompt_tokens = int(opts["prompt_tokens"])
-        except (TypeError, ValueError):
-            raise ToolkitError(f"openvla option prompt_tokens={opts['prompt_tokens']!r} is not an integer") from None
-        if self.prompt_tokens < 4:
-            raise ToolkitError(f"openvla option prompt_tokens must be at least 4, got {self.prompt_tokens}")
+        self.capture: str = opts["capture"]
+        self.prompt_tokens: int = opts["prompt_tokens"]
         self.camera: str | None = opts["camera"]
         torch_dtype = self.torch_dtype
         if checkpoint is None:
@@ -176,10 +184,7 @@ class OpenVLAAdapter(ModelAdapter):
         self.unnorm_key = key if key is not None else next(iter(self.norm_stats), None)
         stats = (self.norm_stats.get(self.unnorm_key) or {}).get("action") if self.unnorm_key else None
         self.action_stats = {k: np.asarray(v) for k, v in stats.items()} if stats else None
-        n = opts["action_dim"] or (len(self.action_stats["q01"]) if self.action_stats else 7)
-        self.action_dim = int(n)
-        if self.action_dim < 1:
-            raise ToolkitError(f"openvla option action_dim must be at least 1, got {self.action_dim}")
+        self.action_dim = int(opts["action_dim"] or (len(self.action_stats["q01"]) if self.action_stats else 7))
         vb = m.vision_backbone
         self.dino = _tower(vb.featurizer, "vision_backbone.featurizer")
         self.siglip = _tower(vb.fused_featurizer, "vision_backbone.fused_featurizer")
