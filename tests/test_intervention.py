@@ -135,6 +135,29 @@ def test_bad_interventions_fail_with_one_line(adapter, hook, iv, message):
         Steering(adapter, [Intervention(hook, **iv)])
 
 
+def test_denoise_limits_an_action_expert_edit_to_chosen_steps(pi0_adapter, pi0_single_thread):
+    from synthetic import camera_episodes
+
+    ep = camera_episodes(["pick up the ketchup"], n_episodes=1, n_steps=1)[0]
+    inputs = pi0_adapter.prepare([(ep, next(ep.steps()))])
+    plan = build_plan("pi0", pi0_adapter.experts, pi0_adapter.sites, sites=["action"], layers="1", pool="none",
+                      dtype="float32")
+
+    def run(ivs):
+        with Steering(pi0_adapter, ivs) as steer, Capture(pi0_adapter, plan) as cap:
+            cap.begin(inputs)
+            steer.begin(inputs)
+            pi0_adapter.run(inputs, [sample_generator(0, 0)])
+            return cap.collect()["action/resid_post"][0, 0]  # (denoise, token, feature)
+
+    bare = run([])
+    got = run([Intervention("action.layers.1.resid_post", "zero", 1.0, denoise=(3,))])
+    np.testing.assert_array_equal(got[:3], bare[:3])  # the steps before are untouched
+    assert np.abs(got[3]).max() == 0 and not np.allclose(got[4:], bare[4:])  # step 3 zeroed; later steps follow
+    with pytest.raises(ToolkitError, match="once per policy call"):
+        Steering(pi0_adapter, [Intervention("vlm.layers.1.resid_post", "zero", 1.0, denoise=(0,))])
+
+
 # --------------------------------------------------------------------------- statistics
 
 

@@ -389,7 +389,9 @@ def intervene(
     units: Sequence[int] = (),
     value: float = 0.0,
     tokens: str | None = None,
+    denoise: Sequence[int] | None = None,
     checkpoint: str | None = None,
+    trust_remote_code: bool = False,
     data: str | None = None,
     device: str = "cpu",
     model_dtype: str = "float32",
@@ -414,6 +416,7 @@ def intervene(
     array; ``between``: two groups (``("task=3", "task=5")``) whose mean difference in the unmodified run is
     the direction, per hook.  ``op="mean"`` takes its mean from the unmodified run.  ``capture``: extract's
     selection (sites, layers, tokens, pool, streams, dtype); default: the intervened hooks in float32.
+    ``denoise``: for an expert that runs once per denoising step, the steps (indices) to change; default all.
     """
     from toolkit.extract import extract
     from toolkit.plugins import get_dataset, get_model
@@ -429,12 +432,8 @@ def intervene(
     vector, probe, steered, source = resolve_direction(direction, probe_class, op)
     model_cls, dataset_cls = get_model(model), get_dataset(dataset)
     closed = bool(getattr(dataset_cls, "closed_loop", False))
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore" if checkpoint is None else "default", UserWarning)
-        adapter = model_cls(checkpoint=checkpoint, device=device, dtype=model_dtype, seed=seed,
-                            **(model_options or {}))
+    adapter = model_cls(checkpoint=checkpoint, device=device, dtype=model_dtype, seed=seed,
+                        trust_remote_code=trust_remote_code, **(model_options or {}))
     if not hooks:
         if probe is None:
             raise ToolkitError("say where to intervene with --hook (e.g. text_only.layers.3.resid_post)")
@@ -442,7 +441,8 @@ def intervene(
     names = hooks_for(adapter, list(hooks))
     from_run = between is not None or op == "mean"  # those vectors come from the unmodified run, per hook
     for name in names:  # check every intervention before running anything: bad names, units or vectors fail here
-        Steering(adapter, [_template(name, op, 1.0, np.ones(1) if from_run else vector, units, value, tokens, "")])
+        Steering(adapter, [_template(name, op, 1.0, np.ones(1) if from_run else vector, units, value, tokens, "",
+                                     denoise)])
     (out / "stores").mkdir(parents=True, exist_ok=True)
     sel = capture or _capture_for(names, probe)
     common = dict(model=model, dataset=dataset, data=data, seed=seed, max_episodes=max_episodes,
@@ -459,7 +459,7 @@ def intervene(
             source = f"mean difference {between[0]} - {between[1]} in the unmodified run"
         elif op == "mean":
             vec, source = store_mean(unmodified, name), "mean of the unmodified run"
-        iv = _template(name, op, alpha, vec, units, value, tokens, source)
+        iv = _template(name, op, alpha, vec, units, value, tokens, source, denoise)
         cond = Condition(name, op, alpha, [iv])
         cond.store = extract(store=out / "stores" / f"{_slug(cond.label)}.zarr", interventions=[iv], **common)
         intervened = open_store(cond.store)
@@ -477,8 +477,9 @@ def intervene(
     return run
 
 
-def _template(hook, op, alpha, vector, units, value, tokens, source) -> Intervention:
-    return Intervention(hook, op, alpha, vector, tuple(int(u) for u in units), float(value), tokens, source)
+def _template(hook, op, alpha, vector, units, value, tokens, source, denoise=None) -> Intervention:
+    return Intervention(hook, op, alpha, vector, tuple(int(u) for u in units), float(value), tokens, source,
+                        None if denoise is None else tuple(int(d) for d in denoise))
 
 
 def _capture_for(names: list[str], probe: ProbeDirection | None) -> dict[str, Any]:

@@ -33,13 +33,13 @@ def _floats(values: tuple[str, ...]) -> list[float]:
         raise ToolkitError(f"--alpha takes numbers (comma lists allowed), got {' '.join(values)!r}") from None
 
 
-def _ints(text: str | None) -> list[int]:
+def _ints(text: str | None, option: str) -> list[int]:
     if not text:
         return []
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ToolkitError(f"--units takes feature indices such as 12,40, got {text!r}") from None
+        raise ToolkitError(f"{option} takes indices such as 0,2, got {text!r}") from None
 
 
 @click.command(epilog=INTERVENE_EXAMPLES)
@@ -60,8 +60,10 @@ def _ints(text: str | None) -> list[int]:
 @click.option("--units", help="clamp: feature indices (e.g. FFN neurons of mlp_act), comma-separated.")
 @click.option("--value", default=0.0, show_default=True, help="clamp: the value the units are clamped to.")
 @click.option("--tokens", help="Tokens to change (span name, positions, last); default: the site's own tokens.")
+@click.option("--denoise", help="Action expert: only these denoising steps (indices, e.g. 0 or 0,1; 0 is t=1.0).")
 @click.option("--checkpoint", help="Model checkpoint (directory or hub id); default: a small random model.")
 @click.option("--data", help="Dataset path (default: the adapter's embedded sample).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code to run.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--model-dtype", default="float32", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="One seed for every run: paired noise and init states.")
@@ -76,7 +78,7 @@ def _ints(text: str | None) -> list[int]:
 @click.option("--no-figures", is_flag=True)
 @click.option("--no-progress", is_flag=True)
 def intervene_command(model, dataset, out, hooks, op, direction, probe_class, between, alphas, units, value, tokens,
-                      checkpoint, data, device, model_dtype, seed, max_episodes, max_steps, stride, batch_size,
+                      denoise, checkpoint, trust_remote_code, data, device, model_dtype, seed, max_episodes, max_steps, stride, batch_size,
                       model_option, dataset_option, bootstrap, overwrite, no_figures, no_progress):
     """Intervene on a named stream (add, ablate, clamp, zero, mean) and measure the effect on actions, success
     and the probe, each run paired with the unmodified one (same seed, same inputs or init states)."""
@@ -84,7 +86,9 @@ def intervene_command(model, dataset, out, hooks, op, direction, probe_class, be
 
     run = intervene(model, dataset, out, hooks=[h for h in hooks if h], op=op, alphas=_floats(alphas),
                     direction=direction, probe_class=probe_class, between=tuple(between) if between else None,
-                    units=_ints(units), value=value, tokens=tokens, checkpoint=checkpoint, data=data, device=device,
+                    units=_ints(units, "--units"), value=value, tokens=tokens,
+                    denoise=_ints(denoise, "--denoise") if denoise else None, checkpoint=checkpoint,
+                    trust_remote_code=trust_remote_code, data=data, device=device,
                     model_dtype=model_dtype, seed=seed, max_episodes=max_episodes, max_steps=max_steps, stride=stride,
                     batch_size=batch_size, model_options=key_values(model_option, "--model-option"),
                     dataset_options=key_values(dataset_option, "--dataset-option"), overwrite=overwrite,

@@ -49,6 +49,8 @@ class Intervention:
     ``vector``: the direction for ``add`` (F,), the direction(s) for ``ablate`` (F,) or (F, k), the mean for
     ``mean`` (F,), per-unit target values for ``clamp`` (else every unit is clamped to ``value``).
     ``tokens``: positions or span names as in capture (``text``, ``0-5``, ``last``); None = the site's own.
+    ``denoise``: for an expert that runs once per denoising step (pi0's action expert), the steps to change
+    (0 = the first, t = 1.0); None = every step.
     """
 
     hook: str
@@ -59,6 +61,7 @@ class Intervention:
     value: float = 0.0
     tokens: str | None = None
     source: str = ""  # where the vector came from, recorded in the store
+    denoise: tuple[int, ...] | None = None  # experts run once per denoising step: change only these steps
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -88,17 +91,10 @@ class Intervention:
         """alpha = 0 leaves every op's input unchanged; then no hook is registered at all."""
         return self.alpha == 0
 
-    def with_alpha(self, alpha: float) -> Intervention:
-        return Intervention(self.hook, self.op, float(alpha), self.vector, self.units, self.value, self.tokens,
-                            self.source)
-
-    def at(self, hook: str) -> Intervention:
-        return Intervention(hook, self.op, self.alpha, self.vector, self.units, self.value, self.tokens, self.source)
-
     def describe(self) -> dict[str, Any]:
         """What a store's attributes record (the vector by norm and digest; the file it came from in source)."""
         out: dict[str, Any] = {"hook": self.hook, "op": self.op, "alpha": float(self.alpha), "tokens": self.tokens,
-                               "source": self.source}
+                               "source": self.source, "denoise": None if self.denoise is None else list(self.denoise)}
         if self.vector is not None:
             v = np.ascontiguousarray(self.vector, dtype=np.float64)
             out.update(vector_shape=list(v.shape), vector_norm=float(np.linalg.norm(v)),
@@ -137,6 +133,7 @@ class _Resolved:
     stream: str
     tokens: str
     cache: dict = field(default_factory=dict)  # (device, dtype) -> tensors
+    fired: int = 0  # firings in the current policy call (to pick denoising steps)
 
 
 class Steering(HookSet):
@@ -165,6 +162,11 @@ class Steering(HookSet):
                                f"{', '.join(expert_streams(expert))}")
         if not 0 <= layer < expert.n_layers:
             raise ToolkitError(f"site {site!r} has layers 0-{expert.n_layers - 1}, not {layer}")
+        if iv.denoise is not None and not (expert.denoise_steps and all(0 <= d < expert.denoise_steps
+                                                                          for d in iv.denoise)):
+            raise ToolkitError(f"{iv.hook}: denoising steps {list(iv.denoise)} do not exist; the {expert.name} expert "
+                               + (f"has steps 0-{expert.denoise_steps - 1}" if expert.denoise_steps
+                                  else "runs once per policy call"))
         if hook_point(expert, layer, stream)[2]:
             raise ToolkitError(f"{iv.hook} is derived from the hidden states (not a tensor the model passes on), "
                                "so it cannot be changed; intervene on a residual or sub-layer stream")
@@ -204,6 +206,8 @@ class Steering(HookSet):
         """The next policy call's inputs: their token spans place the edits (spans may differ per batch)."""
         self._inputs = inputs
         self._positions.clear()
+        for r in self.items:
+            r.fired = 0
 
     def _apply(self, items: list[_Resolved], x: torch.Tensor | None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -211,6 +215,9 @@ class Steering(HookSet):
         shape = x.shape
         y = x.reshape(shape[0], -1, shape[-1])
         for r in items:
+            r.fired += 1
+            if r.iv.denoise is not None and r.fired - 1 not in r.iv.denoise:
+                continue
             rows, pos = self._where(r, y)
             if pos is None:
                 y = _op(r, y)
