@@ -246,6 +246,21 @@ def test_ablating_the_probes_directions_sends_it_to_chance(probed, tmp_path):
     assert {p.name for p in run.figures} == {"dose_response.png", "probe_check.png"}
 
 
+def test_a_regression_probes_direction_steers_its_prediction(probed, tmp_path):
+    from toolkit.probe import Selection, probe
+
+    root, store = probed
+    probe(store, Selection(site="text_only", layers="2"), targets=["field:progress:regression"]).save(root / "regression")
+    p = probe_direction(root / "regression")
+    assert p.W.shape == (128, 1) and np.array_equal(p.direction(None), p.W[:, 0])
+    with registered():
+        run = intervene("pi0", "synthetic", tmp_path, direction=root / "regression", alphas=[3], figures=False, **OPTS)
+    shift = next(r for r in run.rows if r["metric"] == "probe_score_shift")
+    w = p.W[:, 0]
+    assert shift["predicted"] == pytest.approx(3 * w @ w) and shift["value"] == pytest.approx(3 * w @ w, rel=1e-4)
+    assert not any(r["metric"] == "probe_accuracy" for r in run.rows)  # no classes to be right about
+
+
 def test_mean_difference_and_store_mean_match_numpy(probed):
     _, store = probed
     s = open_store(store)

@@ -318,7 +318,8 @@ def _steers_with(cond: Condition, w: np.ndarray) -> bool:
 
 def _labels(store: Store, probe: ProbeDirection, rows: np.ndarray) -> np.ndarray | None:
     """A classification probe's class index of each sample (-1 for a class it never saw); else None."""
-    name = str(probe.row.get("target", "")).partition(":")[0]
+    kind, _, arg = str(probe.row.get("target", "")).partition(":")
+    name = arg.partition(":")[0] if kind == "field" else kind  # field:success[:classification] reads success
     if probe.row.get("kind") != "classification" or name not in store.fields():
         return None
     values = text_values(store.coord(name))[rows]
