@@ -33,9 +33,9 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
 @click.argument("store_path", required=False, type=click.Path(), metavar="STORE")
 @click.option("--store", "store_opt", default=None, type=click.Path(), hidden=True,
               help="The store (older spelling of the STORE argument).")
-@click.option("--site", "--expert", "sites", multiple=True,
+@click.option("--site", "--sites", "--expert", "sites", multiple=True,
               help="Capture site(s)/expert(s): vlm, action, text_only (default: all; comma lists allowed).")
-@click.option("--stream", default=None, help="Stream inside the site (default resid_post).")
+@click.option("--stream", "--streams", "stream", default=None, help="Stream inside the site (default resid_post).")
 @click.option("--layer", "--layers", "layers", default=None, help="Model layers: all | 10 | 0-5,17 (default all).")
 @click.option("--rollout-step", "--rollout_step", "steps", default=None, help="Rollout steps kept: 20 | 0-99.")
 @click.option("--step-buckets", default=None, help="One probe per rollout-step bucket: a width (50) or 0-49,50-99.")
