@@ -158,6 +158,18 @@ def test_bounds_are_checked_before_allocating():
             safe_pickle.loads(pickle.dumps(obj, protocol=4), label)
 
 
+@pytest.mark.parametrize("blob", [
+    b"(S'touch MARKER'\nios\nsystem\n.",  # INST: protocol 0's class call, names read by the opcode itself
+    b"(cos\nsystem\nS'touch MARKER'\no.",  # OBJ
+    b"\x80\x02cbuiltins\ngetattr\ncbuiltins\nlist\nX\x06\x00\x00\x00appendq\x00\x86R.",
+])
+def test_class_building_opcodes_stay_refused(blob, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ToolkitError, match="refusing to unpickle g.pkl: it references"):
+        safe_pickle.loads(blob, "g.pkl")
+    assert not (tmp_path / "MARKER").exists()
+
+
 def test_declared_lengths_longer_than_the_file_are_refused_unread():
     for opcode in (b"\x8e", b"\x96", b"\x95"):  # BINBYTES8, BYTEARRAY8, FRAME
         blob = b"\x80\x05" + opcode + (10**11).to_bytes(8, "little") + b"."
