@@ -370,10 +370,8 @@ def resolve_direction(direction: str | Path | np.ndarray | ProbeDirection | None
     if probe_class is None and probe.W.shape[1] > 1:
         raise ToolkitError(f"the probe has {probe.W.shape[1]} classes ({', '.join(probe.classes)}): choose the one "
                            "to steer towards with --class NAME (or use --op ablate to remove them all)")
-    vec = probe.direction(probe_class)
-    col = 0 if probe_class is None else (probe.classes.index(probe_class) if isinstance(probe_class, str)
-                                         and not probe_class.lstrip("-").isdigit() else int(probe_class))
-    return vec, probe, col % probe.W.shape[1], f"{source} class {probe.classes[col]}"
+    col = 0 if probe_class is None else probe.column(probe_class)
+    return probe.direction(probe_class), probe, col, f"{source} class {probe.classes[col]}"
 
 
 def intervene(

@@ -335,18 +335,22 @@ class ProbeDirection:
     def hook(self) -> str:
         return hook_name(self.row["site"], int(self.row["layer"]), self.row.get("stream") or "resid_post")
 
+    def column(self, cls: str | int) -> int:
+        """The output column of a class: its name first (class names may be digits), else a column index."""
+        if str(cls) in self.classes:
+            return self.classes.index(str(cls))
+        if isinstance(cls, str) and not cls.lstrip("-").isdigit():
+            raise ToolkitError(f"the probe has no class {cls!r}; classes: {', '.join(self.classes)}")
+        c = int(cls)
+        if not -self.W.shape[1] <= c < self.W.shape[1]:
+            raise ToolkitError(f"the probe has {self.W.shape[1]} output columns, not {c}")
+        return c % self.W.shape[1]
+
     def direction(self, cls: str | int | None = None) -> np.ndarray:
         """One class's column (name or index), a regression's only column, or the whole (F, C) span."""
         if cls is None:
             return self.W[:, 0] if self.W.shape[1] == 1 else self.W
-        if isinstance(cls, str) and not cls.lstrip("-").isdigit():
-            if cls not in self.classes:
-                raise ToolkitError(f"the probe has no class {cls!r}; classes: {', '.join(self.classes)}")
-            return self.W[:, self.classes.index(cls)]
-        c = int(cls)
-        if not -self.W.shape[1] <= c < self.W.shape[1]:
-            raise ToolkitError(f"the probe has {self.W.shape[1]} output columns, not {c}")
-        return self.W[:, c]
+        return self.W[:, self.column(cls)]
 
 
 def probe_direction(results: str | Path, row_id: int | None = None) -> ProbeDirection:
