@@ -186,13 +186,11 @@ class PluginOptionsCommand(click.Command):
     lists the options of the ``--model``/``--dataset`` named on the same command line."""
 
     def _plugin_params(self) -> list:
-        if not hasattr(self, "_plugin_cache"):
-            from toolkit.plugins import cli_options
+        """Built on each use, not cached: plugins registered later in the process (tests) must show up."""
+        from toolkit.plugins import cli_options
 
-            self._plugin_cache = [click.Option([o.flag, o.param], is_flag=o.is_flag, type=o.type,
-                                               help=f"{o.help} (= --{o.target}-option {o.key}=...)")
-                                  for o in cli_options(self.name)]
-        return self._plugin_cache
+        return [click.Option([o.flag, o.param], is_flag=o.is_flag, type=o.type,
+                             help=f"{o.help} (= --{o.target}-option {o.key}=...)") for o in cli_options(self.name)]
 
     def get_params(self, ctx):
         params = [*self.params, *self._plugin_params()]
