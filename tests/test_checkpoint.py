@@ -116,15 +116,14 @@ def test_an_empty_directory_says_what_it_looked_for(tmp_path):
 
 
 def test_random_weights_flag_reaches_the_adapter_and_the_store_says_random_init(tmp_path):
-    import subprocess
-    import sys
+    from click.testing import CliRunner
 
     import toolkit
+    from toolkit.cli import cli
 
     store = tmp_path / "r.zarr"
-    res = subprocess.run([sys.executable, "-m", "toolkit", "extract", "--model", "pi0", "--store", str(store),
-                          "--max-episodes", "1", "--max-steps", "1", "--random-weights", "--allow-missing",
-                          "--no-progress"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    res = CliRunner().invoke(cli, ["extract", "--model", "pi0", "--store", str(store), "--max-episodes", "1",
+                                   "--max-steps", "1", "--random-weights", "--allow-missing", "--no-progress"])
+    assert res.exit_code == 0, res.output
     model = toolkit.open_store(store).attrs["model"]
     assert model["random_init"] is True and model["load_report"] is None
