@@ -1,6 +1,7 @@
 """The one selection language (toolkit.spec): grammar, formatting, hook names, and the same answer in every command."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from toolkit.spec import HookPattern, IndexSpec, format_indices, resolve_hooks, 
     ("3-", 6, [3, 4, 5]), ("-1", 18, [17]), ("-4-", 18, [14, 15, 16, 17]), ("-3--1", 18, [15, 16, 17]),
     ("0-1,-1", 18, [0, 1, 17]), ("-1", [0, 8, 17], [17]), ("0-17", [0, 8, 17], [0, 8, 17]),
     ("5-10", [0, 8, 17], [8]), ("-2-", [0, 8, 17], [8, 17]), (3, 5, [3]), ([0, "2-3"], 5, [0, 2, 3]),
+    ("-1", [17, 0, 8], [17]), ("0-", [17, 0, 8], [0, 8, 17]), ("all", [17, 0, 8], [17, 0, 8]),  # stored out of order
 ])
 def test_selections_resolve_against_what_is_available(spec, available, expected):
     assert resolve_indices(spec, available) == expected
@@ -79,6 +81,17 @@ def test_negative_indices_count_back_from_the_last_available(n, data):
     assert resolve_indices(f"-{k}", n) == [n - k]
     assert resolve_indices(f"-{k}-", n) == list(range(n - k, n))
     assert resolve_indices(f"{n - k}-", n) == resolve_indices(f"-{k}--1", n)
+
+
+@given(st.lists(st.integers(0, 40), unique=True, min_size=1), st.sampled_from(["-1", "0-", "-2-", "1-30", "3,-1"]))
+def test_the_order_a_store_holds_layers_in_does_not_change_the_answer(available, spec):
+    try:
+        want = resolve_indices(spec, sorted(available))
+    except ToolkitError as e:
+        with pytest.raises(ToolkitError, match=re.escape(str(e))):
+            resolve_indices(spec, available)
+        return
+    assert resolve_indices(spec, available) == want
 
 
 # --------------------------------------------------------------------------- hook names

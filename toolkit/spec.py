@@ -118,15 +118,16 @@ class IndexSpec:
         where = f" {where}" if where else ""
         if not have:
             raise ToolkitError(f"no {self.what} is available{where}, so {self.text!r} selects nothing")
-        listing = f"available {self.what}s{where}: {format_indices(have)}"
+        order = sorted(have)  # negative indices and ranges go by value, whatever order a store holds them in
+        listing = f"available {self.what}s{where}: {format_indices(order)}"
         present = set(have)
 
         def value(i: int) -> int:
             if i >= 0:
                 return i
-            if -i > len(have):
-                raise ToolkitError(f"{self.what} {i} is out of range: {listing} (-{len(have)}..-1 count back)")
-            return have[i]
+            if -i > len(order):
+                raise ToolkitError(f"{self.what} {i} is out of range: {listing} (-{len(order)}..-1 count back)")
+            return order[i]
 
         out: list[int] = []
         for item in self.items:
@@ -138,12 +139,12 @@ class IndexSpec:
                     raise ToolkitError(f"{self.what} {item.lo} is out of range: {listing}")
                 got = [v]
             else:
-                lo, hi = value(item.lo), have[-1] if item.hi is None else value(item.hi)
+                lo, hi = value(item.lo), order[-1] if item.hi is None else value(item.hi)
                 if lo > hi:
                     raise ToolkitError(f"{self.what} range {str(item)!r} is empty: write the lower bound first")
-                if lo < have[0] or hi > have[-1]:
+                if lo < order[0] or hi > order[-1]:
                     raise ToolkitError(f"{self.what} range {str(item)!r} is out of range: {listing}")
-                got = [v for v in have if lo <= v <= hi]
+                got = [v for v in order if lo <= v <= hi]
                 if not got:
                     raise ToolkitError(f"{self.what} range {str(item)!r} holds no {self.what}: {listing}")
             out.extend(got)
