@@ -402,6 +402,11 @@ def _children(obj: Any) -> list | None:
 _LEAF_TYPES = frozenset({int, float, bool, complex, str, bytes, type(None)})
 
 
+def _only_leaves(kids: list) -> bool:
+    """Whether no item is a container (Python and numpy scalars), judged by the few types present."""
+    return all(t in _LEAF_TYPES or issubclass(t, np.generic) for t in {type(k) for k in kids})
+
+
 def check_tree(root: Any, limits: Limits = LIMITS) -> None:
     """Refuse a value that refers to itself, nests deeper than ``max_depth`` or expands (shared
     sub-objects counted each time they are reached) to more than ``max_elements`` values.
@@ -416,7 +421,7 @@ def check_tree(root: Any, limits: Limits = LIMITS) -> None:
     while stack:
         frame = stack[-1]
         obj, kids, i, _ = frame
-        if i == 0 and not ({type(k) for k in kids} - _LEAF_TYPES):  # plain leaves only: count them at once
+        if i == 0 and _only_leaves(kids):  # count plain leaves at once
             frame[2] = i = len(kids)
             frame[3] += len(kids)
         elif i < len(kids):
