@@ -13,6 +13,9 @@ unpickler is also bounded, each bound checked *before* the object is built:
   buffer must not claim more bytes than the buffer holds (zero-stride and overlapping views are
   refused), ``str()`` of a container is refused;
 * a declared string/bytes/frame length longer than the file is refused before it is read;
+* items put into containers count against ``max_elements``, nesting against ``max_depth`` as it is
+  built, and a new container may not open while ``max_waiting`` items wait on the stack (a list
+  nested 10**6 deep is 10**6 empty lists pushed before the first append);
 * the result must be a tree (no self-reference) at most ``max_depth`` deep that expands to at most
   ``max_elements`` values, shared sub-objects counted every time they are reached (what a
   conversion such as ``_plain`` or ``tolist`` would build).
