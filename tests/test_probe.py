@@ -100,7 +100,7 @@ def test_planted_signal_is_found_at_its_layer_only(store_path):
     assert best["ci_low"] <= best["metric"] <= best["ci_high"]
     assert best["chance"] == 0.25 and best["n_test_episodes"] == 40  # every episode tested once
     assert best["selectivity"] <= 1 and best["compression"] > 1.5
-    assert all(r["compression"] < best["compression"] for r in res.rows if r["layer"] != 6)
+    assert all(0.9 < r["compression"] < 1.1 for r in res.rows if r["layer"] != 6)  # null layers: the uniform code
     (sel,) = res.best  # chosen inside the outer folds, not on the test rows
     assert sel["layer"] == 6 and sel["layers_per_fold"] == "6,6,6,6,6" and sel["metric"] > 0.9
 

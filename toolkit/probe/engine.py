@@ -120,7 +120,7 @@ class CellFit:
     final: dict[str, Fitted]
     outcomes: dict[str, Outcomes]
     mdl: dict[str, dict] = field(default_factory=dict)  # target -> online code length (classification, ridge)
-    online: dict[str, tuple] = field(default_factory=dict)  # target -> (prefix probes, held-out, in-sample scores)
+    online: dict[str, tuple] = field(default_factory=dict)  # target -> (prefix probes, held-out scores)
 
 
 @dataclass
@@ -318,9 +318,9 @@ def _run(store: Store, sw: Sweep, cfg: ProbeConfig, bar) -> None:
         for cf in fitted.values():
             p = buckets[cf.cell.bucket]
             fold = sw.folds.fold[p]
-            for spec, (_, held, first) in cf.online.items():
+            for spec, (_, held) in cf.online.items():
                 d = next(t.data for t in sw.targets if t.spec == spec)
-                cf.mdl[spec] = online_code(fold, d.classes[p], len(d.class_names), held, first[fold == 0])
+                cf.mdl[spec] = online_code(fold, d.classes[p], len(d.class_names), held)
             cf.online = {}
         sw.cells.update(fitted)
         bar.update(1)
@@ -354,8 +354,7 @@ def _fit_ridge(store, sw: Sweep, li, layer, Y, nd, buckets, cfg) -> dict[Cell, C
                 if t.data.kind == "classification":
                     probes = prefix_probes(stats, t.cols, fs.shift, cfg.lambdas)
                     n_b = len(buckets[b])
-                    cf.online[t.spec] = (probes, np.zeros((n_b, len(t.cols)), np.float32),
-                                         np.zeros((n_b, len(t.cols)), np.float32))
+                    cf.online[t.spec] = (probes, np.zeros((n_b, len(t.cols)), np.float32))
         _init_outcomes(sw, cf, len(buckets[b]))
         out[cell] = cf
     return out
@@ -401,13 +400,11 @@ def _score_block(sw: Sweep, fitted: dict[Cell, CellFit], pos, X, loc, means) -> 
                     P = cf.fits[name][k].model.predict(x[mk])
                     cf.outcomes[name].add(loc[gp[mk]], P, d, gp[mk], _train_mean(sw, means, name, d, cell.bucket, k),
                                           _allowed(sw, d, k))
-        for probes, held, first in cf.online.values():
+        for probes, held in cf.online.values():
             for k in np.unique(fm):
                 mk = fm == k
                 if k >= 1 and probes[k] is not None:
                     held[loc[gp[mk]]] = probes[k].predict(x[mk])
-                if k == 0 and len(probes) > 1 and probes[1] is not None:
-                    first[loc[gp[mk]]] = probes[1].predict(x[mk])
 
 
 def _read_layer(store, res, li) -> np.ndarray:

@@ -9,8 +9,11 @@ The blocks are the outer cross-validation folds in order (whole episodes, so no 
 with another), which makes every prefix probe a sum of fold statistics: K − 1 extra eigendecompositions.
 Each prefix probe is ridge at a λ chosen on the past only (the squared error of the previous block under
 the previous prefix probe; λ = 1 for the first).  Its scores become probabilities softmax(β·scores), with
-β chosen on the past only as well: the in-sample first block for the first probe, then the previous
-block's held-out code length.  Every choice uses only already transmitted labels, so it is a valid code.
+β chosen on the past only as well: the β that best codes every earlier block under the probe that coded it
+(β = 1 for block 1, which has no coded predecessor; β = 0 is the uniform code, so a probe that learned
+nothing costs about the uniform code).  Every choice uses only already transmitted labels, so it is a
+valid code.  (Choosing β on a probe's own training rows made null probes 5× longer than uniform; on the previous
+block alone, up to 2.5× longer.)
 """
 
 from __future__ import annotations
@@ -33,19 +36,15 @@ def best_beta(scores: np.ndarray, labels: np.ndarray) -> float:
     return min(BETAS, key=lambda b: code_bits(scores, labels, b)) if len(labels) else 1.0
 
 
-def online_code(fold: np.ndarray, labels: np.ndarray, n_classes: int, held_out: np.ndarray,
-                first_in_sample: np.ndarray) -> dict[str, float]:
-    """Online code length from per-row scores.
-
-    ``held_out[i]``: the scores of row i under the probe trained on the blocks before its own (rows of
-    block 0 unused); ``first_in_sample``: block 0's scores under the probe trained on block 0 alone.
-    """
+def online_code(fold: np.ndarray, labels: np.ndarray, n_classes: int, held_out: np.ndarray) -> dict[str, float]:
+    """Online code length from per-row scores: ``held_out[i]`` are row i's scores under the probe trained on
+    the blocks before its own (rows of block 0, sent with the uniform code, are unused)."""
     K = int(fold.max()) + 1
     uniform = len(labels) * np.log2(n_classes)
     bits = float((fold == 0).sum() * np.log2(n_classes))
     for i in range(1, K):
-        prev = fold == i - 1
-        beta = best_beta(first_in_sample, labels[prev]) if i == 1 else best_beta(held_out[prev], labels[prev])
+        past = (fold >= 1) & (fold < i)
+        beta = 1.0 if i == 1 else best_beta(held_out[past], labels[past])
         cur = fold == i
         bits += code_bits(held_out[cur], labels[cur], beta)
     return {"mdl_bits": bits, "uniform_bits": float(uniform), "compression": float(uniform / bits) if bits else
