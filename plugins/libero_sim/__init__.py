@@ -61,7 +61,8 @@ class LiberoSimOptions(AdapterOptions):
 
     suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"] = Field(
         "libero_object", description="LIBERO suite")
-    tasks: str | None = Field(None, description="task ids of the suite, e.g. 0-4 or 0,2 (default: all)")
+    tasks: str | list[int | str] | None = Field(None, description="task ids of the suite, e.g. 0-4 or 0,2 "
+                                                                   "(default: all)")
     trials: int = Field(1, ge=1, description="episodes per task; trial i starts from the suite's init state i")
     max_steps: int | None = Field(None, ge=1, description="environment steps per episode (default: per suite, "
                                                           "220/280/300/520/400)")
@@ -69,7 +70,7 @@ class LiberoSimOptions(AdapterOptions):
     settle_steps: int = Field(10, ge=0, description="no-op steps before the first call, to let objects settle")
     resolution: int = Field(256, ge=16, description="camera height and width in pixels")
     seed: int = Field(0, ge=0, description="environment seed before each reset (default: extract's --seed)")
-    video_dir: str | None = Field(None, description="write one MP4 per episode (agentview | wrist) here")
+    video_dir: str | Path | None = Field(None, description="write one MP4 per episode (agentview | wrist) here")
     fps: int = Field(10, ge=1, description="frame rate of the videos")
 
 
@@ -137,7 +138,8 @@ class LiberoSimDataset(DatasetAdapter):
         self.replan_steps, self.settle_steps, self.resolution = o.replan_steps, o.settle_steps, o.resolution
         self.seed, self.fps = o.seed, o.fps
         self.video_dir = None if o.video_dir in (None, "") else Path(o.video_dir)
-        super().__init__(None, **o.model_dump(exclude={"fps"}) | {"max_steps": self.max_steps})
+        super().__init__(None, **o.model_dump(exclude={"fps"}) | {
+            "max_steps": self.max_steps, "video_dir": None if self.video_dir is None else str(self.video_dir)})
         suite = self.suite
         self._benchmark, self._get_path, self._env_cls = _libero()
         with contextlib.redirect_stdout(io.StringIO()):  # it prints the task order
