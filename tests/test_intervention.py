@@ -111,10 +111,9 @@ def test_input_streams_change_the_layers_input(adapter, batch):
 
 
 def test_hooks_are_gone_after_an_exception(adapter, batch):
-    wrong = np.ones(adapter.experts["llm"].hidden_size + 1)
-    inputs = adapter.prepare(batch)
-    with pytest.raises(ToolkitError, match="features"):
-        with Steering(adapter, [Intervention(HOOK, "add", 1.0, wrong)]) as steer:
+    inputs = adapter.prepare(batch)  # the MLP's width is known only when it runs: units past it fail there
+    with pytest.raises(ToolkitError, match="goes past"):
+        with Steering(adapter, [Intervention("llm.layers.1.mlp_act", "clamp", 1.0, units=(10**6,))]) as steer:
             assert _hook_count(adapter.module) == 1
             steer.begin(inputs)
             adapter.run(inputs, [sample_generator(0, i) for i in range(len(batch))])
@@ -129,6 +128,8 @@ def test_hooks_are_gone_after_an_exception(adapter, batch):
     ("llm.layers.0.resid_post", {"op": "clamp"}, "--units"),
     ("llm.layers.0.resid_post", {"op": "steer"}, "unknown intervention"),
     ("llm.layers.0.pre_attn_norm_scale", {"op": "zero"}, "derived"),
+    ("llm.layers.0.resid_post", {"op": "add", "vector": np.ones(3)}, "has 32 features but"),
+    ("llm.layers.0.resid_mid", {"op": "clamp", "units": (40,)}, "goes past"),
 ])
 def test_bad_interventions_fail_with_one_line(adapter, hook, iv, message):
     with pytest.raises(ToolkitError, match=message):

@@ -440,8 +440,9 @@ def intervene(
     names = hooks_for(adapter, list(hooks))
     from_run = between is not None or op == "mean"  # those vectors come from the unmodified run, per hook
     for name in names:  # check every intervention before running anything: bad names, units or vectors fail here
-        Steering(adapter, [_template(name, op, 1.0, np.ones(1) if from_run else vector, units, value, tokens, "",
-                                     denoise)])
+        # (a vector still to come from the unmodified run: its hook, tokens and steps are checked as a "zero")
+        Steering(adapter, [_template(name, "zero" if from_run else op, 1.0, None if from_run else vector, units,
+                                     value, tokens, "", denoise)])
     (out / "stores").mkdir(parents=True, exist_ok=True)
     sel = capture or _capture_for(names, probe)
     common = dict(model=model, dataset=dataset, data=data, seed=seed, max_episodes=max_episodes,

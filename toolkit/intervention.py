@@ -40,6 +40,8 @@ from toolkit.stats import iter_sample_vectors
 from toolkit.store import Store, open_store
 
 OPS = ("add", "ablate", "clamp", "zero", "mean")
+# decoder streams as wide as the expert's hidden size (``mlp_act`` is as wide as the MLP)
+RESIDUAL_WIDTH = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,6 +169,12 @@ class Steering(HookSet):
             raise ToolkitError(f"{iv.hook}: denoising steps {list(iv.denoise)} do not exist; the {expert.name} expert "
                                + (f"has steps 0-{expert.denoise_steps - 1}" if expert.denoise_steps
                                   else "runs once per policy call"))
+        width = expert.hidden_size if stream in RESIDUAL_WIDTH else None  # other streams: checked when they fire
+        if width and iv.vector is not None and iv.op != "clamp" and iv.vector.shape[0] != width:
+            raise ToolkitError(f"{iv.hook} has {width} features but the {iv.op} vector has {iv.vector.shape[0]} "
+                               f"({iv.source or 'given'}): it was made for another site, stream or model")
+        if width and iv.units and not all(-width <= u < width for u in iv.units):
+            raise ToolkitError(f"{iv.hook} has {width} features; --units {list(iv.units)} goes past them")
         if hook_point(expert, layer, stream)[2]:
             raise ToolkitError(f"{iv.hook} is derived from the hidden states (not a tensor the model passes on), "
                                "so it cannot be changed; intervene on a residual or sub-layer stream")
