@@ -1,9 +1,10 @@
 """Fault injection: random kills of `toolkit extract`, then `--resume`; how many resumed stores are identical.
 
-Each trial starts the CLI, kills it at a random moment of a run's duration (mostly SIGKILL, sometimes SIGTERM or
-SIGINT; in about a third of the trials a second time while resuming), then resumes to the end and compares every
-field and stream bit for bit with an uninterrupted reference run, and checks every chunk (`toolkit.verify`).
-Kills land anywhere: during start-up (no store yet), mid-run, or after the run ended.
+Each trial starts the CLI and kills it (mostly SIGKILL, sometimes SIGTERM or SIGINT; in about a third of the
+trials a second time while resuming), then resumes to the end and compares every field and stream bit for bit with
+an uninterrupted reference run, and checks every chunk (`toolkit.verify`).  Three kills in four land at a random
+moment while the store is being written (after a random number of committed samples), the others anywhere in the
+run (start-up, before any store, included).
 
 Configurations (`--config`, repeatable):
   small    pi0 on the embedded LIBERO sample, 24 samples, --batch-size 2, 4-sample chunks
@@ -79,17 +80,48 @@ def committed(store: Path) -> int:
         return -1
 
 
-def trial(work: Path, config: str, duration: float, ref: dict, rng: random.Random, env: dict) -> dict:
+def wait_for_store(store: Path, proc: subprocess.Popen, limit: float) -> float:
+    """Seconds until the store's root metadata exists (or the process ends, or ``limit``)."""
+    t0 = time.perf_counter()
+    while not (store / "zarr.json").exists() and proc.poll() is None and time.perf_counter() - t0 < limit:
+        time.sleep(0.01)
+    return time.perf_counter() - t0
+
+
+def wait_for_commit(store: Path, proc: subprocess.Popen, target: int, limit: float) -> float:
+    """Seconds until at least ``target`` samples are committed (or the process ends, or ``limit``)."""
+    t0 = time.perf_counter()
+    while committed(store) < target and proc.poll() is None and time.perf_counter() - t0 < limit:
+        time.sleep(0.005)
+    return time.perf_counter() - t0
+
+
+def trial(work: Path, config: str, timing: tuple[float, float], ref: dict, rng: random.Random, env: dict,
+          incremental: bool) -> dict:
+    """Kill once or twice.  Three kills in four land while the store is being written: once a random number of
+    samples is committed (``incremental``: the run commits as it goes), plus a random delay so the kill falls
+    inside the next block; the others at a random moment of the whole run, start-up included."""
     store = work / "t.zarr"
     shutil.rmtree(store, ignore_errors=True)
+    startup, duration = timing
+    total = int(ref["#n_samples"])
     kills = []
     for k in range(2 if rng.random() < 0.35 else 1):
         sig = rng.choices([signal.SIGKILL, signal.SIGTERM, signal.SIGINT], weights=[7, 2, 1])[0]
-        at = rng.uniform(0.3, duration)
         proc = subprocess.Popen(command(store, config, *(["--resume"] if k else [])), cwd=work, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if rng.random() < 0.75:
+            if incremental:
+                target = rng.randrange(max(0, committed(store)) + 1, total) if committed(store) + 1 < total else 0
+                waited, delay = wait_for_commit(store, proc, target, 3 * duration), rng.uniform(0, 0.5)
+            else:
+                waited = wait_for_store(store, proc, 3 * duration)
+                delay = rng.uniform(0, max(0.1, duration - startup))
+        else:
+            waited, delay = 0.0, rng.uniform(0.3, duration)
+        at = waited + delay
         try:
-            proc.wait(timeout=at)
+            proc.wait(timeout=delay)
             state = "ended before the kill"
         except subprocess.TimeoutExpired:
             before = committed(store)
@@ -127,18 +159,22 @@ def main() -> None:
     for config in a.config or ["small", "batch16"]:
         work = Path(tempfile.mkdtemp(prefix=f"fault_{config}_"))
         t0 = time.perf_counter()
-        ref_res = subprocess.run(command(work / "ref.zarr", config), cwd=work, env=base_env, capture_output=True,
-                                 text=True)
+        proc = subprocess.Popen(command(work / "ref.zarr", config), cwd=work, env=base_env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        startup = wait_for_store(work / "ref.zarr", proc, 3600)
+        err = proc.communicate()[1]
         duration = time.perf_counter() - t0
-        if ref_res.returncode != 0:
-            raise SystemExit(f"reference run of {config} failed: {ref_res.stderr.strip().splitlines()[-1]}")
+        if proc.returncode != 0:
+            raise SystemExit(f"reference run of {config} failed: {err.strip().splitlines()[-1]}")
         ref = snapshot(work / "ref.zarr")
-        print(f"# {config}: reference {int(ref['#n_samples'])} samples in {duration:.1f} s", flush=True)
+        print(f"# {config}: reference {int(ref['#n_samples'])} samples in {duration:.1f} s (store created after "
+              f"{startup:.1f} s)", flush=True)
         for i in range(a.trials):
             env = dict(base_env)
             if config == "batch16" and i % 2:
                 env["TOOLKIT_COMMIT_SECONDS"] = "1"
-            r = trial(work, config, duration, ref, rng, env)
+            incremental = config != "batch16" or env.get("TOOLKIT_COMMIT_SECONDS") == "1"
+            r = trial(work, config, (startup, duration), ref, rng, env, incremental)
             r["commit_seconds"] = env.get("TOOLKIT_COMMIT_SECONDS", "default")
             results.append(r)
             kills = "; ".join(f"{k['signal']}@{k['at_s']}s ({k['state']}, exit {k['exit']})" for k in r["kills"])
