@@ -25,7 +25,7 @@ from toolkit.probe import metrics as M
 from toolkit.probe.control import control_target, input_type
 from toolkit.probe.mdl import online_code
 from toolkit.probe.select import Resolved, Selection, plain, resolve
-from toolkit.probe.solvers import LAMBDAS, CosineOptions, Fitted, Linear, NestedRidge, cosine_probe, \
+from toolkit.probe.solvers import LAMBDAS, CosineOptions, Fitted, NestedRidge, cosine_probe, \
     logistic_probe, prefix_probes
 from toolkit.probe.splits import Folds, make_folds
 from toolkit.probe.stats import FoldStats, iter_blocks
