@@ -73,6 +73,8 @@ def _read_options(f):
                      help="Layers: all (default) | 0,5 | 0-5 | 3- | -1 (the last stored)."),
         click.option("--hook", help=HOOK_HELP),
         click.option("--no-progress", is_flag=True, help="Hide the progress bar (shown on a terminal)."),
+        click.option("--scheduler", help="Reduce chunk by chunk on Dask: threads | processes | tcp://HOST:PORT "
+                                         "(default: in this process)."),
     ]):
         f = option(f)
     return f
@@ -94,13 +96,13 @@ def _write(out: Path, name: str, text: str) -> Path:
 @click.option("--outlier-z", default=6.0, show_default=True, help="Robust z-score (median/MAD) of an outlier feature.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the Markdown report.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write stats.json, stats.md and features.npz here.")
-def stats_command(store, site, stream, layers, hook, no_progress, dead_eps, outlier_z, as_json, out):
+def stats_command(store, site, stream, layers, hook, no_progress, scheduler, dead_eps, outlier_z, as_json, out):
     """Shape, dtype, global and per-feature mean/std/min/max, dead/constant/outlier features of a site."""
     from toolkit.stats import stats_markdown, store_stats
 
     site, stream, layers = _from_hook(store, hook, site, stream, _layers(layers))
     rep = store_stats(str(store), site, stream, layers, progress=False if no_progress else None,
-                      dead_eps=dead_eps, outlier_z=outlier_z, per_feature=out is not None)
+                      dead_eps=dead_eps, outlier_z=outlier_z, per_feature=out is not None, scheduler=scheduler)
     features = {k: v.pop("features") for k, v in rep["layers"].items() if "features" in v}
     md = stats_markdown(rep)
     if out is not None:
@@ -128,8 +130,8 @@ def stats_command(store, site, stream, layers, hook, no_progress, dead_eps, outl
               help="Report folder (default reports/compare_<A>_vs_<B>): compare.json, compare.md, figures.")
 @click.option("--no-figures", is_flag=True, help="Skip the figures.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the Markdown report.")
-def compare_command(store_a, store_b, site, stream, layers, hook, no_progress, bins, exact_samples, seed, out,
-                    no_figures, as_json):
+def compare_command(store_a, store_b, site, stream, layers, hook, no_progress, scheduler, bins, exact_samples, seed,
+                    out, no_figures, as_json):
     """Compare one site of two stores: KL, Wasserstein, mean/std shifts, dead-neuron overlap, figures."""
     from toolkit.stats import compare_figures, compare_markdown, compare_stores, strip_arrays
 
@@ -137,7 +139,8 @@ def compare_command(store_a, store_b, site, stream, layers, hook, no_progress, b
         raise ToolkitError(f"--bins must be at least 2, got {bins}")
     site, stream, layers = _from_hook(store_a, hook, site, stream, _layers(layers))
     rep = compare_stores(str(store_a), str(store_b), site, stream, layers, bins=bins,
-                         exact_samples=exact_samples, seed=seed, progress=False if no_progress else None)
+                         exact_samples=exact_samples, seed=seed, progress=False if no_progress else None,
+                         scheduler=scheduler)
     out = out or Path("reports") / f"compare_{store_a.name.removesuffix('.zarr')}_vs_{store_b.name.removesuffix('.zarr')}"
     out.mkdir(parents=True, exist_ok=True)
     figures = {} if no_figures else compare_figures(rep, out)

@@ -173,11 +173,15 @@ def _multi(values):
               help="Use the checkpoint's architecture with seeded random weights (a baseline; store says random_init).")
 @click.option("--model-option", multiple=True, help="Adapter-specific KEY=VALUE option.")
 @click.option("--dataset-option", multiple=True, help="Dataset-specific KEY=VALUE option.")
+@click.option("--workers", default=0, show_default=True,
+              help="Run on this many Ray actors, one model each (0: in this process); same store as one process.")
+@click.option("--ray-address", help="Join a Ray cluster (auto, ray://host:port); default: a local one.")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs Ray reserves for each worker.")
 @_selection_options
 def extract_command(model, dataset, store, store_option, checkpoint, data, device, model_dtype, batch_size, seed,
-                    trust_remote_code, allow_missing, random_weights, model_option, dataset_option, sites, layers,
-                    hooks, tokens, pool, streams, dtype, codec, chunk_samples, max_episodes, max_steps, stride, resume,
-                    overwrite, no_progress, **plugin_flags):
+                    trust_remote_code, allow_missing, random_weights, model_option, dataset_option, workers,
+                    ray_address, gpus_per_worker, sites, layers, hooks, tokens, pool, streams, dtype, codec,
+                    chunk_samples, max_episodes, max_steps, stride, resume, overwrite, no_progress, **plugin_flags):
     """Run a policy over a dataset and stream the chosen hidden states into the Zarr STORE
     (default stores/libero.zarr).
 
@@ -198,6 +202,7 @@ def extract_command(model, dataset, store, store_option, checkpoint, data, devic
         trust_remote_code=trust_remote_code, allow_missing=allow_missing, random_weights=random_weights,
         model_options={**flags["model"], **key_values(model_option, "--model-option")},
         dataset_options={**flags["dataset"], **key_values(dataset_option, "--dataset-option")},
+        workers=workers, ray_address=ray_address, gpus_per_worker=gpus_per_worker,
     )
     click.echo(f"wrote {path}  (look inside: toolkit info {path})")
 

@@ -413,6 +413,10 @@ def extract(
     dataset_options: dict[str, Any] | None = None,
     interventions: Sequence[Intervention] | None = None,
     adapter: ModelAdapter | None = None,
+    workers: int = 0,
+    ray_address: str | None = None,
+    gpus_per_worker: float = 0.0,
+    unit: Any = None,
 ) -> Path:
     """Run ``model`` over ``dataset`` and stream the selected hidden states into ``store``.
 
@@ -422,9 +426,17 @@ def extract(
     intervened activations and actions and records the interventions in its attributes.  ``adapter``: an
     already loaded model to reuse (a sweep loads it once); ``checkpoint`` and the model options are then its own.
     The whole run may also be given as one object: ``extract(ExtractSpec(model="pi0", layers="-1", ...))``.
+    ``workers``: run on that many Ray actors (``toolkit.distributed``; ``ray_address`` joins a cluster,
+    ``gpus_per_worker`` reserves GPUs); the store is identical to a one-process run.  ``unit``: internal, one
+    Ray actor's share of such a run.
     """
     if isinstance(model, ExtractSpec):
         return extract(**_spec_fields(model))
+    options = dict(locals())
+    if workers and unit is None:  # this process becomes the driver: it holds the lock and commits
+        from toolkit.distributed import extract_on_ray
+
+        return extract_on_ray(ExtractSpec(**options))
     path = Path(store)
     if batch_size < 1:
         raise ToolkitError(f"--batch-size must be at least 1, got {batch_size}")
@@ -453,11 +465,13 @@ def extract(
                     dataset_options=dataset_options or {}, max_episodes=max_episodes, max_steps=max_steps,
                     stride=stride, seed=seed, batch_size=batch_size, dtype=dtype, codec=codec,
                     interventions=[iv.describe() for iv in interventions or ()])
-    writer = _writer(path, resume, overwrite, codec, spec)
+    writer = unit.writer(path, spec) if unit is not None else _writer(path, resume, overwrite, codec, spec)
     if closed:
         samples = iter_closed_loop(ds, max_episodes, stride, _stored_episodes(writer), writer.committed)
     else:
         samples = iter_samples(ds, max_episodes, max_steps, stride)
+    if unit is not None:
+        samples = unit.samples(samples)
     check = fields.FieldCheck()
 
     def process(batch: list[Sample]):

@@ -200,13 +200,20 @@ def _quantiles(v: np.ndarray) -> dict[str, float]:
 
 
 def layer_stats(store: Store, site: str, stream: str, layer: int, dead_eps: float = 1e-6,
-                const_eps: float = 1e-8, outlier_z: float = 6.0, block: int | None = None) -> LayerStats:
+                const_eps: float = 1e-8, outlier_z: float = 6.0, block: int | None = None,
+                scheduler: str | None = None) -> LayerStats:
+    """``scheduler``: accumulate the moments as Dask tasks, one per chunk (``toolkit.scale_stats``)."""
     arr = store.array(site, stream)
     if store.n_samples == 0:
         raise ToolkitError(f"{store.path} holds no committed samples")
-    m = RunningMoments(int(arr.shape[-1]), dead_eps)
-    for x in iter_rows(store, site, stream, layer, block):
-        m.update(x)
+    if scheduler:
+        from toolkit.scale_stats import layer_moments
+
+        m = layer_moments(store, site, stream, layer, dead_eps, scheduler, block)
+    else:
+        m = RunningMoments(int(arr.shape[-1]), dead_eps)
+        for x in iter_rows(store, site, stream, layer, block):
+            m.update(x)
     dead = np.flatnonzero(m.near_zero == m.n)
     constant = np.flatnonzero((m.max - m.min <= const_eps) & (m.near_zero < m.n))
     outliers = []
@@ -258,20 +265,27 @@ def _progress(layers: list[int], enabled: bool | None, desc: str):
 
 def compare_layer(a: Store, b: Store, site: str, stream: str, layer: int, bins: int = DEFAULT_BINS,
                   exact_samples: int = 0, seed: int = 0, top: int = 20, dead_eps: float = 1e-6,
-                  block: int | None = None) -> dict[str, Any]:
-    """Two passes per store: moments (and ranges), then histograms over the union range."""
+                  block: int | None = None, scheduler: str | None = None) -> dict[str, Any]:
+    """Two passes per store: moments (and ranges), then histograms over the union range (``scheduler``: both
+    passes as Dask tasks, one per chunk)."""
     fa, fb = a.array(site, stream).shape[-1], b.array(site, stream).shape[-1]
     if fa != fb:
         raise ToolkitError(f"cannot compare {site}/{stream}: {a.path} has {fa} features, {b.path} has {fb}")
-    sa = layer_stats(a, site, stream, layer, dead_eps=dead_eps, block=block)
-    sb = layer_stats(b, site, stream, layer, dead_eps=dead_eps, block=block)
+    sa = layer_stats(a, site, stream, layer, dead_eps=dead_eps, block=block, scheduler=scheduler)
+    sb = layer_stats(b, site, stream, layer, dead_eps=dead_eps, block=block, scheduler=scheduler)
     ma, mb = sa.moments, sb.moments
     lo, hi = np.minimum(ma.min, mb.min), np.maximum(ma.max, mb.max)
-    ha, hb = Histograms(lo, hi, bins), Histograms(lo, hi, bins)
-    for x in iter_rows(a, site, stream, layer, block):
-        ha.update(x)
-    for x in iter_rows(b, site, stream, layer, block):
-        hb.update(x)
+    if scheduler:
+        from toolkit.scale_stats import layer_histograms
+
+        ha = layer_histograms(a, site, stream, layer, lo, hi, bins, scheduler, block)
+        hb = layer_histograms(b, site, stream, layer, lo, hi, bins, scheduler, block)
+    else:
+        ha, hb = Histograms(lo, hi, bins), Histograms(lo, hi, bins)
+        for x in iter_rows(a, site, stream, layer, block):
+            ha.update(x)
+        for x in iter_rows(b, site, stream, layer, block):
+            hb.update(x)
     kl_ab = kl_divergence(ha.counts, hb.counts)
     kl_ba = kl_divergence(hb.counts, ha.counts)
     w1 = wasserstein_hist(ha.counts, hb.counts, ha.width)

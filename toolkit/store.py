@@ -169,6 +169,8 @@ class StoreWriter:
     The writer holds the store's lock (``StoreLock``) from construction until ``close``/``abort``/``release``.
     """
 
+    lock_class: type = StoreLock  # toolkit.distributed's unit writers write under their driver's lock instead
+
     def __init__(self, path: str | Path, mode: str = "create", codec: str = "zstd",
                  spec: dict[str, Any] | None = None):
         self.path = Path(path)
@@ -177,7 +179,7 @@ class StoreWriter:
         self.spec = jsonable(spec) if spec is not None else None
         self.created = False
         self.overwrite = mode == "overwrite"
-        self.lock = StoreLock(self.path)
+        self.lock = self.lock_class(self.path)
         self.lock.acquire()
         try:
             self._open(mode)

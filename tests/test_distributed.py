@@ -1,0 +1,128 @@
+"""Extraction on Ray (toolkit.distributed): the store equals a one-process run's, also when a worker is killed
+mid-run or the driver is killed and the run resumed.  One local Ray cluster (2 CPUs) for the module."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import toolkit
+from toolkit.distributed import units
+from toolkit.extract import extract
+
+ray = pytest.importorskip("ray")
+
+OPTIONS = dict(model="pi0", dataset="libero", max_episodes=2, chunk_samples=2, streams="resid_post", progress=False)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only test cluster
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serial") / "serial.zarr"
+    return extract(store=path, **OPTIONS)
+
+
+def assert_same_store(a, b):
+    a, b = toolkit.open_store(a), toolkit.open_store(b)
+    assert b.complete and a.n_samples == b.n_samples == 12
+    assert a.fields() == b.fields() and a.sites == b.sites
+    for f in a.fields():
+        assert np.array_equal(a.coord(f), b.coord(f)), f
+    for site in a.sites:
+        for stream in a.streams(site):
+            np.testing.assert_array_equal(a.read(site, stream), b.read(site, stream), err_msg=f"{site}/{stream}")
+    assert a.attrs["run_spec"] == b.attrs["run_spec"]  # --workers is not part of what the store holds
+
+
+def committed(store):
+    try:
+        attrs = json.loads((store / "zarr.json").read_text())["attributes"]
+        return attrs.get("n_samples", 0), bool(attrs.get("complete"))
+    except (OSError, ValueError, KeyError):
+        return 0, False
+
+
+def test_units_are_whole_chunks_and_whole_batches():
+    assert units(0, 10, 2, 1, 2) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert units(0, 40, 4, 2, 2) == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 24), (24, 28), (28, 32),
+                                     (32, 36), (36, 40)]
+    assert units(0, 13, 4, 3, 1) == [(0, 12), (12, 13)]  # lcm(4, 3): chunk and batch boundaries
+    assert units(5, 9, 2, 1, 4) == [(5, 6), (6, 8), (8, 9)]  # a resume inside a chunk: its one writer
+
+
+def test_two_workers_write_the_one_process_store(cluster, serial, tmp_path):
+    from click.testing import CliRunner
+
+    from toolkit.cli import cli
+
+    store = tmp_path / "ray.zarr"
+    res = CliRunner().invoke(cli, ["extract", "--store", str(store), "--model", "pi0", "--dataset", "libero",
+                                   "--max-episodes", "2", "--chunk-samples", "2", "--streams", "resid_post",
+                                   "--workers", "2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert_same_store(serial, store)
+    assert not list(tmp_path.glob(".*lock")), "the driver released the store's lock"
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost(cluster, serial, tmp_path):
+    store = tmp_path / "killed.zarr"
+    errors = []
+
+    def drive():
+        try:
+            extract(store=store, workers=2, **OPTIONS)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    before = set(ray.util.list_named_actors())
+    driver = threading.Thread(target=drive)
+    driver.start()
+    deadline = time.time() + 240
+    while committed(store)[0] < 2 and driver.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    names = [n for n in ray.util.list_named_actors() if n.startswith("toolkit-extract-") and n not in before]
+    n, complete = committed(store)
+    assert names and n >= 2 and not complete, "the run ended before a worker could be killed"
+    # both actors are busy while units remain: the victim dies mid-unit; Ray restarts it and reruns the unit
+    ray.kill(ray.get_actor(names[0]), no_restart=False)
+    driver.join(300)
+    assert not errors, errors
+    assert_same_store(serial, store)
+
+
+def test_a_killed_driver_leaves_a_store_that_resume_finishes(serial, tmp_path):
+    store = tmp_path / "driver.zarr"
+    args = [sys.executable, "-m", "toolkit", "extract", "--store", str(store), "--model", "pi0", "--dataset", "libero",
+            "--max-episodes", "2", "--chunk-samples", "2", "--streams", "resid_post", "--no-progress"]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen([*args, "--workers", "2"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while committed(store)[0] < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n, complete = committed(store)
+    assert proc.returncode == -signal.SIGKILL and 2 <= n < 12 and not complete, "the run ended before the kill"
+    res = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert_same_store(serial, store)
+
+
+def test_a_bad_worker_count_fails_in_one_line_before_anything_is_written(tmp_path):
+    with pytest.raises(toolkit.ToolkitError, match="at least 1"):
+        extract(store=tmp_path / "x.zarr", workers=-1, **OPTIONS)
+    assert not (tmp_path / "x.zarr").exists()

@@ -1,0 +1,325 @@
+"""Extraction on Ray: one model per actor, disjoint chunks per writer, one committer.
+
+The run is cut into *units*: runs of whole chunks along ``sample`` (the first one may start inside a chunk
+when a resumed store was committed mid-chunk; it is then that chunk's only writer).  Zarr's unit of safe
+concurrent writing is the chunk, so two actors never touch the same chunk object.
+
+* The **driver** (the process that called ``extract(..., workers=N)``) takes the store's lock (``StoreLock``)
+  and holds it for the whole run, creates the store (or truncates a resumed one to its committed prefix),
+  sizes every sample-axis array to the run's length once, hands units to the actors and is the **one
+  committer**: it advances ``n_samples`` (``StoreWriter.commit``, the atomic root ``zarr.json``) over the
+  contiguous prefix of finished units.  No actor ever writes metadata.
+* Each **actor** loads the model once and runs ``extract`` itself for one unit at a time (the same sample
+  loop, capture, per-sample seeded noise and block writer as a one-process run) through a ``UnitWriter``:
+  a ``StoreWriter`` that takes no lock (it writes under the driver's), never resizes and never commits.
+  The stored values are therefore the ones a one-process run with the same options stores.
+* A killed actor is restarted by Ray (``max_restarts``) and its unit rerun (``max_task_retries``): the unit
+  writes the same chunks again, so nothing is lost or duplicated.  A killed driver leaves the committed
+  prefix; chunks past it are dropped by ``--resume`` (``StoreWriter`` truncates to ``n_samples``), which
+  finishes the run with or without ``--workers``.  Ray ends a dead driver's actors with its job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ToolkitError
+from toolkit.store import StoreWriter, _sample_arrays
+
+ACTOR_RESTARTS = 3  # a unit whose actor dies more often than this fails the run (resumable)
+UNITS_PER_WORKER = 4  # finer units balance load and bound the work a killed actor loses
+
+
+class DriverLock:
+    """A unit writer's lock: none of its own, the driver holds the store's ``StoreLock`` for the whole run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def acquire(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+class UnitWriter(StoreWriter):
+    """Writes samples ``[start, stop)`` of an existing store, already sized by the driver: whole chunks only
+    (blocks end on chunk boundaries), no resize, no commit (the driver commits)."""
+
+    lock_class = DriverLock
+
+    def __init__(self, path: str | Path, start: int, stop: int):
+        self.start, self.stop = start, stop
+        super().__init__(path, mode="unit")
+
+    def _open(self, mode: str) -> None:
+        import zarr
+
+        # the arrays' own metadata (sized to the whole run), not the committed snapshot
+        self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3, use_consolidated=False)
+        self.committed = 0  # nothing of this unit is committed; the run loop checks no prefix
+        self._complete = False
+
+    def initialize(self, *args: Any, **kwargs: Any) -> None:
+        super().initialize(*args, **kwargs)  # checks the arrays match this run's capture
+        for name, arr in self._arrays.items():
+            if arr.shape[0] < self.stop:
+                raise ToolkitError(f"internal: {name} holds {arr.shape[0]} samples, unit ends at {self.stop}")
+        self._block_start = self.start
+
+    def commit(self, n: int, complete: bool = False) -> None:
+        pass  # the driver is the one committer
+
+    def _truncate(self, n: int) -> None:
+        pass  # array metadata has one writer: the driver
+
+
+class _Layout(Exception):
+    """Raised by ``LayoutWriter.initialize`` to hand the store's layout back without writing anything."""
+
+    def __init__(self, layout: dict[str, Any]):
+        super().__init__("layout")
+        self.layout = layout
+
+
+class LayoutWriter:
+    """Stands in for the store writer while an actor runs the first batch: records what ``StoreWriter.initialize``
+    would be given (attributes, arrays, static coordinates) and the run spec, for the driver to create the store."""
+
+    committed = 0
+    created = False
+    started = False
+    bytes_added = 0
+    defer_commits = False
+
+    def __init__(self, path: Path, spec: dict[str, Any]):
+        import zarr
+
+        self.path, self.spec = path, spec
+        # a resumed store: extract's own checks compare its model, dataset and selection with this run's
+        self.root = (zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=False)
+                     if (path / "zarr.json").exists() else None)
+
+    def initialize(self, attrs, specs, static, coordinates, chunk_samples=None, batch_size=1, group_attrs=None):
+        raise _Layout({"spec": self.spec, "init": {"attrs": attrs, "specs": specs, "static": static,
+                                                    "coordinates": coordinates, "chunk_samples": chunk_samples,
+                                                    "batch_size": batch_size, "group_attrs": group_attrs}})
+
+    def abort(self, release: bool = True) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class Unit:
+    """One actor's share of a run, handed to ``extract(unit=...)``: which samples, and the writer for them."""
+
+    start: int
+    stop: int
+    layout: bool = False  # True: run the first batch only and return the store's layout
+
+    def writer(self, path: Path, spec: dict[str, Any]):
+        return LayoutWriter(path, spec) if self.layout else UnitWriter(path, self.start, self.stop)
+
+    def samples(self, samples: Iterator) -> Iterator:
+        return itertools.islice(samples, self.start, self.stop)
+
+
+class ExtractWorker:
+    """A Ray actor: loads the model once, then extracts unit after unit into the shared store."""
+
+    def __init__(self, options: dict[str, Any]):
+        import warnings
+
+        from toolkit.plugins import get_model
+
+        self.options = dict(options, workers=0, progress=False, resume=True, overwrite=False)
+        o = self.options
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the random-weights notice: the driver's run says it
+            self.options["adapter"] = get_model(o["model"])(
+                checkpoint=o["checkpoint"], device=o["device"], dtype=o["model_dtype"], seed=o["seed"],
+                trust_remote_code=o["trust_remote_code"], allow_missing=o["allow_missing"],
+                random_weights=o["random_weights"], **(o["model_options"] or {}))
+
+    def layout(self, batch_size: int) -> dict[str, Any]:
+        from toolkit.extract import extract
+
+        try:
+            extract(**self.options, unit=Unit(0, batch_size, layout=True))
+        except _Layout as e:
+            return e.layout
+        raise ToolkitError("the dataset selection is empty: no episode has a step to process "
+                           "(check --data, --max-episodes, --max-steps and --stride)")
+
+    def run_unit(self, start: int, stop: int) -> tuple[int, int]:
+        from toolkit.extract import extract
+
+        extract(**self.options, unit=Unit(start, stop))
+        return start, stop
+
+
+def units(committed: int, total: int, chunk_samples: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
+    """Cut samples ``[committed, total)`` into runs of whole chunks whose boundaries are also batch boundaries
+    (so every batch is the one a one-process run forms), about ``UNITS_PER_WORKER`` per worker."""
+    step = math.lcm(chunk_samples, batch_size)
+    per_unit = max(1, round((total - committed) / (workers * UNITS_PER_WORKER) / step)) * step
+    out, a = [], committed
+    while a < total:
+        b = min(total, (a // per_unit + 1) * per_unit)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def _connect(address: str | None, workers: int, gpus: float):
+    try:
+        import ray
+    except ImportError:
+        raise ToolkitError("--workers needs Ray: pip install 'toolkit[scale]'") from None
+    started = False
+    if not ray.is_initialized():
+        if address:
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise ToolkitError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+        else:  # a local cluster sized to this machine
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        started = True
+    have = ray.cluster_resources()
+    if have.get("CPU", 0) < workers or have.get("GPU", 0) < gpus * workers:
+        if started:
+            ray.shutdown()
+        raise ToolkitError(f"--workers {workers} with --gpus-per-worker {gpus:g} needs {workers} CPUs and "
+                           f"{gpus * workers:g} GPUs; the Ray cluster has {have.get('CPU', 0):g} CPUs and "
+                           f"{have.get('GPU', 0):g} GPUs")
+    return ray, started
+
+
+def extract_on_ray(spec: Any) -> Path:
+    """The driver of ``extract(..., workers=N)``: see the module docstring."""
+    from toolkit.extract import (
+        Interrupted,
+        Progress,
+        _check_resume_prefix,
+        _check_target,
+        _writer,
+        expected_samples,
+        iter_samples,
+    )
+    from toolkit.plugins import get_dataset
+
+    o = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    workers, gpus = int(o["workers"]), float(o["gpus_per_worker"] or 0)
+    if workers < 1 or gpus < 0:
+        raise ToolkitError(f"--workers must be at least 1 and --gpus-per-worker at least 0, got {workers} and {gpus:g}")
+    if o["adapter"] is not None:
+        raise ToolkitError("extract(workers=...) loads the model in each Ray actor; pass model options, not adapter=")
+    if o["batch_size"] < 1:
+        raise ToolkitError(f"--batch-size must be at least 1, got {o['batch_size']}")
+    dataset_cls = get_dataset(o["dataset"])
+    if getattr(dataset_cls, "closed_loop", False):
+        raise ToolkitError(f"dataset {o['dataset']!r} runs closed-loop (a simulator); --workers supports open-loop "
+                           "datasets only: run it without --workers")
+    path = Path(o["store"])
+    _check_target(path, o["resume"], o["overwrite"])
+    ds = dataset_cls(o["data"], **(o["dataset_options"] or {}))
+    total = expected_samples(ds, o["max_episodes"], o["max_steps"], o["stride"])
+    if total is None:  # the dataset does not know its size: count it (no model runs)
+        total = sum(1 for _ in iter_samples(ds, o["max_episodes"], o["max_steps"], o["stride"]))
+    ray, started = _connect(o["ray_address"], workers, gpus)
+    actor_cls = ray.remote(ExtractWorker)
+    run_id = uuid.uuid4().hex[:8]
+    options = {k: v for k, v in o.items() if k != "unit"}
+    actors = [actor_cls.options(name=f"toolkit-extract-{run_id}-{i}", num_cpus=1, num_gpus=gpus,
+                                max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS).remote(options)
+              for i in range(workers)]
+    writer = None
+    try:
+        layout = _get(ray, actors[0].layout.remote(o["batch_size"]))
+        writer = _writer(path, o["resume"], o["overwrite"], o["codec"], layout["spec"])
+        if writer.committed:
+            _check_resume_prefix(writer, iter_samples(ds, o["max_episodes"], o["max_steps"], o["stride"]),
+                                 writer.committed)
+        writer.initialize(**layout["init"])
+        for _, arr in _sample_arrays(writer.root):  # the one resize: every actor writes inside this shape
+            if arr.shape[0] != total:
+                arr.resize((total, *arr.shape[1:]))
+        _run_units(ray, actors, writer, units(writer.committed, total, writer.chunk_samples, o["batch_size"], workers),
+                   Progress(o["progress"], writer, writer.committed, total))
+        writer.close(complete=True, release=False)
+    except BaseException as e:
+        if writer is not None:
+            writer.abort(release=False)
+            if writer.created and writer.committed == 0:
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)  # nothing useful was written
+        if isinstance(e, KeyboardInterrupt) and writer is not None:
+            import signal
+
+            num = getattr(e, "signum", signal.SIGINT)
+            raise Interrupted(num, f"interrupted by {signal.Signals(num).name}: {writer.committed} samples are "
+                                   f"committed in {path}") from None
+        raise
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        if writer is not None:
+            writer.release()
+        if started:
+            ray.shutdown()
+    return path
+
+
+def _get(ray, ref):
+    """``ray.get`` with a worker's ToolkitError surfacing as itself (one line), other failures as one line."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        if isinstance(cause, ToolkitError):
+            raise ToolkitError(str(cause).splitlines()[0]) from None
+        raise
+    except ray.exceptions.RayActorError as e:
+        raise ToolkitError(f"a Ray worker died {ACTOR_RESTARTS + 1} times ({str(e).splitlines()[0][:200]}); "
+                           "the committed samples are kept: rerun with --resume") from None
+
+
+def _run_units(ray, actors, writer: StoreWriter, todo: list[tuple[int, int]], bar) -> None:
+    """Keep every actor busy; commit the contiguous prefix of finished units as it grows."""
+    todo = list(todo)
+    ends = {a: b for a, b in todo}
+    finished: set[int] = set()
+    pending: dict[Any, Any] = {}
+    idle = list(actors)
+    prefix = writer.committed
+    while todo or pending:
+        while todo and idle:
+            actor = idle.pop()
+            a, b = todo.pop(0)
+            pending[actor.run_unit.remote(a, b)] = actor
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            idle.append(pending.pop(ref))
+            a, b = _get(ray, ref)
+            finished.add(a)
+            if bar.bar is not None:
+                bar.bar.update(b - a)
+        advanced = prefix
+        while advanced in finished:
+            advanced = ends[advanced]
+        if advanced != prefix:
+            writer.commit(advanced)
+            prefix = advanced
