@@ -103,13 +103,14 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost(cluster, seria
     assert_same_store(serial, store)
 
 
-def test_a_killed_driver_leaves_a_store_that_resume_finishes(serial, tmp_path):
+def test_a_killed_driver_leaves_a_store_that_resume_finishes(cluster, serial, tmp_path):
     store = tmp_path / "driver.zarr"
     args = [sys.executable, "-m", "toolkit", "extract", "--store", str(store), "--model", "pi0", "--dataset", "libero",
             "--max-episodes", "2", "--chunk-samples", "2", "--streams", "resid_post", "--no-progress"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    proc = subprocess.Popen([*args, "--workers", "2"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    address = ray.get_runtime_context().gcs_address  # the driver joins the module's cluster (no second start)
+    proc = subprocess.Popen([*args, "--workers", "2", "--ray-address", address], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while committed(store)[0] < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -117,7 +118,7 @@ def test_a_killed_driver_leaves_a_store_that_resume_finishes(serial, tmp_path):
     proc.wait()
     n, complete = committed(store)
     assert proc.returncode == -signal.SIGKILL and 2 <= n < 12 and not complete, "the run ended before the kill"
-    res = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    res = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True)  # one process
     assert res.returncode == 0, res.stderr
     assert_same_store(serial, store)
 
