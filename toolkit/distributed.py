@@ -127,12 +127,21 @@ class Unit:
     start: int
     stop: int
     layout: bool = False  # True: run the first batch only and return the store's layout
+    last: bool = False  # the run's last unit: the data must end here
+    seen: int = 0
 
     def writer(self, path: Path, spec: dict[str, Any]):
         return LayoutWriter(path, spec) if self.layout else UnitWriter(path, self.start, self.stop)
 
     def samples(self, samples: Iterator) -> Iterator:
-        return itertools.islice(samples, self.start, self.stop)
+        """The unit's samples; the run's length came from the dataset's ``length_hint``, so a dataset that gives
+        fewer or more samples than it announced fails in one line instead of leaving a gap or a short store."""
+        for s in itertools.islice(samples, self.start, self.stop):
+            self.seen += 1
+            yield s
+        if not self.layout and (self.seen != self.stop - self.start or (self.last and next(samples, None))):
+            raise ToolkitError("the dataset gives another number of samples than its length_hint() announced; "
+                               "run without --workers (or fix the dataset adapter's length_hint)")
 
 
 class ExtractWorker:
@@ -162,10 +171,10 @@ class ExtractWorker:
         raise ToolkitError("the dataset selection is empty: no episode has a step to process "
                            "(check --data, --max-episodes, --max-steps and --stride)")
 
-    def run_unit(self, start: int, stop: int) -> tuple[int, int]:
+    def run_unit(self, start: int, stop: int, last: bool = False) -> tuple[int, int]:
         from toolkit.extract import extract
 
-        extract(**self.options, unit=Unit(start, stop))
+        extract(**self.options, unit=Unit(start, stop, last=last))
         return start, stop
 
 
@@ -305,11 +314,12 @@ def _run_units(ray, actors, writer: StoreWriter, todo: list[tuple[int, int]], ba
     pending: dict[Any, Any] = {}
     idle = list(actors)
     prefix = writer.committed
+    total = todo[-1][1] if todo else prefix
     while todo or pending:
         while todo and idle:
             actor = idle.pop()
             a, b = todo.pop(0)
-            pending[actor.run_unit.remote(a, b)] = actor
+            pending[actor.run_unit.remote(a, b, b == total)] = actor
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             idle.append(pending.pop(ref))
