@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import toolkit
-from toolkit.distributed import units
+from toolkit.distributed import _reachable, units
 from toolkit.extract import extract
 
 ray = pytest.importorskip("ray")
@@ -127,3 +127,5 @@ def test_a_bad_worker_count_fails_in_one_line_before_anything_is_written(tmp_pat
     with pytest.raises(toolkit.ToolkitError, match="at least 1"):
         extract(store=tmp_path / "x.zarr", workers=-1, **OPTIONS)
     assert not (tmp_path / "x.zarr").exists()
+    with pytest.raises(toolkit.ToolkitError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
+        _reachable("127.0.0.1:1")  # Ray itself would retry for minutes

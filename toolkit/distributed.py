@@ -191,6 +191,20 @@ def units(committed: int, total: int, chunk_samples: int, batch_size: int, worke
     return out
 
 
+def _reachable(address: str) -> None:
+    """Fail in one line on a cluster address nobody answers at (Ray itself retries for minutes)."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError):
+        raise ToolkitError(f"cannot reach the Ray cluster at {address}: nothing answers there (start it with "
+                           "`ray start --head`, or leave out --ray-address for a local one)") from None
+
+
 def _connect(address: str | None, workers: int, gpus: float):
     try:
         import ray
@@ -199,6 +213,7 @@ def _connect(address: str | None, workers: int, gpus: float):
     started = False
     if not ray.is_initialized():
         if address:
+            _reachable(address)
             try:
                 ray.init(address=address, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
@@ -327,6 +342,7 @@ def _run_units(ray, actors, writer: StoreWriter, todo: list[tuple[int, int]], ba
             finished.add(a)
             if bar.bar is not None:
                 bar.bar.update(b - a)
+                bar.bar.set_postfix(workers=len(actors), busy=len(pending), committed=prefix, refresh=False)
         advanced = prefix
         while advanced in finished:
             advanced = ends[advanced]
