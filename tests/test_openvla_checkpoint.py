@@ -260,11 +260,12 @@ def test_a_loaded_checkpoint_passes_the_adapter_contract(loaded, batch):
     """Conformance on the loaded weights: hooks change nothing, and the captured LLM residuals equal the LLM's
     own ``output_hidden_states`` (``check_reference_hidden_states``), in both capture modes."""
     check_model_adapter(loaded, batch)
-    loaded.capture = "actions"
+    options = loaded.options
+    loaded.capture, loaded.options = "actions", {**options, "capture": "actions"}  # as if built with the option
     try:
         check_model_adapter(loaded, batch)
     finally:
-        loaded.capture = "prefix"
+        loaded.capture, loaded.options = "prefix", options
 
 
 def test_generation_emits_no_deprecation_warning(loaded, batch, caplog):

@@ -6,6 +6,8 @@
 
 Each check raises ``AssertionError`` (or the adapter's own error) with a message saying what is wrong:
 
+* ``check_architecture``: what the adapter's ``architecture()`` says (when it says anything) is what the built
+  adapter has: the same sites, and the same experts, except spans the adapter learns from its first batch;
 * ``check_structure``: every site names an existing expert, every expert's ``layers_path`` is a ModuleList of
   ``n_layers`` layers, spans/masks/sequence lengths of prepared inputs are consistent;
 * ``check_outputs_unchanged``: ``run`` gives bit-identical actions with and without a capture of every
@@ -22,6 +24,7 @@ docs/plugins.md walks through the contract and a complete plugin.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from collections.abc import Sequence
@@ -56,6 +59,25 @@ def run_captured(adapter: ModelAdapter, inputs: ModelInputs, plan: list[SiteCapt
         out = adapter.run(inputs, generators(inputs.batch_size, seed))
         arrays = cap.collect()
     return out, arrays
+
+
+def check_architecture(adapter: ModelAdapter) -> None:
+    """``architecture(checkpoint, **options)`` (known before the model is built, so `toolkit extract` checks a
+    selection early) must describe the built adapter; None (unknown until loaded) passes."""
+    arch = type(adapter).architecture(adapter.checkpoint, **adapter.options)
+    if arch is None:
+        return
+    experts, sites = arch
+    assert sites == adapter.sites, f"architecture() gives sites {sites}, the built adapter {adapter.sites}"
+    built = adapter.experts
+    assert list(experts) == list(built), \
+        f"architecture() gives experts {list(experts)}, the built adapter {list(built)}"
+    for name, ex in experts.items():
+        # spans may grow once the first batch names the cameras (pi0's image.CAM, RoboVLMs' found hand camera)
+        assert set(ex.spans) <= set(built[name].spans), \
+            f"expert {name!r}: architecture() offers spans {ex.spans}, the built adapter {built[name].spans}"
+        assert dataclasses.replace(ex, spans=built[name].spans) == built[name], \
+            f"expert {name!r}: architecture() gives {ex}, the built adapter {built[name]}"
 
 
 def check_structure(adapter: ModelAdapter, inputs: ModelInputs) -> None:
@@ -157,6 +179,7 @@ def _skip(reason: str) -> None:
 def check_model_adapter(adapter: ModelAdapter, batch: Batch, atol: float = 1e-5) -> None:
     """Run every conformance check on ``adapter`` with the dataset steps in ``batch`` (the reference check last:
     without ``reference_hidden_states`` it skips loudly once the others have passed)."""
+    check_architecture(adapter)
     inputs = adapter.prepare(batch)
     assert inputs.batch_size == len(batch), f"prepare() gives batch_size {inputs.batch_size} for {len(batch)} steps"
     check_structure(adapter, inputs)

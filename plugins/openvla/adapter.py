@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -38,16 +39,18 @@ from pydantic import Field
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.capture import DECODER_STREAMS
-from toolkit.cli_options import AdapterOptions
+from toolkit.cli_options import AdapterOptions, parse_options
 from toolkit.errors import ToolkitError
 from toolkit.hf import cast_model, image_tensor, llama_tokenizer, one_line
 from toolkit_plugins.openvla.loading import load_native, load_remote, load_tokenizer, local_checkpoint, read_config
 from toolkit_plugins.openvla.model import (
+    TINY_CONFIG,
     PrismaticConfig,
     build_random,
     build_tiny_model,
     is_prismatic_config,
     native_support_problem,
+    vit_specs,
 )
 from toolkit_plugins.openvla.vit import IMAGENET_MEAN, IMAGENET_STD
 
@@ -98,6 +101,38 @@ def _config_value(cfg: Any, name: str, default: Any = None) -> Any:
     elif value is None and getattr(cfg, "text_config", None) is not None:
         value = getattr(cfg.text_config, name, None)
     return default if value is None else value
+
+
+SITES = {
+    "llm": SiteInfo("llm", "llm", "all", "mean", "Llama layers, every real token"),
+    "embedding": SiteInfo("embedding", "embedding", "all", "mean", "layer-0 input embeddings"),
+    "dino": SiteInfo("dino", "dino", "patches", "mean", "DINOv2 vision blocks, patch tokens"),
+    "siglip": SiteInfo("siglip", "siglip", "all", "mean", "SigLIP vision blocks"),
+    "projector": SiteInfo("projector", "projector", "all", "mean", "projected vision tokens"),
+}
+
+
+def openvla_experts(n_layers: int, hidden: int, dino: dict[str, Any], siglip: dict[str, Any],
+                    capture: str) -> dict[str, Expert]:
+    """The experts of a Prismatic model: LLM depth and width, each tower's block path, depth and width."""
+    keep = 0 if capture == "prefix" else -1
+    return {
+        "llm": Expert("llm", "language_model.model.layers", n_layers, hidden,
+                      ("bos", "vision", "prompt", "action"), streams=dict(DECODER_STREAMS), record_call=keep,
+                      description="Llama decoder layers over [BOS][vision][prompt]"
+                                  + ("[generated action tokens]" if keep else "")),
+        "embedding": Expert("embedding", "language_model.model.layers.0", 1, hidden,
+                            ("bos", "vision", "prompt", "action"), streams={"resid_post": ("input", "")},
+                            record_call=keep, layered=False,
+                            description="the LLM's input embeddings (token embeddings with the projected "
+                                        "patches inserted after BOS), i.e. layer 0's input"),
+        "dino": Expert("dino", dino["path"], dino["layers"], dino["width"], ("prefix", "patches"),
+                       streams=dict(OUTPUT_STREAM), description="DINOv2 blocks (CLS + 4 registers + patches)"),
+        "siglip": Expert("siglip", siglip["path"], siglip["layers"], siglip["width"], ("patches",),
+                         streams=dict(OUTPUT_STREAM), description="SigLIP blocks (patches)"),
+        "projector": Expert("projector", "projector", 1, hidden, ("patches",), streams=dict(OUTPUT_STREAM),
+                            layered=False, description="projector output: the vision tokens the LLM sees"),
+    }
 
 
 class OpenVLAAdapter(ModelAdapter):
@@ -207,34 +242,33 @@ class OpenVLAAdapter(ModelAdapter):
 
     @property
     def experts(self) -> dict[str, Expert]:
-        keep = 0 if self.capture == "prefix" else -1
-        return {
-            "llm": Expert("llm", "language_model.model.layers", self.n_layers, self.hidden,
-                          ("bos", "vision", "prompt", "action"), streams=dict(DECODER_STREAMS), record_call=keep,
-                          description="Llama decoder layers over [BOS][vision][prompt]"
-                                      + ("[generated action tokens]" if keep else "")),
-            "embedding": Expert("embedding", "language_model.model.layers.0", 1, self.hidden,
-                                ("bos", "vision", "prompt", "action"), streams={"resid_post": ("input", "")},
-                                record_call=keep, layered=False,
-                                description="the LLM's input embeddings (token embeddings with the projected "
-                                            "patches inserted after BOS), i.e. layer 0's input"),
-            "dino": Expert("dino", self.dino["path"], self.dino["layers"], self.dino["width"], ("prefix", "patches"),
-                           streams=dict(OUTPUT_STREAM), description="DINOv2 blocks (CLS + 4 registers + patches)"),
-            "siglip": Expert("siglip", self.siglip["path"], self.siglip["layers"], self.siglip["width"], ("patches",),
-                             streams=dict(OUTPUT_STREAM), description="SigLIP blocks (patches)"),
-            "projector": Expert("projector", "projector", 1, self.hidden, ("patches",), streams=dict(OUTPUT_STREAM),
-                                layered=False, description="projector output: the vision tokens the LLM sees"),
-        }
+        return openvla_experts(self.n_layers, self.hidden, self.dino, self.siglip, self.capture)
 
     @property
     def sites(self) -> dict[str, SiteInfo]:
-        return {
-            "llm": SiteInfo("llm", "llm", "all", "mean", "Llama layers, every real token"),
-            "embedding": SiteInfo("embedding", "embedding", "all", "mean", "layer-0 input embeddings"),
-            "dino": SiteInfo("dino", "dino", "patches", "mean", "DINOv2 vision blocks, patch tokens"),
-            "siglip": SiteInfo("siglip", "siglip", "all", "mean", "SigLIP vision blocks"),
-            "projector": SiteInfo("projector", "projector", "all", "mean", "projected vision tokens"),
-        }
+        return dict(SITES)
+
+    @classmethod
+    def architecture(cls, checkpoint: str | None = None,
+                     **options: Any) -> tuple[dict[str, Expert], dict[str, SiteInfo]] | None:
+        """From the small default's config, or a local checkpoint's config.json (no weight is read); None for a
+        hub id (only loading resolves it, perhaps downloading) and for variants run with their own code.  The
+        small default's sizes are read from its config dict, without importing transformers."""
+        opts = parse_options(cls, options, cls.name)
+        if checkpoint is None:
+            raw, text = TINY_CONFIG, TINY_CONFIG["text_config"]  # every size given explicitly
+            llm = (text["num_hidden_layers"], text["hidden_size"])
+        elif Path(checkpoint).expanduser().exists():
+            raw = read_config(local_checkpoint(checkpoint))
+            if not is_prismatic_config(raw) or native_support_problem(raw) is not None:
+                return None  # loading gives the one-line reason, or runs the checkpoint's own code
+            text = PrismaticConfig(raw).text_config  # transformers fills the sizes the file leaves out
+            llm = (text.num_hidden_layers, text.hidden_size)
+        else:
+            return None
+        towers = [{"path": f"vision_backbone.{name}.blocks", "layers": spec.depth, "width": spec.embed_dim}
+                  for name, spec in zip(("featurizer", "fused_featurizer"), vit_specs(raw))]
+        return openvla_experts(*llm, *towers, opts["capture"]), dict(SITES)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "capture": self.capture,

@@ -82,6 +82,15 @@ def native_support_problem(raw: dict) -> str | None:
     return None
 
 
+def vit_specs(raw: dict) -> list[ViTSpec]:
+    """The two vision towers' architectures of a supported Prismatic ``config.json``."""
+    overrides = raw.get(OVERRIDES_KEY) or [None, None]
+    try:
+        return [vit_spec(i, o) for i, o in zip(raw["timm_model_ids"], overrides)]
+    except TypeError as e:
+        raise ToolkitError(f"config.json {OVERRIDES_KEY} is not a list of ViTSpec fields ({e})") from None
+
+
 class PrismaticConfig:
     """A Prismatic/OpenVLA ``config.json``: the fields the model needs, and the raw dict for provenance."""
 
@@ -96,11 +105,7 @@ class PrismaticConfig:
         self.timm_model_ids = list(raw["timm_model_ids"])
         sizes = raw.get("image_sizes") or [224, 224]
         self.image_sizes = [int(s) for s in sizes] * (2 if len(sizes) == 1 else 1)
-        overrides = raw.get(OVERRIDES_KEY) or [None, None]
-        try:
-            self.vit_specs: list[ViTSpec] = [vit_spec(i, o) for i, o in zip(self.timm_model_ids, overrides)]
-        except TypeError as e:
-            raise ToolkitError(f"config.json {OVERRIDES_KEY} is not a list of ViTSpec fields ({e})") from None
+        self.vit_specs: list[ViTSpec] = vit_specs(raw)
         text = dict(raw["text_config"])
         try:
             self.text_config = AutoConfig.for_model(**text)

@@ -32,7 +32,7 @@ from toolkit.checkpoint import (
     safetensors_shapes,
     weight_files,
 )
-from toolkit.cli_options import AdapterOptions
+from toolkit.cli_options import AdapterOptions, parse_options
 from toolkit.errors import ToolkitError
 from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
 from toolkit_plugins.pi0 import layouts, normalise
@@ -90,6 +90,34 @@ def build_tiny_model(seed: int):
     return PI0ForConditionalGeneration(PI0Config(**TINY_CONFIG)).eval()
 
 
+SITES = {
+    "vlm": SiteInfo("vlm", "vlm", "all", "mean", "VLM expert, every prefix token"),
+    "text_only": SiteInfo("text_only", "vlm", "text", "mean", "VLM expert, instruction tokens only"),
+    "action": SiteInfo("action", "action", "all", "mean", "action expert, state and action tokens"),
+}
+
+
+def pi0_experts(vlm: tuple[int, int], dit: tuple[int, int], cameras: Sequence[str] | None,
+                num_steps: int) -> dict[str, Expert]:
+    """The two experts, from the (layers, width) of the VLM and of the action expert (one span per camera once
+    the camera order is known)."""
+    cams = tuple(f"image.{c}" for c in cameras or ())
+    return {
+        "vlm": Expert("vlm", "model.vlm.language_model.layers", *vlm, ("image", *cams, "text"),
+                      streams=dict(DECODER_STREAMS),
+                      description="PaliGemma language model over the prefix (images, instruction)"),
+        "action": Expert("action", "model.dit.layers", *dit, ("state", "actions"), denoise_steps=num_steps,
+                         streams=dict(DECODER_STREAMS),
+                         description="action expert over the suffix (state, noisy actions), once per denoising step"),
+    }
+
+
+def _cameras(opts: dict[str, Any]) -> list[str] | None:
+    """The ``cameras`` option as a list (None: the first batch's cameras, sorted)."""
+    cams = opts["cameras"]
+    return (cams.split(",") if isinstance(cams, str) else list(cams)) if cams else None
+
+
 class Pi0Adapter(ModelAdapter):
     """pi0 (PaliGemma VLM + flow-matching action expert) on transformers' PI0ForConditionalGeneration."""
 
@@ -137,8 +165,7 @@ class Pi0Adapter(ModelAdapter):
         self.num_steps = int(opts["num_steps"] or cfg.num_inference_steps)
         self.action_dim = min(int(opts["action_dim"] or layouts.action_size(meta) or 7), self.max_action_dim)
         self.max_text_tokens = int(opts["max_text_tokens"])
-        cams = opts["cameras"]
-        self.cameras: list[str] | None = (cams.split(",") if isinstance(cams, str) else list(cams)) if cams else None
+        self.cameras: list[str] | None = _cameras(opts)
 
     # loading ------------------------------------------------------------------------------
     @staticmethod
@@ -170,18 +197,12 @@ class Pi0Adapter(ModelAdapter):
         """Build the checkpoint's architecture and fill every weight from the file (or fail naming what is missing).
 
         Returns (model, the checkpoint's config.json, normalisation buffers found among the weights)."""
-        from transformers import PI0Config, PI0ForConditionalGeneration
+        from transformers import PI0ForConditionalGeneration
         from transformers.initialization import no_init_weights
 
         shapes = safetensors_shapes(files)
         self.layout = layouts.recognise(list(shapes))
-        try:
-            if meta.get("model_type") == "pi0":  # transformers' own config.json
-                config = PI0Config.from_dict(meta)
-            else:  # lerobot "type": "pi0", openpi's converted config.json, or none: the weights give the sizes
-                config = layouts.config_from_weights(layouts.to_model_names(shapes, set())[0], meta)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{checkpoint}: cannot build the pi0 architecture ({one_line(e)})") from None
+        config = self._config(checkpoint, meta, shapes)
         buffer_keys = [k for k in shapes if layouts.STATS_BUFFERS.match(k)]
         buffers = read_tensors(files, buffer_keys) if buffer_keys else {}
         # random weights (seeded) only where they are wanted; otherwise every value comes from the file
@@ -199,6 +220,43 @@ class Pi0Adapter(ModelAdapter):
         self.load_report = load_into(model, weights, source=checkpoint, layout=self.layout, derived=derived,
                                      allow_missing=self.allow_missing)
         return model.eval(), meta, buffers
+
+    @staticmethod
+    def _config(checkpoint: str, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]):
+        """The checkpoint's ``PI0Config``: its own config.json when transformers wrote it, else sized from the
+        weights' shapes (the safetensors header: no weight is read)."""
+        from transformers import PI0Config
+
+        try:
+            if meta.get("model_type") == "pi0":  # transformers' own config.json
+                return PI0Config.from_dict(meta)
+            # lerobot "type": "pi0", openpi's converted config.json, or none: the weights give the sizes
+            return layouts.config_from_weights(layouts.to_model_names(shapes, set())[0], meta)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{checkpoint}: cannot build the pi0 architecture ({one_line(e)})") from None
+
+    @classmethod
+    def architecture(cls, checkpoint: str | None = None,
+                     **options: Any) -> tuple[dict[str, Expert], dict[str, SiteInfo]] | None:
+        """From the small default's config, or a local checkpoint's config.json and safetensors header (no
+        weight is read); None for a hub id, which only loading resolves (it may download).  The small default
+        is read from its config dict, without importing transformers (seconds on a busy machine)."""
+        opts = parse_options(cls, options, cls.name)
+        if checkpoint is None:
+            text, dit = TINY_CONFIG["vlm_config"]["text_config"], TINY_CONFIG["dit_config"]
+            sizes = [(c["num_hidden_layers"], c["hidden_size"]) for c in (text, dit)]
+            steps = TINY_CONFIG["num_inference_steps"]
+        elif Path(checkpoint).expanduser().exists():
+            directory, files = cls._resolve(checkpoint)
+            meta = layouts.read_meta(directory)
+            shapes = safetensors_shapes(files)
+            layouts.recognise(list(shapes))  # not a pi0 layout: the same one line as loading gives
+            config = cls._config(checkpoint, meta, shapes)
+            sizes = [(c.num_hidden_layers, c.hidden_size) for c in (config.vlm_config.text_config, config.dit_config)]
+            steps = config.num_inference_steps
+        else:
+            return None
+        return pi0_experts(*sizes, _cameras(opts), int(opts["num_steps"] or steps)), dict(SITES)
 
     def _load_tokenizer(self, directory: Path | None):
         """The ``tokenizer`` option, else the checkpoint's own tokenizer files, else PaliGemma's from the HF cache."""
@@ -237,25 +295,13 @@ class Pi0Adapter(ModelAdapter):
     @property
     def experts(self) -> dict[str, Expert]:
         cfg = self.model.config
-        cams = tuple(f"image.{c}" for c in self.cameras or ())
-        return {
-            "vlm": Expert("vlm", "model.vlm.language_model.layers", cfg.vlm_config.text_config.num_hidden_layers,
-                          cfg.vlm_config.text_config.hidden_size, ("image", *cams, "text"),
-                          streams=dict(DECODER_STREAMS),
-                          description="PaliGemma language model over the prefix (images, instruction)"),
-            "action": Expert("action", "model.dit.layers", cfg.dit_config.num_hidden_layers,
-                             cfg.dit_config.hidden_size, ("state", "actions"), denoise_steps=self.num_steps,
-                             streams=dict(DECODER_STREAMS),
-                             description="action expert over the suffix (state, noisy actions), once per denoising step"),
-        }
+        text = cfg.vlm_config.text_config
+        return pi0_experts((text.num_hidden_layers, text.hidden_size),
+                           (cfg.dit_config.num_hidden_layers, cfg.dit_config.hidden_size), self.cameras, self.num_steps)
 
     @property
     def sites(self) -> dict[str, SiteInfo]:
-        return {
-            "vlm": SiteInfo("vlm", "vlm", "all", "mean", "VLM expert, every prefix token"),
-            "text_only": SiteInfo("text_only", "vlm", "text", "mean", "VLM expert, instruction tokens only"),
-            "action": SiteInfo("action", "action", "all", "mean", "action expert, state and action tokens"),
-        }
+        return dict(SITES)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "cameras": self.cameras, "num_steps": self.num_steps,

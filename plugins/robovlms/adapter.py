@@ -38,6 +38,7 @@ import collections
 import logging
 import re
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +48,7 @@ from pydantic import Field
 
 from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
 from toolkit.checkpoint import load_into
-from toolkit.cli_options import AdapterOptions
+from toolkit.cli_options import AdapterOptions, parse_options
 from toolkit.errors import ToolkitError
 from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
 from toolkit_plugins.robovlms.loading import (
@@ -56,6 +57,7 @@ from toolkit_plugins.robovlms.loading import (
     TrainingConfig,
     check_shapes_agree,
     check_supported,
+    count_layers,
     read_checkpoint,
     shapes_from_state_dict,
     training_config,
@@ -109,6 +111,25 @@ class RoboVLMsOptions(AdapterOptions):
                                                           "or after it")
     text_heads: int | None = Field(None, ge=1, description="text attention heads (default: hidden // 64)")
     vision_heads: int | None = Field(None, ge=1, description="vision attention heads (default: hidden // 64)")
+
+
+SITES = {
+    "text": SiteInfo("text", "text", "all", "mean", "Kosmos-2 text layers, every real token"),
+    "context": SiteInfo("context", "context", "all", "none", "the act_head context vector (action_hs)"),
+}
+
+
+def robovlms_experts(n_layers: int, hidden: int, hand_camera: str | None) -> dict[str, Expert]:
+    """The text layers and the act_head context of a policy this deep and wide (a hand camera adds its span)."""
+    images = ("hand_image", "image") if hand_camera else ("image",)
+    return {
+        "text": Expert("text", f"{TEXT}.layers", n_layers, hidden, (*images, "text", "action"),
+                       streams=dict(KOSMOS_STREAMS),
+                       description="Kosmos-2 text layers over [<s>][(hand) image latents][text][ACT][</s>]"),
+        "context": Expert("context", "act_head", 1, hidden, ("current",), streams=dict(CONTEXT_STREAMS),
+                          layered=False,
+                          description="act_head input (action_hs): window x latent action-token states"),
+    }
 
 
 def build_tiny_policy(seed: int, window: int = 1) -> RoboKosmosPolicy:
@@ -325,22 +346,32 @@ class RoboVLMsAdapter(ModelAdapter):
 
     @property
     def experts(self) -> dict[str, Expert]:
-        images = ("hand_image", "image") if self.hand_camera else ("image",)
-        return {
-            "text": Expert("text", f"{TEXT}.layers", self.n_layers, self.hidden, (*images, "text", "action"),
-                           streams=dict(KOSMOS_STREAMS),
-                           description="Kosmos-2 text layers over [<s>][(hand) image latents][text][ACT][</s>]"),
-            "context": Expert("context", "act_head", 1, self.hidden, ("current",), streams=dict(CONTEXT_STREAMS),
-                              layered=False,
-                              description="act_head input (action_hs): window x latent action-token states"),
-        }
+        return robovlms_experts(self.n_layers, self.hidden, self.hand_camera)
 
     @property
     def sites(self) -> dict[str, SiteInfo]:
-        return {
-            "text": SiteInfo("text", "text", "all", "mean", "Kosmos-2 text layers, every real token"),
-            "context": SiteInfo("context", "context", "all", "none", "the act_head context vector (action_hs)"),
-        }
+        return dict(SITES)
+
+    @classmethod
+    def architecture(cls, checkpoint: str | None = None,
+                     **options: Any) -> tuple[dict[str, Expert], dict[str, SiteInfo]] | None:
+        """From the small default's config, or a zip-format checkpoint's tensor names and shapes: the file is
+        memory-mapped (``torch.load(mmap=True, weights_only=True)``), so no weight is read.  None for an older
+        non-zip file (reading its shapes means reading every weight): the selection is checked once it is loaded.
+        The hand camera's span is there when the option names one; a camera found at the first step (a policy
+        trained with ``use_hand_rgb``) adds it only then, as in the loaded adapter."""
+        opts = parse_options(cls, options, cls.name)
+        hand = opts["hand_camera"]
+        hand = None if hand is None or str(hand).lower() == NO_CAMERA else str(hand)
+        if checkpoint is None:
+            text = TINY_KOSMOS["text_config"]
+            return robovlms_experts(text["layers"], text["embed_dim"], hand), dict(SITES)
+        path = Path(checkpoint).expanduser()
+        if not path.is_file() or not zipfile.is_zipfile(path):
+            return None
+        sd = read_checkpoint(path).weights
+        layers = count_layers(sd, rf"{re.escape(TEXT)}\.layers\.(\d+)\.")
+        return robovlms_experts(layers, int(sd["action_token"].shape[0]), hand), dict(SITES)
 
     def describe(self) -> dict[str, Any]:
         settings = {**self.settings, "camera": {**self.settings["camera"], "value": self.camera}}

@@ -212,7 +212,7 @@ def check_supported(cfg: TrainingConfig, path: Path) -> None:
 # --------------------------------------------------------------------------- model shape
 
 
-def _count(sd: dict[str, torch.Tensor], pattern: str) -> int:
+def count_layers(sd: dict[str, torch.Tensor], pattern: str) -> int:
     rx = re.compile(pattern)
     found = {int(m.group(1)) for k in sd if (m := rx.match(k))}
     return max(found) + 1 if found else 0
@@ -241,10 +241,10 @@ def shapes_from_state_dict(sd: dict[str, torch.Tensor], path: Path, text_heads: 
     v_ffn = int(_need(sd, f"{VISION}.encoder.layers.0.mlp.fc1.weight", path).shape[0])
     queries = int(_need(sd, "backbone.image_to_text_projection.latent_query", path).shape[0])
     cfg = Kosmos2Config(
-        text_config=dict(embed_dim=hidden, layers=_count(sd, rf"{re.escape(TEXT)}\.layers\.(\d+)\."),
+        text_config=dict(embed_dim=hidden, layers=count_layers(sd, rf"{re.escape(TEXT)}\.layers\.(\d+)\."),
                          attention_heads=text_heads or max(1, hidden // 64), ffn_dim=ffn, vocab_size=vocab),
         vision_config=dict(hidden_size=v_hidden, intermediate_size=v_ffn, patch_size=patch,
-                           num_hidden_layers=_count(sd, rf"{re.escape(VISION)}\.encoder\.layers\.(\d+)\."),
+                           num_hidden_layers=count_layers(sd, rf"{re.escape(VISION)}\.encoder\.layers\.(\d+)\."),
                            num_attention_heads=vision_heads or max(1, v_hidden // 64),
                            image_size=int(round(math.sqrt(n_pos - 1))) * patch),
         latent_query_num=queries,
@@ -255,7 +255,7 @@ def shapes_from_state_dict(sd: dict[str, torch.Tensor], path: Path, text_heads: 
     n = int(_need(sd, "act_head.gripper.mlp.6.weight", path).shape[0])
     arm = int(_need(sd, "act_head.actions.mlp.6.weight", path).shape[0])
     head = dict(action_dim=arm // n + 1, latent=latent, fwd_pred_next_n=n, head_hidden_size=rnn_hidden // latent,
-                head_layers=_count(sd, r"act_head\.rnn\.weight_ih_l(\d+)$"))
+                head_layers=count_layers(sd, r"act_head\.rnn\.weight_ih_l(\d+)$"))
     return cfg, head
 
 
