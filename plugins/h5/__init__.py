@@ -294,6 +294,10 @@ class H5Dataset(DatasetAdapter):
             out["skipped_files"] = [str(p) for p, _ in self.bad]
         return out
 
+    def length_hint(self) -> list[int]:
+        """Frames read from each selected episode: from the files' metadata, which ``episodes()`` reads anyway."""
+        return [len(frame_indices(i.num_frames, self.frames_per_episode)) for i in self.selected()]
+
     # episodes ---------------------------------------------------------------------------------
     def episodes(self) -> Iterator[Episode]:
         infos = self.infos()

@@ -42,6 +42,7 @@ from toolkit_plugins.libero.tasks import language_from_name
 SAMPLE_DIR = Path(__file__).parent / "data"
 TEXT_TOKENS = 48  # pi0's LIBERO prompt length: the last 48 positions of the VLM sequence
 IMAGE_TOKENS_PER_VIEW = 256  # 224x224 SigLIP, 14x14 patches
+HINT_BYTES = 64 * 2**20  # selected pickles up to this size are read once more to count their steps (length_hint)
 
 CAMERAS = {
     "agentview": ("agentview_image", "image", "observation/image", "base_image", "base_0_rgb"),
@@ -372,6 +373,14 @@ class LiberoDataset(DatasetAdapter):
                 )
             # drop this task before the next one is read (episodes keep only their own sub-dicts)
             task = ep = rollout = None  # noqa: F841
+
+    def length_hint(self) -> list[int] | None:
+        """Steps of each selected episode, when the selected pickles are small enough to read twice (at most
+        ``HINT_BYTES`` together: the embedded sample, rollouts without latents).  A pickle cannot be walked
+        without unpickling it, so pickles carrying latents (gigabytes) give no hint rather than a second read."""
+        if sum(p.stat().st_size for p in self._files) > HINT_BYTES:
+            return None
+        return [ep.n_steps for ep in self.episodes()]
 
     def activation_layout(self) -> ActivationLayout | None:
         if self._layout is False:

@@ -28,7 +28,8 @@ Steps: ``images["agentview"]`` (image key), ``images["wrist"]`` (wrist key), ``s
 step's scalar fields (``is_first``, ``is_last``, ``is_terminal``, ``reward``, ``discount``, ...) as
 ``Step.fields``; the episode's instruction is its ``instruction`` and ``task`` (``task_id`` numbers the
 distinct instructions in order of appearance).  TensorFlow is imported only when a dataset is read, and is
-kept off the GPUs.
+kept off the GPUs.  No ``length_hint``: TFDS' dataset info counts a split's episodes, not their steps, so
+extract's progress bar has no total.
 """
 
 from __future__ import annotations
