@@ -8,6 +8,7 @@ import click
 
 from toolkit.cli_options import key_values
 from toolkit.errors import ToolkitError
+from toolkit.spec import IndexSpec
 
 INTERVENE_EXAMPLES = """
 \b
@@ -33,13 +34,12 @@ def _floats(values: tuple[str, ...]) -> list[float]:
         raise ToolkitError(f"--alpha takes numbers (comma lists allowed), got {' '.join(values)!r}") from None
 
 
-def _ints(text: str | None, option: str) -> list[int]:
-    if not text:
-        return []
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ToolkitError(f"{option} takes indices such as 0,2, got {text!r}") from None
+def _ints(text: str | None, option: str) -> list[int] | None:
+    """Indices in the toolkit's one selection grammar (``toolkit.spec``: 12,40 or 0-5), checked against what
+    exists once the model is known; negative and open-ended ones need that count, so they are refused here.
+    None: not given, or ``all``."""
+    chosen = IndexSpec.parse(text, option).literal()
+    return None if chosen is None else sorted(chosen)
 
 
 @click.command(epilog=INTERVENE_EXAMPLES)
@@ -86,8 +86,8 @@ def intervene_command(model, dataset, out, hooks, op, direction, probe_class, be
 
     run = intervene(model, dataset, out, hooks=[h for h in hooks if h], op=op, alphas=_floats(alphas),
                     direction=direction, probe_class=probe_class, between=tuple(between) if between else None,
-                    units=_ints(units, "--units"), value=value, tokens=tokens,
-                    denoise=_ints(denoise, "--denoise") if denoise else None, checkpoint=checkpoint,
+                    units=_ints(units, "--units") or [], value=value, tokens=tokens,
+                    denoise=_ints(denoise, "--denoise"), checkpoint=checkpoint,
                     trust_remote_code=trust_remote_code, data=data, device=device,
                     model_dtype=model_dtype, seed=seed, max_episodes=max_episodes, max_steps=max_steps, stride=stride,
                     batch_size=batch_size, model_options=key_values(model_option, "--model-option"),
