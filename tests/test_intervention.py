@@ -1,15 +1,9 @@
 """Interventions: the hooks that change a named stream (tiny VLA and tiny pi0), the paired runs and their statistics."""
 
-import importlib.util
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from synthetic import SyntheticDataset, registered, toolkit_tinyvla
@@ -293,18 +287,4 @@ def test_the_cli_runs_a_between_groups_sweep_and_reports_bad_input(probed, tmp_p
                                        str(tmp_path / "x"), "--hook", "text_only.layers.2.resid_post", "--op", "add"])
     assert bad.exit_code == 2 and "needs a direction" in bad.output and "Traceback" not in bad.output
 
-
-# --------------------------------------------------------------------------- closed loop (the simulator)
-
-HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
-
-
-@pytest.mark.skipif(not HAVE_SIM, reason="the LIBERO simulator is not installed (pip install 'toolkit[sim]')")
-def test_closed_loop_intervention_tests_pass_in_their_own_process():
-    """MuJoCo and TensorFlow cannot share a process (see tests/test_sim_process.py)."""
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(Path(__file__).with_name("test_intervention_sim.py"))],
-                         env={**os.environ, "TOOLKIT_SIM_TESTS": "1"}, capture_output=True, text=True)
-    summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert "passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+# The closed-loop intervention tests live in tests/test_intervention_sim.py, run by tests/test_sim_process.py.

@@ -1,7 +1,7 @@
 """Closed-loop interventions in the LIBERO simulator: the tiny random pi0, one task, two short trials, 64x64 cameras.
 
 Runs in a process of its own (MuJoCo and TensorFlow cannot share one), started by
-``tests/test_intervention.py::test_closed_loop_intervention_tests_pass_in_their_own_process``.
+``tests/test_sim_process.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from toolkit.store import open_store
 
 HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
 pytestmark = [pytest.mark.skipif(os.environ.get("TOOLKIT_SIM_TESTS") != "1",
-                                 reason="runs in its own process (tests/test_intervention.py)"),
+                                 reason="runs in its own process (tests/test_sim_process.py)"),
               pytest.mark.skipif(not HAVE_SIM, reason="the LIBERO simulator is not installed (pip install 'toolkit[sim]')")]
 
 OPTIONS = dict(suite="libero_object", tasks="0", trials=2, replan_steps=5, resolution=64, settle_steps=5)
