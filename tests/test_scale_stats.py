@@ -33,7 +33,7 @@ def close(a, b):
 @pytest.mark.parametrize("scheduler", ["threads", "processes"])
 def test_dask_moments_equal_the_serial_ones(stores, scheduler):
     a, _ = stores
-    for layer in a.layers("context"):
+    for layer in a.layers("context")[: 1 if scheduler == "processes" else None]:  # processes: a pool per call
         serial = layer_stats(a, "context", "context", layer).moments
         dask = layer_stats(a, "context", "context", layer, scheduler=scheduler).moments
         assert dask.n == serial.n == 150 * 3
