@@ -36,7 +36,7 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
 @click.option("--site", "--sites", "--expert", "sites", multiple=True,
               help="Capture site(s)/expert(s): vlm, action, text_only (default: all; comma lists allowed).")
 @click.option("--stream", "--streams", "stream", default=None, help="Stream inside the site (default resid_post).")
-@click.option("--layer", "--layers", "layers", default=None, help="Model layers: all | 10 | 0-5,17 (default all).")
+@click.option("--layer", "--layers", "layers", default=None, help="Model layers (toolkit.spec grammar): all | 10 | 0-5,17 | -1 (last) | 3- (default all).")
 @click.option("--rollout-step", "--rollout_step", "steps", default=None, help="Rollout steps kept: 20 | 0-99.")
 @click.option("--step-buckets", default=None, help="One probe per rollout-step bucket: a width (50) or 0-49,50-99.")
 @click.option("--denoise", default=None, help="Action-expert denoising step indices: all | 0 | 0-9.")
