@@ -23,9 +23,11 @@ INSTRUCTIONS = ["put the bowl on the plate", "open the top drawer", "turn on the
 
 def write_store(path, n_tasks=4, eps_per_task=10, steps=12, layers=(0, 3, 6, 9), d=24, tokens=2, signal_layer=6,
                 signal=1.5, episode_noise=1.0, denoise_t=(1.0, 0.5), seed=0, chunk_samples=64, action=True,
-                codec="zstd", bf16=False, random_init=False, resid_pre=False):
+                codec="zstd", bf16=False, random_init=False, resid_pre=False,
+                failed_signal=1.0):
     """A store with a task signal planted at one layer only, a per-episode offset everywhere, and an action
-    expert whose task signal grows as t falls (strongest at the last denoising step)."""
+    expert whose task signal grows as t falls (strongest at the last denoising step).  Episodes fail when
+    ``episode % 3 == 0``; their planted signal is scaled by ``failed_signal``."""
     rng = np.random.default_rng(seed)
     n_ep = n_tasks * eps_per_task
     n = n_ep * steps
@@ -37,7 +39,8 @@ def write_store(path, n_tasks=4, eps_per_task=10, steps=12, layers=(0, 3, 6, 9),
     task_id = ep_task[episode].astype(np.int32)
     step = np.tile(np.arange(steps), n_ep).astype(np.int32)
     vlm = rng.standard_normal((n, L, tokens, d)).astype(np.float32) + ep_offsets[episode][:, None, None] + 5.0
-    vlm[:, layers.index(signal_layer)] += signal * class_means[task_id][:, None]
+    strength = np.where(episode % 3 != 0, 1.0, failed_signal).astype(np.float32)[:, None, None]
+    vlm[:, layers.index(signal_layer)] += signal * strength * class_means[task_id][:, None]
     act = rng.standard_normal((n, L, S, 1, d)).astype(np.float32) + ep_offsets[episode][:, None, None, None]
     for s in range(S):
         act[:, :, s] += (s + 1) / S * signal * class_means[task_id][:, None, None]

@@ -68,6 +68,9 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
                    "the same probe on it is the baseline column.")
 @click.option("--mdl/--no-mdl", default=True, show_default=True,
               help="Online code length (MDL) for classification targets (ridge).")
+@click.option("--success/--no-success", "success", default=True, show_default=True,
+              help="Correlate per-episode probe confidence with episode success (success.csv, a report section); "
+                   "runs where the selection holds at least 2 successful and 2 failed episodes.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--learning-rate", "--learning_rate", "lr", default=1e-3, show_default=True, help="cosine solver.")
 @click.option("--epochs", "--num_epochs", default=100, show_default=True, help="cosine solver.")
@@ -79,7 +82,8 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on stderr.")
 def probe_command(store_path, store_opt, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool,
                   task_range, episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline,
-                  mdl, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress) -> None:
+                  mdl, success, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress,
+                  ) -> None:
     """Fit linear probes on a store's hidden states, layer by layer, with nested episode cross-validation."""
     try:
         if store_path and store_opt and store_path != store_opt:
@@ -88,14 +92,14 @@ def probe_command(store_path, store_opt, sites, stream, layers, steps, step_buck
             raise ToolkitError("no store given: toolkit probe STORE (e.g. toolkit probe stores/libero.zarr)")
         _probe(store_path or store_opt, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool,
                task_range, episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline,
-               mdl, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress)
+               mdl, success, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress)
     except ToolkitError as e:
         _fail(e)
 
 
 def _probe(store_path, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool, task_range,
-           episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline, mdl, seed, lr,
-           epochs, batch_size, patience, save_weights, out, make_report, progress) -> None:
+           episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline, mdl, success, seed,
+           lr, epochs, batch_size, patience, save_weights, out, make_report, progress) -> None:
     from toolkit.probe import LAMBDAS, CosineOptions, ProbeConfig, Results, Selection, probe
     from toolkit.store import open_store
 
@@ -108,7 +112,8 @@ def _probe(store_path, sites, stream, layers, steps, step_buckets, denoise, t, t
     except ValueError:
         raise ToolkitError(f"malformed --lambdas {lambdas!r}: give comma-separated numbers such as 1e-3,1e-1,10")
     cfg = ProbeConfig(solver=solver, splits=tuple(splits) or ("auto",), n_folds=folds, lambdas=lams, seed=seed,
-                      save_weights=save_weights, baseline=baseline, mdl=mdl, progress=progress,
+                      save_weights=save_weights, baseline=baseline, mdl=mdl, success=success,
+                      progress=progress,
                       cosine=CosineOptions(lr=lr, epochs=epochs, batch_size=batch_size, patience=patience),
                       target_options={"encoder": encoder, "encoder_path": encoder_path})
     results = Results()

@@ -51,6 +51,7 @@ class ProbeConfig:
     target_options: dict = field(default_factory=dict)  # e.g. encoder, encoder_path
     baseline: str | None = None  # a store of the same samples from a random-weights model of the same architecture
     mdl: bool = True  # online code length for classification targets (ridge)
+    success: bool = True  # per-episode probe confidence vs episode success, where both outcomes occur
     progress: bool = False
 
 
@@ -80,7 +81,7 @@ class Cell:
 class Outcomes:
     """Per-row out-of-fold outcomes of one cell for one target (or its control), indexed like the bucket rows."""
 
-    KEYS = {"classification": ("pred",), "embedding": ("hit", "cos", "cos_c", "cos_base", "sse", "ss0"),
+    KEYS = {"classification": ("pred", "conf"), "embedding": ("hit", "cos", "cos_c", "cos_base", "sse", "ss0"),
             "regression": ("sse", "ss0")}
 
     def __init__(self, kind: str, n: int):
@@ -91,6 +92,7 @@ class Outcomes:
     def add(self, loc: np.ndarray, P: np.ndarray, data: TargetData, gpos: np.ndarray, train_mean, allowed) -> None:
         if self.kind == "classification":
             self.a["pred"][loc] = P.argmax(1)
+            self.a["conf"][loc] = P[np.arange(len(P)), data.classes[gpos]]  # the score of the true class
         elif self.kind == "embedding":
             for k, v in M.embedding_rows(P, data.y[gpos], data.index[gpos], data.candidates, allowed,
                                          train_mean).items():
@@ -241,7 +243,7 @@ def _split_kinds(cfg: ProbeConfig, members, labels: Labels) -> list[str]:
 def _config_dict(cfg: ProbeConfig) -> dict:
     return {"solver": cfg.solver, "splits": list(cfg.splits), "n_folds": cfg.n_folds, "lambdas": list(cfg.lambdas),
             "seed": cfg.seed, "save_weights": cfg.save_weights, "cosine": vars(cfg.cosine), "mdl": cfg.mdl,
-            "target_options": dict(cfg.target_options), "baseline": cfg.baseline}
+            "success": cfg.success, "target_options": dict(cfg.target_options), "baseline": cfg.baseline}
 
 
 def _baseline_store(store: Store, path: str, selection: Selection, res: Resolved) -> tuple[Store, Resolved]:
@@ -541,7 +543,24 @@ def _emit(sw: Sweep, baselines: dict[str, Sweep], cfg: ProbeConfig, out) -> None
             row["id"] = len(out.rows)
             final = cf.final.get(t.spec)
             out.add(row, _details(cf, t, p), _per_task(hits, sw.task[p]), final)
+            if cfg.success:
+                _success_row(sw, cf.outcomes[t.spec], p, row, cfg, out)
     _emit_selected(sw, cfg, out)
+
+
+def _success_row(sw: Sweep, o: Outcomes, p: np.ndarray, row: dict, cfg, out) -> None:
+    """Per-episode confidence in the truth vs episode success for one cell, where both outcomes occur."""
+    from toolkit.probe.success import episode_confidence, success_correlation
+
+    conf = o.a["conf"] if "conf" in o.a else o.a["cos"] if "cos" in o.a else -o.a["sse"]
+    c, s = episode_confidence(sw.episode[p], conf, sw.success[p])
+    if min(int(s.sum()), int(len(s) - s.sum())) < 2:
+        return
+    keys = ("id", "site", "expert", "stream", "layer", "denoise", "t", "step", "target", "kind", "solver", "split")
+    out.success.append({**{k: row[k] for k in keys}, "confidence": {"classification": "true-class score",
+                                                                     "embedding": "cosine to the true embedding",
+                                                                     "regression": "minus squared error"}[o.kind],
+                        **success_correlation(c, s, seed=cfg.seed)})
 
 
 def _cell_row(sw: Sweep, cell: Cell, t: Target, fits: list[Fitted], cfg) -> dict:

@@ -4,7 +4,9 @@ The report first says what was probed (model, checkpoint or **random init**, dat
 episodes and steps per class, the split) and how the numbers were made, then per target: metric against
 layer with 95 % intervals, the control and the baselines in the legend, one panel per denoising step
 (t), a fixed y-range and integer layer ticks, flagged cells (too few episodes, λ at the grid edge) in
-grey; a layer × rollout-step heatmap and a retention curve with intervals when steps are bucketed; the
+grey; metric against denoising step t (one line per layer) when there are several; a layer × rollout-step
+heatmap and a retention curve with intervals when steps are bucketed; the correlation of per-episode probe
+confidence with episode success (``toolkit.probe.success``) against layer, with its table; the
 confusion or instruction-similarity matrix of the selected probe.  Markdown and HTML come from Jinja2
 templates.
 """
@@ -41,7 +43,13 @@ what the architecture and the inputs alone make decodable, not what a trained po
 
 {% for img in s.images %}![{{ img.stem }}]({{ img.rel }})
 
-{% endfor %}{% if s.per_task %}{{ s.per_task_title }}
+{% endfor %}{% if s.success %}{{ s.success_title }}
+
+| {{ success_head | join(" | ") }} |
+|{% for _ in success_head %}---|{% endfor %}
+{% for r in s.success %}| {{ r | join(" | ") }} |
+{% endfor %}
+{% endif %}{% if s.per_task %}{{ s.per_task_title }}
 
 | task | rows | {{ s.metric }} |
 |---|---|---|
@@ -63,6 +71,8 @@ learned.</p>{% endif %}
 {% for r in best %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
 {% for s in sections %}<h2>{{ s.title }}</h2>
 {% for img in s.images %}<p><img alt="{{ img.stem }}" src="data:image/png;base64,{{ img.data }}"></p>{% endfor %}
+{% if s.success %}<p>{{ s.success_title }}</p><table><tr>{% for h in success_head %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for r in s.success %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 {% if s.per_task %}<p>{{ s.per_task_title }}</p><table><tr><th>task</th><th>rows</th><th>{{ s.metric }}</th></tr>
 {% for p in s.per_task %}<tr>{% for c in p %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 {% endfor %}</body></html>"""
@@ -200,6 +210,55 @@ def fig_retention(rows: list[dict], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def fig_denoise(rows: list[dict], path: Path, title: str) -> Path:
+    """Metric (with its interval) against the denoising step t, one line per layer, t from 1 (noise) down."""
+    plt = _plt()
+    layers = sorted({int(r["layer"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(layers)))
+    for layer, color in zip(layers, colors):
+        rs = sorted((r for r in rows if int(r["layer"]) == layer), key=lambda r: -_num(r["t"]))
+        x = [_num(r["t"]) for r in rs]
+        ax.plot(x, [_num(r["metric"]) for r in rs], "-o", ms=3, color=color, label=f"layer {layer}")
+        ax.fill_between(x, [_num(r["ci_low"]) for r in rs], [_num(r["ci_high"]) for r in rs], color=color, alpha=0.12)
+    ax.invert_xaxis()
+    ax.set_ylim(*_ylim(rows))
+    ax.set_xlabel("flow-matching t (denoising runs right to left: 1 = noise, 0 = action)")
+    ax.set_ylabel(f"held-out {rows[0]['metric_name']} (95 % interval bands)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, ncol=2 if len(layers) > 8 else 1, loc="best")
+    return _save(fig, path)
+
+
+def fig_success(rows: list[dict], path: Path, title: str) -> Path:
+    """Correlation of per-episode probe confidence with success against layer (one line per t), with its
+    bootstrap interval; filled markers where the permutation p is below 0.05."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ts = list(dict.fromkeys(r["t"] for r in rows))
+    for i, t in enumerate(ts):
+        rs = sorted((r for r in rows if r["t"] == t), key=lambda r: int(r["layer"]))
+        x = np.array([int(r["layer"]) for r in rs])
+        y = np.array([_num(r["r"]) for r in rs])
+        sig = np.array([_num(r["p_value"]) < 0.05 for r in rs])
+        label = "r" if t is None else f"r, t={_num(t):.2f}"
+        ax.plot(x, y, "-", color=f"C{i}", label=label)
+        ax.fill_between(x, [_num(r["r_ci_low"]) for r in rs], [_num(r["r_ci_high"]) for r in rs], color=f"C{i}",
+                        alpha=0.15)
+        ax.scatter(x[sig], y[sig], color=f"C{i}", s=18, zorder=3)
+        ax.scatter(x[~sig], y[~sig], facecolor="white", edgecolor=f"C{i}", s=18, zorder=3)
+    ax.axhline(0, ls="--", color="grey", lw=0.8)
+    ax.set_ylim(-1.02, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("corr(episode confidence, success)")
+    ax.set_title(title + "\nfilled: permutation p < 0.05; band: bootstrap 95 % interval over episodes", fontsize=8)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def fig_matrix(m, rows_labels, col_labels, path: Path, title: str, cbar: str) -> Path:
     plt = _plt()
     m = np.asarray(m, dtype=float)
@@ -259,6 +318,16 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
                                       f"{target} — {_label(at[0])}: layer × rollout step"))
             images.append(fig_retention(at, figs / f"retention_{name}.png",
                                         f"{target} vs rollout step — {_label(at[0])} layer {layer}, by episode outcome"))
+        if len({r["t"] for r in first}) > 1:
+            images.append(fig_denoise(first, figs / f"denoise_{name}.png",
+                                      f"{site} — {target} vs denoising step: held-out {split}, {solver}, "
+                                      f"rollout steps {buckets[0]}"))
+        succ = [r for r in res.success if (r["site"], r["target"], r["split"], r["solver"]) == (site, target, split,
+                                                                                               solver)]
+        if succ:
+            images.append(fig_success([r for r in succ if r["step"] == buckets[0]], figs / f"success_{name}.png",
+                                      f"{site} — {target}: probe confidence vs episode success, rollout steps "
+                                      f"{buckets[0]}"))
         ref = at[0] if at else first[0]
         d = res.details.get(int(ref["id"]), {})
         if "confusion" in d:
@@ -273,6 +342,15 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
                          "images": [{"stem": p.stem, "rel": p.relative_to(out).as_posix(),
                                      "data": base64.b64encode(p.read_bytes()).decode()} for p in images],
                          "per_task": pt, "metric": ref["metric_name"],
+                         "success": [[r["step"], _fmt(r["r"]), f"[{_fmt(r['r_ci_low'])}, {_fmt(r['r_ci_high'])}]",
+                                      _fmt(r["p_value"], 4) + (" (exact)" if r["p_exact"] else ""),
+                                      f"{r['n_success']} / {r['n_failure']}", _fmt(r["conf_success"]),
+                                      _fmt(r["conf_failure"])]
+                                     for r in succ if int(r["layer"]) == layer and r["t"] == t],
+                         "success_title": f"Probe confidence ({succ[0]['confidence'] if succ else ''}, mean per "
+                                          f"episode, out of fold) vs episode success at layer {layer}"
+                                          + ("" if t is None else f", t={_num(t):.2f}") + ": point-biserial r, "
+                                          "bootstrap interval over episodes, two-sided permutation p:",
                          "per_task_title": f"Per-task {ref['metric_name']} ({_label(ref)}, layer {ref['layer']}, "
                                            f"steps {ref['step']}):"})
     best_head = ["site", "target", "split", "solver", "steps", "layer (per fold)", "t", "metric", "value", "95% CI",
@@ -282,7 +360,9 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
              b["selected_by"], b["n_test_episodes"]] for b in res.best]
     model = res.meta.get("model")
     ctx = {"what": _what(res), "how": _how(res), "random": isinstance(model, dict) and bool(model.get("random_init")),
-           "best_head": best_head, "best": best, "sections": sections}
+           "best_head": best_head, "best": best, "sections": sections,
+           "success_head": ["steps", "r", "95% CI", "p", "episodes success / failure", "mean conf. success",
+                            "mean conf. failure"]}
     md = jinja2.Environment(autoescape=False, keep_trailing_newline=True).from_string(MARKDOWN).render(**ctx)
     (out / "report.md").write_text(md)
     path = out / "report.html"

@@ -5,6 +5,8 @@ Files in the output folder (all plain formats, readable without this package):
 * ``results.csv`` / ``results.json``: the table (the JSON also holds the run's settings: model, store, selection);
 * ``best.csv``: per (site, target, split, solver, step bucket) the layer chosen inside each outer fold and the
   pooled out-of-fold score of those choices (the number without a winner's curse);
+* ``success.csv``: per cell, the correlation of per-episode probe confidence with episode success, its bootstrap
+  interval and permutation p (``toolkit.probe.success``; only where both outcomes occur);
 * ``per_task.csv``; ``details.json`` (confusion matrices, instruction similarity matrices, by row id);
 * ``weights.npz``: for each saved row id ``i``, ``W_<i>`` (D, M) float32, ``b_<i>`` (M,) and ``shift_<i>`` (D,):
   the probe refitted on every episode, on raw (decoded, pooled) activations: scores = (x − shift) @ W + b.
@@ -33,6 +35,7 @@ class Results:
     weights: dict[int, tuple] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     best: list[dict] = field(default_factory=list)
+    success: list[dict] = field(default_factory=list)
 
     def add(self, row: dict, extra: dict, per_task: list[dict], final) -> None:
         """Append a row; keep its final probe's weights per the run's ``save_weights`` policy.
@@ -68,6 +71,7 @@ class Results:
         self.details.update({i + offset: v for i, v in other.details.items()})
         self.weights.update({i + offset: v for i, v in other.weights.items()})
         self.best += other.best
+        self.success += [{**r, "id": r["id"] + offset} for r in other.success]
         if not self.meta:
             self.meta = dict(other.meta)
 
@@ -83,8 +87,10 @@ class Results:
         _write_csv(out / "results.csv", self.rows)
         _write_csv(out / "best.csv", self.best)
         _write_csv(out / "per_task.csv", self.per_task)
+        _write_csv(out / "success.csv", self.success)
         (out / "results.json").write_text(json.dumps(_finite({"meta": self.meta, "rows": self.rows,
-                                                              "best": self.best}), indent=1, default=_json_default))
+                                                              "best": self.best, "success": self.success}),
+                                                      indent=1, default=_json_default))
         (out / "details.json").write_text(json.dumps({str(k): v for k, v in self.details.items() if v},
                                                      default=_json_default))
         arrays = {}
@@ -103,7 +109,8 @@ class Results:
         details = json.loads((out / "details.json").read_text()) if (out / "details.json").exists() else {}
         per_task = _read_csv(out / "per_task.csv") if (out / "per_task.csv").exists() else []
         return cls(rows=data["rows"], per_task=per_task, details={int(k): v for k, v in details.items()},
-                   meta=data.get("meta", {}), best=data.get("best", []))
+                   meta=data.get("meta", {}), best=data.get("best", []),
+                   success=data.get("success", []))
 
 
 @dataclass
