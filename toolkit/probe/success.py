@@ -46,6 +46,14 @@ def _corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (xc * yc).sum(-1) / np.where(den > 0, den, 1), np.nan)
 
 
+def _permuted_r(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """Pearson r of x with each 0/1 row of y holding k ones: one matrix-vector product (a permutation keeps
+    y's mean and variance, so only the cross term changes)."""
+    xc = x - x.mean()
+    n = len(x)
+    return (y @ xc) / np.sqrt((xc ** 2).sum() * k * (n - k) / n)
+
+
 def success_correlation(conf: np.ndarray, success: np.ndarray, n_boot: int = N_BOOT, n_perm: int = N_PERM,
                         seed: int = 0) -> dict:
     """Point-biserial r of per-episode confidence with success, its bootstrap interval and permutation p.
@@ -72,11 +80,11 @@ def success_correlation(conf: np.ndarray, success: np.ndarray, n_boot: int = N_B
         perms = np.zeros((math.comb(n, n_succ), n))
         for i, ones in enumerate(itertools.combinations(range(n), n_succ)):
             perms[i, list(ones)] = 1
-        null = _corr(conf, perms)
+        null = _permuted_r(conf, perms, n_succ)
         p, exact = float(np.mean(np.abs(null) >= abs(r) - 1e-12)), True
     else:
         perms = rng.permuted(np.broadcast_to(success, (n_perm, n)), axis=1)
-        null = _corr(conf, perms)
+        null = _permuted_r(conf, perms, n_succ)
         p, exact = float((1 + np.sum(np.abs(null) >= abs(r) - 1e-12)) / (1 + n_perm)), False
     out.update({"r": r, "r_ci_low": float(lo), "r_ci_high": float(hi), "p_value": p, "p_exact": exact,
                 "n_permutations": len(perms)})
