@@ -281,3 +281,88 @@ def test_readers_of_an_incomplete_store_warn_once_with_the_committed_count(store
     lines = [line for line in res.stderr.splitlines() if "incomplete" in line]
     assert lines == [f"warning: {path} is incomplete: 12 samples are committed (a run is writing it or was "
                      "interrupted; its extract command with --resume completes it); using those only"], res.stderr
+
+
+def _hand_made(path, codec, x, bf, chunk_samples=16, batch=10):
+    from toolkit.store import ArraySpec, StoreWriter
+
+    w = StoreWriter(path, codec=codec)
+    w.initialize({"model": "m"},
+                 [ArraySpec("vlm/resid_post", x.shape[1:], "float16", ("layer", "token", "feature"),
+                            chunk_inner=(1, *x.shape[2:])),
+                  ArraySpec("vlm/resid_bf", bf.shape[1:], "uint16", ("layer", "token", "feature"),
+                            stored_dtype="bfloat16", chunk_inner=(1, *bf.shape[2:])),
+                  ArraySpec("episode", (), "int32", ())],
+                 {"vlm/layer": (("layer",), np.arange(x.shape[1], dtype=np.int32))}, ["episode"],
+                 chunk_samples=chunk_samples)
+    for a in range(0, len(x), batch):
+        w.append({"vlm/resid_post": x[a:a + batch], "vlm/resid_bf": bf[a:a + batch],
+                  "episode": np.arange(a, min(a + batch, len(x)), dtype=np.int32)})
+    w.close()
+
+
+@pytest.mark.parametrize("codec", ["auto", "zstd", "blosc", "blosc-lz4", "none"])
+def test_pool_encoded_chunks_are_zarrs_own_bytes_and_verify(tmp_path, codec):
+    """The writer's thread pool encodes chunks itself: every chunk file (the padded last one too) is byte for byte
+    what zarr writes for the same values and codecs, reads back identical and passes `toolkit verify`."""
+    from toolkit.verify import verify
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((45, 3, 4, 8)) * 5).astype(np.float16)
+    bf = (rng.standard_normal((45, 3, 4, 8)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    _hand_made(tmp_path / "s.zarr", codec, x, bf)
+    s = toolkit.open_store(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(s.array("vlm", "resid_post")[:], x)
+    np.testing.assert_array_equal(s.read("vlm", "resid_post", layer=1), x[:, 1])
+    np.testing.assert_array_equal(s.array("vlm", "resid_bf")[:], bf)
+    for name, values in (("resid_post", x), ("resid_bf", bf)):
+        ours = zarr.open_array(str(tmp_path / "s.zarr" / "vlm" / name), mode="r")
+        ref = zarr.create_array(str(tmp_path / f"ref_{name}"), shape=ours.shape, chunks=ours.chunks, dtype=ours.dtype,
+                                compressors=ours.metadata.codecs[1:], fill_value=0)
+        ref[:] = values
+        files = sorted(p.relative_to(tmp_path / "s.zarr" / "vlm" / name)
+                       for p in (tmp_path / "s.zarr" / "vlm" / name / "c").rglob("*") if p.is_file())
+        assert len(files) == 3 * 3  # ceil(45 / 16) sample chunks x 3 layers
+        for f in files:
+            assert (tmp_path / "s.zarr" / "vlm" / name / f).read_bytes() == (tmp_path / f"ref_{name}" / f).read_bytes()
+    report = verify(tmp_path / "s.zarr")
+    assert report["chunks"] >= 18 and not report["bad"] and not report["without_checksum"], report
+
+
+def test_auto_codec_is_chosen_per_stored_dtype_and_a_resume_keeps_the_stores(tmp_path):
+    from toolkit.store import StoreWriter, codec_for, codec_name
+
+    assert [codec_for("auto", d) for d in ("bfloat16", "float16", "float32", "int32", "str")] == \
+        ["blosc-lz4", "none", "blosc-lz4", "zstd", "zstd"]
+    assert codec_for("zstd", "bfloat16") == "zstd"
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((20, 2, 4, 8)).astype(np.float16)
+    bf = (rng.standard_normal((20, 2, 4, 8)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    _hand_made(tmp_path / "s.zarr", "auto", x, bf)
+    s = toolkit.open_store(tmp_path / "s.zarr")
+    assert s.attrs["codec"] == "auto"
+    assert [codec_name(s.array("vlm", n)) for n in ("resid_post", "resid_bf")] == ["none", "blosc-lz4"]
+    assert codec_name(s.root["episode"]) == "zstd"
+    # an old store (zstd) resumed with the default keeps zstd: its spec compares equal and its arrays keep zstd
+    _hand_made(tmp_path / "old.zarr", "zstd", x, bf)
+    w = StoreWriter(tmp_path / "old.zarr", mode="resume", codec="auto", spec={"codec": "auto"})
+    assert w.codec == "zstd" and w.spec == {"codec": "zstd"}
+    w.release()
+
+
+def test_info_shows_each_streams_codec_and_compression_ratio(tmp_path):
+    from click.testing import CliRunner
+
+    from toolkit.cli import cli
+
+    x = np.zeros((32, 2, 4, 64), np.float16)  # constant: blosc and zstd shrink it many times
+    bf = np.zeros((32, 2, 4, 64), np.uint16)
+    _hand_made(tmp_path / "s.zarr", "auto", x, bf)
+    info = toolkit.open_store(tmp_path / "s.zarr").summary()["sites"]["vlm"]["streams"]
+    raw = x.nbytes
+    assert info["resid_post"]["codec"] == "none" and info["resid_bf"]["codec"] == "blosc-lz4"
+    # none: the raw bytes plus a 4-byte checksum per chunk (2 sample chunks x 2 layers)
+    assert info["resid_post"]["compression_ratio"] == pytest.approx(raw / (raw + 4 * 4))
+    assert info["resid_bf"]["compression_ratio"] > 20
+    out = CliRunner().invoke(cli, ["info", str(tmp_path / "s.zarr")]).output
+    assert "(none, compression 1.00x)" in out and "(blosc-lz4, compression" in out

@@ -29,6 +29,7 @@ naming the array, the chunk key and the samples it holds, pointing at ``toolkit 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -50,20 +51,37 @@ from toolkit.errors import ToolkitError
 
 FORMAT = "toolkit-activations"
 FORMAT_VERSION = 2  # 2: crc32c per chunk, consolidated metadata written at each commit
-CODECS = ("zstd", "blosc", "none")
+CODECS = ("auto", "zstd", "blosc", "blosc-lz4", "none")
 CHUNK_TARGET_BYTES = 4 * 2**20
 MAX_CHUNK_SAMPLES = 256
 SAMPLE = "sample"
 
 
+def codec_for(codec: str, stored_dtype: str) -> str:
+    """The codec ``auto`` stands for, per stored dtype, from measurements on activation-like data
+    (benchmarks/bench_write.py): bfloat16 and float32 bit patterns compress with blosc-lz4 + bitshuffle at
+    close to memcpy speed (bf16: ~0.87 of the size); no fast codec shrinks float16 activations (zstd-1 saved
+    6 % at half the throughput), so they are stored raw; small integer fields and strings get zstd."""
+    if codec != "auto":
+        return codec
+    if stored_dtype in ("bfloat16", "float32", "float64"):
+        return "blosc-lz4"
+    if stored_dtype == "float16":
+        return "none"
+    return "zstd"
+
+
 def compressors_for(codec: str, stored_dtype: str) -> list:
     """The bytes-to-bytes codec chain of an array: the compressor, then a crc32c checksum of the result."""
+    codec = codec_for(codec, stored_dtype)
     if codec == "none":
         return [Crc32cCodec()]
     if codec == "zstd":
         return [ZstdCodec(level=1), Crc32cCodec()]
-    if codec == "blosc":  # byte shuffle helps bfloat16 bit patterns most
+    if codec == "blosc":  # zstd with byte shuffle: smaller than blosc-lz4, several times slower
         return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()]
+    if codec == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
     raise ToolkitError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
 
 
@@ -171,7 +189,7 @@ class StoreWriter:
 
     lock_class: type = StoreLock  # toolkit.distributed's unit writers write under their driver's lock instead
 
-    def __init__(self, path: str | Path, mode: str = "create", codec: str = "zstd",
+    def __init__(self, path: str | Path, mode: str = "create", codec: str = "auto",
                  spec: dict[str, Any] | None = None):
         self.path = Path(path)
         self.codec = codec
@@ -196,6 +214,7 @@ class StoreWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._pool = None  # the chunk encoders (see _write_block), started with the first block
         # True: full blocks are written as they fill but committed (n_samples raised) only by flush() or a
         # complete close(), so a reader or a resume sees whole units (e.g. closed-loop episodes) only.
         self.defer_commits = False
@@ -210,6 +229,10 @@ class StoreWriter:
             if self.root.attrs.get("format") != FORMAT:
                 raise ToolkitError(f"{self.path} is not a toolkit store (no '{FORMAT}' format attribute)")
             stored = self.root.attrs.get("run_spec")
+            if self.codec == "auto":  # the default continues the store's recorded codec (its arrays keep theirs)
+                self.codec = str(self.root.attrs.get("codec", "zstd"))
+                if isinstance(self.spec, dict) and "codec" in self.spec:
+                    self.spec["codec"] = self.codec
             if stored is not None and self.spec is not None:
                 diff = first_difference(stored, self.spec)
                 if diff:
@@ -500,6 +523,10 @@ class StoreWriter:
                     self._write_block(*item[1:])
         except BaseException as e:  # surfaced on the caller's thread by _check()
             self._error = e
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
 
     def _block_end(self) -> int:
         # Blocks end on chunk boundaries, so every write after the first (possibly partial) one is whole chunks.
@@ -507,18 +534,72 @@ class StoreWriter:
         return (self._block_start // n + 1) * n
 
     def _write_block(self, a: int, filled: int, buffers: dict[str, np.ndarray], commit: bool = True) -> None:
+        """Write one block into every array, then commit it.  A block that starts on a chunk boundary is cut
+        into whole chunks (the last one padded with the fill value, as zarr pads it), each encoded and written
+        as its own file by a small thread pool; other blocks (the partial chunk after an early commit) and
+        arrays with a chain this package does not encode go through zarr."""
         b = a + filled
+        futures: list = []
         try:
             for n, buf in buffers.items():
                 arr = self._arrays[n]
                 if arr.shape[0] < b:
                     arr.resize((b, *arr.shape[1:]))
-                arr[a:b] = buf[:filled]
+                plan = _plan(arr)
+                whole = filled % plan.chunks[0] == 0 or b >= arr.shape[0]  # padding overwrites nothing
+                if plan.codecs is not None and a % plan.chunks[0] == 0 and whole and plan.fill_value == 0:
+                    futures += self._submit_chunks(arr, plan, a, buf[:filled])
+                else:
+                    arr[a:b] = buf[:filled]
                 self.bytes_written += buf[:filled].nbytes
+            for f in futures:
+                f.result()
             if commit:
                 self.commit(b)  # the commit point: written after every array holds the block
         finally:
+            for f in futures:  # a failed block: let the other chunks finish before the buffer is reused
+                f.cancel() or f.exception()
             self._free.put(buffers)
+
+    def _submit_chunks(self, arr, plan: _ChunkPlan, a: int, values: np.ndarray) -> list:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(WRITE_WORKERS, thread_name_prefix="toolkit-store-encode")
+        folder = os.path.join(plan.root, plan.prefix)
+        grid = [range(-(-s // c)) for s, c in zip(values.shape[1:], plan.chunks[1:])]
+        c0 = a // plan.chunks[0]
+        futures = []
+        for inner in itertools.product(*grid):
+            coords = (c0, *inner)
+            region = (slice(0, values.shape[0]),) + tuple(slice(i * c, (i + 1) * c)
+                                                         for i, c in zip(inner, plan.chunks[1:]))
+            futures.append(self._pool.submit(_write_chunk, folder + plan.meta.encode_chunk_key(coords),
+                                             values[region], plan))
+        return futures
+
+
+WRITE_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def _write_chunk(path: str, values: np.ndarray, plan: _ChunkPlan) -> None:
+    """Encode one chunk (padded to the full chunk shape with the fill value 0) and write it the way zarr's
+    local store does: a temporary ``.partial`` file renamed into place."""
+    if values.shape != plan.chunks:
+        full = np.zeros(plan.chunks, dtype=plan.dtype)
+        full[tuple(slice(0, n) for n in values.shape)] = values
+        values = full
+    parts = encode_chunk(values.astype(plan.dtype, copy=False), plan.codecs)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(parts)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
@@ -641,10 +722,49 @@ def corrupt_error(arr, coords: tuple[int, ...], reason: str) -> CorruptStoreErro
                              chunk_key(arr, coords), (a, b), reason)
 
 
-def _fast_decoders(arr) -> list | None:
-    """numcodecs-style decoders for the layouts this package writes (little-endian bytes, then zstd/blosc, then
-    crc32c), innermost last; None for anything else (read through zarr)."""
-    meta = arr.metadata
+_BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+@dataclass
+class _ChunkPlan:
+    """What direct chunk I/O of one array needs, worked out once per array version (not per chunk: that cost
+    ~1 ms a call): the chunk files' folder, the numcodecs chain (innermost first for encoding), dtype and grid."""
+
+    meta: Any  # the zarr metadata this plan was made for (kept so its id stays unique in the cache)
+    store: Any
+    root: str | None
+    prefix: str  # "vlm/resid_post/"
+    codecs: list | None  # numcodecs objects and "crc32c", in encoding order; None: go through zarr
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    shape: tuple[int, ...]
+    fill_value: Any
+
+
+_PLANS: dict[tuple[int, int], _ChunkPlan] = {}
+
+
+def _plan(arr) -> _ChunkPlan:
+    """The cached ``_ChunkPlan`` of a zarr array (a resize makes new metadata, so a new plan)."""
+    meta, store = arr.metadata, arr.store_path.store
+    key = (id(meta), id(store))
+    plan = _PLANS.get(key)
+    if plan is None or plan.meta is not meta or plan.store is not store:
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        root = _local_root(arr)
+        dtype = np.dtype(meta.dtype.to_native_dtype()) if getattr(meta.dtype, "to_native_dtype", None) else None
+        plan = _ChunkPlan(meta, store, None if root is None else str(root), f"{arr.store_path.path}/",
+                          _numcodecs_chain(meta) if root is not None else None, dtype, tuple(arr.chunks),
+                          tuple(arr.shape), getattr(meta, "fill_value", None))
+        _PLANS[key] = plan
+    return plan
+
+
+def _numcodecs_chain(meta) -> list | None:
+    """numcodecs-style codecs for the layouts this package writes (little-endian bytes, then zstd/blosc, then
+    crc32c), in encoding order; None for anything else (read and written through zarr).  Configured exactly as
+    zarr configures them, so a chunk encoded here is byte-identical to zarr's."""
     if getattr(meta, "zarr_format", 3) != 3 or meta.chunk_grid.__class__.__name__ != "RegularChunkGrid":
         return None
     codecs = list(meta.codecs)
@@ -655,7 +775,7 @@ def _fast_decoders(arr) -> list | None:
     endian = getattr(codecs[0], "endian", None)
     if endian is not None and getattr(endian, "value", endian) != "little":
         return None
-    out = []
+    out: list = []
     for c in codecs[1:]:
         name = c.__class__.__name__
         if name == "Crc32cCodec":
@@ -663,14 +783,42 @@ def _fast_decoders(arr) -> list | None:
         elif name == "ZstdCodec":
             import numcodecs
 
-            out.append(numcodecs.Zstd())
+            out.append(numcodecs.Zstd.from_config({"level": c.level, "checksum": c.checksum}))
         elif name == "BloscCodec":
             import numcodecs
 
-            out.append(numcodecs.Blosc())
+            shuffle = getattr(c.shuffle, "name", c.shuffle)
+            out.append(numcodecs.Blosc.from_config({"cname": getattr(c.cname, "name", c.cname), "clevel": c.clevel,
+                                                    "shuffle": _BLOSC_SHUFFLE[shuffle], "blocksize": c.blocksize,
+                                                    "typesize": c.typesize}))
         else:
             return None
-    return out[::-1]
+    return out
+
+
+def _fast_decoders(arr) -> list | None:
+    """The decoding chain of ``_plan`` (innermost last), or None where reads go through zarr."""
+    codecs = _plan(arr).codecs
+    return None if codecs is None else codecs[::-1]
+
+
+def encode_chunk(block: np.ndarray, codecs: list) -> list[bytes]:
+    """One full chunk as stored, in parts to write one after the other (no copy to join them): little-endian
+    values through the chain (numcodecs and crc32c release the GIL, so a thread pool encodes chunks in
+    parallel)."""
+    import google_crc32c
+
+    data: Any = np.ascontiguousarray(block).view(np.uint8).reshape(-1)
+    parts: list[bytes] = []
+    for c in codecs:
+        if c == "crc32c":  # zarr's crc32c codec appends the checksum of everything before it, little-endian
+            data = b"".join(parts) + bytes(data) if parts else bytes(data)
+            parts = [data, google_crc32c.value(data).to_bytes(4, "little")]
+            data = b""
+        else:
+            data = c.encode(b"".join(parts) + bytes(data) if parts else data)
+            parts = []
+    return parts + ([bytes(data)] if len(data) else [])
 
 
 def _chunk_region(arr, coords: tuple[int, ...]) -> tuple[slice, ...]:
@@ -686,15 +834,14 @@ def read_chunk(array, chunk: int | tuple[int, ...]) -> np.ndarray:
     Local stores written by this package are read as files and decoded directly (no zarr per-chunk overhead).
     """
     arr = array.zarr if isinstance(array, CheckedArray) else array
+    plan = _plan(arr)
     coords = (chunk,) if isinstance(chunk, (int, np.integer)) else tuple(chunk)
-    coords = tuple(int(c) for c in coords) + (0,) * (len(arr.chunks) - len(coords))
-    region = _chunk_region(arr, coords)
+    coords = tuple(int(c) for c in coords) + (0,) * (len(plan.chunks) - len(coords))
+    region = tuple(slice(c * n, min((c + 1) * n, s)) for c, n, s in zip(coords, plan.chunks, plan.shape))
     if any(r.start >= r.stop for r in region):
         raise ToolkitError(f"chunk {coords} lies outside {arr.store_path.path} (shape {arr.shape})")
-    root = _local_root(arr)
-    decoders = _fast_decoders(arr) if root is not None else None
-    if decoders is None:
-        if root is not None and not (root / chunk_key(arr, coords)).is_file():
+    if plan.codecs is None:
+        if plan.root is not None and not (Path(plan.root) / chunk_key(arr, coords)).is_file():
             raise corrupt_error(arr, coords, "missing")
         try:
             return np.asarray(arr[region])
@@ -703,27 +850,26 @@ def read_chunk(array, chunk: int | tuple[int, ...]) -> np.ndarray:
         except Exception as e:
             raise corrupt_error(arr, coords, f"unreadable ({type(e).__name__}: {_first_line(e)})") from None
     try:
-        with open(root / chunk_key(arr, coords), "rb") as f:
+        with open(os.path.join(plan.root, plan.prefix + plan.meta.encode_chunk_key(coords)), "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise corrupt_error(arr, coords, "missing") from None
-    dtype = np.dtype(arr.metadata.dtype.to_native_dtype())
-    for d in decoders:
+    for d in reversed(plan.codecs):
         if d == "crc32c":
             import google_crc32c
 
-            if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            body = data[:-4]
+            if len(data) < 4 or google_crc32c.value(body) != int.from_bytes(data[-4:], "little"):
                 raise corrupt_error(arr, coords, f"damaged (crc32c checksum mismatch, {len(data)} bytes)")
-            data = data[:-4]
+            data = body
         else:
             try:
                 data = d.decode(data)
             except Exception as e:
                 raise corrupt_error(arr, coords, f"undecodable ({_first_line(e)})") from None
-    full = tuple(arr.chunks)
-    if len(data) != int(np.prod(full)) * dtype.itemsize:
+    if len(data) != int(np.prod(plan.chunks)) * plan.dtype.itemsize:
         raise corrupt_error(arr, coords, f"the wrong size ({len(data)} bytes decoded)")
-    out = np.frombuffer(data, dtype=dtype).reshape(full)
+    out = np.frombuffer(data, dtype=plan.dtype).reshape(plan.chunks)
     local = tuple(slice(0, r.stop - r.start) for r in region)
     return out[local]
 
@@ -993,7 +1139,10 @@ class Store:
                     "dtype": arr.attrs.get("stored_dtype") or str(arr.dtype),
                     "chunks": list(arr.chunks),
                     "stored_bytes": _stored_bytes(self.path / site / stream),
+                    "codec": codec_name(arr),
                 }
+                raw = int(np.prod(arr.shape, dtype=np.int64)) * arr.dtype.itemsize  # the committed samples
+                streams[stream]["compression_ratio"] = raw / max(1, _stored_bytes(self.path / site / stream / "c"))
             group = self.root[site]
             info = {"layers": self.layers(site), "streams": streams, **dict(group.attrs)}
             info.pop("coordinates", None)
@@ -1005,13 +1154,24 @@ class Store:
         return out
 
 
+def codec_name(arr) -> str:
+    """The ``--codec`` name of an array's compressor, read from its metadata (``auto`` resolves per array)."""
+    for c in arr.metadata.codecs:
+        name = c.__class__.__name__
+        if name == "ZstdCodec":
+            return "zstd"
+        if name == "BloscCodec":
+            return "blosc-lz4" if getattr(c.cname, "name", c.cname) == "lz4" else "blosc"
+    return "none"
+
+
 def _named(value: Any) -> dict[str, Any] | None:
     """Provenance attributes are dicts; a plain string (hand-made or benchmark stores) is just the name."""
     return value if isinstance(value, dict) or value is None else {"name": str(value)}
 
 
 def _stored_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 def _ranges(values: list[int]) -> str:

@@ -1,0 +1,133 @@
+"""Store write throughput against what the ad-hoc scripts do, on the same activation-like arrays.
+
+Baselines, each fed the same arrays step by step (one policy call = one sample of (layer, token, feature)):
+- seed-style: one `np.save` per step per layer (what the seed scripts did);
+- plain sequential `f.write` of the same bytes into one file (the floor of any writer).
+The store (`StoreWriter`, chunks of N samples x 1 layer, crc32c per chunk, compression in a thread pool) is run
+with the default codec (`auto`: none for float16, blosc-lz4 + bitshuffle for bfloat16), `none` and `zstd`.
+Everything is timed until the data is handed to the OS (no fsync on any side); methods are interleaved in each
+repeat; medians with min-max; bytes on disk per method; load average before and after.  Imports and data
+generation are outside the timed regions.  Targets (issue 12): default codec >= 1.0x seed-style with no more
+bytes on disk; `--codec none` >= 80 % of `f.write`.
+
+    python benchmarks/bench_write.py [--samples 128] [--layers 18] [--tokens 16] [--features 1024] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.store import ArraySpec, StoreWriter
+
+
+def make_data(n: int, layers: int, tokens: int, features: int, dtype: str) -> np.ndarray:
+    """Activation-like values: per-feature log-normal scales, a few large features; bf16 as its bit pattern."""
+    rng = np.random.default_rng(0)
+    scale = rng.lognormal(0, 1, features).astype(np.float32)
+    x = rng.standard_normal((n, layers, tokens, features), dtype=np.float32) * scale
+    if dtype == "bfloat16":
+        return (x.view(np.uint32) >> 16).astype(np.uint16)  # truncation: the store keeps any bit pattern as is
+    return x.astype(np.float16)
+
+
+def disk_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def seed_style(data: np.ndarray, out: Path) -> None:
+    out.mkdir()
+    for i in range(len(data)):
+        for layer in range(data.shape[1]):
+            np.save(out / f"step{i:06d}_layer{layer:02d}.npy", data[i, layer])
+
+
+def plain_write(data: np.ndarray, out: Path) -> None:
+    with open(out, "wb") as f:
+        for i in range(len(data)):
+            f.write(data[i].tobytes())  # what arrives per step: the sample's bytes
+
+
+def store(data: np.ndarray, out: Path, codec: str, stored_dtype: str | None) -> None:
+    n, layers, tokens, features = data.shape
+    w = StoreWriter(out, codec=codec)
+    w.initialize({"model": "synthetic"},
+                 [ArraySpec("vlm/resid_post", data.shape[1:], str(data.dtype), ("layer", "token", "feature"),
+                            stored_dtype=stored_dtype, chunk_inner=(1, tokens, features)),
+                  ArraySpec("episode", (), "int32", ())],
+                 {"vlm/layer": (("layer",), np.arange(layers, dtype=np.int32))}, ["episode"])
+    for i in range(n):
+        w.append({"vlm/resid_post": data[i:i + 1], "episode": np.array([i], np.int32)})
+    w.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=18)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--features", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_write_"))
+    results: dict = {"args": {k: str(v) for k, v in vars(a).items()}, "load": [os.getloadavg()], "dtypes": {}}
+    try:
+        for dtype in a.dtypes.split(","):
+            data = make_data(a.samples, a.layers, a.tokens, a.features, dtype)
+            sd = "bfloat16" if dtype == "bfloat16" else None
+            methods = {
+                "seed-style np.save per step per layer": lambda o: seed_style(data, o),
+                "plain sequential f.write": lambda o: plain_write(data, o),
+                "store, default codec (auto)": lambda o: store(data, o, "auto", sd),
+                "store, codec none": lambda o: store(data, o, "none", sd),
+                "store, codec zstd": lambda o: store(data, o, "zstd", sd),
+            }
+            times: dict[str, list[float]] = {m: [] for m in methods}
+            size: dict[str, int] = {}
+            for rep in range(a.repeats + 1):  # the first round warms up (page cache, allocator) and is dropped
+                for name, fn in methods.items():
+                    out = work / "out"
+                    t0 = time.perf_counter()
+                    fn(out)
+                    dt = time.perf_counter() - t0
+                    size[name] = disk_bytes(out)
+                    shutil.rmtree(out) if out.is_dir() else out.unlink()
+                    if rep:
+                        times[name].append(dt)
+            mb = data.nbytes / 1e6
+            rows = {}
+            for name, t in times.items():
+                rows[name] = {"MB_s": mb / statistics.median(t), "MB_s_min": mb / max(t), "MB_s_max": mb / min(t),
+                              "disk_bytes": size[name], "times_s": t}
+            results["dtypes"][dtype] = {"MB": mb, "rows": rows}
+        results["load"].append(os.getloadavg())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"# {a.samples} steps x ({a.layers}, {a.tokens}, {a.features}) per dtype, {a.repeats} interleaved repeats; "
+          f"load average {results['load'][0][0]:.1f} -> {results['load'][1][0]:.1f}")
+    print("| dtype | writer | MB/s median (min-max) | vs seed-style | vs f.write | size vs raw |")
+    print("|---|---|---|---|---|---|")
+    for dtype, r in results["dtypes"].items():
+        seed = r["rows"]["seed-style np.save per step per layer"]["MB_s"]
+        plain = r["rows"]["plain sequential f.write"]["MB_s"]
+        for name, row in r["rows"].items():
+            print(f"| {dtype} | {name} | {row['MB_s']:.0f} ({row['MB_s_min']:.0f}-{row['MB_s_max']:.0f}) | "
+                  f"{row['MB_s'] / seed:.2f}x | {100 * row['MB_s'] / plain:.0f} % | "
+                  f"{row['disk_bytes'] / (r['MB'] * 1e6):.3f} |")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
