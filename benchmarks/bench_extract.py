@@ -1,11 +1,8 @@
-"""Extraction benchmarks, each a ratio against a baseline measured in the same run.
+"""Extraction benchmark, a ratio against a baseline measured in the same run.
 
-1. Capture + store overhead: `toolkit.extract` over the embedded LIBERO sample against the bare
-   policy calls (prepare + run, no hooks, nothing stored) on the same inputs and model. Target <= 1.05x.
-2. Store write throughput: the background StoreWriter against a raw numpy memmap receiving the same
-   bytes sample by sample, both timed until
-   the data is handed to the OS (no fsync on either side). Target >= 80 % (uncompressed; zstd is
-   reported beside it).
+Capture + store overhead: `toolkit.extract` over the embedded LIBERO sample against the bare
+policy calls (prepare + run, no hooks, nothing stored) on the same inputs and model. Target <= 1.05x.
+Store write throughput against the ad-hoc scripts' writers is measured in benchmarks/bench_write.py.
 
     python benchmarks/bench_extract.py [--repeats 3] [--out benchmarks/out/extract.json]
 """
@@ -20,14 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import toolkit
 from toolkit.extract import iter_samples, sample_generator
 from toolkit.plugins import get_dataset, get_model
-from toolkit.store import ArraySpec, StoreWriter
-
 
 
 # A mid-size pi0 (~150 M parameters, same architecture): closer to a real policy's ratio of compute to
@@ -91,47 +85,6 @@ def bench_overhead(tmp: Path, repeats: int, checkpoint: str | None, episodes: in
             "ratio": statistics.median(e) / statistics.median(b), "store_bytes": size, "target": "<= 1.05"}
 
 
-def bench_write(tmp: Path, repeats: int, n: int, shape: tuple[int, ...], codec: str) -> dict:
-    rng = np.random.default_rng(0)
-    data = (rng.standard_normal((n, *shape)) * np.exp(rng.standard_normal(shape[-1]))).astype(np.float16)
-    nbytes = data.nbytes
-
-    def memmap() -> float:
-        path = tmp / "raw.npy"
-        t = time.perf_counter()
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=data.dtype, shape=data.shape)
-        for i in range(n):
-            mm[i] = data[i]
-        mm.flush()
-        del mm
-        dt = time.perf_counter() - t
-        path.unlink()
-        return dt
-
-    def store() -> float:
-        path = tmp / "w.zarr"
-        shutil.rmtree(path, ignore_errors=True)
-        t = time.perf_counter()
-        w = StoreWriter(path, codec=codec)
-        w.initialize({}, [ArraySpec("site/resid_post", shape, "float16", ("layer", "token", "feature"),
-                                    chunk_inner=(1, *shape[1:])),
-                          ArraySpec("episode", (), "int32", ())],
-                     static={}, coordinates=["episode"])
-        for i in range(n):
-            w.append({"site/resid_post": data[i:i + 1], "episode": np.array([i], np.int32)})
-        w.close()
-        return time.perf_counter() - t
-
-    memmap(), store()
-    m, s = [], []
-    for _ in range(repeats):
-        m.append(memmap())
-        s.append(store())
-    mm_rate, st_rate = nbytes / statistics.median(m) / 1e6, nbytes / statistics.median(s) / 1e6
-    return {"samples": n, "sample_shape": list(shape), "codec": codec, "MB": nbytes / 1e6,
-            "memmap_MB_s": mm_rate, "store_MB_s": st_rate, "ratio": st_rate / mm_rate, "target": ">= 0.80"}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -145,18 +98,12 @@ def main() -> None:
         tmp = Path(d)
         results["overhead_tiny"] = bench_overhead(tmp, args.repeats, None, episodes=20)  # 120 policy calls
         results["overhead_medium"] = bench_overhead(tmp, args.repeats, medium_checkpoint(tmp), episodes=5)
-        for codec in ("none", "zstd"):
-            results[f"write_{codec}"] = bench_write(tmp, args.repeats, 512, (18, 16, 1024), codec)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     for key in ("overhead_tiny", "overhead_medium"):
         o = results[key]
         print(f"extract vs bare policy calls, {o['model']}: {o['extract_s']:.2f} s vs {o['bare_s']:.2f} s over "
               f"{o['samples']} samples -> {o['ratio']:.3f}x (target <= 1.05x)")
-    for codec in ("none", "zstd"):
-        w = results[f"write_{codec}"]
-        print(f"store write ({codec}): {w['store_MB_s']:.0f} MB/s vs memmap {w['memmap_MB_s']:.0f} MB/s "
-              f"-> {100 * w['ratio']:.0f} % (target >= 80 %), {w['MB']:.0f} MB")
 
 
 if __name__ == "__main__":
