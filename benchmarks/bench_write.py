@@ -53,7 +53,7 @@ def seed_style(data: np.ndarray, out: Path) -> None:
 def plain_write(data: np.ndarray, out: Path) -> None:
     with open(out, "wb") as f:
         for i in range(len(data)):
-            f.write(data[i].tobytes())  # what arrives per step: the sample's bytes
+            f.write(data[i])  # what arrives per step: the sample's bytes (buffer protocol, no copy)
 
 
 def store(data: np.ndarray, out: Path, codec: str, stored_dtype: str | None) -> None:

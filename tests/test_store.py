@@ -366,3 +366,30 @@ def test_info_shows_each_streams_codec_and_compression_ratio(tmp_path):
     assert info["resid_bf"]["compression_ratio"] > 20
     out = CliRunner().invoke(cli, ["info", str(tmp_path / "s.zarr")]).output
     assert "(none, compression 1.00x)" in out and "(blosc-lz4, compression" in out
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
+def test_store_read_of_uncompressed_chunks_in_place_still_catches_damage(tmp_path, damage):
+    """Store.read reads whole uncompressed chunks straight into its output and checks them there; the values are
+    exact, and a damaged, short or missing chunk is still one CorruptStoreError naming it."""
+    from toolkit.store import CorruptStoreError
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 3, 4, 8)).astype(np.float16)
+    _hand_made(tmp_path / "s.zarr", "none", x, x.view(np.uint16))
+    s = toolkit.open_store(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(s.read("vlm", "resid_post", layer=2), x[:, 2])
+    np.testing.assert_array_equal(s.read("vlm", "resid_post", layer=0, samples=slice(5, 33)), x[5:33, 0])
+    chunk = tmp_path / "s.zarr" / "vlm" / "resid_post" / "c" / "1" / "2" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    if damage == "flip":
+        data[100] ^= 1
+        chunk.write_bytes(bytes(data))
+    elif damage == "truncate":
+        chunk.write_bytes(bytes(data[:-10]))
+    else:
+        chunk.unlink()
+    reason = {"flip": "damaged", "truncate": "damaged", "remove": "missing"}[damage]
+    with pytest.raises(CorruptStoreError, match=rf"chunk vlm/resid_post/c/1/2/0/0 \(samples 16-31\) is {reason}"):
+        s.read("vlm", "resid_post", layer=2)
+    np.testing.assert_array_equal(s.read("vlm", "resid_post", layer=1), x[:, 1])
