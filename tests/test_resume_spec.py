@@ -31,7 +31,7 @@ CHANGES = [
     ("random weights", {"random_weights": True}, "random_weights=False"),
     ("model dtype", {"model_dtype": "bfloat16"}, "model_dtype='float32', this run uses model_dtype='bfloat16'"),
     ("dtype", {"dtype": "float16"}, "dtype='float32', this run uses dtype='float16'"),
-    ("codec", {"codec": "none"}, "codec='zstd', this run uses codec='none'"),
+    ("codec", {"codec": "none"}, "codec='auto', this run uses codec='none'"),
     ("stride", {"stride": 2}, "stride=1, this run uses stride=2"),
     ("max steps", {"max_steps": 3}, "max_steps=None, this run uses max_steps=3"),
     ("max episodes", {"max_episodes": 2}, "max_episodes=None"),

@@ -803,18 +803,18 @@ def _fast_decoders(arr) -> list | None:
     return None if codecs is None else codecs[::-1]
 
 
-def encode_chunk(block: np.ndarray, codecs: list) -> list[bytes]:
+def encode_chunk(block: np.ndarray, codecs: list) -> list[Any]:
     """One full chunk as stored, in parts to write one after the other (no copy to join them): little-endian
     values through the chain (numcodecs and crc32c release the GIL, so a thread pool encodes chunks in
     parallel)."""
-    import google_crc32c
+    import crc32c
 
     data: Any = np.ascontiguousarray(block).view(np.uint8).reshape(-1)
-    parts: list[bytes] = []
+    parts: list[Any] = []
     for c in codecs:
         if c == "crc32c":  # zarr's crc32c codec appends the checksum of everything before it, little-endian
-            data = b"".join(parts) + bytes(data) if parts else bytes(data)
-            parts = [data, google_crc32c.value(data).to_bytes(4, "little")]
+            data = b"".join(parts) + bytes(data) if parts else data
+            parts = [data, crc32c.crc32c(data).to_bytes(4, "little")]
             data = b""
         else:
             data = c.encode(b"".join(parts) + bytes(data) if parts else data)
