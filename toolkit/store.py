@@ -882,8 +882,9 @@ READ_WORKERS = min(4, os.cpu_count() or 1)
 def read_samples(array, start: int, stop: int, layer_pos: int | None = None, workers: int | None = None,
                  ) -> np.ndarray:
     """Samples ``[start, stop)`` of an array, of one position along its second axis (``layer_pos``) or all, as
-    stored: every chunk through ``read_chunk`` (checked), decoded by a small thread pool straight into the
-    output (file reads, crc32c and zstd/blosc release the GIL)."""
+    stored: every chunk checked (crc32c) and decoded by a small thread pool straight into the output (file reads,
+    crc32c and zstd/blosc release the GIL); uncompressed whole chunks are read into the output and checked there,
+    the rest go through ``read_chunk``."""
     arr = array.zarr if isinstance(array, CheckedArray) else array
     start, stop = max(0, start), min(stop, arr.shape[0])
     rest = arr.shape[2:] if layer_pos is not None else arr.shape[1:]
