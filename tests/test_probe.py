@@ -355,3 +355,48 @@ def test_chunk_reader_matches_zarr(tmp_path, codec, bf16):
 def test_held_out_tasks_needs_an_embedding_target(store_path):
     with pytest.raises(ToolkitError, match="embedding or regression target"):
         probe(store_path, Selection(site="vlm", layers="6"), ["task"], ProbeConfig(splits=("tasks",), **FAST))
+
+
+def _nested(stats, shift, m, precision):
+    from toolkit.probe.solvers import NestedRidge
+
+    nr = NestedRidge(stats, {"t": np.arange(m)}, shift, prior=np.arange(m), precision=precision)
+    return nr, [nr.outer(k)["t"] for k in range(len(stats))] + [nr.final()["t"]]
+
+
+def test_float32_factorisation_with_refinement_equals_the_float64_reference(store_path):
+    """The default solve (float32 eigh, float64 refinement) gives the float64 answers on a test store:
+    the same λ per outer fold, the same inner-CV errors and weights to float tolerance, identical predictions."""
+    from toolkit.probe.stats import FoldStats
+
+    X, ep, task = _layer_rows(store_path, 6)
+    folds = make_folds("episodes", ep, task, 5, 0)
+    Y = np.eye(len(np.unique(task)), dtype=np.float32)[np.unique(task, return_inverse=True)[1]]
+    fs = FoldStats(X.shape[1], Y.shape[1], 5)
+    fs.add(X, Y, folds.fold)
+    stats = fs.finish()
+    ref_nr, ref = _nested(stats, fs.shift, Y.shape[1], "float64")
+    nr, fits = _nested(stats, fs.shift, Y.shape[1], "float32")
+    assert [f.lam for f in fits] == [f.lam for f in ref]
+    for (sse, ss0), (sse_r, ss0_r) in zip(nr.inner, ref_nr.inner):
+        np.testing.assert_allclose(sse, sse_r, rtol=1e-9)
+    for f, r in zip(fits, ref):
+        assert np.abs(f.model.W - r.model.W).max() <= 1e-9 * np.abs(r.model.W).max()
+        assert (f.model.predict(X).argmax(1) == r.model.predict(X).argmax(1)).all()
+
+
+def test_an_ill_conditioned_gram_falls_back_to_the_float64_solve():
+    """Near-collinear features (cond × float32 epsilon > 1 at the smallest λ) defeat float32 refinement:
+    the path refactorises in float64 and gives the float64 answers."""
+    from toolkit.probe.solvers import LAMBDAS, RidgePath
+    from toolkit.probe.stats import Stats
+
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal((400, 1)) + 1e-3 * rng.standard_normal((400, 40))).astype(np.float32)
+    Y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 400)] + X[:, :3] * 0.1
+    s = Stats.zeros(40, 3)
+    s.add(X, Y)
+    path, ref = RidgePath(s), RidgePath(s, "float64")
+    a = path.coefs(LAMBDAS)
+    assert path.precision == "float64"  # switched
+    np.testing.assert_allclose(path.V @ a, ref.V @ ref.coefs(LAMBDAS), rtol=1e-10, atol=1e-12)

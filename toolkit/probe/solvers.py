@@ -46,10 +46,32 @@ class Fitted:
     epochs: int | None = None  # cosine probe: epochs run before early stopping
 
 
-class RidgePath:
-    """The eigendecomposition of one training set's standardised gram, ready to solve for any λ and target."""
+def factorisation_precision(d: int, n_lambdas: int, m: int) -> str:
+    """float32 eigh + refinement where it is cheaper than a float64 eigh, else float64.
 
-    def __init__(self, s: Stats):
+    A refinement step costs three (D × D) @ (D × λ·M) products over the λ path, a float64 eigh several D³
+    more than a float32 one; about two steps per path are needed on well-conditioned grams, so float32
+    pays off when 6·λ·M < D (measured: 1.6x slower at D=256 with 32 columns, faster at D ≥ 1024 with 8).
+    """
+    return "float32" if 6 * n_lambdas * m < d else "float64"
+
+
+class RidgePath:
+    """One training set's standardised gram, factorised once, ready to solve for any λ and target.
+
+    The eigendecomposition runs in float32 (torch.linalg.eigh: 2.4x faster than numpy's float64 eigh at
+    D=2048 on two cores, 5x at D=1024; nested CV needs 16 per cell); answers stay float64
+    by iterative refinement: the float32 eigenbasis is only a preconditioner for
+    (G + λn) w = b, corrected against the float64 gram until the normwise backward error is at float64
+    level.  Coefficients are kept in that basis (w = V a, exact for any V), so validation by products of
+    statistics works unchanged.  If refinement stalls (a gram too ill-conditioned for float32), the path
+    refactorises in float64 and solves directly: slower, never less accurate.
+    """
+
+    TOL = 1e-12  # normwise backward error accepted as float64-exact
+    MAX_STEPS = 8
+
+    def __init__(self, s: Stats, precision: str = "float32"):
         self.n = s.n
         self.mx, self.my = s.sx / s.n, s.sy / s.n
         gc = s.G - s.n * np.outer(self.mx, self.mx)
@@ -57,14 +79,46 @@ class RidgePath:
         self.sd = np.sqrt(np.clip(np.diag(gc) / s.n, 0, None))
         self.sd[self.sd < 1e-8 * max(1.0, float(self.sd.max(initial=0.0)))] = np.inf  # constant features drop out
         inv = 1.0 / self.sd
-        self.evals, self.V = np.linalg.eigh(gc * np.outer(inv, inv))
-        self.VtB = self.V.T @ (bc * inv[:, None])
         self.inv = inv
+        self.Gz = gc * np.outer(inv, inv)
+        self.Bz = bc * inv[:, None]
+        self._factorise(precision)
+
+    def _factorise(self, precision: str) -> None:
+        self.precision = precision
+        # torch's eigh: faster than numpy's here in both precisions (interleaved medians, D=2048, 2 cores)
+        g = self.Gz.astype(np.float32 if precision == "float32" else np.float64)
+        e, v = torch.linalg.eigh(torch.from_numpy(g))
+        self.evals, self.V = e.double().numpy(), v.double().numpy()
+        self.VtB = self.V.T @ self.Bz
+        self._norm = float(np.abs(self.evals).max(initial=0.0))
+
+    def coefs(self, lambdas, cols: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """(L, D, M): per λ, a with standardised weights w = V a solving (G + λn I) w = Bᵀ to float64
+        accuracy.  The whole λ path is refined together, so each step reads the gram once (one GEMM)."""
+        shifts = np.asarray(lambdas, dtype=np.float64) * self.n
+        d = self.evals[None, :, None] + shifts[:, None, None]  # (L, D, 1)
+        a = self.VtB[None, :, cols] / d
+        if self.precision == "float64":
+            return a
+        L, D, M = a.shape
+        b = self.Bz[:, cols]
+        for _ in range(self.MAX_STEPS):
+            w = self.V @ a.transpose(1, 0, 2).reshape(D, L * M)  # (D, L·M)
+            r = (b[:, None, :] - (self.Gz @ w).reshape(D, L, M) - shifts[None, :, None] * w.reshape(D, L, M))
+            w = w.reshape(D, L, M)
+            res = np.sqrt((r * r).sum((0, 2)))
+            wn = np.sqrt((w * w).sum((0, 2)))
+            if np.all(res <= self.TOL * ((self._norm + shifts) * wn + np.linalg.norm(b))):  # backward error
+                return a
+            a = a + (self.V.T @ r.reshape(D, L * M)).reshape(D, L, M).transpose(1, 0, 2) / d
+        self._factorise("float64")  # refinement stalled: exact path
+        return self.coefs(lambdas, cols)
 
     def solve(self, lam: float, cols: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """(W, b) for the given relative λ and target columns, in (shifted) raw feature space."""
-        wz = self.V @ (self.VtB[:, cols] / (self.evals[:, None] + lam * self.n))
-        w = wz * self.inv[:, None]
+        a = self.coefs((lam,), cols)[0]  # first: a stalled refinement replaces V
+        w = (self.V @ a) * self.inv[:, None]
         return w, self.my[cols] - self.mx @ w
 
 
@@ -72,26 +126,25 @@ def validation_sse(path: RidgePath, v: Stats, lambdas, cols: np.ndarray) -> tupl
     """Σ‖y − xW(λ) − b(λ)‖² per (λ, target column) over a validation fold, from its statistics alone,
     and the same for the training mean (W = 0): the R² denominator.
 
-    The quadratic term xᵀWᵀWx needs Wᵀ G W: for few target columns it is cheapest per λ (G @ W), for
-    many (embedding targets) once per fold in the training eigenbasis.
+    The quadratic term xᵀWᵀWx needs Wᵀ G W: for few target columns it is cheapest as G @ W over the whole
+    λ path in one product, for many (embedding targets) once per fold in the training eigenbasis.
     """
+    A = path.coefs(lambdas, cols)  # (L, D, M); first: a stalled refinement replaces V
+    L, D, M = A.shape
     vi = path.V * path.inv[:, None]  # W(λ) = vi @ A(λ)
     C = vi.T @ v.B[:, cols]  # (D, M)
     u, s = vi.T @ path.mx, vi.T @ v.sx
     my = path.my[cols]
     ss0 = v.yy[cols] - 2 * my * v.sy[cols] + v.n * my * my
-    per_lambda = len(lambdas) * len(cols) < path.V.shape[0]
-    H = None if per_lambda else vi.T @ v.G @ vi
-    out = np.empty((len(lambdas), len(cols)))
-    for i, lam in enumerate(lambdas):
-        A = path.VtB[:, cols] / (path.evals[:, None] + lam * path.n)
-        b = my - u @ A
-        if per_lambda:
-            W = vi @ A
-            quad = (W * (v.G @ W)).sum(0)
-        else:
-            quad = (A * (H @ A)).sum(0)
-        out[i] = v.yy[cols] - 2 * (A * C).sum(0) - 2 * b * v.sy[cols] + quad + 2 * b * (s @ A) + v.n * b * b
+    Ab = A.transpose(1, 0, 2).reshape(D, L * M)  # the whole λ path side by side: one GEMM per product
+    if L * M < D:
+        W = vi @ Ab
+        quad = (W * (v.G @ W)).sum(0).reshape(L, M)
+    else:
+        quad = (Ab * ((vi.T @ v.G @ vi) @ Ab)).sum(0).reshape(L, M)
+    b = my[None] - np.einsum("d,ldm->lm", u, A)
+    out = (v.yy[cols] - 2 * (A * C[None]).sum(1) - 2 * b * v.sy[cols] + quad + 2 * b * np.einsum("d,ldm->lm", s, A)
+           + v.n * b * b)
     return out, ss0
 
 
@@ -112,12 +165,15 @@ class NestedRidge:
     """
 
     def __init__(self, folds: list[Stats], groups: dict[str, np.ndarray], shift: np.ndarray, lambdas=LAMBDAS,
-                 prior: np.ndarray | None = None):
+                 prior: np.ndarray | None = None, precision: str = "auto"):
         self.folds, self.groups, self.shift, self.lambdas = folds, groups, shift, tuple(lambdas)
         self.K = len(folds)
+        self.cols = np.concatenate(list(groups.values()))
+        if precision == "auto":  # of the factorisations; answers are float64 either way (RidgePath)
+            precision = factorisation_precision(len(shift), len(self.lambdas), len(self.cols))
+        self.precision = precision
         self.total = sum_stats(folds)
         self.prior = prior  # columns whose intercept is the whole selection's mean (class proportions)
-        self.cols = np.concatenate(list(groups.values()))
         m = len(self.cols)
         self.inner = [[np.zeros((len(self.lambdas), m)), np.zeros(m)] for _ in range(self.K)]
         for j in range(self.K):
@@ -125,7 +181,7 @@ class NestedRidge:
                 rest = self.total - folds[j] - folds[k]
                 if rest.n < 2:
                     continue
-                path = RidgePath(rest)
+                path = RidgePath(rest, self.precision)
                 for val, outer in ((j, k), (k, j)):
                     if folds[val].n:
                         sse, ss0 = validation_sse(path, folds[val], self.lambdas, self.cols)
@@ -146,7 +202,7 @@ class NestedRidge:
     def outer(self, k: int) -> dict[str, Fitted]:
         """Outer fold k's probe per target group, λ chosen by the inner CV on its training folds."""
         train = self.total - self.folds[k]
-        path = RidgePath(train)
+        path = RidgePath(train, self.precision)
         if self.folds[k].n:
             sse, ss0 = validation_sse(path, self.folds[k], self.lambdas, self.cols)
             self.all_cv[0] += sse
@@ -156,7 +212,7 @@ class NestedRidge:
 
     def final(self) -> dict[str, Fitted]:
         """Every fold's rows, λ by CV over all folds (call after ``outer`` for every k)."""
-        path = RidgePath(self.total)
+        path = RidgePath(self.total, self.precision)
         chosen = self._choose(*self.all_cv)
         return {name: self._fit(path, c, *chosen[name]) for name, c in self.groups.items()}
 
@@ -175,6 +231,7 @@ def prefix_probes(folds: list[Stats], cols: np.ndarray, shift: np.ndarray, lambd
     """
     out: list[Linear | None] = [None]
     prev: RidgePath | None = None
+    precision = factorisation_precision(len(shift), len(lambdas), len(cols))
     for i in range(1, len(folds)):
         lam = 1.0
         if prev is not None and folds[i - 1].n:
@@ -184,7 +241,7 @@ def prefix_probes(folds: list[Stats], cols: np.ndarray, shift: np.ndarray, lambd
         if stats.n < 2:
             out.append(None)
             continue
-        prev = RidgePath(stats)
+        prev = RidgePath(stats, precision)
         W, b = prev.solve(lam, cols)
         out.append(Linear(W, b, shift))
     return out
