@@ -5,7 +5,8 @@ Baselines, each fed the same arrays step by step (one policy call = one sample o
 - plain sequential `f.write` of the same bytes into one file (the floor of any writer).
 The store (`StoreWriter`, chunks of N samples x 1 layer, crc32c per chunk, compression in a thread pool) is run
 with the default codec (`auto`: none for float16, blosc-lz4 + bitshuffle for bfloat16), `none` and `zstd`.
-Everything is timed until the data is handed to the OS (no fsync on any side); methods are interleaved in each
+Everything is timed until the data is handed to the OS (no fsync on any side; `os.sync()` before each, untimed,
+so no method is throttled by the previous one's writeback); methods are interleaved in each
 repeat; medians with min-max; bytes on disk per method; load average before and after.  Imports and data
 generation are outside the timed regions.  Targets (issue 12): default codec >= 1.0x seed-style with no more
 bytes on disk; `--codec none` >= 80 % of `f.write`.
@@ -97,6 +98,7 @@ def main() -> None:
             for rep in range(a.repeats + 1):  # the first round warms up (page cache, allocator) and is dropped
                 for name, fn in methods.items():
                     out = work / "out"
+                    os.sync()  # no method pays for the previous one's dirty-page writeback
                     t0 = time.perf_counter()
                     fn(out)
                     dt = time.perf_counter() - t0
