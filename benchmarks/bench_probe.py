@@ -8,7 +8,10 @@ Three ratios, all measured in this one run on synthetic stores written here:
 2. sweep: the all-layer ridge sweep (nested 5-fold episode CV over 10 λ, with its control task) vs
    scikit-learn on the same outer folds: RidgeClassifierCV with the same λ grid and inner folds (the same
    procedure) and one LogisticRegression fit per fold; pooled out-of-fold accuracies side by side;
-3. memory: peak RSS of a probe run on a store 10x larger, over the small one (target ≈ 1, i.e. flat).
+3. memory: peak RSS of a probe run on a store 10x larger, over the small one (target ≈ 1, i.e. flat);
+4. one layer end to end (``--layer-only`` runs just this): ``probe()`` on a one-layer store vs the float32
+   XᵀX bound (numpy ``X.T @ X`` of the same rows, in memory), and the nested-CV solve alone with the
+   default float32 factorisation (float64 by refinement) vs float64 eigh; interleaved repeats, medians (min-max).
 Results go to benchmarks/out/bench_probe.json.
 """
 
@@ -103,6 +106,56 @@ def bench_read(store_path: Path, raw: Path, repeats: int = 3) -> dict:
     return out
 
 
+def bench_layer(tmp: Path, d: int, n: int, repeats: int) -> dict:
+    """One layer: end-to-end probe rows/s vs the float32 XᵀX bound; solver float32+refinement vs float64."""
+    from toolkit.probe import ProbeConfig, Selection, probe
+    from toolkit.probe.select import plain, resolve
+    from toolkit.probe.solvers import NestedRidge
+    from toolkit.probe.splits import make_folds
+    from toolkit.probe.stats import FoldStats, iter_blocks
+    from toolkit.store import open_store
+
+    steps = 50
+    path = write_store(tmp / f"layer{d}.zarr", 16, max(1, n // (16 * steps)), steps, 1, d)
+    store = open_store(path)
+    sel = resolve(store, Selection(site="vlm"))
+    X = np.concatenate([x[:, 0] for _, x in iter_blocks(store, sel, 0)])
+    ep, task = store.coord("episode")[sel.rows], plain(store.coord("task"))[sel.rows]
+    folds = make_folds("episodes", ep, task, 5, 0)
+    Y = np.eye(16, dtype=np.float32)[np.unique(task, return_inverse=True)[1]]
+    fs = FoldStats(d, 32, 5)
+    fs.add(X, np.concatenate([Y, Y], 1), folds.fold)  # task and a control of the same width, as the probe fits
+    stats = fs.finish()
+    cfg = ProbeConfig(mdl=False, success=False, save_weights="none")
+    fns = {"probe": lambda: probe(path, Selection(site="vlm"), ["task"], cfg),
+           "xtx_bound": lambda: X.T @ X,
+           "solve_float32": lambda: [nr.outer(k) for nr in [NestedRidge(stats, {"t": np.arange(32)}, fs.shift,
+                                                                        precision="float32")]
+                                     for k in range(5)],
+           "solve_float64": lambda: [nr.outer(k) for nr in [NestedRidge(stats, {"t": np.arange(32)}, fs.shift,
+                                                                        precision="float64")] for k in range(5)]}
+    fns["probe"]()  # plugin registry import and page cache, outside the timed region
+    times, load_before = {k: [] for k in fns}, _load()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(_timed(fn))
+    rows = len(X)
+    out = {"d": d, "rows": rows, "repeats": repeats, "load_before": load_before,
+           "seconds": {k: {"median": float(np.median(v)), "min": min(v), "max": max(v)} for k, v in times.items()}}
+    med = {k: v["median"] for k, v in out["seconds"].items()}
+    out["probe_rows_per_s"], out["bound_rows_per_s"] = rows / med["probe"], rows / med["xtx_bound"]
+    out["fraction_of_bound"] = med["xtx_bound"] / med["probe"]
+    out["solve_speedup_float32"] = med["solve_float64"] / med["solve_float32"]
+    out["load_after"] = _load()
+    return out
+
+
+def _load() -> list[float]:
+    import os
+
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -180,9 +233,26 @@ def peak_rss_mb(store_path: Path) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller stores")
+    ap.add_argument("--layer-only", action="store_true", help="only the one-layer end-to-end comparison")
+    ap.add_argument("--layer-sizes", default="2048:50000,512:20000", help="D:N pairs for the one-layer comparison")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    tasks, eps, steps, layers, d = (10, 8, 20, 6, 256) if args.quick else (16, 20, 50, 8, 512)
     OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        layer = [bench_layer(Path(tmp), int(d), int(n), args.repeats)
+                 for d, n in (p.split(":") for p in args.layer_sizes.split(","))]
+    for r in layer:
+        s = r["seconds"]
+        print(f"D={r['d']} N={r['rows']}: probe {r['probe_rows_per_s']:.0f} rows/s, XᵀX bound {r['bound_rows_per_s']:.0f}"
+              f" rows/s = {r['fraction_of_bound']:.0%} of the bound (target >= 80%); nested-CV solve float32+refine"
+              f" {s['solve_float32']['median']:.2f} s ({s['solve_float32']['min']:.2f}-{s['solve_float32']['max']:.2f})"
+              f" vs float64 {s['solve_float64']['median']:.2f} s ({s['solve_float64']['min']:.2f}-"
+              f"{s['solve_float64']['max']:.2f}) = {r['solve_speedup_float32']:.2f}x; load {r['load_before']} ->"
+              f" {r['load_after']}")
+    if args.layer_only:
+        (OUT / "bench_probe_layer.json").write_text(json.dumps(layer, indent=1))
+        return
+    tasks, eps, steps, layers, d = (10, 8, 20, 6, 256) if args.quick else (16, 20, 50, 8, 512)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         small = write_store(tmp / "small.zarr", tasks, eps, steps, layers, d, raw=tmp / "raw.npy")
@@ -190,7 +260,7 @@ def main() -> None:
         sweep = bench_sweep(small)
         big = write_store(tmp / "big.zarr", tasks, eps * 10, steps, layers, d)
         (rss_small, grow_small), (rss_big, grow_big) = peak_rss_mb(small), peak_rss_mb(big)
-    result = {"store": {"tasks": tasks, "episodes": tasks * eps, "steps": steps, "layers": layers, "d": d},
+    result = {"layer": layer, "store": {"tasks": tasks, "episodes": tasks * eps, "steps": steps, "layers": layers, "d": d},
               "read": read, "sweep": sweep,
               "memory": {"samples_small": tasks * eps * steps, "samples_big": tasks * eps * steps * 10,
                          "peak_rss_small_mb": rss_small, "peak_rss_big_mb": rss_big, "ratio": rss_big / rss_small,
