@@ -723,6 +723,13 @@ def corrupt_error(arr, coords: tuple[int, ...], reason: str) -> CorruptStoreErro
 
 
 _CRC32C_RESIDUE = 0x48674BC7
+
+
+def _crc32c(buf: Any) -> int:
+    """crc32c of any buffer (bytes, memoryview, contiguous array) without copying it; releases the GIL."""
+    import crc32c
+
+    return crc32c.crc32c(buf)
 _BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
@@ -807,14 +814,12 @@ def encode_chunk(block: np.ndarray, codecs: list) -> list[Any]:
     """One full chunk as stored, in parts to write one after the other (no copy to join them): little-endian
     values through the chain (numcodecs and crc32c release the GIL, so a thread pool encodes chunks in
     parallel)."""
-    import crc32c
-
     data: Any = np.ascontiguousarray(block).view(np.uint8).reshape(-1)
     parts: list[Any] = []
     for c in codecs:
         if c == "crc32c":  # zarr's crc32c codec appends the checksum of everything before it, little-endian
             data = b"".join(parts) + bytes(data) if parts else data
-            parts = [data, crc32c.crc32c(data).to_bytes(4, "little")]
+            parts = [data, _crc32c(data).to_bytes(4, "little")]
             data = b""
         else:
             data = c.encode(b"".join(parts) + bytes(data) if parts else data)
@@ -857,11 +862,9 @@ def read_chunk(array, chunk: int | tuple[int, ...]) -> np.ndarray:
         raise corrupt_error(arr, coords, "missing") from None
     for d in reversed(plan.codecs):
         if d == "crc32c":
-            import google_crc32c
-
             # A crc32c followed by its own little-endian checksum always has the same crc32c (the residue):
             # checked in one pass, without copying the body out first.
-            if len(data) < 4 or google_crc32c.value(bytes(data)) != _CRC32C_RESIDUE:
+            if len(data) < 4 or _crc32c(data) != _CRC32C_RESIDUE:
                 raise corrupt_error(arr, coords, f"damaged (crc32c checksum mismatch, {len(data)} bytes)")
             data = memoryview(data)[:-4]
         else:
@@ -904,15 +907,13 @@ def read_samples(array, start: int, stop: int, layer_pos: int | None = None, wor
               and (cs[1] == 1 if layer_pos is not None else cs[1] == arr.shape[1]))
 
     def read_into(coords: tuple[int, ...], view: np.ndarray) -> bool:
-        import crc32c
-
         try:
             with open(os.path.join(plan.root, plan.prefix + plan.meta.encode_chunk_key(coords)), "rb") as f:
                 got = f.readinto(memoryview(view).cast("B"))
                 tail = f.read(5)
         except OSError:
             return False
-        return got == view.nbytes and len(tail) == 4 and crc32c.crc32c(view) == int.from_bytes(tail, "little")
+        return got == view.nbytes and len(tail) == 4 and _crc32c(view) == int.from_bytes(tail, "little")
 
     def place(coords: tuple[int, ...]) -> None:
         if direct:
