@@ -95,3 +95,33 @@ def dataset_registered(cls):
     finally:
         pm.unregister(plugin)
         registry.cache_clear()
+
+
+def assert_same_store(a, b, n_samples: int) -> None:
+    """Two stores hold the same samples: every coordinate/field and every stream equal, array by array."""
+    import toolkit
+
+    a, b = toolkit.open_store(a), toolkit.open_store(b)
+    assert b.complete and a.n_samples == b.n_samples == n_samples
+    assert a.fields() == b.fields() and a.sites == b.sites
+    for f in a.fields():
+        assert np.array_equal(a.coord(f), b.coord(f)), f
+    for site in a.sites:
+        for stream in a.streams(site):
+            np.testing.assert_array_equal(a.read(site, stream), b.read(site, stream), err_msg=f"{site}/{stream}")
+
+
+def register_libero_sim() -> None:
+    """The libero-sim plugin through the entry-point group, or registered here when the checkout's metadata
+    predates it."""
+    if "libero-sim" not in registry()["dataset"]:
+        import toolkit_plugins.libero_sim as plugin
+
+        plugin_manager().register(plugin, name="libero_sim")
+        registry.cache_clear()
+
+
+def tinyvla_batch():
+    """Three steps of the synthetic dataset for the fixture plugin's tiny VLA: two of one episode, one of another."""
+    eps = list(SyntheticDataset().episodes())
+    return [(eps[0], s) for s in list(eps[0].steps())[:2]] + [(eps[3], next(eps[3].steps()))]

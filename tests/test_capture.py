@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthetic import SyntheticDataset, toolkit_tinyvla
+from synthetic import tinyvla_batch, toolkit_tinyvla
 from toolkit.capture import Capture, build_plan
 from toolkit.extract import sample_generator
 
@@ -16,8 +16,7 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def batch():
-    eps = list(SyntheticDataset().episodes())
-    return [(eps[0], s) for s in list(eps[0].steps())[:2]] + [(eps[3], next(eps[3].steps()))]
+    return tinyvla_batch()
 
 
 def _plan(adapter, **kw):

@@ -9,10 +9,10 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 
 import toolkit
+from synthetic import assert_same_store
 from toolkit.distributed import _reachable, units
 from toolkit.extract import extract
 
@@ -35,16 +35,10 @@ def serial(tmp_path_factory):
     return extract(store=path, **OPTIONS)
 
 
-def assert_same_store(a, b):
-    a, b = toolkit.open_store(a), toolkit.open_store(b)
-    assert b.complete and a.n_samples == b.n_samples == 12
-    assert a.fields() == b.fields() and a.sites == b.sites
-    for f in a.fields():
-        assert np.array_equal(a.coord(f), b.coord(f)), f
-    for site in a.sites:
-        for stream in a.streams(site):
-            np.testing.assert_array_equal(a.read(site, stream), b.read(site, stream), err_msg=f"{site}/{stream}")
-    assert a.attrs["run_spec"] == b.attrs["run_spec"]  # --workers is not part of what the store holds
+def assert_same_run(a, b):
+    assert_same_store(a, b, 12)
+    # --workers is not part of what the store holds
+    assert toolkit.open_store(a).attrs["run_spec"] == toolkit.open_store(b).attrs["run_spec"]
 
 
 def committed(store):
@@ -73,7 +67,7 @@ def test_two_workers_write_the_one_process_store(cluster, serial, tmp_path):
                                    "--max-episodes", "2", "--chunk-samples", "2", "--streams", "resid_post",
                                    "--workers", "2", "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert_same_store(serial, store)
+    assert_same_run(serial, store)
     assert not list(tmp_path.glob(".*lock")), "the driver released the store's lock"
 
 
@@ -100,7 +94,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost(cluster, seria
     ray.kill(ray.get_actor(names[0]), no_restart=False)
     driver.join(300)
     assert not errors, errors
-    assert_same_store(serial, store)
+    assert_same_run(serial, store)
 
 
 def test_a_killed_driver_leaves_a_store_that_resume_finishes(cluster, serial, tmp_path):
@@ -120,7 +114,7 @@ def test_a_killed_driver_leaves_a_store_that_resume_finishes(cluster, serial, tm
     assert proc.returncode == -signal.SIGKILL and 2 <= n < 12 and not complete, "the run ended before the kill"
     res = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True)  # one process
     assert res.returncode == 0, res.stderr
-    assert_same_store(serial, store)
+    assert_same_run(serial, store)
 
 
 def test_a_bad_worker_count_fails_in_one_line_before_anything_is_written(tmp_path):

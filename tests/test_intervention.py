@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from synthetic import SyntheticDataset, registered, toolkit_tinyvla
+from synthetic import registered, tinyvla_batch, toolkit_tinyvla
 from toolkit.capture import Capture, build_plan
 from toolkit.errors import ToolkitError
 from toolkit.extract import sample_generator
@@ -24,8 +24,7 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def batch():
-    eps = list(SyntheticDataset().episodes())
-    return [(eps[0], s) for s in list(eps[0].steps())[:2]] + [(eps[3], next(eps[3].steps()))]
+    return tinyvla_batch()
 
 
 def _run(adapter, batch, interventions, streams="resid_post", layers="1"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from toolkit.intervene import intervene
-from toolkit.plugins import plugin_manager, registry
+from synthetic import register_libero_sim
 from toolkit.store import open_store
 
 HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
@@ -27,12 +27,7 @@ KEYS = ["libero_object/task_0/trial_0", "libero_object/task_0/trial_1"]
 
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
-    if "libero-sim" not in registry()["dataset"]:
-        import toolkit_plugins.libero_sim as plugin
-
-        plugin_manager().register(plugin, name="libero_sim")
-        registry.cache_clear()
-    yield
+    register_libero_sim()
 
 
 def test_intervened_rollouts_pair_with_unmodified_rollouts_from_the_same_init_state(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 import toolkit
 from toolkit.errors import ToolkitError
-from toolkit.plugins import plugin_manager, registry
+from synthetic import register_libero_sim
 from toolkit.store import open_store
 
 HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
@@ -32,13 +32,7 @@ OPTIONS = dict(suite="libero_object", tasks="0", trials=2, replan_steps=REPLAN, 
 
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
-    """The plugin through the entry-point group, or registered here when the checkout's metadata predates it."""
-    if "libero-sim" not in registry()["dataset"]:
-        import toolkit_plugins.libero_sim as plugin
-
-        plugin_manager().register(plugin, name="libero_sim")
-        registry.cache_clear()
-    yield
+    register_libero_sim()
 
 
 def _extract(store, **kw):

@@ -51,7 +51,7 @@ def test_unknown_outcomes_are_left_out():
 
 
 def test_cli_success_option_figures_and_report(tmp_path):
-    from toolkit.probe_cli import probe_command, report_command
+    from toolkit.probe_cli import probe_command
 
     path = write_store(tmp_path / "s.zarr", failed_signal=0.2)
     out = tmp_path / "res"

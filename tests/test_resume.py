@@ -7,10 +7,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-import toolkit
+from synthetic import assert_same_store
 
 ARGS = ["--model", "pi0", "--dataset", "libero", "--max-episodes", "4", "--chunk-samples", "4", "--batch-size", "2",
         "--streams", "resid_post,pre_mlp_norm_scale", "--no-progress"]
@@ -26,17 +25,6 @@ def _committed(store):
         return json.loads((store / "zarr.json").read_text())["attributes"].get("n_samples", 0)
     except (OSError, ValueError, KeyError):
         return -1
-
-
-def _assert_same(a, b):
-    a, b = toolkit.open_store(a), toolkit.open_store(b)
-    assert b.complete and a.n_samples == b.n_samples == 24
-    assert a.fields() == b.fields() and a.sites == b.sites
-    for f in a.fields():
-        assert np.array_equal(a.coord(f), b.coord(f)), f
-    for site in a.sites:
-        for stream in a.streams(site):
-            np.testing.assert_array_equal(a.read(site, stream), b.read(site, stream), err_msg=f"{site}/{stream}")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +49,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, ki
     assert _committed(store) < 24
     res = _run(store, "--resume", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    _assert_same(reference, store)
+    assert_same_store(reference, store, 24)
 
 
 def test_resuming_a_complete_store_changes_nothing(reference, tmp_path):
@@ -71,7 +59,7 @@ def test_resuming_a_complete_store_changes_nothing(reference, tmp_path):
     shutil.copytree(reference, store)
     res = _run(store, "--resume", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    _assert_same(reference, store)
+    assert_same_store(reference, store, 24)
 
 
 def _wait_committed(store, proc, at_least):
@@ -104,7 +92,7 @@ def test_a_signal_commits_prints_the_resume_command_and_the_store_resumes(refere
     res = subprocess.run([sys.executable, "-m", "toolkit", *command[1:]], capture_output=True, text=True,
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    _assert_same(reference, store)
+    assert_same_store(reference, store, 24)
 
 
 def _race(tmp_path, store, *extra):
@@ -126,7 +114,7 @@ def _exactly_one_proceeds(results, store):
 def test_two_concurrent_creates_one_proceeds_and_the_store_equals_a_single_run(reference, tmp_path):
     store = tmp_path / "race.zarr"
     _exactly_one_proceeds(_race(tmp_path, store), store)
-    _assert_same(reference, store)
+    assert_same_store(reference, store, 24)
     assert not list(tmp_path.glob(".race.zarr.*"))  # no temp directory, no lock file left
 
 
@@ -139,4 +127,4 @@ def test_two_concurrent_resumes_one_proceeds_and_the_store_equals_a_single_run(r
     shutil.copytree(reference, store)
     write_consolidated(store, 8, False)  # as if killed after 8 committed samples
     _exactly_one_proceeds(_race(tmp_path, store, "--resume"), store)
-    _assert_same(reference, store)
+    assert_same_store(reference, store, 24)
