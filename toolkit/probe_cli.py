@@ -80,10 +80,15 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
 @click.option("--out", "--output_dir", "out", default="results/probe", show_default=True, type=click.Path())
 @click.option("--report", "make_report", is_flag=True, help="Also write the report into --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on stderr.")
+@click.option("--device", default=None,
+              help="torch device for the ridge statistics and eigendecompositions: cpu | cuda | cuda:N "
+                   "(default: numpy products, CPU torch eigh).")
+@click.option("--scheduler", default=None,
+              help="Accumulate the ridge statistics as Dask tasks: threads | processes | sync | tcp://host:port.")
 def probe_command(store_path, store_opt, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool,
                   task_range, episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline,
                   mdl, success, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress,
-                  ) -> None:
+                  device, scheduler) -> None:
     """Fit linear probes on a store's hidden states, layer by layer, with nested episode cross-validation."""
     try:
         if store_path and store_opt and store_path != store_opt:
@@ -92,14 +97,16 @@ def probe_command(store_path, store_opt, sites, stream, layers, steps, step_buck
             raise ToolkitError("no store given: toolkit probe STORE (e.g. toolkit probe stores/libero.zarr)")
         _probe(store_path or store_opt, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool,
                task_range, episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline,
-               mdl, success, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress)
+               mdl, success, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress,
+               device, scheduler)
     except ToolkitError as e:
         _fail(e)
 
 
 def _probe(store_path, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool, task_range,
            episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline, mdl, success, seed,
-           lr, epochs, batch_size, patience, save_weights, out, make_report, progress) -> None:
+           lr, epochs, batch_size, patience, save_weights, out, make_report, progress, device=None,
+           scheduler=None) -> None:
     from toolkit.probe import LAMBDAS, CosineOptions, ProbeConfig, Results, Selection, probe
     from toolkit.store import open_store
 
@@ -113,7 +120,7 @@ def _probe(store_path, sites, stream, layers, steps, step_buckets, denoise, t, t
         raise ToolkitError(f"malformed --lambdas {lambdas!r}: give comma-separated numbers such as 1e-3,1e-1,10")
     cfg = ProbeConfig(solver=solver, splits=tuple(splits) or ("auto",), n_folds=folds, lambdas=lams, seed=seed,
                       save_weights=save_weights, baseline=baseline, mdl=mdl, success=success,
-                      progress=progress,
+                      progress=progress, device=device, scheduler=scheduler,
                       cosine=CosineOptions(lr=lr, epochs=epochs, batch_size=batch_size, patience=patience),
                       target_options={"encoder": encoder, "encoder_path": encoder_path})
     results = Results()

@@ -1,5 +1,8 @@
 """Statistics of a store on Dask: per-chunk sufficient statistics as tasks, merged by a tree reduction.
 
+Two users: ``toolkit stats``/``compare`` (moments, histograms) and the ridge probe (per-fold XᵀX, XᵀY, sums,
+counts of every cell of a layer: ``probe_layer_statistics``, tasks of ``toolkit.probe.stats.cell_statistics``).
+
 Every task reads one chunk of samples of one layer through the store's checked chunk reader (``Store.read`` ->
 ``read_chunk``: crc32c, missing chunks raise) and reduces it to O(features) numbers (``RunningMoments``: count,
 mean, M2, min, max, zero and non-finite counts; or ``Histograms`` counts); partials merge pairwise (Chan et al.
@@ -122,3 +125,28 @@ def layer_histograms(store: Store, site: str, stream: str, layer: int, lo: np.nd
               for a, b in _ranges(store, site, stream, block)]
     return _reduce(leaves, merge_histograms, scheduler) if leaves else Histograms(lo, hi, bins)
 
+
+
+def _probe_task(path: str, res, layer_index: int, inputs, device):
+    from toolkit.probe.stats import cell_statistics
+
+    return cell_statistics(open_store(path, warn_incomplete=False), res, layer_index, inputs, device)
+
+
+def probe_layer_statistics(store: Store, res, layer_index: int, inputs, scheduler: str, device: str | None = None):
+    """The ridge probe's per-fold cell statistics of one layer (what ``toolkit.probe.stats.layer_statistics``
+    sums serially) on Dask: one task per chunk group (``chunk_groups``, the same groups as the serial path,
+    so both sum identical float32 products and agree to float64 rounding), each opening the store by path
+    and reading through its checked chunk reader, merged in a pairwise tree.  A task holds one group of
+    chunks and its K·(D² + D·M) float64 partial sums."""
+    from dataclasses import replace
+
+    import dask
+
+    from toolkit.probe.stats import add_cell_stats, chunk_groups
+
+    check_scheduler(scheduler)
+    path, bare = str(store.path), replace(res, extra={})  # no open reader in the task graph
+    leaves = [dask.delayed(_probe_task)(path, bare, layer_index, inputs.part(g), device)
+              for g in chunk_groups(store, res)]
+    return _reduce(leaves, add_cell_stats, scheduler) if leaves else {}

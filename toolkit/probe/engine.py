@@ -25,10 +25,9 @@ from toolkit.probe import metrics as M
 from toolkit.probe.control import control_target, input_type
 from toolkit.probe.mdl import online_code
 from toolkit.probe.select import Resolved, Selection, plain, resolve
-from toolkit.probe.solvers import LAMBDAS, CosineOptions, Fitted, NestedRidge, cosine_probe, \
-    logistic_probe, prefix_probes
+from toolkit.probe.solvers import LAMBDAS, CosineOptions, Fitted, NestedRidge, cosine_probe, logistic_probe
 from toolkit.probe.splits import Folds, make_folds
-from toolkit.probe.stats import FoldStats, iter_blocks
+from toolkit.probe.stats import LayerInputs, cell_shifts, iter_blocks, layer_statistics
 from toolkit.probe.target import KINDS, Labels, TargetData
 from toolkit.store import Store, open_store
 
@@ -53,6 +52,8 @@ class ProbeConfig:
     mdl: bool = True  # online code length for classification targets (ridge)
     success: bool = True  # per-episode probe confidence vs episode success, where both outcomes occur
     progress: bool = False
+    device: str | None = None  # torch device for the ridge statistics and factorisations (None: numpy + CPU torch)
+    scheduler: str | None = None  # Dask scheduler for the ridge statistics: threads | processes | sync | tcp://...
 
 
 @dataclass
@@ -166,6 +167,7 @@ def probe(store: Store | str, selection: Selection | None = None, targets: tuple
     cfg = config or ProbeConfig()
     if cfg.solver not in SOLVERS:
         raise ToolkitError(f"unknown solver {cfg.solver!r}: use one of {', '.join(SOLVERS)}")
+    _check_execution(cfg)
     selection = selection or Selection()
     res = resolve(store, selection)
     labels = Labels(store, res.rows)
@@ -220,6 +222,26 @@ def probe(store: Store | str, selection: Selection | None = None, targets: tuple
     if not out.rows:
         raise ToolkitError("the selection is empty: no cell had rows in every training fold")
     return out
+
+
+def _check_execution(cfg: ProbeConfig) -> None:
+    """--device and --scheduler: known values, a device that exists, and a solver they apply to."""
+    if (cfg.device is not None or cfg.scheduler is not None) and cfg.solver != "ridge":
+        raise ToolkitError(f"--device/--scheduler apply to the ridge solver's statistics; --solver {cfg.solver} "
+                           "runs in this process (drop them, or use --solver ridge)")
+    if cfg.scheduler is not None:
+        from toolkit.scale_stats import check_scheduler
+
+        check_scheduler(cfg.scheduler)
+    if cfg.device is not None:
+        import torch
+
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise ToolkitError(f"unknown --device {cfg.device!r}: use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ToolkitError(f"--device {cfg.device}: torch sees no CUDA GPU here (use --device cpu, or omit it)")
 
 
 def _bar(enabled: bool, total: int, site: str):
@@ -330,33 +352,30 @@ def _run(store: Store, sw: Sweep, cfg: ProbeConfig, bar) -> None:
 
 def _fit_ridge(store, sw: Sweep, li, layer, Y, nd, buckets, cfg) -> dict[Cell, CellFit]:
     res, K = sw.res, sw.folds.n_folds
-    acc = {(j, b): FoldStats(res.n_features, Y.shape[1], K) for j in range(nd) for b in buckets}
-    for pos, X in iter_blocks(store, res, li):
-        f, bk = sw.folds.fold[pos], res.bucket[pos]
-        for b in np.unique(bk):
-            m = bk == b
-            for j in range(nd):
-                acc[(j, b)].add(X[m, j], Y[pos[m]], f[m])
+    inputs = LayerInputs(np.arange(len(res.rows)), Y, sw.folds.fold, res.bucket, K, nd,
+                         cell_shifts(store, res, li, nd))
+    if cfg.scheduler is None:
+        acc = layer_statistics(store, res, li, inputs, cfg.device)
+    else:
+        from toolkit.scale_stats import probe_layer_statistics
+
+        acc = probe_layer_statistics(store, res, li, inputs, cfg.scheduler, cfg.device)
+    groups = {name: cols for t in sw.targets for name, _, cols in t.variants()}
+    prior = np.concatenate([c for t in sw.targets for _, d, c in t.variants() if d.kind == "classification"]
+                           + [np.zeros(0, np.int64)])
+    online = {t.spec: t.cols for t in sw.targets if cfg.mdl and t.data.kind == "classification"}
     out = {}
-    for (j, b), fs in acc.items():
-        stats = fs.finish()
+    for (j, b), stats in sorted(acc.items()):
         n = sum(s.n for s in stats)
         if min(n - s.n for s in stats) < 2:
             continue
-        groups = {name: cols for t in sw.targets for name, _, cols in t.variants()}
-        prior = np.concatenate([c for t in sw.targets for _, d, c in t.variants() if d.kind == "classification"]
-                               + [np.zeros(0, np.int64)])
-        nr = NestedRidge(stats, groups, fs.shift, cfg.lambdas, prior)
-        outer = [nr.outer(k) for k in range(K)]
+        nr = NestedRidge(stats, groups, inputs.shifts[(j, b)], cfg.lambdas, prior, prefix=online, device=cfg.device)
+        outer = nr.outers()
         cell = Cell(layer, j, b)
         cf = CellFit(cell, {name: [o[name] for o in outer] for name in groups},
                      nr.final() if cfg.save_weights != "none" else {}, {})
-        if cfg.mdl:
-            for t in sw.targets:
-                if t.data.kind == "classification":
-                    probes = prefix_probes(stats, t.cols, fs.shift, cfg.lambdas)
-                    n_b = len(buckets[b])
-                    cf.online[t.spec] = (probes, np.zeros((n_b, len(t.cols)), np.float32))
+        for spec in online:
+            cf.online[spec] = (nr.prefix_probes(spec), np.zeros((len(buckets[b]), len(online[spec])), np.float32))
         _init_outcomes(sw, cf, len(buckets[b]))
         out[cell] = cf
     return out

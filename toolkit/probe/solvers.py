@@ -46,14 +46,46 @@ class Fitted:
     epochs: int | None = None  # cosine probe: epochs run before early stopping
 
 
-def factorisation_precision(d: int, n_lambdas: int, m: int) -> str:
+def factorisation_precision(d: int, n_lambdas: int, m: int, device: str | None = None) -> str:
     """float32 eigh + refinement where it is cheaper than a float64 eigh, else float64.
 
     A refinement step costs three (D × D) @ (D × λ·M) products over the λ path, a float64 eigh several D³
     more than a float32 one; about two steps per path are needed on well-conditioned grams, so float32
     pays off when 6·λ·M < D (measured: 1.6x slower at D=256 with 32 columns, faster at D ≥ 1024 with 8).
+    On a GPU the float64 eigh is cheap next to the refinement's round trips, so it is always float64 there.
     """
+    if device is not None and torch.device(device).type != "cpu":
+        return "float64"
     return "float32" if 6 * n_lambdas * m < d else "float64"
+
+
+def solver_workers(device: str | None = None, n_jobs: int | None = None) -> int:
+    """How many factorisations run at once: torch's thread budget (capped at 4, each job holds a few D² arrays),
+    one on a GPU.  eigh is mostly memory-bound (the tridiagonal reduction), so one thread per factorisation
+    beats several threads on one: measured 4 eighs at D=2048 in 5.1 s as 2 jobs × 1 thread vs 17-33 s as
+    1 job × 2 threads on the loaded 2-core machine."""
+    if device is not None and torch.device(device).type != "cpu":
+        return 1
+    return max(1, min(4, torch.get_num_threads(), n_jobs or 4))
+
+
+def parallel_map(fn, items: list, workers: int) -> list:
+    """``[fn(i) for i in items]`` on ``workers`` threads (torch and BLAS release the GIL), the thread budget
+    divided between them for the duration; in order, and plainly sequential for one worker."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(i) for i in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    total = torch.get_num_threads()
+    per = max(1, total // workers)
+    torch.set_num_threads(per)
+    try:
+        with threadpool_limits(limits=per), ThreadPoolExecutor(workers) as ex:
+            return list(ex.map(fn, items))
+    finally:
+        torch.set_num_threads(total)
 
 
 class RidgePath:
@@ -65,14 +97,16 @@ class RidgePath:
     (G + λn) w = b, corrected against the float64 gram until the normwise backward error is at float64
     level.  Coefficients are kept in that basis (w = V a, exact for any V), so validation by products of
     statistics works unchanged.  If refinement stalls (a gram too ill-conditioned for float32), the path
-    refactorises in float64 and solves directly: slower, never less accurate.
+    refactorises in float64 and solves directly: slower, never less accurate.  ``device`` runs the eigh
+    with torch on that device (e.g. cuda); the products around it stay in float64 numpy.
     """
 
     TOL = 1e-12  # normwise backward error accepted as float64-exact
     MAX_STEPS = 8
 
-    def __init__(self, s: Stats, precision: str = "float32"):
+    def __init__(self, s: Stats, precision: str = "float32", device: str | None = None):
         self.n = s.n
+        self.device = device
         self.mx, self.my = s.sx / s.n, s.sy / s.n
         gc = s.G - s.n * np.outer(self.mx, self.mx)
         bc = s.B - s.n * np.outer(self.mx, self.my)
@@ -87,15 +121,16 @@ class RidgePath:
     def _factorise(self, precision: str) -> None:
         self.precision = precision
         # torch's eigh: faster than numpy's here in both precisions (interleaved medians, D=2048, 2 cores)
-        g = self.Gz.astype(np.float32 if precision == "float32" else np.float64)
-        e, v = torch.linalg.eigh(torch.from_numpy(g))
-        self.evals, self.V = e.double().numpy(), v.double().numpy()
+        g = torch.from_numpy(self.Gz.astype(np.float32 if precision == "float32" else np.float64))
+        e, v = torch.linalg.eigh(g if self.device is None else g.to(self.device))
+        self.evals, self.V = e.double().cpu().numpy(), v.double().cpu().numpy()
         self.VtB = self.V.T @ self.Bz
         self._norm = float(np.abs(self.evals).max(initial=0.0))
 
     def coefs(self, lambdas, cols: slice | np.ndarray = slice(None)) -> np.ndarray:
         """(L, D, M): per λ, a with standardised weights w = V a solving (G + λn I) w = Bᵀ to float64
-        accuracy.  The whole λ path is refined together, so each step reads the gram once (one GEMM)."""
+        accuracy.  The whole λ path is refined together, so each step reads the gram once (one GEMM).
+        Call before reading ``V``: a stalled refinement replaces it."""
         shifts = np.asarray(lambdas, dtype=np.float64) * self.n
         d = self.evals[None, :, None] + shifts[:, None, None]  # (L, D, 1)
         a = self.VtB[None, :, cols] / d
@@ -115,21 +150,26 @@ class RidgePath:
         self._factorise("float64")  # refinement stalled: exact path
         return self.coefs(lambdas, cols)
 
-    def solve(self, lam: float, cols: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """(W, b) for the given relative λ and target columns, in (shifted) raw feature space."""
-        a = self.coefs((lam,), cols)[0]  # first: a stalled refinement replaces V
+    def raw(self, a: np.ndarray, cols: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) in (shifted) raw feature space from coefficients ``a`` (D, M) or (L, D, M) of ``coefs``."""
         w = (self.V @ a) * self.inv[:, None]
         return w, self.my[cols] - self.mx @ w
 
+    def solve(self, lam: float, cols: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) for the given relative λ and target columns, in (shifted) raw feature space."""
+        return self.raw(self.coefs((lam,), cols)[0], cols)
 
-def validation_sse(path: RidgePath, v: Stats, lambdas, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+
+def validation_sse(path: RidgePath, v: Stats, lambdas, cols: np.ndarray, A: np.ndarray | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Σ‖y − xW(λ) − b(λ)‖² per (λ, target column) over a validation fold, from its statistics alone,
-    and the same for the training mean (W = 0): the R² denominator.
+    and the same for the training mean (W = 0): the R² denominator.  ``A``: ``path.coefs(lambdas, cols)``
+    if already computed (one training set validated on two folds solves once).
 
     The quadratic term xᵀWᵀWx needs Wᵀ G W: for few target columns it is cheapest as G @ W over the whole
     λ path in one product, for many (embedding targets) once per fold in the training eigenbasis.
     """
-    A = path.coefs(lambdas, cols)  # (L, D, M); first: a stalled refinement replaces V
+    A = path.coefs(lambdas, cols) if A is None else A  # (L, D, M); first: a stalled refinement replaces V
     L, D, M = A.shape
     vi = path.V * path.inv[:, None]  # W(λ) = vi @ A(λ)
     C = vi.T @ v.B[:, cols]  # (D, M)
@@ -148,6 +188,16 @@ def validation_sse(path: RidgePath, v: Stats, lambdas, cols: np.ndarray) -> tupl
     return out, ss0
 
 
+@dataclass
+class _Prefix:
+    """What the online code needs from one prefix training set: W, b at every λ (prefix columns) and the
+    squared error on the next block (which picks the following prefix's λ)."""
+
+    W: np.ndarray  # (L, D, Mp)
+    b: np.ndarray  # (L, Mp)
+    sse_next: np.ndarray | None  # (L, Mp) on the block after the prefix
+
+
 class NestedRidge:
     """Nested cross-validated ridge from per-fold statistics: no row is read twice to fit.
 
@@ -159,35 +209,82 @@ class NestedRidge:
 
     For outer fold k the training set is every other fold; λ is chosen by leave-one-fold-out among those
     (inner CV on the squared error, computed from statistics).  The inner training set "all but folds j
-    and k" serves both outer fold k (validating on j) and outer fold j (validating on k), so K folds cost
-    K(K−1)/2 + K eigendecompositions, one held in memory at a time.  ``final`` refits on every fold at
-    the λ chosen by CV over all folds (the probe whose weights are saved).
+    and k" serves both outer fold k (validating on j) and outer fold j (validating on k), and is solved
+    once for both, so K folds cost K(K−1)/2 + K eigendecompositions, run ``workers`` at a time.
+    ``final`` refits on every fold at the λ chosen by CV over all folds (the probe whose weights are saved).
+
+    ``prefix`` (name -> columns) also prepares the online code's probes (``prefix_probes``): prefix i is
+    trained on folds 0..i−1; the last two prefixes are the training sets of outer fold K−1 and of the inner
+    pair (K−2, K−1), so they reuse those factorisations; only prefixes 1..K−3 cost their own.
     """
 
     def __init__(self, folds: list[Stats], groups: dict[str, np.ndarray], shift: np.ndarray, lambdas=LAMBDAS,
-                 prior: np.ndarray | None = None, precision: str = "auto"):
+                 prior: np.ndarray | None = None, precision: str = "auto", prefix: dict[str, np.ndarray] | None = None,
+                 device: str | None = None, workers: int | None = None):
         self.folds, self.groups, self.shift, self.lambdas = folds, groups, shift, tuple(lambdas)
         self.K = len(folds)
+        self.device = device
         self.cols = np.concatenate(list(groups.values()))
         if precision == "auto":  # of the factorisations; answers are float64 either way (RidgePath)
-            precision = factorisation_precision(len(shift), len(self.lambdas), len(self.cols))
+            precision = factorisation_precision(len(shift), len(self.lambdas), len(self.cols), device)
         self.precision = precision
+        self.workers = solver_workers(device) if workers is None else workers
         self.total = sum_stats(folds)
         self.prior = prior  # columns whose intercept is the whole selection's mean (class proportions)
+        self.prefix = dict(prefix or {})
+        self.pcols = np.concatenate(list(self.prefix.values())) if self.prefix else np.zeros(0, np.int64)
+        self._pidx = np.searchsorted(self.cols, self.pcols) if np.all(np.diff(self.cols) > 0) else \
+            np.array([int(np.flatnonzero(self.cols == c)[0]) for c in self.pcols], dtype=np.int64)
+        self._prefixes: dict[int, _Prefix | None] = {}
         m = len(self.cols)
         self.inner = [[np.zeros((len(self.lambdas), m)), np.zeros(m)] for _ in range(self.K)]
-        for j in range(self.K):
-            for k in range(j + 1, self.K):
-                rest = self.total - folds[j] - folds[k]
-                if rest.n < 2:
-                    continue
-                path = RidgePath(rest, self.precision)
-                for val, outer in ((j, k), (k, j)):
-                    if folds[val].n:
-                        sse, ss0 = validation_sse(path, folds[val], self.lambdas, self.cols)
-                        self.inner[outer][0] += sse
-                        self.inner[outer][1] += ss0
+        K = self.K
+        jobs: list = [(j, k) for j in range(K) for k in range(j + 1, K)]
+        if self.prefix:
+            jobs += [("prefix", i) for i in range(1, K - 2)]
+        for job, out in zip(jobs, parallel_map(self._inner_job, jobs, self.workers)):
+            if job[0] == "prefix":
+                self._prefixes[job[1]] = out
+                continue
+            sses, pre = out
+            for outer, (sse, ss0) in sses.items():
+                self.inner[outer][0] += sse
+                self.inner[outer][1] += ss0
+            if job == (K - 2, K - 1) and self.prefix:
+                self._prefixes[K - 2] = pre
         self.all_cv = [np.zeros((len(self.lambdas), m)), np.zeros(m)]
+        self._outer: dict[int, dict[str, Fitted]] = {}
+
+    def _path(self, s: Stats) -> RidgePath:
+        return RidgePath(s, self.precision, self.device)
+
+    def _prefix_of(self, path: RidgePath, A: np.ndarray, sse_next: np.ndarray | None) -> _Prefix:
+        W, b = path.raw(A[:, :, self._pidx], self.pcols)
+        return _Prefix(W, b, None if sse_next is None else sse_next[:, self._pidx])
+
+    def _inner_job(self, job):
+        if job[0] == "prefix":  # a prefix training set no nested fit shares: folds 0..i−1
+            i = job[1]
+            s = sum_stats(self.folds[:i])
+            if s.n < 2:
+                return None
+            path = self._path(s)
+            A = path.coefs(self.lambdas, self.pcols)
+            W, b = path.raw(A, self.pcols)
+            nxt = validation_sse(path, self.folds[i], self.lambdas, self.pcols, A)[0] if self.folds[i].n else None
+            return _Prefix(W, b, nxt)
+        j, k = job
+        rest = self.total - self.folds[j] - self.folds[k]
+        if rest.n < 2:
+            return {}, None
+        path = self._path(rest)
+        A = path.coefs(self.lambdas, self.cols)
+        sses = {outer: validation_sse(path, self.folds[val], self.lambdas, self.cols, A)
+                for val, outer in ((j, k), (k, j)) if self.folds[val].n}
+        pre = None
+        if self.prefix and (j, k) == (self.K - 2, self.K - 1):  # = folds 0..K−3: prefix K−2, validated on K−2
+            pre = self._prefix_of(path, A, sses[k][0] if k in sses else None)
+        return sses, pre
 
     def _choose(self, sse: np.ndarray, ss0: np.ndarray) -> dict[str, tuple[float, float]]:
         """Per target group: (λ with the least summed squared error, inner R² at that λ)."""
@@ -199,52 +296,83 @@ class NestedRidge:
             out[name] = (float(self.lambdas[i]), float(1 - e[i] / e0) if e0 > 0 else float("nan"))
         return out
 
+    def _outer_job(self, k: int):
+        path = self._path(self.total - self.folds[k])
+        A = path.coefs(self.lambdas, self.cols)
+        cv = validation_sse(path, self.folds[k], self.lambdas, self.cols, A) if self.folds[k].n else None
+        chosen = self._choose(*self.inner[k])
+        fits, at = {}, 0
+        for name, c in self.groups.items():
+            lam, score = chosen[name]
+            fits[name] = self._fitted(path.raw(A[self.lambdas.index(lam), :, at:at + len(c)], c), c, lam, score, path)
+            at += len(c)
+        pre = self._prefix_of(path, A, None) if self.prefix and k == self.K - 1 else None  # = folds 0..K−2
+        return fits, cv, pre
+
     def outer(self, k: int) -> dict[str, Fitted]:
         """Outer fold k's probe per target group, λ chosen by the inner CV on its training folds."""
-        train = self.total - self.folds[k]
-        path = RidgePath(train, self.precision)
-        if self.folds[k].n:
-            sse, ss0 = validation_sse(path, self.folds[k], self.lambdas, self.cols)
-            self.all_cv[0] += sse
-            self.all_cv[1] += ss0
-        chosen = self._choose(*self.inner[k])
-        return {name: self._fit(path, c, *chosen[name]) for name, c in self.groups.items()}
+        if k not in self._outer:
+            self._take(k, self._outer_job(k))
+        return self._outer[k]
+
+    def outers(self) -> list[dict[str, Fitted]]:
+        """Every outer fold's probes, ``workers`` factorisations at a time."""
+        todo = [k for k in range(self.K) if k not in self._outer]
+        for k, out in zip(todo, parallel_map(self._outer_job, todo, self.workers)):
+            self._take(k, out)
+        return [self._outer[k] for k in range(self.K)]
+
+    def _take(self, k: int, out) -> None:
+        fits, cv, pre = out
+        self._outer[k] = fits
+        if cv is not None:
+            self.all_cv[0] += cv[0]
+            self.all_cv[1] += cv[1]
+        if k == self.K - 1 and self.prefix:
+            self._prefixes[k] = pre
 
     def final(self) -> dict[str, Fitted]:
         """Every fold's rows, λ by CV over all folds (call after ``outer`` for every k)."""
-        path = RidgePath(self.total, self.precision)
+        path = self._path(self.total)
         chosen = self._choose(*self.all_cv)
-        return {name: self._fit(path, c, *chosen[name]) for name, c in self.groups.items()}
+        return {name: self._fitted(path.solve(chosen[name][0], c), c, *chosen[name], path)
+                for name, c in self.groups.items()}
 
-    def _fit(self, path: RidgePath, cols: np.ndarray, lam: float, score: float) -> Fitted:
-        W, b = path.solve(lam, cols)
+    def _fitted(self, wb: tuple[np.ndarray, np.ndarray], cols: np.ndarray, lam: float, score: float,
+                path: RidgePath) -> Fitted:
+        W, b = wb
         if self.prior is not None and np.isin(cols, self.prior).all():
             b = b + (self.total.sy / self.total.n - path.my)[cols]
         return Fitted(Linear(W, b, self.shift), lam, score)
 
-
-def prefix_probes(folds: list[Stats], cols: np.ndarray, shift: np.ndarray, lambdas=LAMBDAS) -> list[Linear | None]:
-    """The online code's probes: entry i is trained on folds 0..i-1 (entry 0 is None).
-
-    λ for prefix i ≥ 2 is the one with the least squared error on fold i−1 under prefix i−1 (past data
-    only); prefix 1 has no past block and uses λ = 1.
-    """
-    out: list[Linear | None] = [None]
-    prev: RidgePath | None = None
-    precision = factorisation_precision(len(shift), len(lambdas), len(cols))
-    for i in range(1, len(folds)):
-        lam = 1.0
-        if prev is not None and folds[i - 1].n:
-            sse, _ = validation_sse(prev, folds[i - 1], lambdas, cols)
-            lam = float(lambdas[int(np.argmin(sse.sum(1)))])
-        stats = sum_stats(folds[:i])
-        if stats.n < 2:
-            out.append(None)
-            continue
-        prev = RidgePath(stats, precision)
-        W, b = prev.solve(lam, cols)
-        out.append(Linear(W, b, shift))
-    return out
+    def prefix_probes(self, name: str) -> list[Linear | None]:
+        """The online code's probes for prefix group ``name``: entry i is trained on folds 0..i−1 (entry 0 is
+        None).  λ for prefix i ≥ 2 is the one with the least squared error on fold i−1 under prefix i−1 (past
+        data only); prefix 1, or one whose predecessor is missing, uses λ = 1.  Call after ``outers``."""
+        if self.K - 1 not in self._outer:
+            self.outer(self.K - 1)
+        at = 0
+        for n, c in self.prefix.items():
+            if n == name:
+                sl = slice(at, at + len(c))
+                break
+            at += len(c)
+        out: list[Linear | None] = [None]
+        for i in range(1, self.K):
+            prev, cur = self._prefixes.get(i - 1), self._prefixes.get(i)
+            lam = 1.0
+            if prev is not None and prev.sse_next is not None:
+                lam = self.lambdas[int(np.argmin(prev.sse_next[:, sl].sum(1)))]
+            if cur is None:
+                out.append(None)
+                continue
+            li = self.lambdas.index(lam) if lam in self.lambdas else None
+            if li is None:  # λ = 1 outside the grid: a plain solve on the prefix statistics
+                path = self._path(sum_stats(self.folds[:i]))
+                out.append(Linear(*path.solve(lam, self.prefix[name]), self.shift))
+            else:
+                out.append(Linear(cur.W[li][:, sl], cur.b[li][sl], self.shift))
+        return out
 
 
 # ----------------------------------------------------------------------------- logistic

@@ -61,12 +61,23 @@ class FoldStats:
     Every row belongs to one outer fold, so any training set of the nested cross-validation is a sum of
     folds.  A storage chunk splits into several folds, and GEMMs on a few dozen rows run far below peak,
     so rows are buffered per fold (a bounded few MB) and multiplied in blocks of ``block_rows``.
+    ``shift`` is the vector subtracted from every row (default: the first rows' mean).  ``device`` runs the
+    products with torch on that device (float32 products summed in float64 there, like the numpy path), so
+    with ``cuda`` the XᵀX accumulation is on the GPU; None keeps numpy.
     """
 
-    def __init__(self, d: int, m: int, n_folds: int, block_rows: int = 2048):
+    def __init__(self, d: int, m: int, n_folds: int, block_rows: int = 2048, shift: np.ndarray | None = None,
+                 device: str | None = None):
         self.folds = [Stats.zeros(d, m) for _ in range(n_folds)]
-        self.shift: np.ndarray | None = None
+        self.shift = None if shift is None else np.asarray(shift, dtype=np.float32)
         self.block_rows = block_rows
+        self.device = device
+        self._dev: list | None = None
+        if device is not None:
+            import torch
+
+            self._dev = [(torch.zeros((d, d), dtype=torch.float64, device=device),
+                          torch.zeros((d, m), dtype=torch.float64, device=device)) for _ in range(n_folds)]
         self._buf: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_folds)]
         self._rows = [0] * n_folds
 
@@ -82,16 +93,121 @@ class FoldStats:
                 self._flush(g)
 
     def _flush(self, g: int) -> None:
-        if self._buf[g]:
-            self.folds[g].add(np.concatenate([b[0] for b in self._buf[g]]),
-                              np.concatenate([b[1] for b in self._buf[g]]))
-            self._buf[g], self._rows[g] = [], 0
+        if not self._buf[g]:
+            return
+        x = np.concatenate([b[0] for b in self._buf[g]])
+        y = np.concatenate([b[1] for b in self._buf[g]])
+        self._buf[g], self._rows[g] = [], 0
+        if self._dev is None:
+            self.folds[g].add(x, y)
+            return
+        import torch
+
+        s, (G, B) = self.folds[g], self._dev[g]
+        xt, yt = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+        G += (xt.T @ xt).double()
+        B += (xt.T @ yt).double()
+        s.sx += x.sum(0, dtype=np.float64)
+        s.sy += y.sum(0, dtype=np.float64)
+        s.yy += np.einsum("ij,ij->j", y, y, dtype=np.float64)
+        s.n += len(x)
 
     def finish(self) -> list[Stats]:
         """Flush the buffers; the per-fold statistics."""
         for g in range(len(self.folds)):
             self._flush(g)
+        if self._dev is not None:
+            for s, (G, B) in zip(self.folds, self._dev):
+                s.G += G.cpu().numpy()
+                s.B += B.cpu().numpy()
+            self._dev = [(G.zero_(), B.zero_()) for G, B in self._dev]
         return self.folds
+
+
+CellKey = tuple[int, int]  # (denoising position j, rollout-step bucket b)
+
+
+@dataclass
+class LayerInputs:
+    """What accumulating one layer's cell statistics needs besides the activations, per selected row
+    (aligned with ``rows``, positions into ``res.rows``): target matrix, outer fold, step bucket."""
+
+    rows: np.ndarray
+    Y: np.ndarray  # (len(rows), M) float32
+    fold: np.ndarray
+    bucket: np.ndarray
+    n_folds: int
+    n_denoise: int
+    shifts: dict[CellKey, np.ndarray]
+
+    def part(self, sel: np.ndarray) -> "LayerInputs":
+        return LayerInputs(self.rows[sel], self.Y[sel], self.fold[sel], self.bucket[sel], self.n_folds,
+                           self.n_denoise, self.shifts)
+
+
+def cell_shifts(store: Store, res: Resolved, layer_index: int, n_denoise: int) -> dict[CellKey, np.ndarray]:
+    """Per cell, the mean of its rows in the first chunk holding any of them: the fixed shift that keeps the
+    huge-mean dimensions of residual streams from cancelling when centring (read once, before any task)."""
+    want = set(np.unique(res.bucket).tolist())
+    out: dict[CellKey, np.ndarray] = {}
+    for pos, X in iter_blocks(store, res, layer_index):
+        bk = res.bucket[pos]
+        for b in set(np.unique(bk).tolist()) & want:
+            m = bk == b
+            for j in range(n_denoise):
+                out[(j, b)] = X[m, j].mean(0)
+        want -= set(np.unique(bk).tolist())
+        if not want:
+            break
+    return out
+
+
+GROUP_ROWS = 8192  # rows per chunk group: enough rows per fold for fast GEMMs, small enough to spread over workers
+
+
+def chunk_groups(store: Store, res: Resolved, group_rows: int | None = None) -> list[np.ndarray]:
+    """Positions into ``res.rows``, split at storage-chunk boundaries into groups of about ``group_rows``
+    (default ``GROUP_ROWS``) stored samples: the unit of work of ``cell_statistics``, serially and on Dask
+    alike (so both sum the same float32 products)."""
+    cs = int(store.array(res.site, res.stream).chunks[0])
+    chunk = res.rows // cs
+    per = max(1, (group_rows or GROUP_ROWS) // cs)
+    group = chunk // per
+    cuts = np.flatnonzero(np.diff(group)) + 1
+    return np.split(np.arange(len(res.rows)), cuts)
+
+
+def cell_statistics(store: Store, res: Resolved, layer_index: int, inputs: LayerInputs,
+                    device: str | None = None) -> dict[CellKey, list[Stats]]:
+    """Per-fold sufficient statistics of every cell of one layer over the rows ``inputs.rows`` (one group of
+    storage chunks, or all of them): the one place both the serial probe and its Dask tasks accumulate.
+    Partial results over disjoint rows add (``add_cell_stats``) to the whole layer's."""
+    D, M = res.n_features, inputs.Y.shape[1]
+    acc = {key: FoldStats(D, M, inputs.n_folds, shift=shift, device=device) for key, shift in inputs.shifts.items()}
+    for pos, X in iter_blocks(store, res, layer_index, inputs.rows):
+        at = np.searchsorted(inputs.rows, pos)
+        f, bk, Y = inputs.fold[at], inputs.bucket[at], inputs.Y[at]
+        for b in np.unique(bk):
+            m = bk == b
+            for j in range(inputs.n_denoise):
+                acc[(j, int(b))].add(X[m, j], Y[m], f[m])
+    return {key: fs.finish() for key, fs in acc.items()}
+
+
+def add_cell_stats(p: dict[CellKey, list[Stats]], q: dict[CellKey, list[Stats]]) -> dict[CellKey, list[Stats]]:
+    """The statistics of the union of two disjoint row sets (a tree reduction's merge)."""
+    return {key: [a + b for a, b in zip(p[key], q[key])] for key in p}
+
+
+def layer_statistics(store: Store, res: Resolved, layer_index: int, inputs: LayerInputs,
+                     device: str | None = None) -> dict[CellKey, list[Stats]]:
+    """Every cell's per-fold statistics of one layer, serially: ``cell_statistics`` over each chunk group in
+    turn, summed (the Dask path, ``toolkit.scale_stats.probe_layer_statistics``, sums the same groups in a tree)."""
+    total = None
+    for g in chunk_groups(store, res):
+        part = cell_statistics(store, res, layer_index, inputs.part(g), device)
+        total = part if total is None else add_cell_stats(total, part)
+    return total or {}
 
 
 class ChunkReader:

@@ -1,0 +1,117 @@
+"""The ridge solver's speed paths give the plain answers: factorisations on parallel threads, the online code's
+prefix probes taken from shared factorisations, and the torch (--device) statistics path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_probe import write_store
+from toolkit.errors import ToolkitError
+from toolkit.probe import ProbeConfig, Selection, probe
+from toolkit.probe.select import plain, resolve
+from toolkit.probe.solvers import LAMBDAS, NestedRidge, RidgePath, validation_sse
+from toolkit.probe.splits import make_folds
+from toolkit.probe.stats import FoldStats, iter_blocks, sum_stats
+from toolkit.store import open_store
+
+
+@pytest.fixture(scope="module")
+def layer(tmp_path_factory):
+    """One planted layer's rows (d=24 × 2 tokens concatenated), its task one-hot and a control of the same width."""
+    path = write_store(tmp_path_factory.mktemp("solver") / "s.zarr", eps_per_task=8, action=False)
+    store = open_store(path)
+    r = resolve(store, Selection(site="vlm", layers="6", pool="none"))
+    X = np.concatenate([x[:, 0] for _, x in iter_blocks(store, r, 0)])
+    ep, task = store.coord("episode")[r.rows], plain(store.coord("task"))[r.rows]
+    folds = make_folds("episodes", ep, task, 5, 0)
+    Y = np.eye(4, dtype=np.float32)[np.unique(task, return_inverse=True)[1]]
+    Yc = np.eye(4, dtype=np.float32)[np.random.default_rng(0).integers(0, 4, len(Y))]
+    return path, X, np.concatenate([Y, Yc], 1), folds
+
+
+def _stats(X, Y, folds, device=None):
+    fs = FoldStats(X.shape[1], Y.shape[1], folds.n_folds, block_rows=64, device=device)
+    fs.add(X, Y, folds.fold)
+    return fs.finish(), fs.shift
+
+
+GROUPS = {"task": np.arange(4), "task#control": np.arange(4, 8)}
+
+
+def _fit(stats, shift, workers, precision="float32"):
+    nr = NestedRidge(stats, GROUPS, shift, prior=np.arange(8), precision=precision, prefix={"task": np.arange(4)},
+                     workers=workers)
+    return nr, nr.outers(), nr.final()
+
+
+def test_parallel_factorisations_equal_the_sequential_ones(layer):
+    _, X, Y, folds = layer
+    stats, shift = _stats(X, Y, folds)
+    (a, outer_a, final_a), (b, outer_b, final_b) = _fit(stats, shift, 1), _fit(stats, shift, 3)
+    for (sse, ss0), (sse_b, ss0_b) in zip(a.inner, b.inner):
+        np.testing.assert_array_equal(sse, sse_b)  # the same products, only on other threads
+    for fa, fb in zip(outer_a + [final_a], outer_b + [final_b]):
+        for name in GROUPS:
+            assert fa[name].lam == fb[name].lam
+            np.testing.assert_array_equal(fa[name].model.W, fb[name].model.W)
+    for pa, pb in zip(a.prefix_probes("task"), b.prefix_probes("task")):
+        assert (pa is None) == (pb is None)
+        if pa is not None:
+            np.testing.assert_array_equal(pa.W, pb.W)
+
+
+def test_prefix_probes_from_shared_factorisations_equal_fresh_solves(layer):
+    """Prefix i is ridge on folds 0..i−1 at the λ that coded block i−1 best under prefix i−1 (λ = 1 for the
+    first): recomputed here from scratch, one float64 path per prefix, as the online code defines it."""
+    _, X, Y, folds = layer
+    stats, shift = _stats(X, Y, folds)
+    nr, _, _ = _fit(stats, shift, 2)
+    got = nr.prefix_probes("task")
+    cols = np.arange(4)
+    lam, prev = 1.0, None
+    assert got[0] is None
+    for i in range(1, folds.n_folds):
+        if prev is not None:
+            lam = LAMBDAS[int(np.argmin(validation_sse(prev, stats[i - 1], LAMBDAS, cols)[0].sum(1)))]
+        prev = RidgePath(sum_stats(stats[:i]), "float64")
+        W, b = prev.solve(lam, cols)
+        assert np.abs(got[i].W - W).max() <= 1e-8 * np.abs(W).max()
+        np.testing.assert_allclose(got[i].b, b, rtol=1e-8, atol=1e-10)
+
+
+def test_torch_statistics_path_equals_numpy(layer):
+    """``device="cpu"`` accumulates XᵀX, XᵀY with torch (the code a GPU runs); the sums equal numpy's to
+    float32 product rounding and the probe's results are the same.  (No GPU here: cuda itself is not run.)"""
+    path, X, Y, folds = layer
+    ref, _ = _stats(X, Y, folds)
+    dev, _ = _stats(X, Y, folds, device="cpu")
+    for r, d in zip(ref, dev):
+        assert d.n == r.n
+        np.testing.assert_allclose(d.G, r.G, rtol=1e-5, atol=1e-3 * np.abs(r.G).max() * 1e-3)
+        np.testing.assert_allclose(d.B, r.B, rtol=1e-5, atol=1e-6 * np.abs(r.B).max())
+        np.testing.assert_array_equal(d.sx, r.sx)
+    sel = Selection(site="vlm", layers="3,6")
+    a = probe(path, sel, ["task"], ProbeConfig())
+    b = probe(path, sel, ["task"], ProbeConfig(device="cpu"))
+    for ra, rb in zip(a.rows, b.rows):
+        assert (ra["layer"], ra["lambda_folds"]) == (rb["layer"], rb["lambda_folds"])
+        assert ra["metric"] == rb["metric"] and ra["control"] == rb["control"]
+        assert abs(ra["compression"] - rb["compression"]) < 1e-6
+
+
+@pytest.mark.parametrize("cfg, message", [(dict(device="tpu9"), "unknown --device"),
+                                          (dict(scheduler="bogus"), "unknown --scheduler"),
+                                          (dict(solver="logistic", scheduler="threads"), "ridge solver")])
+def test_bad_device_or_scheduler_is_one_line(layer, cfg, message):
+    with pytest.raises(ToolkitError, match=message):
+        probe(layer[0], Selection(site="vlm", layers="6"), ["task"], ProbeConfig(mdl=False, **cfg))
+
+
+def test_cuda_without_a_gpu_is_one_line(layer):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ToolkitError, match="no CUDA GPU"):
+        probe(layer[0], Selection(site="vlm", layers="6"), ["task"], ProbeConfig(mdl=False, device="cuda"))
