@@ -25,7 +25,8 @@ from toolkit.probe import metrics as M
 from toolkit.probe.control import control_target, input_type
 from toolkit.probe.mdl import online_code
 from toolkit.probe.select import Resolved, Selection, plain, resolve
-from toolkit.probe.solvers import LAMBDAS, CosineOptions, Fitted, NestedRidge, cosine_probe, logistic_probe
+from toolkit.probe.solvers import LAMBDAS, CosineOptions, Fitted, NestedRidge, cosine_probe, logistic_probe, \
+    predict_many
 from toolkit.probe.splits import Folds, make_folds
 from toolkit.probe.stats import LayerInputs, cell_shifts, iter_blocks, layer_statistics
 from toolkit.probe.target import KINDS, Labels, TargetData
@@ -370,7 +371,7 @@ def _fit_ridge(store, sw: Sweep, li, layer, Y, nd, buckets, cfg) -> dict[Cell, C
         if min(n - s.n for s in stats) < 2:
             continue
         nr = NestedRidge(stats, groups, inputs.shifts[(j, b)], cfg.lambdas, prior, prefix=online, device=cfg.device)
-        outer = nr.outers()
+        outer = nr.outers(final=cfg.save_weights != "none")
         cell = Cell(layer, j, b)
         cf = CellFit(cell, {name: [o[name] for o in outer] for name in groups},
                      nr.final() if cfg.save_weights != "none" else {}, {})
@@ -414,13 +415,13 @@ def _score_block(sw: Sweep, fitted: dict[Cell, CellFit], pos, X, loc, means) -> 
         if not m.any():
             continue
         x, gp, fm = X[m, cell.j], pos[m], f[m]
+        variants = [(name, d) for t in sw.targets for name, d, _ in t.variants()]
         for k in np.unique(fm):
             mk = fm == k
-            for t in sw.targets:
-                for name, d, _ in t.variants():
-                    P = cf.fits[name][k].model.predict(x[mk])
-                    cf.outcomes[name].add(loc[gp[mk]], P, d, gp[mk], _train_mean(sw, means, name, d, cell.bucket, k),
-                                          _allowed(sw, d, k))
+            preds = predict_many([cf.fits[name][k].model for name, _ in variants], x[mk])
+            for (name, d), P in zip(variants, preds):
+                cf.outcomes[name].add(loc[gp[mk]], P, d, gp[mk], _train_mean(sw, means, name, d, cell.bucket, k),
+                                      _allowed(sw, d, k))
         for probes, held in cf.online.values():
             for k in np.unique(fm):
                 mk = fm == k

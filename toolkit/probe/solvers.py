@@ -36,6 +36,18 @@ class Linear:
         return (x - self.shift) @ self._w32 + self._b32
 
 
+def predict_many(models: list[Linear], x: np.ndarray) -> list[np.ndarray]:
+    """Every model's predictions on ``x``: one GEMM when they share a shift (a cell's targets and controls)."""
+    if len(models) < 2 or any(m.shift is not models[0].shift for m in models):
+        return [m.predict(x) for m in models]
+    P = (x - models[0].shift) @ np.concatenate([m._w32 for m in models], 1)
+    out, at = [], 0
+    for m in models:
+        out.append(P[:, at:at + m._w32.shape[1]] + m._b32)
+        at += m._w32.shape[1]
+    return out
+
+
 @dataclass
 class Fitted:
     """One outer fold's probe for one target (or its control), and what its solver chose on the way."""
@@ -254,6 +266,7 @@ class NestedRidge:
                 self._prefixes[K - 2] = pre
         self.all_cv = [np.zeros((len(self.lambdas), m)), np.zeros(m)]
         self._outer: dict[int, dict[str, Fitted]] = {}
+        self._final_path: RidgePath | None = None
 
     def _path(self, s: Stats) -> RidgePath:
         return RidgePath(s, self.precision, self.device)
@@ -296,7 +309,9 @@ class NestedRidge:
             out[name] = (float(self.lambdas[i]), float(1 - e[i] / e0) if e0 > 0 else float("nan"))
         return out
 
-    def _outer_job(self, k: int):
+    def _outer_job(self, k):
+        if k == "final":
+            return self._path(self.total)
         path = self._path(self.total - self.folds[k])
         A = path.coefs(self.lambdas, self.cols)
         cv = validation_sse(path, self.folds[k], self.lambdas, self.cols, A) if self.folds[k].n else None
@@ -315,11 +330,17 @@ class NestedRidge:
             self._take(k, self._outer_job(k))
         return self._outer[k]
 
-    def outers(self) -> list[dict[str, Fitted]]:
-        """Every outer fold's probes, ``workers`` factorisations at a time."""
-        todo = [k for k in range(self.K) if k not in self._outer]
+    def outers(self, final: bool = True) -> list[dict[str, Fitted]]:
+        """Every outer fold's probes, ``workers`` factorisations at a time; with ``final`` the all-fold gram
+        is factorised among them too (its λ is known only afterwards, its factorisation is not needed to know it)."""
+        todo: list = [k for k in range(self.K) if k not in self._outer]
+        if final and self._final_path is None:
+            todo.append("final")
         for k, out in zip(todo, parallel_map(self._outer_job, todo, self.workers)):
-            self._take(k, out)
+            if k == "final":
+                self._final_path = out
+            else:
+                self._take(k, out)
         return [self._outer[k] for k in range(self.K)]
 
     def _take(self, k: int, out) -> None:
@@ -333,7 +354,8 @@ class NestedRidge:
 
     def final(self) -> dict[str, Fitted]:
         """Every fold's rows, λ by CV over all folds (call after ``outer`` for every k)."""
-        path = self._path(self.total)
+        path = self._final_path or self._path(self.total)
+        self._final_path = None  # D² arrays: held only until used
         chosen = self._choose(*self.all_cv)
         return {name: self._fitted(path.solve(chosen[name][0], c), c, *chosen[name], path)
                 for name, c in self.groups.items()}
