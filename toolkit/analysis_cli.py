@@ -13,6 +13,7 @@ import numpy as np
 
 from toolkit.cli_options import key_values
 from toolkit.errors import ToolkitError
+from toolkit.location import STORE, store_name
 
 STATS_EXAMPLES = """
 \b
@@ -90,7 +91,7 @@ def _write(out: Path, name: str, text: str) -> Path:
 
 
 @click.command(epilog=STATS_EXAMPLES)
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @_read_options
 @click.option("--dead-eps", default=1e-6, show_default=True, help="|x| at or below this counts as zero.")
 @click.option("--outlier-z", default=6.0, show_default=True, help="Robust z-score (median/MAD) of an outlier feature.")
@@ -119,8 +120,8 @@ def stats_command(store, site, stream, layers, hook, no_progress, scheduler, dea
 
 
 @click.command(epilog=COMPARE_EXAMPLES)
-@click.argument("store_a", type=click.Path(path_type=Path))
-@click.argument("store_b", type=click.Path(path_type=Path))
+@click.argument("store_a", type=STORE)
+@click.argument("store_b", type=STORE)
 @_read_options
 @click.option("--bins", default=64, show_default=True, help="Histogram bins for KL and Wasserstein.")
 @click.option("--exact-samples", default=0, show_default=True,
@@ -141,7 +142,7 @@ def compare_command(store_a, store_b, site, stream, layers, hook, no_progress, s
     rep = compare_stores(str(store_a), str(store_b), site, stream, layers, bins=bins,
                          exact_samples=exact_samples, seed=seed, progress=False if no_progress else None,
                          scheduler=scheduler)
-    out = out or Path("reports") / f"compare_{store_a.name.removesuffix('.zarr')}_vs_{store_b.name.removesuffix('.zarr')}"
+    out = out or Path("reports") / f"compare_{store_name(store_a)}_vs_{store_name(store_b)}"
     out.mkdir(parents=True, exist_ok=True)
     figures = {} if no_figures else compare_figures(rep, out)
     data = strip_arrays(rep)
@@ -157,7 +158,7 @@ def compare_command(store_a, store_b, site, stream, layers, hook, no_progress, s
 
 
 @click.command(epilog=PROJECTION_EXAMPLES)
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--site", "--sites", "site", help="Capture site (default: the store's first site).")
 @click.option("--stream", "--streams", "stream", help="Stream (default resid_post, else the site's first).")
 @click.option("--layer", "--layers", "layer", help="One layer (default -1: the last stored).")
@@ -198,7 +199,7 @@ def projection_command(store, site, stream, layer, hook, method, color, max_samp
     idx, x = sample_vectors(s, site, stream, chosen, max_samples, seed, denoise=step)
     y = project(x, method, seed)
     labels = s.coord(color)[idx]
-    out = out or Path("reports") / f"projection_{store.name.removesuffix('.zarr')}_{site}_{method}.png"
+    out = out or Path("reports") / f"projection_{store_name(store)}_{site}_{method}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     values = [str(v) for v in labels]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from toolkit.location import STORE
+
 from toolkit.cli_options import (
     PluginOptionsCommand,
     key_values,
@@ -247,7 +249,7 @@ def _human_bytes(n: int) -> str:
 
 
 @cli.command("info")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 def info_command(store, as_json):
     """Summarise a store: provenance, samples, episodes, sites, streams, shapes and sizes."""

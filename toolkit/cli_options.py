@@ -143,21 +143,26 @@ def int_option(value: Any, owner: str, name: str, minimum: int = 0, required: bo
 
 def store_argument(f):
     """A positional STORE, with the older ``--store STORE`` spelling still accepted (``pick_store`` reads both)."""
-    f = click.option("--store", "store_option", type=click.Path(path_type=Path),
+    from toolkit.location import STORE
+
+    f = click.option("--store", "store_option", type=STORE,
                      help="The store (older spelling of the positional STORE).")(f)
-    return click.argument("store", required=False, type=click.Path(path_type=Path), metavar="STORE")(f)
+    return click.argument("store", required=False, type=STORE, metavar="STORE")(f)
 
 
-def pick_store(positional: Path | None, option: Path | None, default: Path | None = None) -> Path:
-    """The store given positionally or with ``--store`` (not two different ones), else ``default``."""
-    if positional is not None and option is not None and Path(positional) != Path(option):
+def pick_store(positional: Path | str | None, option: Path | str | None, default: Path | None = None) -> Path | str:
+    """The store given positionally or with ``--store`` (not two different ones), else ``default``: a ``Path``,
+    or the URL of an object-store prefix (``s3://bucket/prefix``)."""
+    from toolkit.location import store_target
+
+    if positional is not None and option is not None and store_target(positional) != store_target(option):
         raise ToolkitError(f"two stores given ({positional} and --store {option}): give the store once, positionally")
     store = positional if positional is not None else option
     if store is None:
         if default is None:
             raise ToolkitError("missing STORE: give the store's path, e.g. `toolkit COMMAND stores/libero.zarr`")
         return Path(default)
-    return Path(store)
+    return store_target(store)
 
 
 def split_csv(values: tuple[str, ...] | list[str] | str | None) -> list[str] | None:

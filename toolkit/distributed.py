@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ToolkitError
+from toolkit.location import location, store_target
 from toolkit.store import StoreWriter, _sample_arrays
 
 ACTOR_RESTARTS = 3  # a unit whose actor dies more often than this fails the run (resumable)
@@ -38,7 +39,7 @@ UNITS_PER_WORKER = 4  # finer units balance load and bound the work a killed act
 
 
 class DriverLock:
-    """A unit writer's lock: none of its own, the driver holds the store's ``StoreLock`` for the whole run."""
+    """A unit writer's lock: none of its own, the driver holds the store's lock (or lease) for the whole run."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -64,7 +65,7 @@ class UnitWriter(StoreWriter):
         import zarr
 
         # the arrays' own metadata (sized to the whole run), not the committed snapshot
-        self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3, use_consolidated=False)
+        self.root = zarr.open_group(self.loc.zarr_target(), mode="r+", zarr_format=3, use_consolidated=False)
         self.committed = 0  # nothing of this unit is committed; the run loop checks no prefix
         self._complete = False
 
@@ -105,8 +106,9 @@ class LayoutWriter:
 
         self.path, self.spec = path, spec
         # a resumed store: extract's own checks compare its model, dataset and selection with this run's
-        self.root = (zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=False)
-                     if (path / "zarr.json").exists() else None)
+        loc = location(path)
+        self.root = (zarr.open_group(loc.zarr_target(), mode="r", zarr_format=3, use_consolidated=False)
+                     if loc.exists("zarr.json") else None)
 
     def initialize(self, attrs, specs, static, coordinates, chunk_samples=None, batch_size=1, group_attrs=None):
         raise _Layout({"spec": self.spec, "init": {"attrs": attrs, "specs": specs, "static": static,
@@ -256,7 +258,7 @@ def extract_on_ray(spec: Any) -> Path:
     if getattr(dataset_cls, "closed_loop", False):
         raise ToolkitError(f"dataset {o['dataset']!r} runs closed-loop (a simulator); --workers supports open-loop "
                            "datasets only: run it without --workers")
-    path = Path(o["store"])
+    path = store_target(o["store"])
     _check_target(path, o["resume"], o["overwrite"])
     ds = dataset_cls(o["data"], **(o["dataset_options"] or {}))
     total = expected_samples(ds, o["max_episodes"], o["max_steps"], o["stride"])
@@ -287,9 +289,7 @@ def extract_on_ray(spec: Any) -> Path:
         if writer is not None:
             writer.abort(release=False)
             if writer.created and writer.committed == 0:
-                import shutil
-
-                shutil.rmtree(path, ignore_errors=True)  # nothing useful was written
+                writer.loc.remove()  # nothing useful was written
         if isinstance(e, KeyboardInterrupt) and writer is not None:
             import signal
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from toolkit.location import STORE
+
 from toolkit.cli_options import split_csv
 from toolkit.export import FORMATS, export
 
@@ -16,7 +18,7 @@ Examples:
   toolkit export stores/openvla.zarr --format npy --out embeddings/
   toolkit export stores/openvla.zarr --format pt --out emb_pt/ --site llm --stream resid_post --layers 0,-1 --visualize
 """)
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder to create: OUT/<episode>/step_NNNN/<site>.layers.<L>.<stream>.<format> + step_metadata.json.")
 @click.option("--format", "fmt", default="npy", show_default=True, type=click.Choice(FORMATS), help="File format.")

@@ -31,6 +31,7 @@ from toolkit.capture import (
     to_numpy,
 )
 from toolkit.errors import ToolkitError
+from toolkit.location import location, store_target
 from toolkit.intervention import Intervention, Steering
 from toolkit.plugins import get_dataset, get_model
 from toolkit.selection import check_dtype, parse_tokens
@@ -332,8 +333,7 @@ def _run_loop(path: Path, writer: StoreWriter, samples: Iterator[Sample], batch_
         signals.hold()
         writer.abort(release=False)
         if writer.created and writer.committed == 0:
-            import shutil
-            shutil.rmtree(path, ignore_errors=True)  # nothing useful was written: leave nothing behind
+            writer.loc.remove()  # nothing useful was written: leave nothing behind
         if isinstance(e, KeyboardInterrupt):
             import signal
 
@@ -357,11 +357,11 @@ def _check_resume_prefix(writer: StoreWriter, samples: Iterator[Sample], committ
                                "the store was made from other data or options (use --overwrite)")
 
 
-def _check_target(path: Path, resume: bool, overwrite: bool) -> None:
-    """Fail on the store path before any model or data is loaded."""
+def _check_target(path: Path | str, resume: bool, overwrite: bool) -> None:
+    """Fail on the store path (or object-store URL) before any model or data is loaded."""
     if resume and overwrite:
         raise ToolkitError("--resume and --overwrite exclude each other: pick one")
-    if path.exists() and not (resume or overwrite):
+    if location(path).exists() and not (resume or overwrite):
         raise ToolkitError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
 
 
@@ -437,7 +437,7 @@ def extract(
         from toolkit.distributed import extract_on_ray
 
         return extract_on_ray(ExtractSpec(**options))
-    path = Path(store)
+    path = store_target(store)
     if batch_size < 1:
         raise ToolkitError(f"--batch-size must be at least 1, got {batch_size}")
     check_dtype(dtype)
@@ -581,7 +581,7 @@ def import_latents(
     The whole run may also be given as one object: ``import_latents(ImportSpec(dataset="libero", ...))``."""
     if isinstance(dataset, ImportSpec):
         return import_latents(**_spec_fields(dataset))
-    path = Path(store)
+    path = store_target(store)
     check_dtype(dtype)
     dataset_cls = get_dataset(dataset)
     _check_target(path, resume, overwrite)

@@ -27,6 +27,7 @@ import click
 import numpy as np
 
 from toolkit.errors import ToolkitError
+from toolkit.location import STORE, store_name
 from toolkit.spec import store_layers
 from toolkit.store import Store, decode, open_store
 
@@ -218,7 +219,7 @@ Examples:
   toolkit separation stores/pi0_libero.zarr                      # every VLM site vs the action expert
   toolkit separation stores/pi0_libero.zarr --vlm-site text_only --layers 0,8,17 --out reports/separation
 """)
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--vlm-site", "vlm_sites", multiple=True, help="VLM-expert site(s) (default: every site without a "
                                                              "denoising axis).")
 @click.option("--action-site", "action_sites", multiple=True, help="Action-expert site(s) (default: sites with one).")
@@ -230,6 +231,6 @@ def separation_command(store, vlm_sites, action_sites, layers, stream, out, no_f
     """Expert separation: linear CKA, cosine and L2 between the VLM and the action expert at matched layers,
     per token span and denoising step, streamed over a store."""
     rows = expert_separation(store, list(vlm_sites) or None, list(action_sites) or None, layers, stream)
-    out = out or Path("reports") / f"separation_{store.name.removesuffix('.zarr')}"
+    out = out or Path("reports") / f"separation_{store_name(store)}"
     figs = save(rows, out, str(store), figures=not no_figures)
     click.echo(f"wrote {out / 'separation.csv'} ({len(rows)} rows) and {len(figs)} figures")

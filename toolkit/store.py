@@ -48,6 +48,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from toolkit.errors import ToolkitError
+from toolkit.location import location, store_target
 
 FORMAT = "toolkit-activations"
 FORMAT_VERSION = 2  # 2: crc32c per chunk, consolidated metadata written at each commit
@@ -187,17 +188,20 @@ class StoreWriter:
     The writer holds the store's lock (``StoreLock``) from construction until ``close``/``abort``/``release``.
     """
 
-    lock_class: type = StoreLock  # toolkit.distributed's unit writers write under their driver's lock instead
+    # None: the store location's own lock (StoreLock locally, a lease on object stores); toolkit.distributed's
+    # unit writers write under their driver's lock instead
+    lock_class: type | None = None
 
     def __init__(self, path: str | Path, mode: str = "create", codec: str = "auto",
                  spec: dict[str, Any] | None = None):
-        self.path = Path(path)
+        self.path = store_target(path)  # a Path, or the URL of an object-store prefix
+        self.loc = location(self.path)
         self.codec = codec
         compressors_for(codec, "")  # validate early
         self.spec = jsonable(spec) if spec is not None else None
         self.created = False
         self.overwrite = mode == "overwrite"
-        self.lock = self.lock_class(self.path)
+        self.lock = self.lock_class(self.path) if self.lock_class else self.loc.lock()
         self.lock.acquire()
         try:
             self._open(mode)
@@ -222,10 +226,11 @@ class StoreWriter:
         self.commit_samples = COMMIT_SAMPLES
 
     def _open(self, mode: str) -> None:
-        if mode == "resume" and self.path.exists():
-            if not (self.path / "zarr.json").exists():
+        loc = self.loc
+        if mode == "resume" and loc.exists():
+            if not loc.exists("zarr.json"):
                 raise ToolkitError(f"cannot resume: {self.path} is not a store; remove it or pick another --store")
-            self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3, use_consolidated=False)
+            self.root = zarr.open_group(loc.zarr_target(), mode="r+", zarr_format=3, use_consolidated=False)
             if self.root.attrs.get("format") != FORMAT:
                 raise ToolkitError(f"{self.path} is not a toolkit store (no '{FORMAT}' format attribute)")
             stored = self.root.attrs.get("run_spec")
@@ -241,15 +246,16 @@ class StoreWriter:
                                        f"{key}={new!r}; rerun with the store's options or use --overwrite")
             self.committed = int(self.root.attrs.get("n_samples", 0))
             self._complete = bool(self.root.attrs.get("complete"))
-            for stale in self.path.rglob("*.partial"):  # temp files of a killed zarr write
-                stale.unlink(missing_ok=True)
+            if not loc.remote:  # temp files of a killed zarr write (object stores have none: a PUT is whole)
+                for stale in self.path.rglob("*.partial"):
+                    stale.unlink(missing_ok=True)
             self._truncate(self.committed)
         else:  # a new store (--resume of a store that was never created starts one too)
-            if self.path.exists():
+            if loc.exists():
                 if mode != "overwrite":
                     raise ToolkitError(f"{self.path} already exists: pass --resume to continue it or --overwrite "
                                        "to replace it")
-                if (self.path.is_file() or not ((self.path / "zarr.json").exists() or not any(self.path.iterdir()))):
+                if (not loc.remote and self.path.is_file()) or not (loc.exists("zarr.json") or loc.is_empty()):
                     raise ToolkitError(f"refusing to overwrite {self.path}: it exists and is not a zarr store")
             self.root = None
             self.committed = 0
@@ -298,8 +304,7 @@ class StoreWriter:
         self._sites = sites
         self._free: queue.Queue = queue.Queue()
         for _ in range(2):
-            self._free.put({n: np.empty((self.chunk_samples, *s.shape), dtype=_np_dtype(s.dtype))
-                            for n, s in self.specs.items()})
+            self._free.put({n: _block_buffer(self.chunk_samples, s) for n, s in self.specs.items()})
         self._current: dict[str, np.ndarray] | None = None
         # Dense activations: skip zarr's per-chunk "all fill value?" scan (a runtime setting, not stored).
         self._arrays = {n: self.root[n].with_config({"write_empty_chunks": True}) for n in self.specs}
@@ -312,7 +317,20 @@ class StoreWriter:
     def _create(self, attrs, specs, static, coordinates, sites, group_attrs) -> None:
         """Build the store under a temporary name and rename it into place: a run killed while
         creating leaves no half-made store behind, and --overwrite replaces the old one only now.
-        Called under the store's lock, so any other ``.creating-*`` of this path is a dead run's."""
+        Called under the store's lock, so any other ``.creating-*`` of this path is a dead run's.
+        On an object store (no rename) it is built in a local folder and uploaded, root ``zarr.json`` last."""
+        if self.loc.remote:
+            tmp = self.loc.build_folder()
+            try:
+                self._build(tmp, attrs, specs, static, coordinates, sites, group_attrs)
+                if self.loc.exists():  # --overwrite, validated in _open
+                    self.loc.remove()
+                self.loc.upload(tmp)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.created = True
+            self.root = zarr.open_group(self.loc.zarr_target(), mode="r+", zarr_format=3, use_consolidated=False)
+            return
         for stale in self.path.parent.glob(f".{self.path.name}.creating-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = self.path.parent / f".{self.path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -383,7 +401,10 @@ class StoreWriter:
     def commit(self, n: int, complete: bool = False) -> None:
         """Make the first ``n`` samples visible: one atomic rewrite of the root ``zarr.json`` (``n_samples``,
         ``complete`` and the consolidated metadata of every node, sample arrays cut to ``n``)."""
-        write_consolidated(self.path, n, complete)
+        check = getattr(self.lock, "check", None)
+        if check is not None:  # a lease lost to another run: commit nothing more
+            check()
+        write_consolidated(self.loc, n, complete)
         self.committed = n
         self._complete = complete
 
@@ -566,7 +587,7 @@ class StoreWriter:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(WRITE_WORKERS, thread_name_prefix="toolkit-store-encode")
-        folder = os.path.join(plan.root, plan.prefix)
+        folder = plan.prefix if plan.root is None else os.path.join(plan.root, plan.prefix)
         grid = [range(-(-s // c)) for s, c in zip(values.shape[1:], plan.chunks[1:])]
         c0 = a // plan.chunks[0]
         futures = []
@@ -582,14 +603,27 @@ class StoreWriter:
 WRITE_WORKERS = min(4, os.cpu_count() or 1)
 
 
+def _block_buffer(n: int, spec: ArraySpec) -> np.ndarray:
+    """A block buffer of ``n`` samples, indexed sample first like the batches copied into it.  Arrays chunked
+    ``(N samples, 1 layer, all the rest)`` get layer-major memory behind that view, so each chunk of a block is
+    one contiguous run that is checksummed and written as it lies (no gather into a copy per chunk)."""
+    inner = spec.chunk_inner or spec.shape
+    if spec.shape and spec.shape[0] > 1 and inner[0] == 1 and tuple(inner[1:]) == tuple(spec.shape[1:]):
+        return np.moveaxis(np.empty((spec.shape[0], n, *spec.shape[1:]), dtype=_np_dtype(spec.dtype)), 0, 1)
+    return np.empty((n, *spec.shape), dtype=_np_dtype(spec.dtype))
+
+
 def _write_chunk(path: str, values: np.ndarray, plan: _ChunkPlan) -> None:
     """Encode one chunk (padded to the full chunk shape with the fill value 0) and write it the way zarr's
-    local store does: a temporary ``.partial`` file renamed into place."""
+    local store does: a temporary ``.partial`` file renamed into place (object stores: one PUT by key)."""
     if values.shape != plan.chunks:
         full = np.zeros(plan.chunks, dtype=plan.dtype)
         full[tuple(slice(0, n) for n in values.shape)] = values
         values = full
     parts = encode_chunk(values.astype(plan.dtype, copy=False), plan.codecs)
+    if plan.root is None:  # an object store: one PUT of the whole chunk (``path`` is its key)
+        _set_key(plan.store, path, b"".join(bytes(p) for p in parts))
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.partial"
     try:
@@ -620,55 +654,49 @@ def first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] 
     return None if old == new else (key, old, new)
 
 
-def _node_metadata(path: Path, prefix: str = "") -> dict[str, Any]:
-    """Every node's ``zarr.json`` under a group directory, keyed by its path (chunk folders are not walked)."""
+def _node_metadata(loc, prefix: str = "") -> dict[str, Any]:
+    """Every node's ``zarr.json`` under a group, keyed by its path (arrays' chunk folders are not walked)."""
     out: dict[str, Any] = {}
-    for child in sorted(path.iterdir()):
-        meta_file = child / "zarr.json"
-        if not child.is_dir() or not meta_file.is_file():
+    for name in loc.children(prefix):
+        raw = loc.get(f"{prefix}{name}/zarr.json")
+        if raw is None:
             continue
-        key = f"{prefix}{child.name}"
-        meta = json.loads(meta_file.read_text())
+        key = f"{prefix}{name}"
+        meta = json.loads(raw)
         if meta.get("node_type") == "group":
             meta["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": {}}
             out[key] = meta
-            out.update(_node_metadata(child, key + "/"))
+            out.update(_node_metadata(loc, key + "/"))
         else:
             out[key] = meta
     return out
 
 
-def write_consolidated(path: Path, n: int, complete: bool) -> None:
+def write_consolidated(target: Any, n: int, complete: bool) -> None:
     """The commit point: rewrite the root ``zarr.json`` atomically with ``n_samples``/``complete`` and the
     consolidated metadata of every node, sample-axis arrays cut to ``n`` samples.  Readers that use it
     (``Store``, ``xarray.open_zarr``/``open_datatree`` by default) see exactly the committed prefix, even while
     the writer has grown the arrays for the next block.  Each site group gets its own consolidated snapshot
-    first, for ``xarray.open_zarr(path, group=SITE)``."""
-    nodes = _node_metadata(path)
+    first, for ``xarray.open_zarr(path, group=SITE)``.  ``target``: a store path, URL or ``Location`` (locally a
+    rename makes the rewrite atomic, on an object store a single PUT does)."""
+    loc = target if hasattr(target, "children") else location(target)
+    nodes = _node_metadata(loc)
     for meta in nodes.values():
         if meta.get("node_type") == "array" and (meta.get("dimension_names") or [None])[0] == SAMPLE:
             meta["shape"] = [min(n, meta["shape"][0]), *meta["shape"][1:]]
-    root_file = path / "zarr.json"
-    root = json.loads(root_file.read_text())
+    raw = loc.get("zarr.json")
+    if raw is None:
+        raise ToolkitError(f"{loc.url} lost its root zarr.json while being written; use --overwrite")
+    root = json.loads(raw)
     for key, meta in nodes.items():
         if meta.get("node_type") == "group" and "/" not in key:
             inner = {k[len(key) + 1:]: v for k, v in nodes.items() if k.startswith(key + "/")}
             group = {**{k: v for k, v in meta.items() if k != "consolidated_metadata"},
                      "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": inner}}
-            _atomic_json(path / key / "zarr.json", group)
+            loc.put(f"{key}/zarr.json", json.dumps(group, indent=2).encode())
     root["attributes"].update(n_samples=n, complete=complete)
     root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": nodes}
-    _atomic_json(root_file, root)
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    loc.put("zarr.json", json.dumps(root, indent=2).encode())
 
 
 def _np_dtype(dtype: str):
@@ -708,13 +736,50 @@ def _local_root(arr) -> Path | None:
     return Path(root) if root is not None else None
 
 
+def _store_name(arr) -> str:
+    """The store's path or URL, for messages (never credentials: fsspec URLs carry none)."""
+    root = _local_root(arr)
+    if root is not None:
+        return str(root)
+    store = arr.store_path.store
+    fs, path = getattr(store, "fs", None), getattr(store, "path", "")
+    protocol = getattr(fs, "protocol", "") if fs is not None else ""
+    protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+    return f"{protocol}://{path}" if protocol else str(store)
+
+
+# Key access for stores that are not local directories (object stores), through zarr's own store object.
+def _get_key(store, key: str) -> bytes | None:
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _set_key(store, key: str, data: bytes) -> None:
+    from zarr.core.buffer import cpu
+    from zarr.core.sync import sync
+
+    sync(store.set(key, cpu.Buffer.from_bytes(data)))
+
+
+def _chunk_present(arr, coords: tuple[int, ...]) -> bool:
+    root = _local_root(arr)
+    if root is not None:
+        return (root / chunk_key(arr, coords)).is_file()
+    from zarr.core.sync import sync
+
+    return bool(sync(arr.store_path.store.exists(chunk_key(arr, coords))))
+
+
 def chunk_key(arr, coords: tuple[int, ...]) -> str:
     """``vlm/resid_post/c/3/0/0/0``: the chunk's key inside the store."""
     return f"{arr.store_path.path}/{arr.metadata.encode_chunk_key(tuple(coords))}"
 
 
 def corrupt_error(arr, coords: tuple[int, ...], reason: str) -> CorruptStoreError:
-    root = _local_root(arr) or arr.store_path.store
+    root = _store_name(arr)
     a = coords[0] * arr.chunks[0]
     b = min(a + arr.chunks[0], arr.shape[0]) - 1
     return CorruptStoreError(f"{root}: chunk {chunk_key(arr, coords)} (samples {a}-{b}) is {reason}; run "
@@ -740,7 +805,7 @@ class _ChunkPlan:
 
     meta: Any  # the zarr metadata this plan was made for (kept so its id stays unique in the cache)
     store: Any
-    root: str | None
+    root: str | None  # the local store folder; None: another store (object storage), read/written by key
     prefix: str  # "vlm/resid_post/"
     codecs: list | None  # numcodecs objects and "crc32c", in encoding order; None: go through zarr
     dtype: np.dtype
@@ -763,7 +828,7 @@ def _plan(arr) -> _ChunkPlan:
         root = _local_root(arr)
         dtype = np.dtype(meta.dtype.to_native_dtype()) if getattr(meta.dtype, "to_native_dtype", None) else None
         plan = _ChunkPlan(meta, store, None if root is None else str(root), f"{arr.store_path.path}/",
-                          _numcodecs_chain(meta) if root is not None else None, dtype, tuple(arr.chunks),
+                          _numcodecs_chain(meta), dtype, tuple(arr.chunks),
                           tuple(arr.shape), getattr(meta, "fill_value", None))
         _PLANS[key] = plan
     return plan
@@ -847,7 +912,7 @@ def read_chunk(array, chunk: int | tuple[int, ...]) -> np.ndarray:
     if any(r.start >= r.stop for r in region):
         raise ToolkitError(f"chunk {coords} lies outside {arr.store_path.path} (shape {arr.shape})")
     if plan.codecs is None:
-        if plan.root is not None and not (Path(plan.root) / chunk_key(arr, coords)).is_file():
+        if not _chunk_present(arr, coords):
             raise corrupt_error(arr, coords, "missing")
         try:
             return np.asarray(arr[region])
@@ -855,11 +920,17 @@ def read_chunk(array, chunk: int | tuple[int, ...]) -> np.ndarray:
             raise
         except Exception as e:
             raise corrupt_error(arr, coords, f"unreadable ({type(e).__name__}: {_first_line(e)})") from None
-    try:
-        with open(os.path.join(plan.root, plan.prefix + plan.meta.encode_chunk_key(coords)), "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise corrupt_error(arr, coords, "missing") from None
+    key = plan.prefix + plan.meta.encode_chunk_key(coords)
+    if plan.root is None:
+        data = _get_key(plan.store, key)
+        if data is None:
+            raise corrupt_error(arr, coords, "missing")
+    else:
+        try:
+            with open(os.path.join(plan.root, key), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise corrupt_error(arr, coords, "missing") from None
     for d in reversed(plan.codecs):
         if d == "crc32c":
             # A crc32c followed by its own little-endian checksum always has the same crc32c (the residue):
@@ -882,6 +953,22 @@ def read_chunk(array, chunk: int | tuple[int, ...]) -> np.ndarray:
 READ_WORKERS = min(4, os.cpu_count() or 1)
 
 
+def _decoded_size(codec: Any, buf: memoryview) -> int | None:
+    """The size a zstd frame or blosc buffer says it decodes to, from its header (None: not stated), so a chunk is
+    decoded into the reader's output only when it fills it exactly."""
+    name = getattr(codec, "codec_id", "")
+    if name == "blosc" and len(buf) >= 16:  # blosc header: version, versionlz, flags, typesize, nbytes (int32 LE)
+        return int.from_bytes(buf[4:8], "little")
+    if name == "zstd" and len(buf) >= 6 and bytes(buf[:4]) == b"\x28\xb5\x2f\xfd":  # RFC 8878 frame header
+        descriptor = buf[4]
+        single_segment = (descriptor >> 5) & 1
+        width = (single_segment, 2, 4, 8)[descriptor >> 6]
+        pos = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]
+        if width and len(buf) >= pos + width:
+            return int.from_bytes(buf[pos:pos + width], "little") + (256 if width == 2 else 0)
+    return None
+
+
 def read_samples(array, start: int, stop: int, layer_pos: int | None = None, workers: int | None = None,
                  ) -> np.ndarray:
     """Samples ``[start, stop)`` of an array, of one position along its second axis (``layer_pos``) or all, as
@@ -901,19 +988,31 @@ def read_samples(array, start: int, stop: int, layer_pos: int | None = None, wor
     axes += [range(-(-n // c)) for n, c in zip(arr.shape[2:], cs[2:])]
 
     plan = _plan(arr)
-    # Uncompressed chunks that land whole and contiguous in `out` are read straight into it and checked there
-    # (one copy, like a memmap read); any failure is re-read through read_chunk, which names the problem.
-    direct = (plan.codecs == ["crc32c"] and arr.ndim > 1 and cs[2:] == tuple(arr.shape[2:])
+    # Chunks that land whole and contiguous in `out` go straight into it: uncompressed ones are read into it and
+    # checked there (one copy, like a memmap read), compressed ones are checked and decoded into it (no decoded
+    # copy); any failure is re-read through read_chunk, which names the problem.
+    direct = (plan.root is not None and plan.codecs is not None and plan.codecs[-1:] == ["crc32c"]
+              and len(plan.codecs) <= 2 and arr.ndim > 1 and cs[2:] == tuple(arr.shape[2:])
               and (cs[1] == 1 if layer_pos is not None else cs[1] == arr.shape[1]))
 
     def read_into(coords: tuple[int, ...], view: np.ndarray) -> bool:
+        path = os.path.join(plan.root, plan.prefix + plan.meta.encode_chunk_key(coords))
         try:
-            with open(os.path.join(plan.root, plan.prefix + plan.meta.encode_chunk_key(coords)), "rb") as f:
-                got = f.readinto(memoryview(view).cast("B"))
-                tail = f.read(5)
-        except OSError:
+            with open(path, "rb") as f:
+                if len(plan.codecs) == 1:
+                    got = f.readinto(memoryview(view).cast("B"))
+                    tail = f.read(5)
+                    return got == view.nbytes and len(tail) == 4 and _crc32c(view) == int.from_bytes(tail, "little")
+                data = f.read()
+            if len(data) < 4 or _crc32c(data) != _CRC32C_RESIDUE:
+                return False
+            body = memoryview(data)[:-4]
+            if _decoded_size(plan.codecs[0], body) != view.nbytes:
+                return False
+            plan.codecs[0].decode(body, out=view)
+            return True
+        except Exception:  # unreadable or undecodable: read_chunk says which
             return False
-        return got == view.nbytes and len(tail) == 4 and _crc32c(view) == int.from_bytes(tail, "little")
 
     def place(coords: tuple[int, ...]) -> None:
         if direct:
@@ -999,11 +1098,10 @@ class CheckedArray:
 
     def __getitem__(self, sel: Any) -> np.ndarray:
         touched = self.chunks_touched(sel)
-        root = _local_root(self.zarr)
-        if root is not None:
-            for coords in touched:
-                if not (root / chunk_key(self.zarr, coords)).is_file():
-                    raise corrupt_error(self.zarr, coords, "missing")
+        root = _store_name(self.zarr)
+        for coords in touched:
+            if not _chunk_present(self.zarr, coords):
+                raise corrupt_error(self.zarr, coords, "missing")
         try:
             return self.zarr[sel]
         except (IndexError, TypeError, KeyError):
@@ -1022,12 +1120,13 @@ class Store:
     """Read access to a store: coordinates, sites, and decoded activation slices."""
 
     def __init__(self, path: str | Path, warn_incomplete: bool = True):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").exists():
+        self.path = store_target(path)  # a Path, or an object-store URL
+        self.loc = location(self.path)
+        if not self.loc.exists("zarr.json"):
             raise ToolkitError(f"{self.path} is not a store (no zarr.json); create one with `toolkit extract`")
         # The root's consolidated metadata is the committed snapshot (see StoreWriter.commit): shapes and
         # n_samples read together, so a store being written reads as its committed prefix.
-        self.root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+        self.root = zarr.open_group(self.loc.zarr_target(), mode="r", zarr_format=3)
         self.attrs = dict(self.root.attrs)
         if self.attrs.get("format") != FORMAT:
             raise ToolkitError(f"{self.path} is a Zarr store but not a toolkit store (no '{FORMAT}' attribute)")
@@ -1163,11 +1262,11 @@ class Store:
                     "shape": [self.n_samples, *arr.shape[1:]],
                     "dtype": arr.attrs.get("stored_dtype") or str(arr.dtype),
                     "chunks": list(arr.chunks),
-                    "stored_bytes": _stored_bytes(self.path / site / stream),
+                    "stored_bytes": self.loc.size(f"{site}/{stream}"),
                     "codec": codec_name(arr),
                 }
                 raw = int(np.prod(arr.shape, dtype=np.int64)) * arr.dtype.itemsize  # the committed samples
-                streams[stream]["compression_ratio"] = raw / max(1, _stored_bytes(self.path / site / stream / "c"))
+                streams[stream]["compression_ratio"] = raw / max(1, self.loc.size(f"{site}/{stream}/c"))
             group = self.root[site]
             info = {"layers": self.layers(site), "streams": streams, **dict(group.attrs)}
             info.pop("coordinates", None)
@@ -1193,10 +1292,6 @@ def codec_name(arr) -> str:
 def _named(value: Any) -> dict[str, Any] | None:
     """Provenance attributes are dicts; a plain string (hand-made or benchmark stores) is just the name."""
     return value if isinstance(value, dict) or value is None else {"name": str(value)}
-
-
-def _stored_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 def _ranges(values: list[int]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ToolkitError
-from toolkit.store import SAMPLE, CorruptStoreError, Store, StoreLock, read_chunk, write_consolidated
+from toolkit.store import SAMPLE, CorruptStoreError, Store, read_chunk, write_consolidated
 
 
 def _arrays(group, prefix: str = "") -> list[tuple[str, Any]]:
@@ -69,7 +69,7 @@ def repair(store: str | Path, report: dict[str, Any], trust_remote_code: bool = 
     start = min(b["samples"][0] for b in report["bad"])
     chunk = int(s.attrs["chunk_samples"])
     start -= start % chunk
-    lock = StoreLock(s.path)
+    lock = s.loc.lock()
     lock.acquire()
     try:
         write_consolidated(s.path, start, False)  # roll back: the resume below truncates and redoes the rest

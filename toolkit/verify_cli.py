@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from toolkit.location import STORE
+
 
 @click.command("verify", epilog="""
 \b
@@ -16,7 +18,7 @@ Examples:
   toolkit verify stores/libero.zarr --json
   toolkit verify stores/libero.zarr --repair    # re-extract from the first bad chunk on (data and model at hand)
 """)
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("--repair", is_flag=True, help="Re-extract the samples from the first bad chunk on, with the run "
                                              "recorded in the store (needs its data and model).")

@@ -1,0 +1,161 @@
+"""Stores on S3 (a local moto server): extract, kill, resume, probe and every reader on ``s3://`` URLs.
+
+The store on S3 must equal the same run written to a local directory, array by array; the lease lock keeps one
+writer; a damaged or missing chunk object is named like a local one.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+from s3server import local_s3  # noqa: E402
+from synthetic import assert_same_store  # noqa: E402
+
+from toolkit.errors import ToolkitError  # noqa: E402
+from toolkit.location import LeaseLock, location  # noqa: E402
+
+ARGS = ["--model", "pi0", "--dataset", "libero", "--max-episodes", "6", "--chunk-samples", "4", "--batch-size", "2",
+        "--streams", "resid_post", "--sites", "vlm,action", "--no-progress"]
+N = 36  # 6 episodes of the embedded LIBERO sample, 6 steps each
+PROBE = ["--site", "vlm", "--layers", "0-1", "--target", "field:step:regression", "--folds", "3", "--no-mdl",
+         "--no-success", "--no-progress"]
+
+
+def toolkit(*args, env=None, cwd=None, check=True):
+    res = subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=cwd)
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with local_s3() as bucket:
+        yield bucket
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("local")
+    toolkit("extract", d / "ref.zarr", *ARGS)
+    return d / "ref.zarr"
+
+
+def _committed(url):
+    import fsspec
+
+    fs, root = fsspec.url_to_fs(url)
+    fs.invalidate_cache()
+    try:
+        return json.loads(fs.cat_file(f"{root}/zarr.json"))["attributes"].get("n_samples", 0)
+    except (FileNotFoundError, ValueError, KeyError):
+        return -1
+
+
+def test_extract_kill_resume_probe_on_s3_equals_the_local_run(s3, local_reference, tmp_path):
+    url = f"{s3}/runs/killed.zarr"
+    env = {"TOOLKIT_LEASE_SECONDS": "6", "TOOLKIT_COMMIT_SAMPLES": "4"}
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit", "extract", url, *ARGS],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while _committed(url) < 8 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = _committed(url)
+    assert 8 <= killed_at < N
+
+    # The dead run's lease (6 s, renewed every 2 s) still holds: a second writer is refused in one line ...
+    with pytest.raises(ToolkitError, match=r"is being written by pid \d+ on host .* lease runs"):
+        LeaseLock(location(url)).acquire()
+    time.sleep(6.5)  # ... and once it expired, --resume takes it over and finishes the store
+    toolkit("extract", url, *ARGS, "--resume", env=env)
+    assert_same_store(local_reference, url, N)
+
+    # every reader opens the URL: info, probe, stats, export, xarray
+    info = json.loads(toolkit("info", url, "--json").stdout)
+    assert info["path"] == url and info["n_samples"] == N and info["complete"]
+    assert info["sites"]["vlm"]["streams"]["resid_post"]["stored_bytes"] > 0
+    remote = toolkit("probe", url, *PROBE, "--out", tmp_path / "remote")
+    local = toolkit("probe", local_reference, *PROBE, "--out", tmp_path / "local")
+    assert remote.returncode == local.returncode == 0
+    rows = [list(csv.DictReader(open(tmp_path / d / "results.csv"))) for d in ("remote", "local")]
+    assert len(rows[0]) >= 2  # a row per layer
+    drop = {"store"}  # the one column that names where the data came from
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows[0]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows[1]]
+    toolkit("stats", url, "--site", "vlm", "--layers", "0", "--out", tmp_path / "stats")
+    assert (tmp_path / "stats" / "stats.json").exists()
+    toolkit("export", url, "--out", tmp_path / "npy", "--sites", "vlm")
+    assert any((tmp_path / "npy").rglob("*.npy"))
+
+    import xarray as xr
+
+    ds = xr.open_zarr(url, group="vlm")
+    assert ds["resid_post"].shape[0] == N
+    np.testing.assert_array_equal(ds["resid_post"].values, xr.open_zarr(local_reference, group="vlm")["resid_post"].values)
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lease_is_taken_over_once(s3):
+    loc = location(f"{s3}/runs/leased.zarr")
+    first = LeaseLock(loc, seconds=1.5)
+    first.acquire()
+    with pytest.raises(ToolkitError, match="is being written by pid"):
+        LeaseLock(loc, seconds=1.5).acquire()
+    time.sleep(1.0)  # renewed every 0.5 s: still held after its first term
+    with pytest.raises(ToolkitError, match="is being written by pid"):
+        LeaseLock(loc, seconds=1.5).acquire()
+
+    first._stop.set()  # the holder "dies": no more renewals, the lease object stays behind
+    first._thread.join()
+    time.sleep(1.7)
+    second, third = LeaseLock(loc, seconds=30), LeaseLock(loc, seconds=30)
+    second.acquire()
+    with pytest.raises(ToolkitError, match="is being written by pid"):
+        third.acquire()
+    # the old holder cannot renew over the new lease (conditional write on its stale ETag) and would stop
+    assert not first._write({"IfMatch": first.etag})
+    second.release()
+    third.acquire()
+    third.release()
+    assert not loc.fs.exists(third.key)  # released: the lease object is gone
+
+
+def test_damaged_and_missing_chunk_objects_are_named(s3, local_reference, tmp_path):
+    import fsspec
+
+    url = f"{s3}/runs/damaged.zarr"
+    toolkit("extract", url, *ARGS[:4], "--max-episodes", "2", *ARGS[6:])
+    fs, root = fsspec.url_to_fs(url)
+    key = f"{root}/vlm/resid_post/c/1/0/0/0"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    res = toolkit("verify", url, check=False)
+    assert res.returncode != 0 and "vlm/resid_post/c/1/0/0/0" in res.stdout + res.stderr
+    fs.rm_file(key)
+    fs.invalidate_cache()
+    res = toolkit("stats", url, "--site", "vlm", "--layers", "0", "--out", tmp_path / "s", check=False)
+    assert res.returncode != 0
+    line = res.stderr.strip().splitlines()[-1]
+    assert "vlm/resid_post/c/1/0/0/0" in line and "missing" in line and url in line
+
+
+def test_bad_urls_are_one_line(s3):
+    res = toolkit("info", f"{s3}/no/such.zarr", check=False)
+    assert res.returncode != 0 and "is not a store" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = toolkit("info", "nosuchscheme://bucket/x.zarr", check=False)
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
