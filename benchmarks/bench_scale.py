@@ -5,8 +5,8 @@ vs the serial path, and raw Zarr write throughput to a local S3 server (moto) vs
   local cluster for all runs (its ~15 s start is not timed); each timed run includes its actors' model loads.
   Torch uses one thread per actor (Ray sets OMP_NUM_THREADS=1 per CPU), so the model is compute-bound per actor.
 * Statistics: ``store_stats`` of a synthetic float32 store, serial vs ``scheduler="threads"`` (2 workers).
-* S3: the same array written with zarr to a ``FsspecStore`` on a ``ThreadedMotoServer`` (loopback) and to a
-  ``LocalStore``; zstd-1 + crc32c, whole chunks.
+* S3: the same samples written by the toolkit's ``StoreWriter`` to ``s3://`` on a moto server (its own process,
+  loopback) and to a local directory; default codec, commits included.
 Methods are interleaved in each repeat; medians with min-max.  The load average is recorded: this machine is
 shared, so ratios understate what idle cores give.
 
@@ -98,41 +98,97 @@ def bench_dask(tmp: Path, repeats: int) -> dict:
             "speedup_processes": serial / statistics.median(times["processes"])}
 
 
+def bench_dask_probe(tmp: Path, repeats: int) -> dict:
+    """The ridge probe's statistics of one layer (per-fold XᵀX, XᵀY, sums of every cell; ``layer_statistics``)
+    serially vs as Dask tasks (``probe_layer_statistics``) on the local threads and processes schedulers (2 workers
+    on 2 cores): zstd chunks of 16 tokens × 512 features, mean-pooled, as a probe of a token site reads them."""
+    import sys
+
+    from toolkit.probe import Selection
+    from toolkit.probe.select import plain, resolve
+    from toolkit.probe.splits import make_folds
+    from toolkit.probe.stats import LayerInputs, cell_shifts, layer_statistics
+    from toolkit.scale_stats import probe_layer_statistics
+    from toolkit.store import open_store
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_probe import write_store
+
+    path = write_store(tmp / "probe.zarr", 16, 20, 48, 1, 512, codec="zstd", tokens=16)  # 15,360 samples, 503 MB
+    store = open_store(path)
+    res = resolve(store, Selection(site="vlm"))
+    task = plain(store.coord("task"))[res.rows]
+    folds = make_folds("episodes", store.coord("episode")[res.rows], task, 5, 0)
+    Y = np.eye(16, dtype=np.float32)[np.unique(task, return_inverse=True)[1]]
+    inputs = LayerInputs(np.arange(len(res.rows)), np.concatenate([Y, Y], 1), folds.fold, res.bucket, 5, 1,
+                         cell_shifts(store, res, 0, 1))
+    runs = {"serial": lambda: layer_statistics(store, res, 0, inputs),
+            "threads": lambda: probe_layer_statistics(store, res, 0, inputs, "threads"),
+            "processes": lambda: probe_layer_statistics(store, res, 0, inputs, "processes")}
+    runs["serial"]()  # page cache
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    serial = statistics.median(times["serial"])
+    return {"samples": int(len(res.rows)), "MB": len(res.rows) * 16 * 512 * 4 / 1e6,
+            **{f"seconds_{k}": med(v) for k, v in times.items()},
+            "speedup_threads": serial / statistics.median(times["threads"]),
+            "speedup_processes": serial / statistics.median(times["processes"])}
+
+
 def bench_s3(tmp: Path, repeats: int) -> dict:
+    """The toolkit's own writer (``StoreWriter``: chunk pool, crc32c, commits) to ``s3://`` on a moto server in its
+    own process (so it does not share this process's GIL) vs to a local directory; fp16 activation-like samples,
+    default codec.  Credentials and endpoint through the standard AWS variables, as a user would set them."""
+    import subprocess
+    import sys
+
     import boto3
-    import s3fs
-    import zarr
-    import logging
 
-    from moto.server import ThreadedMotoServer
-    from zarr.codecs import Crc32cCodec, ZstdCodec
+    from toolkit.store import ArraySpec, StoreWriter
 
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-c", f"from moto.server import main; main(['-H', '127.0.0.1', '-p', "
+                               f"'{port}'])"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}")
+    x = np.random.default_rng(0).normal(size=(512, 4, 16, 512)).astype(np.float16)  # 33.6 MB
+    spec = [ArraySpec("vlm/resid_post", x.shape[1:], "float16", ("layer", "token", "feature"),
+                      chunk_inner=(1, *x.shape[2:]))]
+
+    def write(target) -> float:
+        t = time.perf_counter()
+        w = StoreWriter(target, mode="create")
+        w.initialize({"model": "bench"}, spec, {}, [], chunk_samples=128)
+        for i in range(0, len(x), 8):  # batches of 8 policy calls
+            w.append({"vlm/resid_post": x[i:i + 8]})
+        w.close()
+        return time.perf_counter() - t
+
     try:
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": url}, asynchronous=True)
-        x = np.random.default_rng(0).normal(size=(512, 4, 16, 512)).astype(np.float16)  # 33.6 MB, 16 chunks
+        for _ in range(100):
+            try:
+                boto3.client("s3").create_bucket(Bucket="bench")
+                break
+            except Exception:
+                time.sleep(0.1)
         times: dict[str, list[float]] = {"local": [], "s3": []}
         for r in range(repeats):
             for where in times:
-                store = (zarr.storage.FsspecStore(fs, path=f"bench/w{r}.zarr") if where == "s3"
-                         else zarr.storage.LocalStore(tmp / f"w{r}.zarr"))
-                t = time.perf_counter()
-                arr = zarr.create_array(store, shape=x.shape, dtype=x.dtype, chunks=(128, 1, 16, 512),
-                                        compressors=[ZstdCodec(level=1), Crc32cCodec()], fill_value=0)
-                arr[...] = x
-                times[where].append(time.perf_counter() - t)
+                os.sync()
+                times[where].append(write(f"s3://bench/w{r}.zarr" if where == "s3" else tmp / f"w{r}.zarr"))
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
     mb = x.nbytes / 1e6
-    return {"MB": mb, "local_MB_s": med([mb / t for t in times["local"]]), "s3_moto_MB_s": med([mb / t for t in times["s3"]])}
+    return {"MB": mb, "local_MB_s": med([mb / t for t in times["local"]]),
+            "s3_moto_MB_s": med([mb / t for t in times["s3"]]),
+            "ratio_s3_over_local": med([a / b for a, b in zip(times["local"], times["s3"])])}
 
 
 def main() -> None:
@@ -140,14 +196,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--episodes", type=int, default=2)
     ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--only-probe", action="store_true", help="only the Dask probe statistics vs serial")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     out: dict = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        out["dask_stats"] = bench_dask(tmp, args.repeats)
-        out["s3_write"] = bench_s3(tmp, args.repeats)
-        if not args.skip_ray:
+        out["dask_probe"] = bench_dask_probe(tmp, args.repeats)
+        if not args.only_probe:
+            out["dask_stats"] = bench_dask(tmp, args.repeats)
+            out["s3_write"] = bench_s3(tmp, args.repeats)
+        if not (args.skip_ray or args.only_probe):
             out["ray_extract"] = bench_ray(tmp, args.repeats, args.episodes)
     out["load_average_after"] = os.getloadavg()
     print(json.dumps(out, indent=2))
