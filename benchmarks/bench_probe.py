@@ -34,29 +34,30 @@ OUT = Path(__file__).parent / "out"
 
 
 def write_store(path: Path, n_tasks: int, eps_per_task: int, steps: int, layers: int, d: int, codec: str = "none",
-                seed: int = 0, raw: Path | None = None) -> Path:
-    """Synthetic rollouts: task signal growing with depth, a per-episode offset, noise; written in batches."""
+                seed: int = 0, raw: Path | None = None, tokens: int = 1) -> Path:
+    """Synthetic rollouts: task signal growing with depth, a per-episode offset, noise; written in batches.
+    ``tokens`` > 1 stores that many noisy copies per sample (what a pooled probe reads)."""
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((n_tasks, d)).astype(np.float32)
     n_ep = n_tasks * eps_per_task
     n = n_ep * steps
-    specs = [ArraySpec("vlm/resid_post", (layers, 1, d), "float32", ("layer", "token", "feature"),
-                       chunk_inner=(1, 1, d))]
+    specs = [ArraySpec("vlm/resid_post", (layers, tokens, d), "float32", ("layer", "token", "feature"),
+                       chunk_inner=(1, tokens, d))]
     fields = {"episode": "int32", "step": "int32", "task": "str", "task_id": "int32", "success": "int8",
               "episode_key": "str", "instruction": "str"}
     specs += [ArraySpec(k, (), v, ()) for k, v in fields.items()]
     static = {"vlm/layer": (("layer",), np.arange(layers, dtype=np.int32)),
-              "vlm/token": (("token",), np.array([-1], np.int32))}
+              "vlm/token": (("token",), np.array([-1], np.int32) if tokens == 1 else np.arange(tokens, dtype=np.int32))}
     w = StoreWriter(path, mode="overwrite", codec=codec)
     w.initialize({"model": "synthetic"}, specs, static, COORDINATES, chunk_samples=256)
-    mm = np.lib.format.open_memmap(raw, mode="w+", dtype=np.float32, shape=(n, layers, 1, d)) if raw else None
+    mm = np.lib.format.open_memmap(raw, mode="w+", dtype=np.float32, shape=(n, layers, tokens, d)) if raw else None
     ep_task = rng.permutation(np.repeat(np.arange(n_tasks), eps_per_task))
     scale = np.linspace(0.05, 0.6, layers, dtype=np.float32)
     for e0 in range(0, n_ep, 16):
         eps = np.arange(e0, min(n_ep, e0 + 16))
         episode = np.repeat(eps, steps).astype(np.int32)
         task = ep_task[episode]
-        x = rng.standard_normal((len(episode), layers, 1, d), dtype=np.float32)
+        x = rng.standard_normal((len(episode), layers, tokens, d), dtype=np.float32)
         x += rng.standard_normal((len(eps), 1, 1, d), dtype=np.float32)[episode - e0] * 0.5
         x += scale[None, :, None, None] * means[task][:, None, None, :] + 3.0
         batch = {"vlm/resid_post": x, "episode": episode, "step": np.tile(np.arange(steps), len(eps)).astype(np.int32),

@@ -24,7 +24,7 @@ pytest.importorskip("dask.distributed")
 @pytest.fixture(autouse=True)
 def small_groups(monkeypatch):
     """Groups of 2 storage chunks (32 samples), so every layer is many Dask tasks."""
-    monkeypatch.setattr("toolkit.probe.stats.GROUP_ROWS", 32)
+    monkeypatch.setattr("toolkit.probe.stats.group_rows", lambda n_folds, d: 32)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_dask_cell_statistics_equal_the_serial_sums(store_path):
     store = open_store(store_path)
     res = resolve(store, Selection(site="action", layers="6", step_buckets="6"))
     inputs = _inputs(store, res, 2)
-    assert len(chunk_groups(store, res)) > 4
+    assert len(chunk_groups(store, res, 32)) > 4
     serial = layer_statistics(store, res, 0, inputs)
     dask = probe_layer_statistics(store, res, 0, inputs, "threads")
     assert sorted(serial) == sorted(dask) == [(j, b) for j in range(2) for b in range(2)]
@@ -71,7 +71,7 @@ def test_dask_cell_statistics_equal_the_serial_sums(store_path):
 def test_chunk_groups_follow_storage_chunks(store_path):
     store = open_store(store_path)
     res = resolve(store, Selection(site="vlm", layers="6", steps="0-5"))
-    g = chunk_groups(store, res)
+    g = chunk_groups(store, res, 32)
     assert np.array_equal(np.concatenate(g), np.arange(len(res.rows)))
     chunk_of = [np.unique(res.rows[p] // 32) for p in g]  # 2 chunks of 16 per group, never split
     assert all(len(np.intersect1d(a, b)) == 0 for a, b in zip(chunk_of, chunk_of[1:]))

@@ -143,10 +143,10 @@ def probe_layer_statistics(store: Store, res, layer_index: int, inputs, schedule
 
     import dask
 
-    from toolkit.probe.stats import add_cell_stats, chunk_groups
+    from toolkit.probe.stats import add_cell_stats, chunk_groups, group_rows
 
     check_scheduler(scheduler)
     path, bare = str(store.path), replace(res, extra={})  # no open reader in the task graph
     leaves = [dask.delayed(_probe_task)(path, bare, layer_index, inputs.part(g), device)
-              for g in chunk_groups(store, res)]
+              for g in chunk_groups(store, res, group_rows(inputs.n_folds, res.n_features))]
     return _reduce(leaves, add_cell_stats, scheduler) if leaves else {}
