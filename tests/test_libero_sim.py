@@ -126,3 +126,21 @@ def test_interrupted_run_resumes_at_the_unfinished_episode(reference, tmp_path, 
     assert got.keys() == want.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@needs_sim
+def test_two_ray_workers_write_the_one_process_store(reference, tmp_path):
+    """Closed loop on Ray: whole episodes per actor, written in episode order: the store equals the one-process
+    run's, array by array."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only test cluster
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        path = _extract(tmp_path / "ray.zarr", workers=2)
+    finally:
+        ray.shutdown()
+    want, got = _snapshot(reference), _snapshot(path)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(want[name], got[name], err_msg=name)
+    assert open_store(path).attrs["run_spec"] == open_store(reference).attrs["run_spec"]

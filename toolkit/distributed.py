@@ -17,6 +17,11 @@ concurrent writing is the chunk, so two actors never touch the same chunk object
   writes the same chunks again, so nothing is lost or duplicated.  A killed driver leaves the committed
   prefix; chunks past it are dropped by ``--resume`` (``StoreWriter`` truncates to ``n_samples``), which
   finishes the run with or without ``--workers``.  Ray ends a dead driver's actors with its job.
+* **Closed loop** (a simulator, e.g. ``libero-sim``): an episode's length is known only once it has run, so
+  units are whole episodes instead.  An actor runs one episode (skipping the others without running them, as a
+  resume does) into an ``EpisodeRecorder`` and returns its batches; the driver writes finished episodes in
+  episode order and commits at each episode's end, exactly what a one-process run writes (each call's noise is
+  seeded by episode and call, not by sample index).  The activations travel through Ray's object store.
 """
 
 from __future__ import annotations
@@ -146,6 +151,64 @@ class Unit:
                                "run without --workers (or fix the dataset adapter's length_hint)")
 
 
+class EpisodeRecorder:
+    """Stands in for the store writer while an actor runs one closed-loop episode: records what a one-process
+    run hands its writer (the layout on the first append, then every appended batch) for the driver to replay
+    into the store in episode order."""
+
+    committed = 0
+    created = False
+    root = None
+    bytes_added = 0
+    defer_commits = False
+
+    def __init__(self):
+        self.layout: tuple[tuple, dict] | None = None
+        self.batches: list[dict[str, Any]] = []
+
+    @property
+    def started(self) -> bool:
+        return self.layout is not None
+
+    def initialize(self, *args: Any, **kwargs: Any) -> None:
+        self.layout = (args, kwargs)
+
+    def append(self, arrays: dict[str, Any]) -> None:
+        self.batches.append(dict(arrays))
+
+    def flush(self) -> None:
+        pass  # the episode's end: the driver commits it when every earlier episode is in
+
+    def mark_complete(self) -> None:
+        pass
+
+    def close(self, complete: bool = True, release: bool = True) -> None:
+        pass
+
+    def abort(self, release: bool = True) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class EpisodeUnit:
+    """One closed-loop episode for an actor (``episode`` None: only report the run spec)."""
+
+    episode: int | None = None
+    recorder: EpisodeRecorder | None = None
+
+    def writer(self, path: Path, spec: dict[str, Any]):
+        if self.episode is None:
+            raise _Layout({"spec": spec})
+        self.recorder = EpisodeRecorder()
+        return self.recorder
+
+    def samples(self, samples: Iterator) -> Iterator:
+        return samples
+
+
 class ExtractWorker:
     """A Ray actor: loads the model once, then extracts unit after unit into the shared store."""
 
@@ -178,6 +241,24 @@ class ExtractWorker:
 
         extract(**self.options, unit=Unit(start, stop, last=last))
         return start, stop
+
+    def run_spec(self) -> dict[str, Any]:
+        from toolkit.extract import extract
+
+        try:
+            extract(**self.options, unit=EpisodeUnit())
+        except _Layout as e:
+            return e.layout["spec"]
+        raise ToolkitError("internal: no run spec")
+
+    def run_episode(self, episode: int) -> dict[str, Any]:
+        """Run one closed-loop episode; its layout and batches as the one-process run would write them."""
+        from toolkit.extract import extract
+
+        unit = EpisodeUnit(episode)
+        extract(**self.options, unit=unit)
+        rec = unit.recorder
+        return {"layout": rec.layout, "batches": rec.batches}
 
 
 def units(committed: int, total: int, chunk_samples: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
@@ -241,6 +322,7 @@ def extract_on_ray(spec: Any) -> Path:
         _check_resume_prefix,
         _check_target,
         _writer,
+        closed_loop_options,
         expected_samples,
         iter_samples,
     )
@@ -255,15 +337,18 @@ def extract_on_ray(spec: Any) -> Path:
     if o["batch_size"] < 1:
         raise ToolkitError(f"--batch-size must be at least 1, got {o['batch_size']}")
     dataset_cls = get_dataset(o["dataset"])
-    if getattr(dataset_cls, "closed_loop", False):
-        raise ToolkitError(f"dataset {o['dataset']!r} runs closed-loop (a simulator); --workers supports open-loop "
-                           "datasets only: run it without --workers")
+    closed = bool(getattr(dataset_cls, "closed_loop", False))
     path = store_target(o["store"])
     _check_target(path, o["resume"], o["overwrite"])
-    ds = dataset_cls(o["data"], **(o["dataset_options"] or {}))
-    total = expected_samples(ds, o["max_episodes"], o["max_steps"], o["stride"])
-    if total is None:  # the dataset does not know its size: count it (no model runs)
-        total = sum(1 for _ in iter_samples(ds, o["max_episodes"], o["max_steps"], o["stride"]))
+    if closed:  # episodes spread over the actors, written and committed in episode order by the driver
+        ds = dataset_cls(o["data"], **closed_loop_options(o["dataset"], o["batch_size"], o["seed"], o["max_steps"],
+                                                          o["dataset_options"]))
+        keys = [ep.key for ep in itertools.islice(ds.episodes(), o["max_episodes"])]  # no episode runs
+    else:
+        ds = dataset_cls(o["data"], **(o["dataset_options"] or {}))
+        total = expected_samples(ds, o["max_episodes"], o["max_steps"], o["stride"])
+        if total is None:  # the dataset does not know its size: count it (no model runs)
+            total = sum(1 for _ in iter_samples(ds, o["max_episodes"], o["max_steps"], o["stride"]))
     ray, started = _connect(o["ray_address"], workers, gpus)
     actor_cls = ray.remote(ExtractWorker)
     run_id = uuid.uuid4().hex[:8]
@@ -273,18 +358,25 @@ def extract_on_ray(spec: Any) -> Path:
               for i in range(workers)]
     writer = None
     try:
-        layout = _get(ray, actors[0].layout.remote(o["batch_size"]))
-        writer = _writer(path, o["resume"], o["overwrite"], o["codec"], layout["spec"])
-        if writer.committed:
-            _check_resume_prefix(writer, iter_samples(ds, o["max_episodes"], o["max_steps"], o["stride"]),
-                                 writer.committed)
-        writer.initialize(**layout["init"])
-        for _, arr in _sample_arrays(writer.root):  # the one resize: every actor writes inside this shape
-            if arr.shape[0] != total:
-                arr.resize((total, *arr.shape[1:]))
-        _run_units(ray, actors, writer, units(writer.committed, total, writer.chunk_samples, o["batch_size"], workers),
-                   Progress(o["progress"], writer, writer.committed, total))
-        writer.close(complete=True, release=False)
+        if closed:
+            writer = _writer(path, o["resume"], o["overwrite"], o["codec"], _get(ray, actors[0].run_spec.remote()))
+            _run_episodes(ray, actors, writer, keys, Progress(o["progress"], writer, writer.committed))
+        else:
+            layout = _get(ray, actors[0].layout.remote(o["batch_size"]))
+            writer = _writer(path, o["resume"], o["overwrite"], o["codec"], layout["spec"])
+            if writer.committed:
+                _check_resume_prefix(writer, iter_samples(ds, o["max_episodes"], o["max_steps"], o["stride"]),
+                                     writer.committed)
+            writer.initialize(**layout["init"])
+            for _, arr in _sample_arrays(writer.root):  # the one resize: every actor writes inside this shape
+                if arr.shape[0] != total:
+                    arr.resize((total, *arr.shape[1:]))
+            _run_units(ray, actors, writer, units(writer.committed, total, writer.chunk_samples, o["batch_size"],
+                                                  workers), Progress(o["progress"], writer, writer.committed, total))
+        if writer.started:
+            writer.close(complete=True, release=False)
+        else:  # a resumed closed-loop store whose episodes were all committed already
+            writer.mark_complete()
     except BaseException as e:
         if writer is not None:
             writer.abort(release=False)
@@ -305,6 +397,46 @@ def extract_on_ray(spec: Any) -> Path:
         if started:
             ray.shutdown()
     return path
+
+
+def _run_episodes(ray, actors, writer: StoreWriter, keys: list[str], bar) -> None:
+    """Closed loop: one episode per actor task; finished episodes are written and committed in episode order
+    (``flush`` with deferred commits, as a one-process run does at each episode's end).  At most two episodes per
+    actor wait in the driver for an earlier one, so memory stays bounded whatever the episode lengths."""
+    from toolkit.extract import _stored_episodes
+
+    done = _stored_episodes(writer)
+    if keys[:len(done)] != done:
+        raise ToolkitError(f"cannot resume {writer.path}: it holds episodes {done[:3]}..., the dataset gives "
+                           f"{keys[:3]}...; the store was made from other options (use --overwrite)")
+    todo = list(range(len(done), len(keys)))
+    results: dict[int, dict[str, Any]] = {}
+    pending: dict[Any, tuple[Any, int]] = {}
+    idle = list(actors)
+    nxt = len(done)
+    while todo or pending:
+        while todo and idle and len(results) + len(pending) < 2 * len(actors):
+            actor = idle.pop()
+            e = todo.pop(0)
+            pending[actor.run_episode.remote(e)] = (actor, e)
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            actor, e = pending.pop(ref)
+            idle.append(actor)
+            results[e] = _get(ray, ref)
+        while nxt in results:
+            episode = results.pop(nxt)
+            if not writer.started:  # the first episode in order gives the layout, as in a one-process run
+                args, kwargs = episode["layout"]
+                writer.initialize(*args, **kwargs)
+                writer.defer_commits = True
+            for arrays in episode["batches"]:
+                writer.append(arrays)
+            writer.flush()
+            nxt += 1
+            if bar.bar is not None:
+                bar.bar.update(len(episode["batches"]))
+                bar.bar.set_postfix(workers=len(actors), busy=len(pending), episodes=nxt, refresh=False)
 
 
 def _get(ray, ref):

@@ -77,11 +77,11 @@ def iter_samples(dataset, max_episodes: int | None, max_steps: int | None, strid
 
 
 def iter_closed_loop(dataset, max_episodes: int | None, stride: int, done: list[str] | None = None,
-                     start: int = 0) -> Iterator[Sample | EpisodeEnd]:
+                     start: int = 0, only: int | None = None) -> Iterator[Sample | EpisodeEnd]:
     """Every step (= policy call) of a closed-loop dataset, every ``stride``-th one marked for capture,
     and an ``EpisodeEnd`` after each episode.  A resumed run passes the keys of the episodes the store
     holds (``done``, in order) and its sample count (``start``): those episodes are checked and skipped
-    without running them."""
+    without running them.  ``only``: run just that episode (one Ray actor's share, ``toolkit.distributed``)."""
     if stride < 1:
         raise ToolkitError(f"--stride must be at least 1, got {stride}")
     done = list(done or [])
@@ -93,6 +93,8 @@ def iter_closed_loop(dataset, max_episodes: int | None, stride: int, done: list[
                 raise ToolkitError(f"cannot resume: episode {e} of the store is {done[e]}, but the dataset gives "
                                    f"{ep.key}; the store was made from other options (use --overwrite)")
             continue
+        if only is not None and e != only:
+            continue
         for k, step in enumerate(ep.steps()):
             capture = k % stride == 0
             yield Sample(index, e, ep, step, capture, k)
@@ -101,6 +103,16 @@ def iter_closed_loop(dataset, max_episodes: int | None, stride: int, done: list[
     if seen < len(done):
         raise ToolkitError(f"cannot resume: the store holds {len(done)} episodes, the dataset gives {seen} "
                            "(use --overwrite)")
+
+
+def closed_loop_options(dataset: str, batch_size: int, seed: int, max_steps: int | None,
+                        dataset_options: dict[str, Any] | None) -> dict[str, Any]:
+    """A closed-loop dataset's options: the run's seed and --max-steps go to the simulator, which needs each
+    call's actions before it can give the next step (so batches of one)."""
+    if batch_size != 1:
+        raise ToolkitError(f"dataset {dataset!r} runs closed-loop (a simulator): --batch-size must be 1, "
+                           f"got {batch_size}")
+    return {"seed": seed, **({} if max_steps is None else {"max_steps": max_steps}), **(dataset_options or {})}
 
 
 def call_generator(seed: int, episode_index: int, call: int) -> torch.Generator:
@@ -444,12 +456,8 @@ def extract(
     model_cls, dataset_cls = get_model(model), get_dataset(dataset)
     _check_target(path, resume, overwrite)
     closed = bool(getattr(dataset_cls, "closed_loop", False))
-    if closed:  # the simulator needs each call's actions before it can give the next step
-        if batch_size != 1:
-            raise ToolkitError(f"dataset {dataset!r} runs closed-loop (a simulator): --batch-size must be 1, "
-                               f"got {batch_size}")
-        dataset_options = {"seed": seed, **({} if max_steps is None else {"max_steps": max_steps}),
-                           **(dataset_options or {})}
+    if closed:
+        dataset_options = closed_loop_options(dataset, batch_size, seed, max_steps, dataset_options)
     arch = None if adapter is not None else model_cls.architecture(checkpoint, **(model_options or {}))
     if arch is not None:  # a bad selection fails here, before any weight loads
         build_plan(model_cls.name, *arch, sites, layers, tokens, pool, streams, dtype, hooks=hooks)
@@ -467,7 +475,8 @@ def extract(
                     interventions=[iv.describe() for iv in interventions or ()])
     writer = unit.writer(path, spec) if unit is not None else _writer(path, resume, overwrite, codec, spec)
     if closed:
-        samples = iter_closed_loop(ds, max_episodes, stride, _stored_episodes(writer), writer.committed)
+        samples = iter_closed_loop(ds, max_episodes, stride, _stored_episodes(writer), writer.committed,
+                                   getattr(unit, "episode", None))
     else:
         samples = iter_samples(ds, max_episodes, max_steps, stride)
     if unit is not None:
