@@ -159,3 +159,12 @@ def test_bad_urls_are_one_line(s3):
     assert res.returncode != 0 and "is not a store" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = toolkit("info", "nosuchscheme://bucket/x.zarr", check=False)
     assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_two_ray_workers_write_the_same_store_to_s3(s3, local_reference):
+    """--workers on an object store: every actor PUTs its own chunks, the driver holds the lease and commits."""
+    pytest.importorskip("ray")
+    url = f"{s3}/runs/ray.zarr"
+    toolkit("extract", url, *ARGS, "--workers", "2", env={"RAY_AUTH_MODE": "disabled"})
+    assert_same_store(local_reference, url, N)
+    assert not location(url).fs.exists(LeaseLock(location(url)).key)  # the driver released its lease
