@@ -313,50 +313,48 @@ def _run_loop(path: Path, writer: StoreWriter, samples: Iterator[Sample], batch_
             first = False
             writer.append(arrays)
 
-    signals = _Signals()
-    try:
-        signals.__enter__()
-        for batch in _batches(samples, batch_size):
-            if isinstance(batch[0], EpisodeEnd):
-                for b, arrays, meta in held:
-                    arrays.update(sample_fields(b))
+    with _Signals() as signals:  # handlers restored after the cleanup below
+        try:
+            for batch in _batches(samples, batch_size):
+                if isinstance(batch[0], EpisodeEnd):
+                    for b, arrays, meta in held:
+                        arrays.update(sample_fields(b))
+                        emit(arrays, meta)
+                    held.clear()
+                    with signals.critical():
+                        writer.flush()
+                    continue
+                arrays, meta = process(batch)
+                if arrays is None:
+                    continue
+                if closed_loop:
+                    held.append((batch, arrays, meta))
+                else:
                     emit(arrays, meta)
-                held.clear()
-                with signals.critical():
-                    writer.flush()
-                continue
-            arrays, meta = process(batch)
-            if arrays is None:
-                continue
-            if closed_loop:
-                held.append((batch, arrays, meta))
+                bar.update(batch)
+            if first and not committed:
+                raise ToolkitError("the dataset selection is empty: no episode has a step to process "
+                                   "(check --data, --max-episodes, --max-steps and --stride)")
+            signals.hold()
+            if not writer.started:  # resumed a store whose samples were all committed already
+                writer.mark_complete()
             else:
-                emit(arrays, meta)
-            bar.update(batch)
-        if first and not committed:
-            raise ToolkitError("the dataset selection is empty: no episode has a step to process "
-                               "(check --data, --max-episodes, --max-steps and --stride)")
-        signals.hold()
-        if not writer.started:  # resumed a store whose samples were all committed already
-            writer.mark_complete()
-        else:
-            writer.close(complete=True)
-    except BaseException as e:
-        signals.hold()
-        writer.abort(release=False)
-        if writer.created and writer.committed == 0:
-            writer.loc.remove()  # nothing useful was written: leave nothing behind
-        if isinstance(e, KeyboardInterrupt):
-            import signal
+                writer.close(complete=True)
+        except BaseException as e:
+            signals.hold()
+            writer.abort(release=False)
+            if writer.created and writer.committed == 0:
+                writer.loc.remove()  # nothing useful was written: leave nothing behind
+            if isinstance(e, KeyboardInterrupt):
+                import signal
 
-            num = getattr(e, "signum", signal.SIGINT)
-            raise Interrupted(num, f"interrupted by {signal.Signals(num).name}: {writer.committed} samples are "
-                                   f"committed in {path}") from None
-        raise
-    finally:
-        signals.__exit__()
-        writer.release()
-        bar.close()
+                num = getattr(e, "signum", signal.SIGINT)
+                raise Interrupted(num, f"interrupted by {signal.Signals(num).name}: {writer.committed} samples are "
+                                       f"committed in {path}") from None
+            raise
+        finally:
+            writer.release()
+            bar.close()
 
 
 def _check_resume_prefix(writer: StoreWriter, samples: Iterator[Sample], committed: int) -> None:
