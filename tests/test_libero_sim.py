@@ -17,7 +17,7 @@ import pytest
 import toolkit
 from toolkit.errors import ToolkitError
 from synthetic import register_libero_sim
-from toolkit.store import open_store
+from toolkit.store import open_store, write_consolidated
 
 HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
 # MuJoCo/robosuite and TensorFlow (the RLDS tests) crash when loaded into one process, so these tests run in a
@@ -137,10 +137,19 @@ def test_two_ray_workers_write_the_one_process_store(reference, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         path = _extract(tmp_path / "ray.zarr", workers=2)
+        _assert_same(reference, path)
+        # a driver killed after the first episode: --resume --workers runs only the second one
+        first = int((open_store(path).coord("trial") == 0).sum())
+        write_consolidated(path, first, False)
+        _extract(path, workers=2, resume=True)
     finally:
         ray.shutdown()
-    want, got = _snapshot(reference), _snapshot(path)
+    _assert_same(reference, path)
+    assert open_store(path).attrs["run_spec"] == open_store(reference).attrs["run_spec"]
+
+
+def _assert_same(a, b):
+    want, got = _snapshot(a), _snapshot(b)
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_array_equal(want[name], got[name], err_msg=name)
-    assert open_store(path).attrs["run_spec"] == open_store(reference).attrs["run_spec"]
