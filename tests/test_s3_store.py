@@ -154,6 +154,18 @@ def test_damaged_and_missing_chunk_objects_are_named(s3, local_reference, tmp_pa
     assert "vlm/resid_post/c/1/0/0/0" in line and "missing" in line and url in line
 
 
+def test_an_interrupted_upload_is_no_store_and_overwrite_replaces_it(s3, local_reference):
+    url = f"{s3}/runs/upload.zarr"
+    toolkit("extract", url, *ARGS[:4], "--max-episodes", "1", *ARGS[6:])
+    loc = location(url)
+    loc.fs.rm_file(f"{loc.root}/zarr.json")  # as if killed during the upload: the root is uploaded last
+    assert toolkit("info", url, check=False).returncode != 0
+    res = toolkit("extract", url, *ARGS, "--resume", check=False)
+    assert res.returncode != 0 and "interrupted before any sample" in res.stderr
+    toolkit("extract", url, *ARGS, "--overwrite")
+    assert_same_store(local_reference, url, N)
+
+
 def test_bad_urls_are_one_line(s3):
     res = toolkit("info", f"{s3}/no/such.zarr", check=False)
     assert res.returncode != 0 and "is not a store" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -115,6 +115,9 @@ class LocalLocation:
     def is_empty(self) -> bool:
         return self.path.is_dir() and not any(self.path.iterdir())
 
+    def partial_upload(self) -> bool:
+        return False  # local stores are built beside the target and renamed into place
+
     def size(self, prefix: str = "") -> int:
         folder = self.path / prefix
         return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
@@ -190,6 +193,10 @@ class ObjectLocation:
             return not self.fs.ls(self.root)
         except FileNotFoundError:
             return True
+
+    def partial_upload(self) -> bool:
+        """Zarr nodes without the root ``zarr.json``: an upload (``upload``) that was interrupted."""
+        return not self.exists("zarr.json") and bool(self.fs.glob(f"{self.root}/*/zarr.json"))
 
     def size(self, prefix: str = "") -> int:
         try:

@@ -229,6 +229,9 @@ class StoreWriter:
         loc = self.loc
         if mode == "resume" and loc.exists():
             if not loc.exists("zarr.json"):
+                if loc.partial_upload():
+                    raise ToolkitError(f"cannot resume: the creation of {self.path} was interrupted before any sample "
+                                       "was stored; start it again with --overwrite")
                 raise ToolkitError(f"cannot resume: {self.path} is not a store; remove it or pick another --store")
             self.root = zarr.open_group(loc.zarr_target(), mode="r+", zarr_format=3, use_consolidated=False)
             if self.root.attrs.get("format") != FORMAT:
@@ -255,7 +258,8 @@ class StoreWriter:
                 if mode != "overwrite":
                     raise ToolkitError(f"{self.path} already exists: pass --resume to continue it or --overwrite "
                                        "to replace it")
-                if (not loc.remote and self.path.is_file()) or not (loc.exists("zarr.json") or loc.is_empty()):
+                if (not loc.remote and self.path.is_file()) or not (loc.exists("zarr.json") or loc.is_empty()
+                                                                   or loc.partial_upload()):
                     raise ToolkitError(f"refusing to overwrite {self.path}: it exists and is not a zarr store")
             self.root = None
             self.committed = 0
@@ -973,8 +977,8 @@ def read_samples(array, start: int, stop: int, layer_pos: int | None = None, wor
                  ) -> np.ndarray:
     """Samples ``[start, stop)`` of an array, of one position along its second axis (``layer_pos``) or all, as
     stored: every chunk checked (crc32c) and decoded by a small thread pool straight into the output (file reads,
-    crc32c and zstd/blosc release the GIL); uncompressed whole chunks are read into the output and checked there,
-    the rest go through ``read_chunk``."""
+    crc32c and zstd/blosc release the GIL); whole chunks are read (uncompressed) or decoded (zstd/blosc) into the
+    output and checked there, the rest go through ``read_chunk``."""
     arr = array.zarr if isinstance(array, CheckedArray) else array
     start, stop = max(0, start), min(stop, arr.shape[0])
     rest = arr.shape[2:] if layer_pos is not None else arr.shape[1:]
