@@ -111,7 +111,9 @@ def bench_layer(tmp: Path, d: int, n: int, repeats: int) -> dict:
     """One layer: end-to-end probe rows/s vs the float32 XᵀX bound; solver float32+refinement vs float64."""
     from toolkit.probe import ProbeConfig, Selection, probe
     from toolkit.probe.select import plain, resolve
-    from toolkit.probe.solvers import NestedRidge
+    import torch
+
+    from toolkit.probe.solvers import NestedRidge, solver_workers
     from toolkit.probe.splits import make_folds
     from toolkit.probe.stats import FoldStats, iter_blocks
     from toolkit.store import open_store
@@ -128,13 +130,16 @@ def bench_layer(tmp: Path, d: int, n: int, repeats: int) -> dict:
     fs.add(X, np.concatenate([Y, Y], 1), folds.fold)  # task and a control of the same width, as the probe fits
     stats = fs.finish()
     cfg = ProbeConfig(mdl=False, success=False, save_weights="none")
+
+    def solve(**kw):  # the nested-CV solve alone: K(K−1)/2 inner + K outer factorisations, as probe() runs it
+        return NestedRidge(stats, {"t": np.arange(16), "t#control": np.arange(16, 32)}, fs.shift, **kw).outers(
+            final=False)
+
     fns = {"probe": lambda: probe(path, Selection(site="vlm"), ["task"], cfg),
            "xtx_bound": lambda: X.T @ X,
-           "solve_float32": lambda: [nr.outer(k) for nr in [NestedRidge(stats, {"t": np.arange(32)}, fs.shift,
-                                                                        precision="float32")]
-                                     for k in range(5)],
-           "solve_float64": lambda: [nr.outer(k) for nr in [NestedRidge(stats, {"t": np.arange(32)}, fs.shift,
-                                                                        precision="float64")] for k in range(5)]}
+           "solve_float32": lambda: solve(precision="float32"),
+           "solve_float32_1_worker": lambda: solve(precision="float32", workers=1),
+           "solve_float64": lambda: solve(precision="float64")}
     fns["probe"]()  # plugin registry import and page cache, outside the timed region
     times, load_before = {k: [] for k in fns}, _load()
     for _ in range(repeats):
@@ -147,6 +152,9 @@ def bench_layer(tmp: Path, d: int, n: int, repeats: int) -> dict:
     out["probe_rows_per_s"], out["bound_rows_per_s"] = rows / med["probe"], rows / med["xtx_bound"]
     out["fraction_of_bound"] = med["xtx_bound"] / med["probe"]
     out["solve_speedup_float32"] = med["solve_float64"] / med["solve_float32"]
+    out["solve_speedup_workers"] = med["solve_float32_1_worker"] / med["solve_float32"]
+    out["workers"], out["threads"] = solver_workers(), torch.get_num_threads()
+    out["factorisations"] = 5 * 4 // 2 + 5
     out["load_after"] = _load()
     return out
 
@@ -208,7 +216,8 @@ def bench_sweep(store_path: Path) -> dict:
     acc = [r["accuracy"] for r in sorted(res.rows, key=lambda r: r["layer"])]
     return {"layers": len(sel.layers), "rows": int(len(y)), "probe_s": ours,
             "ridgecv_s": rc_time, "speedup_ridgecv": rc_time / ours, "logistic_s": lr_time,
-            "speedup_logistic": lr_time / ours, "probe_acc": acc, "ridgecv_acc": rc_acc, "logistic_acc": lr_acc,
+            "speedup_logistic": lr_time / ours, "logistic_one_fit_per_layer_s": lr_time / folds.n_folds,
+            "speedup_logistic_one_fit_per_layer": lr_time / folds.n_folds / ours, "probe_acc": acc, "ridgecv_acc": rc_acc, "logistic_acc": lr_acc,
             "max_abs_acc_diff_ridgecv": float(np.max(np.abs(np.array(acc) - np.array(rc_acc)))),
             "max_abs_acc_diff_logistic": float(np.max(np.abs(np.array(acc) - np.array(lr_acc))))}
 
@@ -241,19 +250,24 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         layer = [bench_layer(Path(tmp), int(d), int(n), args.repeats)
-                 for d, n in (p.split(":") for p in args.layer_sizes.split(","))]
+                 for d, n in (p.split(":") for p in args.layer_sizes.split(",") if p)]
     for r in layer:
         s = r["seconds"]
+
+        def m(k):
+            return f"{s[k]['median']:.2f} s ({s[k]['min']:.2f}-{s[k]['max']:.2f})"
+
         print(f"D={r['d']} N={r['rows']}: probe {r['probe_rows_per_s']:.0f} rows/s, XᵀX bound {r['bound_rows_per_s']:.0f}"
-              f" rows/s = {r['fraction_of_bound']:.0%} of the bound (target >= 80%); nested-CV solve float32+refine"
-              f" {s['solve_float32']['median']:.2f} s ({s['solve_float32']['min']:.2f}-{s['solve_float32']['max']:.2f})"
-              f" vs float64 {s['solve_float64']['median']:.2f} s ({s['solve_float64']['min']:.2f}-"
-              f"{s['solve_float64']['max']:.2f}) = {r['solve_speedup_float32']:.2f}x; load {r['load_before']} ->"
+              f" rows/s = {r['fraction_of_bound']:.0%} of the bound (target >= 80%); probe {m('probe')}, XᵀX"
+              f" {m('xtx_bound')}; nested-CV solve ({r['factorisations']} factorisations) float32+refine on"
+              f" {r['workers']} workers {m('solve_float32')}, on 1 worker {m('solve_float32_1_worker')}"
+              f" ({r['solve_speedup_workers']:.2f}x), float64 {m('solve_float64')}; load {r['load_before']} ->"
               f" {r['load_after']}")
     if args.layer_only:
         (OUT / "bench_probe_layer.json").write_text(json.dumps(layer, indent=1))
         return
     tasks, eps, steps, layers, d = (10, 8, 20, 6, 256) if args.quick else (16, 20, 50, 8, 512)
+    load_before = _load()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         small = write_store(tmp / "small.zarr", tasks, eps, steps, layers, d, raw=tmp / "raw.npy")
@@ -261,7 +275,7 @@ def main() -> None:
         sweep = bench_sweep(small)
         big = write_store(tmp / "big.zarr", tasks, eps * 10, steps, layers, d)
         (rss_small, grow_small), (rss_big, grow_big) = peak_rss_mb(small), peak_rss_mb(big)
-    result = {"layer": layer, "store": {"tasks": tasks, "episodes": tasks * eps, "steps": steps, "layers": layers, "d": d},
+    result = {"load_before": load_before, "load_after": _load(), "layer": layer, "store": {"tasks": tasks, "episodes": tasks * eps, "steps": steps, "layers": layers, "d": d},
               "read": read, "sweep": sweep,
               "memory": {"samples_small": tasks * eps * steps, "samples_big": tasks * eps * steps * 10,
                          "peak_rss_small_mb": rss_small, "peak_rss_big_mb": rss_big, "ratio": rss_big / rss_small,
@@ -277,6 +291,8 @@ def main() -> None:
     print(f"{'sweep: max |accuracy difference| (RidgeCV)':<44} {sweep['max_abs_acc_diff_ridgecv']:>10.3f}")
     print(f"{'sweep: sklearn LogisticRegression C=1 (s)':<44} {sweep['logistic_s']:>10.2f}")
     print(f"{'sweep: speedup vs one logistic fit per fold':<44} {sweep['speedup_logistic']:>10.2f} {'> 1':>10}")
+    print(f"{'sweep: speedup vs one logistic fit per layer':<44} {sweep['speedup_logistic_one_fit_per_layer']:>10.2f}"
+          f" {'> 1':>10}")
     print(f"{'sweep: max |accuracy difference| (logistic)':<44} {sweep['max_abs_acc_diff_logistic']:>10.3f}")
     print(f"{'memory: peak RSS small store (MB)':<44} {rss_small:>10.0f}")
     print(f"{'memory: peak RSS 10x store (MB)':<44} {rss_big:>10.0f}")
