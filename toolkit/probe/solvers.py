@@ -245,8 +245,7 @@ class NestedRidge:
         self.prior = prior  # columns whose intercept is the whole selection's mean (class proportions)
         self.prefix = dict(prefix or {})
         self.pcols = np.concatenate(list(self.prefix.values())) if self.prefix else np.zeros(0, np.int64)
-        self._pidx = np.searchsorted(self.cols, self.pcols) if np.all(np.diff(self.cols) > 0) else \
-            np.array([int(np.flatnonzero(self.cols == c)[0]) for c in self.pcols], dtype=np.int64)
+        self._pidx = np.array([np.flatnonzero(self.cols == c)[0] for c in self.pcols], dtype=np.int64)  # in cols
         self._prefixes: dict[int, _Prefix | None] = {}
         m = len(self.cols)
         self.inner = [[np.zeros((len(self.lambdas), m)), np.zeros(m)] for _ in range(self.K)]

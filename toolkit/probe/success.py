@@ -25,6 +25,7 @@ from toolkit.probe.intervals import LEVEL, episode_sums
 
 N_BOOT = 2000
 N_PERM = 5000
+BLOCK = 250  # resamples drawn and reduced at a time
 
 
 def episode_confidence(episode: np.ndarray, conf: np.ndarray, success: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,8 +72,8 @@ def success_correlation(conf: np.ndarray, success: np.ndarray, n_boot: int = N_B
         return out
     rng = np.random.default_rng(seed)
     r = float(_corr(conf, success))
-    idx = rng.integers(0, n, (n_boot, n))
-    boot = _corr(conf[idx], success[idx])
+    boot = np.concatenate([_corr(conf[idx], success[idx]) for idx in  # blocks: memory flat in the episode count
+                           (rng.integers(0, n, (min(BLOCK, n_boot - a), n)) for a in range(0, n_boot, BLOCK))])
     boot = boot[np.isfinite(boot)]
     alpha = (1 - LEVEL) / 2
     lo, hi = np.quantile(boot, [alpha, 1 - alpha]) if len(boot) else (np.nan, np.nan)
@@ -83,10 +84,10 @@ def success_correlation(conf: np.ndarray, success: np.ndarray, n_boot: int = N_B
         null = _permuted_r(conf, perms, n_succ)
         p, exact = float(np.mean(np.abs(null) >= abs(r) - 1e-12)), True
     else:
-        perms = rng.permuted(np.broadcast_to(success, (n_perm, n)), axis=1)
-        null = _permuted_r(conf, perms, n_succ)
+        null = np.concatenate([_permuted_r(conf, rng.permuted(np.broadcast_to(success, (min(BLOCK, n_perm - a), n)),
+                                                              axis=1), n_succ) for a in range(0, n_perm, BLOCK)])
         p, exact = float((1 + np.sum(np.abs(null) >= abs(r) - 1e-12)) / (1 + n_perm)), False
     out.update({"r": r, "r_ci_low": float(lo), "r_ci_high": float(hi), "p_value": p, "p_exact": exact,
-                "n_permutations": len(perms)})
+                "n_permutations": len(null)})
     return out
 
