@@ -88,16 +88,22 @@ def parallel_map(fn, items: list, workers: int) -> list:
         return [fn(i) for i in items]
     from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import threadpool_limits
+    global _BLAS
+    if _BLAS is None:  # finding the BLAS libraries walks the loaded ones: once per process
+        from threadpoolctl import ThreadpoolController
 
+        _BLAS = ThreadpoolController()
     total = torch.get_num_threads()
     per = max(1, total // workers)
     torch.set_num_threads(per)
     try:
-        with threadpool_limits(limits=per), ThreadPoolExecutor(workers) as ex:
+        with _BLAS.limit(limits=per), ThreadPoolExecutor(workers) as ex:
             return list(ex.map(fn, items))
     finally:
         torch.set_num_threads(total)
+
+
+_BLAS = None
 
 
 class RidgePath:
