@@ -1,8 +1,9 @@
 """Scale-out throughput, side by side in one run: extraction on 2 Ray workers vs 1, Dask statistics on 2 workers
-vs the serial path, and raw Zarr write throughput to a local S3 server (moto) vs local disk.
+vs the serial path, and the store's write throughput to a local S3 server (moto) vs local disk.
 
-* Extraction: the built-in pi0 (random weights) with ``--model-option size=...`` over the LIBERO sample, one Ray
-  local cluster for all runs (its ~15 s start is not timed); each timed run includes its actors' model loads.
+* Extraction: a mid-size pi0 checkpoint (~150 M parameters) over the LIBERO sample, one Ray local cluster for all
+  runs (its ~15 s start is not timed); each timed run includes its actors' start and model loads, at two run
+  lengths (``--episodes 2,8``: 12 and 48 samples), so the marginal rate between them is the running throughput.
   Torch uses one thread per actor (Ray sets OMP_NUM_THREADS=1 per CPU), so the model is compute-bound per actor.
 * Statistics: ``store_stats`` of a synthetic float32 store, serial vs ``scheduler="threads"`` (2 workers).
 * S3: the same samples written by the toolkit's ``StoreWriter`` to ``s3://`` on a moto server (its own process,
@@ -10,7 +11,7 @@ vs the serial path, and raw Zarr write throughput to a local S3 server (moto) vs
 Methods are interleaved in each repeat; medians with min-max.  The load average is recorded: this machine is
 shared, so ratios understate what idle cores give.
 
-    python benchmarks/bench_scale.py [--repeats 3] [--episodes 2] [--skip-ray]
+    python benchmarks/bench_scale.py [--repeats 3] [--episodes 2,8] [--skip-ray] [--only-probe]
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def med(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def bench_ray(tmp: Path, repeats: int, episodes: int) -> dict:
+def bench_ray(tmp: Path, repeats: int, episodes: list[int]) -> dict:
+    """``extract --workers 2`` vs ``--workers 1`` at each run length in ``episodes`` (6 samples per episode),
+    interleaved.  Whole runs include the actors' start and model loads; the marginal throughput (extra samples
+    over extra seconds between the shortest and the longest run) is the rate once they are running."""
     import sys
 
     import ray
@@ -45,25 +49,34 @@ def bench_ray(tmp: Path, repeats: int, episodes: int) -> dict:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    opts = dict(model="pi0", checkpoint=medium_checkpoint(tmp), dataset="libero", max_episodes=episodes,
-                chunk_samples=2, streams="resid_post", layers="-1", progress=False)
-    times: dict[int, list[float]] = {1: [], 2: []}
-    n = 0
+    checkpoint = medium_checkpoint(tmp)
+    times: dict[tuple[int, int], list[float]] = {(e, w): [] for e in episodes for w in (1, 2)}
+    samples: dict[int, int] = {}
     try:
         for r in range(repeats):
-            for workers in (1, 2):
-                store = tmp / f"ray{workers}_{r}.zarr"
+            for e, workers in times:
+                store = tmp / f"ray{workers}_{e}_{r}.zarr"
                 t = time.perf_counter()
-                extract(store=store, workers=workers, **opts)
-                times[workers].append(time.perf_counter() - t)
+                extract(store=store, workers=workers, model="pi0", checkpoint=checkpoint, dataset="libero",
+                        max_episodes=e, chunk_samples=2, streams="resid_post", layers="-1", progress=False)
+                times[(e, workers)].append(time.perf_counter() - t)
                 import toolkit
 
-                n = toolkit.open_store(store).n_samples
+                samples[e] = toolkit.open_store(store).n_samples
                 shutil.rmtree(store)
     finally:
         ray.shutdown()
-    return {"model": "pi0 medium (~150M params)", "samples": n, "seconds_1_worker": med(times[1]), "seconds_2_workers": med(times[2]),
-            "speedup": statistics.median(times[1]) / statistics.median(times[2])}
+    out: dict = {"model": "pi0 medium (~150M params)"}
+    for e in episodes:
+        out[f"{samples[e]}_samples"] = {"seconds_1_worker": med(times[(e, 1)]), "seconds_2_workers": med(times[(e, 2)]),
+                                        "speedup": statistics.median(times[(e, 1)]) / statistics.median(times[(e, 2)])}
+    lo, hi = min(episodes), max(episodes)
+    if hi > lo:
+        rate = {w: (samples[hi] - samples[lo]) / (statistics.median(times[(hi, w)]) - statistics.median(times[(lo, w)]))
+                for w in (1, 2)}
+        out["marginal_samples_per_s"] = rate
+        out["marginal_speedup"] = rate[2] / rate[1]
+    return out
 
 
 def bench_dask(tmp: Path, repeats: int) -> dict:
@@ -202,7 +215,7 @@ def bench_s3(tmp: Path, repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--episodes", type=int, default=2)
+    ap.add_argument("--episodes", default="2,8", help="run lengths for the Ray comparison (comma list)")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--only-probe", action="store_true", help="only the Dask probe statistics vs serial")
     args = ap.parse_args()
@@ -215,7 +228,7 @@ def main() -> None:
             out["dask_stats"] = bench_dask(tmp, args.repeats)
             out["s3_write"] = bench_s3(tmp, args.repeats)
         if not (args.skip_ray or args.only_probe):
-            out["ray_extract"] = bench_ray(tmp, args.repeats, args.episodes)
+            out["ray_extract"] = bench_ray(tmp, args.repeats, [int(e) for e in args.episodes.split(",")])
     out["load_average_after"] = os.getloadavg()
     print(json.dumps(out, indent=2))
     dest = Path(__file__).parent / "out"

@@ -8,9 +8,11 @@ this process may run on, and an ``OMP_NUM_THREADS`` the user set always wins.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
@@ -40,6 +42,32 @@ def default_threads(cpu_max: Path = CPU_MAX) -> int:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = cpu_quota(cpu_max)
     return max(1, min(usable, math.ceil(quota)) if quota else usable)
+
+
+_BLAS = None
+
+
+@contextlib.contextmanager
+def threads_each(workers: int) -> Iterator[int]:
+    """While ``workers`` threads compute side by side, give each its share of the thread budget: torch and the
+    BLAS libraries under numpy get ``budget // workers`` threads (at least 1), restored afterwards.  Without it
+    every worker's GEMM or eigh asks for the whole machine and they oversubscribe it (measured: probe statistics
+    on 2 Dask threads 0.83 s with 2 BLAS threads each vs 0.64 s with one)."""
+    import torch
+
+    global _BLAS
+    if _BLAS is None:  # finding the BLAS libraries walks the loaded ones: once per process
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    total = torch.get_num_threads()
+    per = max(1, total // max(1, workers))
+    torch.set_num_threads(per)
+    try:
+        with _BLAS.limit(limits=per):
+            yield per
+    finally:
+        torch.set_num_threads(total)
 
 
 def set_threads(n: int | None = None) -> int:

@@ -98,6 +98,13 @@ def _reduce(leaves: list, merge, scheduler: str):
             raise ToolkitError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
         with client:
             return client.compute(level[0]).result()
+    if scheduler == "threads":  # one BLAS/torch thread per Dask thread, not the whole machine each
+        import dask.system
+
+        from toolkit.compute import threads_each
+
+        with threads_each(dask.system.CPU_COUNT):
+            return level[0].compute(scheduler=scheduler)
     return level[0].compute(scheduler=scheduler)
 
 

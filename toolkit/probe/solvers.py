@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from toolkit.compute import threads_each
 from toolkit.probe.stats import Stats, sum_stats
 
 LAMBDAS = tuple(float(v) for v in np.logspace(-6, 3, 10))
@@ -88,22 +89,9 @@ def parallel_map(fn, items: list, workers: int) -> list:
         return [fn(i) for i in items]
     from concurrent.futures import ThreadPoolExecutor
 
-    global _BLAS
-    if _BLAS is None:  # finding the BLAS libraries walks the loaded ones: once per process
-        from threadpoolctl import ThreadpoolController
+    with threads_each(workers), ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(fn, items))
 
-        _BLAS = ThreadpoolController()
-    total = torch.get_num_threads()
-    per = max(1, total // workers)
-    torch.set_num_threads(per)
-    try:
-        with _BLAS.limit(limits=per), ThreadPoolExecutor(workers) as ex:
-            return list(ex.map(fn, items))
-    finally:
-        torch.set_num_threads(total)
-
-
-_BLAS = None
 
 
 class RidgePath:
