@@ -138,8 +138,8 @@ def bench_dask_probe(tmp: Path, repeats: int) -> dict:
                          cell_shifts(store, res, 0, 1))
     from dask.distributed import LocalCluster
 
-    # a dask.distributed cluster of 2 worker processes, started once (untimed, like the Ray cluster): zstd decoding
-    # holds the GIL (numcodecs 0.16: 2 threads decode no faster than 1), so threads cannot spread the reads
+    # a dask.distributed cluster of 2 worker processes, started once (untimed, like the Ray cluster), beside the
+    # threads scheduler (one BLAS thread per Dask thread)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         addr = cluster.scheduler_address
         runs = {"serial": lambda: layer_statistics(store, res, 0, inputs),
