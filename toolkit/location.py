@@ -148,6 +148,9 @@ class ObjectLocation:
                                f"backend: pip install 'toolkit[scale]' for s3://, gcsfs for gs://, adlfs for "
                                f"az://; scheme {scheme!r})") from None
         self.root = self.root.rstrip("/")
+        if "/" not in self.root:  # the lease object lives beside the store, so the store needs a parent
+            raise ToolkitError(f"{self.url} names a whole bucket: give the store a path inside it, e.g. "
+                               f"{self.url}/run.zarr")
         self.path = self.url  # what messages and the store's attributes show
 
     def zarr_target(self) -> str:
