@@ -10,6 +10,15 @@ The public Python API mirrors the CLI:
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+
+# Bit-for-bit reproducible runs (a resumed, an interrupted or a Ray-split run equals an uninterrupted one):
+# MKL, torch's CPU BLAS, otherwise picks kernels by the memory alignment of its operands, so two runs of the same
+# batch can differ in the last bit (seen once in CI: one sample's action at 7e-7).  Its conditional numerical
+# reproducibility mode removes that; it is read when MKL first runs, so set it before torch computes anything.
+# A user's own MKL_CBWR wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 from toolkit.errors import ToolkitError  # noqa: E402
 from toolkit.store import open_store  # noqa: E402
 from toolkit.extract import extract, import_latents  # noqa: E402
