@@ -96,15 +96,36 @@ class _Layout(Exception):
         self.layout = layout
 
 
-class LayoutWriter:
-    """Stands in for the store writer while an actor runs the first batch: records what ``StoreWriter.initialize``
-    would be given (attributes, arrays, static coordinates) and the run spec, for the driver to create the store."""
+class _StandInWriter:
+    """What extract's sample loop asks of a store writer, for writers that write nothing themselves (the driver
+    does): nothing committed or created, and closing, flushing or aborting is a no-op."""
 
     committed = 0
     created = False
     started = False
+    root = None
     bytes_added = 0
     defer_commits = False
+
+    def flush(self) -> None:
+        pass
+
+    def mark_complete(self) -> None:
+        pass
+
+    def close(self, complete: bool = True, release: bool = True) -> None:
+        pass
+
+    def abort(self, release: bool = True) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+class LayoutWriter(_StandInWriter):
+    """Stands in for the store writer while an actor runs the first batch: records what ``StoreWriter.initialize``
+    would be given (attributes, arrays, static coordinates) and the run spec, for the driver to create the store."""
 
     def __init__(self, path: Path, spec: dict[str, Any]):
         import zarr
@@ -119,12 +140,6 @@ class LayoutWriter:
         raise _Layout({"spec": self.spec, "init": {"attrs": attrs, "specs": specs, "static": static,
                                                     "coordinates": coordinates, "chunk_samples": chunk_samples,
                                                     "batch_size": batch_size, "group_attrs": group_attrs}})
-
-    def abort(self, release: bool = True) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
 
 
 @dataclasses.dataclass
@@ -151,16 +166,11 @@ class Unit:
                                "run without --workers (or fix the dataset adapter's length_hint)")
 
 
-class EpisodeRecorder:
+class EpisodeRecorder(_StandInWriter):
     """Stands in for the store writer while an actor runs one closed-loop episode: records what a one-process
     run hands its writer (the layout on the first append, then every appended batch) for the driver to replay
-    into the store in episode order."""
-
-    committed = 0
-    created = False
-    root = None
-    bytes_added = 0
-    defer_commits = False
+    into the store in episode order (its episode-end ``flush`` is a no-op: the driver commits the episode when
+    every earlier one is in)."""
 
     def __init__(self):
         self.layout: tuple[tuple, dict] | None = None
@@ -175,21 +185,6 @@ class EpisodeRecorder:
 
     def append(self, arrays: dict[str, Any]) -> None:
         self.batches.append(dict(arrays))
-
-    def flush(self) -> None:
-        pass  # the episode's end: the driver commits it when every earlier episode is in
-
-    def mark_complete(self) -> None:
-        pass
-
-    def close(self, complete: bool = True, release: bool = True) -> None:
-        pass
-
-    def abort(self, release: bool = True) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
 
 
 @dataclasses.dataclass

@@ -799,6 +799,8 @@ def _crc32c(buf: Any) -> int:
     import crc32c
 
     return crc32c.crc32c(buf)
+
+
 _BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
