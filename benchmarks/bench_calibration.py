@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.extract import COORDINATES
-from toolkit.store import ArraySpec, StoreWriter
+from toolkit.run.pipeline import COORDINATES
+from toolkit.store.core import ArraySpec, StoreWriter
 
 OUT = Path(__file__).parent / "out"
 N_TASKS, STEPS, D, N_FOLDS = 4, 8, 16, 5
@@ -75,9 +75,9 @@ def write_store(path: Path, means: np.ndarray, eps_per_task: int, layers: int, s
 
 def true_accuracy(means: np.ndarray, eps_per_task: int, draws: int, seed: int = 99) -> float:
     """Expected held-out accuracy of the nested ridge procedure trained on (K−1)/K of the episodes."""
-    from toolkit.probe.solvers import LAMBDAS, NestedRidge
-    from toolkit.probe.splits import make_folds
-    from toolkit.probe.stats import FoldStats
+    from toolkit.analysis.probe.solvers import LAMBDAS, NestedRidge
+    from toolkit.analysis.probe.splits import make_folds
+    from toolkit.analysis.probe.stats import FoldStats
 
     rng = np.random.default_rng(seed)
     train_per_task = round(eps_per_task * (N_FOLDS - 1) / N_FOLDS)  # stratified, like the outer folds
@@ -98,7 +98,7 @@ def true_accuracy(means: np.ndarray, eps_per_task: int, draws: int, seed: int = 
 
 
 def run(kind: str, eps_per_task: int, n_stores: int, layers: int, truth: float, tmp: Path) -> dict:
-    from toolkit.probe import ProbeConfig, Selection, probe
+    from toolkit.analysis.probe import ProbeConfig, Selection, probe
 
     means = world(0.0 if kind == "null" else SIGNAL[eps_per_task])
     inside, excl, metrics, widths = [], [], [], []

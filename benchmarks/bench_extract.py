@@ -1,6 +1,6 @@
 """Extraction benchmark, a ratio against a baseline measured in the same run.
 
-Capture + store overhead: `toolkit.extract` over the embedded LIBERO sample against the bare
+Capture + store overhead: `toolkit.run.pipeline` over the embedded LIBERO sample against the bare
 policy calls (prepare + run, no hooks, nothing stored) on the same inputs and model. Target <= 1.05x.
 Store write throughput against the ad-hoc scripts' writers is measured in benchmarks/bench_write.py.
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import toolkit
-from toolkit.extract import iter_samples, sample_generator
-from toolkit.plugins import get_dataset, get_model
+from toolkit.run.pipeline import iter_samples, sample_generator
+from toolkit.sdk.plugins import get_dataset, get_model
 
 
 # A mid-size pi0 (~150 M parameters, same architecture): closer to a real policy's ratio of compute to
@@ -45,7 +45,7 @@ def medium_checkpoint(tmp: Path) -> str:
     """Save a randomly initialised mid-size pi0 and the tokenizer; loaded back through --checkpoint."""
     from transformers import PI0Config, PI0ForConditionalGeneration
 
-    from toolkit.hf import llama_tokenizer
+    from toolkit.sdk.hf import llama_tokenizer
 
     torch.manual_seed(0)
     path = tmp / "pi0-medium"

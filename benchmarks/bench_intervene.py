@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_extract import medium_checkpoint  # noqa: E402
 
-from toolkit.extract import sample_generator  # noqa: E402
-from toolkit.intervention import Intervention, Steering  # noqa: E402
-from toolkit.plugins import get_dataset, get_model  # noqa: E402
+from toolkit.run.pipeline import sample_generator  # noqa: E402
+from toolkit.capture.intervention import Intervention, Steering  # noqa: E402
+from toolkit.sdk.plugins import get_dataset, get_model  # noqa: E402
 
 
 def conditions(adapter) -> dict[str, list[Intervention]]:

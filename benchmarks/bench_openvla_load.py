@@ -30,7 +30,7 @@ from pathlib import Path
 from toolkit_plugins.openvla import OpenVLAAdapter
 from toolkit_plugins.openvla.loading import read_config
 from toolkit_plugins.openvla.model import PrismaticConfig, build_random
-from toolkit.checkpoint import load_state_dict_files
+from toolkit.sdk.checkpoint import load_state_dict_files
 way, ckpt = sys.argv[1], Path(sys.argv[2])
 config = PrismaticConfig(read_config(ckpt))
 before = psutil.Process().memory_info().rss
@@ -57,7 +57,7 @@ def write_checkpoint(path: Path, layers: int) -> int:
                            "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16}}
     from safetensors.torch import save_file
 
-    from toolkit.hf import llama_tokenizer
+    from toolkit.sdk.hf import llama_tokenizer
 
     model = build_random(PrismaticConfig(raw), 0, torch.bfloat16)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.extract import COORDINATES
-from toolkit.store import ArraySpec, StoreWriter
+from toolkit.run.pipeline import COORDINATES
+from toolkit.store.core import ArraySpec, StoreWriter
 
 OUT = Path(__file__).parent / "out"
 
@@ -74,9 +74,9 @@ def write_store(path: Path, n_tasks: int, eps_per_task: int, steps: int, layers:
 
 
 def bench_read(store_path: Path, raw: Path, repeats: int = 3) -> dict:
-    from toolkit.probe.select import Selection, resolve
-    from toolkit.probe.stats import iter_blocks
-    from toolkit.store import open_store
+    from toolkit.analysis.probe.select import Selection, resolve
+    from toolkit.analysis.probe.stats import iter_blocks
+    from toolkit.store.core import open_store
 
     store = open_store(store_path)
     res = resolve(store, Selection(site="vlm"))
@@ -109,14 +109,14 @@ def bench_read(store_path: Path, raw: Path, repeats: int = 3) -> dict:
 
 def bench_layer(tmp: Path, d: int, n: int, repeats: int) -> dict:
     """One layer: end-to-end probe rows/s vs the float32 XᵀX bound; solver float32+refinement vs float64."""
-    from toolkit.probe import ProbeConfig, Selection, probe
-    from toolkit.probe.select import plain, resolve
+    from toolkit.analysis.probe import ProbeConfig, Selection, probe
+    from toolkit.analysis.probe.select import plain, resolve
     import torch
 
-    from toolkit.probe.solvers import NestedRidge, solver_workers
-    from toolkit.probe.splits import make_folds
-    from toolkit.probe.stats import FoldStats, iter_blocks
-    from toolkit.store import open_store
+    from toolkit.analysis.probe.solvers import NestedRidge, solver_workers
+    from toolkit.analysis.probe.splits import make_folds
+    from toolkit.analysis.probe.stats import FoldStats, iter_blocks
+    from toolkit.store.core import open_store
 
     steps = 50
     path = write_store(tmp / f"layer{d}.zarr", 16, max(1, n // (16 * steps)), steps, 1, d)
@@ -181,11 +181,11 @@ def bench_sweep(store_path: Path) -> dict:
     from sklearn.linear_model import LogisticRegression, RidgeClassifierCV
     from sklearn.preprocessing import StandardScaler
 
-    from toolkit.probe import LAMBDAS, ProbeConfig, Selection, probe
-    from toolkit.probe.select import plain, resolve
-    from toolkit.probe.splits import make_folds
-    from toolkit.probe.stats import iter_blocks
-    from toolkit.store import open_store
+    from toolkit.analysis.probe import LAMBDAS, ProbeConfig, Selection, probe
+    from toolkit.analysis.probe.select import plain, resolve
+    from toolkit.analysis.probe.splits import make_folds
+    from toolkit.analysis.probe.stats import iter_blocks
+    from toolkit.store.core import open_store
 
     t = time.perf_counter()
     res = probe(store_path, Selection(site="vlm"), ["task"], ProbeConfig(mdl=False, save_weights="none"))
@@ -224,8 +224,8 @@ def bench_sweep(store_path: Path) -> dict:
 
 RSS_CHILD = """
 import resource, sys
-from toolkit.plugins import registry
-from toolkit.probe import ProbeConfig, Selection, probe
+from toolkit.sdk.plugins import registry
+from toolkit.analysis.probe import ProbeConfig, Selection, probe
 registry()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 probe(sys.argv[1], Selection(site="vlm"), ["task"], ProbeConfig())

@@ -27,7 +27,7 @@ import numcodecs
 import numpy as np
 import zarr
 
-from toolkit.store import ArraySpec, StoreWriter, open_store
+from toolkit.store.core import ArraySpec, StoreWriter, open_store
 
 
 def evict(path: Path) -> None:

@@ -6,7 +6,7 @@ environment created once beforehand and reused (every episode re-seeds, resets a
 * ``sim only``   - the environment stepped with fixed random actions: no policy (rendering + physics);
 * ``bare loop``  - the closed loop without capture: the policy (prepare + run) queried every
                    ``replan`` steps, its chunk executed; no hooks, nothing stored;
-* ``extract``    - ``toolkit.extract`` over the same episode: hooks on every layer of every site,
+* ``extract``    - ``toolkit.run.pipeline`` over the same episode: hooks on every layer of every site,
                    every policy call captured (stride 1, the worst case) and written to a store;
                    timed from the episode's reset to the store's final commit (building the model and
                    importing the simulator lie before and are not counted).
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 import toolkit
-from toolkit.extract import call_generator, iter_closed_loop
-from toolkit.plugins import get_model, plugin_manager, registry
+from toolkit.run.pipeline import call_generator, iter_closed_loop
+from toolkit.sdk.plugins import get_model, plugin_manager, registry
 
 SUITE, TASK = "libero_object", 0
 

@@ -16,7 +16,7 @@ Targets (issue 12): default codec >= 1.0x seed-style with no more bytes on disk;
 
 `--rss` measures instead whether memory stays flat in store size: the peak RSS above the RSS after imports, each in
 a fresh process, of (a) `StoreWriter` fed one reused step array for 2x and 16x `--samples` steps and (b)
-`toolkit.extract` of the tiny random pi0 on the bundled LIBERO sample, every VLM token kept (`pool="none"`, 8-sample
+`toolkit.run.pipeline` of the tiny random pi0 on the bundled LIBERO sample, every VLM token kept (`pool="none"`, 8-sample
 chunks so the store grows with the samples), 2 and 20 episodes.
 
     python benchmarks/bench_write.py [--samples 128] [--layers 18] [--tokens 16] [--features 1024] [--repeats 3]
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.store import ArraySpec, StoreWriter, open_store
+from toolkit.store.core import ArraySpec, StoreWriter, open_store
 
 
 def make_data(n: int, layers: int, tokens: int, features: int, dtype: str) -> np.ndarray:
@@ -92,7 +92,7 @@ RSS_CHILD = """
 import resource, sys
 import numpy as np
 import toolkit
-from toolkit.store import ArraySpec, StoreWriter
+from toolkit.store.core import ArraySpec, StoreWriter
 kind, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 layers, tokens, features = (int(v) for v in sys.argv[4:7])
 step = np.random.default_rng(0).standard_normal((1, layers, tokens, features)).astype(np.float16)

@@ -2,7 +2,7 @@
 
 Each trial starts the CLI and kills it (mostly SIGKILL, sometimes SIGTERM or SIGINT; in about a third of the
 trials a second time while resuming), then resumes to the end and compares every field and stream bit for bit with
-an uninterrupted reference run, and checks every chunk (`toolkit.verify`).  Three kills in four land at a random
+an uninterrupted reference run, and checks every chunk (`toolkit.store.verify`).  Three kills in four land at a random
 moment while the store is being written (after a random number of committed samples), the others anywhere in the
 run (start-up, before any store, included).
 
@@ -50,7 +50,7 @@ def command(store: Path, config: str, *extra: str) -> list[str]:
 def snapshot(path: Path) -> dict[str, np.ndarray]:
     import warnings
 
-    from toolkit.store import open_store
+    from toolkit.store.core import open_store
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -136,7 +136,7 @@ def trial(work: Path, config: str, timing: tuple[float, float], ref: dict, rng: 
     if res.returncode != 0:
         out["problem"] = (res.stderr.strip().splitlines() or ["?"])[-1]
         return out
-    from toolkit.verify import verify
+    from toolkit.store.verify import verify
 
     report = verify(store)
     out["problem"] = identical(ref, snapshot(store)) or (f"verify: {report['bad'][0]}" if report["bad"] else None)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.adapters import DatasetAdapter, Episode, Step
-from toolkit.hookspecs import hookimpl
-from toolkit.plugins import plugin_manager, registry
+from toolkit.sdk.adapters import DatasetAdapter, Episode, Step
+from toolkit.sdk.hookspecs import hookimpl
+from toolkit.sdk.plugins import plugin_manager, registry
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "toolkit-tinyvla"))
 import toolkit_tinyvla  # noqa: E402

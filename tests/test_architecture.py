@@ -9,9 +9,9 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from toolkit.cli import cli
-from toolkit.plugins import registry
-from toolkit.spec import format_indices
+from toolkit.cli.main import cli
+from toolkit.sdk.plugins import registry
+from toolkit.sdk.names import format_indices
 from toolkit.testing import check_architecture
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
@@ -80,7 +80,7 @@ def test_a_pi0_checkpoint_is_sized_from_its_header(tmp_path, monkeypatch):
     """The lerobot layout (no transformers config.json): the sizes come from the safetensors header alone."""
     from test_pi0_checkpoints import load, native_weights, write_checkpoint
 
-    from toolkit.hf import llama_tokenizer
+    from toolkit.sdk.hf import llama_tokenizer
 
     ckpt = write_checkpoint(tmp_path / "ckpt", "current", native_weights())
     tok = tmp_path / "tok"

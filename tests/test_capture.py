@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from synthetic import tinyvla_batch, toolkit_tinyvla
-from toolkit.capture import Capture, build_plan
-from toolkit.extract import sample_generator
+from toolkit.capture.hooks import Capture, build_plan
+from toolkit.run.pipeline import sample_generator
 
 
 @pytest.fixture(scope="module")

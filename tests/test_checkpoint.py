@@ -1,4 +1,4 @@
-"""toolkit.checkpoint: every weight is loaded or named; safetensors files and shards; key remapping."""
+"""toolkit.sdk.checkpoint: every weight is loaded or named; safetensors files and shards; key remapping."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from toolkit.checkpoint import (
+from toolkit.sdk.checkpoint import (
     CheckpointError,
     check_complete,
     load_into,
@@ -119,7 +119,7 @@ def test_random_weights_flag_reaches_the_adapter_and_the_store_says_random_init(
     from click.testing import CliRunner
 
     import toolkit
-    from toolkit.cli import cli
+    from toolkit.cli.main import cli
 
     store = tmp_path / "r.zarr"
     res = CliRunner().invoke(cli, ["extract", "--model", "pi0", "--store", str(store), "--max-episodes", "1",

@@ -88,7 +88,7 @@ def _invoke(*args):
     from click.testing import CliRunner
 
     from synthetic import registered
-    from toolkit.cli import cli
+    from toolkit.cli.main import cli
 
     with registered():
         return CliRunner().invoke(cli, [str(a) for a in args])
@@ -140,9 +140,9 @@ def test_extract_help_lists_the_chosen_adapters_options_and_plugin_flags():
 def test_the_core_cli_names_no_plugin_flag():
     import inspect
 
-    import toolkit.cli
+    import toolkit.cli.main
 
-    src = inspect.getsource(toolkit.cli)
+    src = inspect.getsource(toolkit.cli.main)
     assert not any(flag in src for flag in ("--suite", "--trials", "--replan-steps", "--save-video"))
 
 
@@ -150,7 +150,7 @@ def test_a_run_can_be_given_as_one_spec_object(tmp_path, pi0_single_thread):
     import dataclasses
 
     from synthetic import registered
-    from toolkit.extract import ExtractSpec
+    from toolkit.run.pipeline import ExtractSpec
 
     spec = ExtractSpec(model="tinyvla", dataset="synthetic", store=tmp_path / "spec.zarr", sites=["llm"], layers="-1",
                        dtype="float32", max_episodes=1, dataset_options={"n_tasks": 1, "n_episodes": 1, "n_steps": 2})

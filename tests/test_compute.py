@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from toolkit.compute import cpu_quota, default_threads, set_threads
-from toolkit.errors import ToolkitError
+from toolkit.sdk.compute import cpu_quota, default_threads, set_threads
+from toolkit.sdk.errors import ToolkitError
 
 
 @pytest.mark.parametrize("text, quota", [("200000 100000\n", 2.0), ("150000 100000", 1.5), ("max 100000", None),

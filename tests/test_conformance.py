@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from toolkit.errors import ToolkitError
-from toolkit.plugins import registry
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.plugins import registry
 from toolkit.testing import check_dataset_adapter, check_model_adapter
 
 MODELS = sorted(registry()["model"])

@@ -1,4 +1,4 @@
-"""Extraction on Ray (toolkit.distributed): the store equals a one-process run's, also when a worker is killed
+"""Extraction on Ray (toolkit.run.ray): the store equals a one-process run's, also when a worker is killed
 mid-run or the driver is killed and the run resumed.  One local Ray cluster (2 CPUs) for the module."""
 
 import json
@@ -13,8 +13,8 @@ import pytest
 
 import toolkit
 from synthetic import assert_same_store
-from toolkit.distributed import _reachable, units
-from toolkit.extract import extract
+from toolkit.run.ray import _reachable, units
+from toolkit.run.pipeline import extract
 
 ray = pytest.importorskip("ray")
 
@@ -60,7 +60,7 @@ def test_units_are_whole_chunks_and_whole_batches():
 def test_two_workers_write_the_one_process_store(cluster, serial, tmp_path):
     from click.testing import CliRunner
 
-    from toolkit.cli import cli
+    from toolkit.cli.main import cli
 
     store = tmp_path / "ray.zarr"
     res = CliRunner().invoke(cli, ["extract", "--store", str(store), "--model", "pi0", "--dataset", "libero",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.plugins import plugin_manager, registry
+from toolkit.sdk.plugins import plugin_manager, registry
 
 GUIDE = Path(__file__).parent.parent / "docs" / "plugins.md"
 BLOCK = re.compile(r"^```python([^\n]*)\n(.*?)^```", re.S | re.M)

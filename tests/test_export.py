@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 
 import toolkit
-from toolkit.cli import ToolkitGroup
-from toolkit.errors import ToolkitError
-from toolkit.export import export
-from toolkit.export_cli import export_command
+from toolkit.cli.main import ToolkitGroup
+from toolkit.sdk.errors import ToolkitError
+from toolkit.analysis.export import export
+from toolkit.cli.export import export_command
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_existing_out_and_not_a_store(store, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(store, tmp_path, monkeypatch):
-    import toolkit.export as ex
+    import toolkit.analysis.export as ex
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 import toolkit
-from toolkit.analysis_cli import dataset_stats_command
-from toolkit.errors import ToolkitError
+from toolkit.cli.analysis import dataset_stats_command
+from toolkit.sdk.errors import ToolkitError
 from toolkit_plugins.h5 import H5Dataset, frame_indices, stratified
 
 EVENTS = ["episode_start", "start_action", "w", "w", "a", "d", "q", "e", "stop_action"]

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import toolkit
-from toolkit import fields, safe_pickle
-from toolkit.errors import ToolkitError
+from toolkit.sdk import fields, safe_pickle
+from toolkit.sdk.errors import ToolkitError
 from toolkit_plugins.libero import LiberoDataset
 from toolkit_plugins.libero.sample import sample_task, write_latent_pickles
 
@@ -97,9 +97,9 @@ CHILD = textwrap.dedent("""
     import json, resource, sys, time
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # a bomb that gets through fails here
     from click.testing import CliRunner
-    from toolkit.cli import cli
-    import toolkit.extract, toolkit.plugins  # imports done before the clock starts: the bomb is what is timed
-    toolkit.plugins.get_dataset("libero")
+    from toolkit.cli.main import cli
+    import toolkit.run.pipeline, toolkit.sdk.plugins  # imports done before the clock starts: the bomb is what is timed
+    toolkit.sdk.plugins.get_dataset("libero")
     out = {}
     for name, data, store in json.loads(sys.argv[1]):
         t = time.perf_counter()
@@ -253,7 +253,7 @@ def test_bad_field_is_one_line_naming_file_episode_and_step(tmp_path, edit, matc
 def test_bad_field_through_the_cli_leaves_no_store(tmp_path):
     from click.testing import CliRunner
 
-    from toolkit.cli import cli
+    from toolkit.cli.main import cli
 
     d = tmp_path / "latents"
     write_latent_pickles(d, n_tasks=1, n_episodes=2, n_steps=3, n_layers=2, width=4, n_img=2)
@@ -271,7 +271,7 @@ def test_bad_field_through_the_cli_leaves_no_store(tmp_path):
 
 
 def test_success_words_are_mapped_explicitly(tmp_path):
-    from toolkit.extract import iter_samples, sample_fields
+    from toolkit.run.pipeline import iter_samples, sample_fields
 
     assert [fields.success(v, "") for v in (True, np.bool_(False), 1, 0.0, "no", "Yes", "FAILED", b"true", None)] == \
         [1, 0, 1, 0, 0, 1, 0, 1, -1]
@@ -300,7 +300,7 @@ def test_pipeline_checks_third_party_steps_before_the_model_runs(tmp_path):
     naming the episode and step, before the model sees the batch, and no store is left."""
     from synthetic import SyntheticDataset, dataset_registered, registered
 
-    from toolkit.adapters import Step
+    from toolkit.sdk.adapters import Step
 
     class Ragged(SyntheticDataset):
         name = "ragged"

@@ -1,9 +1,9 @@
-"""`toolkit intervene` reads --units and --denoise in the toolkit's one selection grammar (toolkit.spec)."""
+"""`toolkit intervene` reads --units and --denoise in the toolkit's one selection grammar (toolkit.sdk.names)."""
 
 import pytest
 from click.testing import CliRunner
 
-from toolkit.cli import cli
+from toolkit.cli.main import cli
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
 
@@ -16,8 +16,8 @@ def _intervene(out, *args):
 
 
 def test_ranges_of_units_and_denoising_steps_reach_intervene(tmp_path, monkeypatch):
-    """What the CLI hands to ``toolkit.intervene.intervene`` (whose runs test_intervention.py covers)."""
-    import toolkit.intervene
+    """What the CLI hands to ``toolkit.run.intervene.intervene`` (whose runs test_intervention.py covers)."""
+    import toolkit.run.intervene
 
     seen = {}
 
@@ -25,7 +25,7 @@ def test_ranges_of_units_and_denoising_steps_reach_intervene(tmp_path, monkeypat
         seen.update(kw)
         raise SystemExit(0)
 
-    monkeypatch.setattr(toolkit.intervene, "intervene", record)
+    monkeypatch.setattr(toolkit.run.intervene, "intervene", record)
     code, out = _intervene(tmp_path / "r", "--hook", "action.layers.0.mlp_act", "--op", "clamp", "--units", "0-2,7",
                            "--value", "3", "--denoise", "1-3")
     assert code == 0, out

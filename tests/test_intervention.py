@@ -7,12 +7,12 @@ import pytest
 from click.testing import CliRunner
 
 from synthetic import registered, tinyvla_batch, toolkit_tinyvla
-from toolkit.capture import Capture, build_plan
-from toolkit.errors import ToolkitError
-from toolkit.extract import sample_generator
-from toolkit.intervene import bootstrap_mean, intervene, mcnemar_exact, sign_flip_test
-from toolkit.intervention import Intervention, Steering, mean_difference, probe_direction, store_mean
-from toolkit.store import open_store
+from toolkit.capture.hooks import Capture, build_plan
+from toolkit.sdk.errors import ToolkitError
+from toolkit.run.pipeline import sample_generator
+from toolkit.run.intervene import bootstrap_mean, intervene, mcnemar_exact, sign_flip_test
+from toolkit.capture.intervention import Intervention, Steering, mean_difference, probe_direction, store_mean
+from toolkit.store.core import open_store
 
 HOOK = "text.layers.1.resid_post"
 
@@ -185,8 +185,8 @@ OPTS = dict(model_options={"num_steps": 2}, dataset_options=dict(n_tasks=2, n_ep
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory, pi0_single_thread):
     """An unmodified tiny-pi0 store and a real `toolkit probe` run on it (task, text_only layer 2)."""
-    from toolkit.extract import extract
-    from toolkit.probe import Selection, probe
+    from toolkit.run.pipeline import extract
+    from toolkit.analysis.probe import Selection, probe
 
     root = tmp_path_factory.mktemp("probe")
     with registered(), warnings.catch_warnings():
@@ -241,7 +241,7 @@ def test_ablating_the_probes_directions_sends_it_to_chance(probed, tmp_path):
 
 
 def test_a_regression_probes_direction_steers_its_prediction(probed, tmp_path):
-    from toolkit.probe import Selection, probe
+    from toolkit.analysis.probe import Selection, probe
 
     root, store = probed
     probe(store, Selection(site="text_only", layers="2"), targets=["field:progress:regression"]).save(root / "regression")
@@ -268,7 +268,7 @@ def test_mean_difference_and_store_mean_match_numpy(probed):
 
 
 def test_the_cli_runs_a_between_groups_sweep_and_reports_bad_input(probed, tmp_path):
-    from toolkit.cli import cli
+    from toolkit.cli.main import cli
 
     with registered():
         res = CliRunner().invoke(cli, ["intervene", "--model", "pi0", "--dataset", "synthetic", "--out", str(tmp_path),

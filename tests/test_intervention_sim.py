@@ -12,9 +12,9 @@ import os
 import numpy as np
 import pytest
 
-from toolkit.intervene import intervene
+from toolkit.run.intervene import intervene
 from synthetic import register_libero_sim
-from toolkit.store import open_store
+from toolkit.store.core import open_store
 
 HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
 pytestmark = [pytest.mark.skipif(os.environ.get("TOOLKIT_SIM_TESTS") != "1",

@@ -7,8 +7,8 @@ import warnings
 import pytest
 
 import toolkit
-from toolkit.extract import expected_samples
-from toolkit.plugins import registry
+from toolkit.run.pipeline import expected_samples
+from toolkit.sdk.plugins import registry
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
 

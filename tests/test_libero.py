@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import toolkit
-from toolkit import safe_pickle
-from toolkit.errors import ToolkitError
-from toolkit.plugins import get_dataset
+from toolkit.sdk import safe_pickle
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.plugins import get_dataset
 from toolkit_plugins.libero import SAMPLE_DIR, LiberoDataset, parse_selection
 from toolkit_plugins.libero.sample import DENOISE_T, sample_task, write_latent_pickles, write_sample
 from toolkit_plugins.libero.tasks import LIBERO_OBJECT
@@ -117,7 +117,7 @@ def test_options_select_tasks_and_episodes():
 
 
 def test_sample_runs_through_iter_samples():
-    from toolkit.extract import iter_samples, sample_fields
+    from toolkit.run.pipeline import iter_samples, sample_fields
 
     samples = list(iter_samples(LiberoDataset(), max_episodes=3, max_steps=4, stride=2))
     assert [(s.episode.key, s.step.index) for s in samples[:3]] == [

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.adapters import DatasetAdapter
-from toolkit.errors import ToolkitError
+from toolkit.sdk.adapters import DatasetAdapter
+from toolkit.sdk.errors import ToolkitError
 from synthetic import camera_episodes, dataset_registered
 from toolkit.testing import check_model_adapter, full_plan, generators, run_captured
 from toolkit_plugins.openvla import OpenVLAAdapter

@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 
 import toolkit
 from synthetic import camera_episodes, dataset_registered
-from toolkit.adapters import DatasetAdapter
-from toolkit.checkpoint import CheckpointError
-from toolkit.cli import cli
-from toolkit.errors import ToolkitError
-from toolkit.hf import llama_tokenizer
+from toolkit.sdk.adapters import DatasetAdapter
+from toolkit.sdk.checkpoint import CheckpointError
+from toolkit.cli.main import cli
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.hf import llama_tokenizer
 from toolkit.testing import check_model_adapter, generators
 from toolkit_plugins.openvla import OpenVLAAdapter, loading
 from toolkit_plugins.openvla.model import TINY_CONFIG, PrismaticConfig, PrismaticForActionPrediction, build_tiny_model
@@ -346,7 +346,7 @@ def test_missing_tokenizer_and_offline_hub_id_are_one_line_errors(ckpt, tmp_path
 
 
 def test_extract_in_process_matches_the_loaded_model(ckpt, loaded, tmp_path):
-    """toolkit.extract over the checkpoint reproduces the adapter's own forward on the same steps."""
+    """toolkit.run.pipeline over the checkpoint reproduces the adapter's own forward on the same steps."""
     with dataset_registered(Steps) as dataset, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         s = toolkit.open_store(toolkit.extract(model="openvla", dataset=dataset, store=tmp_path / "s.zarr",

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.adapters import DatasetAdapter, Step
-from toolkit.errors import ToolkitError
+from toolkit.sdk.adapters import DatasetAdapter, Step
+from toolkit.sdk.errors import ToolkitError
 from synthetic import camera_episodes, dataset_registered
 from toolkit.testing import check_model_adapter, full_plan, generators, run_captured
-from toolkit.hf import llama_tokenizer
+from toolkit.sdk.hf import llama_tokenizer
 from toolkit_plugins.pi0 import Pi0Adapter
 from toolkit_plugins.pi0.adapter import RANDOM_WARNING
 

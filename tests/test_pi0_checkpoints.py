@@ -16,9 +16,9 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 import toolkit
-from toolkit.checkpoint import CheckpointError
-from toolkit.errors import ToolkitError
-from toolkit.hf import llama_tokenizer
+from toolkit.sdk.checkpoint import CheckpointError
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.hf import llama_tokenizer
 from toolkit.testing import generators
 from toolkit_plugins.pi0 import Pi0Adapter
 from toolkit_plugins.pi0.normalise import Stats
@@ -222,7 +222,7 @@ def toolkit_cli(*args):
     """`toolkit ARGS` in this process (the same click group and one-line error handling as the console script)."""
     from click.testing import CliRunner
 
-    from toolkit.cli import cli
+    from toolkit.cli.main import cli
 
     res = CliRunner().invoke(cli, [str(a) for a in args])
     return SimpleNamespace(returncode=res.exit_code, stderr=res.stderr, output=res.output)

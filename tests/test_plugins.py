@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import toolkit
-from toolkit.errors import ToolkitError
-from toolkit.plugins import get_dataset, get_model, registry
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.plugins import get_dataset, get_model, registry
 
 FIXTURE = Path(__file__).parent / "fixtures" / "toolkit-tinyvla"
 
@@ -78,8 +78,8 @@ def test_typed_options_validate_convert_and_fill_in_defaults():
 
 def test_untyped_option_defaults_keep_working():
     """The older ``option_defaults`` dict: unknown names rejected, values passed through, defaults filled in."""
-    from toolkit.adapters import ModelAdapter
-    from toolkit.cli_options import describe_options, parse_options
+    from toolkit.sdk.adapters import ModelAdapter
+    from toolkit.sdk.options import describe_options, parse_options
 
     class Legacy(ModelAdapter):
         name = "legacy"
@@ -94,9 +94,9 @@ def test_untyped_option_defaults_keep_working():
 def test_two_plugins_adding_the_same_flag_is_an_error():
     import types
 
-    from toolkit.cli_options import CliOption
-    from toolkit.hookspecs import hookimpl
-    from toolkit.plugins import cli_options, plugin_manager
+    from toolkit.sdk.options import CliOption
+    from toolkit.sdk.hookspecs import hookimpl
+    from toolkit.sdk.plugins import cli_options, plugin_manager
 
     clash = types.ModuleType("toolkit_test_clash")
 

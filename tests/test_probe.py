@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from toolkit.errors import ToolkitError
-from toolkit.extract import COORDINATES
-from toolkit.probe import ProbeConfig, Results, Selection, probe
-from toolkit.probe.select import plain, resolve
-from toolkit.probe.splits import make_folds
-from toolkit.probe.stats import iter_blocks
-from toolkit.store import ArraySpec, StoreWriter, open_store
+from toolkit.sdk.errors import ToolkitError
+from toolkit.run.pipeline import COORDINATES
+from toolkit.analysis.probe import ProbeConfig, Results, Selection, probe
+from toolkit.analysis.probe.select import plain, resolve
+from toolkit.analysis.probe.splits import make_folds
+from toolkit.analysis.probe.stats import iter_blocks
+from toolkit.store.core import ArraySpec, StoreWriter, open_store
 
 INSTRUCTIONS = ["put the bowl on the plate", "open the top drawer", "turn on the stove", "pick up the black bowl",
                 "push the plate to the front", "put the cream cheese in the bowl"]
@@ -145,7 +145,7 @@ def test_ridge_matches_scikit_learn_on_the_same_folds(store_path):
 
 def test_logistic_matches_scikit_learn_on_the_same_folds(store_path):
     from sklearn.linear_model import LogisticRegression
-    from toolkit.probe.solvers import fit_logistic
+    from toolkit.analysis.probe.solvers import fit_logistic
 
     X, ep, task = _layer_rows(store_path, 6)
     folds = make_folds("episodes", ep, task, 5, 0)
@@ -315,8 +315,8 @@ def test_bad_input_is_one_clear_line(store_path, sel, target, message, monkeypat
 
 
 def test_cli_probe_and_report(store_path, tmp_path):
-    from toolkit.probe.results import load_direction
-    from toolkit.probe_cli import probe_command, report_command
+    from toolkit.analysis.probe.results import load_direction
+    from toolkit.cli.probe import probe_command, report_command
 
     out = tmp_path / "res"
     r = CliRunner().invoke(probe_command, [str(store_path), "--layers", "3,6", "--out", str(out), "--no-progress"])
@@ -358,7 +358,7 @@ def test_held_out_tasks_needs_an_embedding_target(store_path):
 
 
 def _nested(stats, shift, m, precision):
-    from toolkit.probe.solvers import NestedRidge
+    from toolkit.analysis.probe.solvers import NestedRidge
 
     nr = NestedRidge(stats, {"t": np.arange(m)}, shift, prior=np.arange(m), precision=precision)
     return nr, [nr.outer(k)["t"] for k in range(len(stats))] + [nr.final()["t"]]
@@ -367,7 +367,7 @@ def _nested(stats, shift, m, precision):
 def test_float32_factorisation_with_refinement_equals_the_float64_reference(store_path):
     """The default solve (float32 eigh, float64 refinement) gives the float64 answers on a test store:
     the same λ per outer fold, the same inner-CV errors and weights to float tolerance, identical predictions."""
-    from toolkit.probe.stats import FoldStats
+    from toolkit.analysis.probe.stats import FoldStats
 
     X, ep, task = _layer_rows(store_path, 6)
     folds = make_folds("episodes", ep, task, 5, 0)
@@ -388,8 +388,8 @@ def test_float32_factorisation_with_refinement_equals_the_float64_reference(stor
 def test_an_ill_conditioned_gram_falls_back_to_the_float64_solve():
     """Near-collinear features (cond × float32 epsilon > 1 at the smallest λ) defeat float32 refinement:
     the path refactorises in float64 and gives the float64 answers."""
-    from toolkit.probe.solvers import LAMBDAS, RidgePath
-    from toolkit.probe.stats import Stats
+    from toolkit.analysis.probe.solvers import LAMBDAS, RidgePath
+    from toolkit.analysis.probe.stats import Stats
 
     rng = np.random.default_rng(0)
     X = (rng.standard_normal((400, 1)) + 1e-3 * rng.standard_normal((400, 40))).astype(np.float32)

@@ -1,4 +1,4 @@
-"""The ridge probe's statistics on Dask (toolkit.scale_stats.probe_layer_statistics): per-chunk-group tasks merged
+"""The ridge probe's statistics on Dask (toolkit.analysis.parallel.probe_layer_statistics): per-chunk-group tasks merged
 in a tree equal the serial sums (relative 1e-10), and the probe's results are the serial ones, on the threads
 scheduler, through the CLI, and on a local dask.distributed cluster of 2 worker processes."""
 
@@ -11,12 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 from tests.test_probe import write_store
-from toolkit.probe import ProbeConfig, Selection, probe
-from toolkit.probe.select import resolve
-from toolkit.probe.splits import make_folds
-from toolkit.probe.stats import LayerInputs, cell_shifts, chunk_groups, layer_statistics
-from toolkit.scale_stats import probe_layer_statistics
-from toolkit.store import open_store
+from toolkit.analysis.probe import ProbeConfig, Selection, probe
+from toolkit.analysis.probe.select import resolve
+from toolkit.analysis.probe.splits import make_folds
+from toolkit.analysis.probe.stats import LayerInputs, cell_shifts, chunk_groups, layer_statistics
+from toolkit.analysis.parallel import probe_layer_statistics
+from toolkit.store.core import open_store
 
 pytest.importorskip("dask.distributed")
 
@@ -24,7 +24,7 @@ pytest.importorskip("dask.distributed")
 @pytest.fixture(autouse=True)
 def small_groups(monkeypatch):
     """Groups of 2 storage chunks (32 samples), so every layer is many Dask tasks."""
-    monkeypatch.setattr("toolkit.probe.stats.group_rows", lambda n_folds, d: 32)
+    monkeypatch.setattr("toolkit.analysis.probe.stats.group_rows", lambda n_folds, d: 32)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_chunk_groups_follow_storage_chunks(store_path):
 
 
 def test_probe_on_the_threads_scheduler_through_the_cli(store_path, tmp_path):
-    from toolkit.probe_cli import probe_command
+    from toolkit.cli.probe import probe_command
 
     serial = probe(store_path, Selection(site="vlm", layers="3,6"), ["task"], ProbeConfig())
     out = tmp_path / "r"

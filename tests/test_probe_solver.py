@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from tests.test_probe import write_store
-from toolkit.errors import ToolkitError
-from toolkit.probe import ProbeConfig, Selection, probe
-from toolkit.probe.select import plain, resolve
-from toolkit.probe.solvers import LAMBDAS, NestedRidge, RidgePath, validation_sse
-from toolkit.probe.splits import make_folds
-from toolkit.probe.stats import FoldStats, iter_blocks, sum_stats
-from toolkit.store import open_store
+from toolkit.sdk.errors import ToolkitError
+from toolkit.analysis.probe import ProbeConfig, Selection, probe
+from toolkit.analysis.probe.select import plain, resolve
+from toolkit.analysis.probe.solvers import LAMBDAS, NestedRidge, RidgePath, validation_sse
+from toolkit.analysis.probe.splits import make_folds
+from toolkit.analysis.probe.stats import FoldStats, iter_blocks, sum_stats
+from toolkit.store.core import open_store
 
 
 @pytest.fixture(scope="module")

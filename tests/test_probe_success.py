@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from tests.test_probe import write_store
-from toolkit.probe import ProbeConfig, Results, Selection, probe
-from toolkit.probe.success import episode_confidence, success_correlation
+from toolkit.analysis.probe import ProbeConfig, Results, Selection, probe
+from toolkit.analysis.probe.success import episode_confidence, success_correlation
 
 FAST = dict(mdl=False)
 
@@ -51,7 +51,7 @@ def test_unknown_outcomes_are_left_out():
 
 
 def test_cli_success_option_figures_and_report(tmp_path):
-    from toolkit.probe_cli import probe_command
+    from toolkit.cli.probe import probe_command
 
     path = write_store(tmp_path / "s.zarr", failed_signal=0.2)
     out = tmp_path / "res"

@@ -11,8 +11,8 @@ import zarr
 
 import toolkit
 from synthetic import registered
-from toolkit.errors import ToolkitError
-from toolkit.store import StoreLock
+from toolkit.sdk.errors import ToolkitError
+from toolkit.store.core import StoreLock
 
 BASE = dict(model="tinyvla", dataset="synthetic", chunk_samples=4, sites=["llm"], dtype="float32", pool="mean")
 

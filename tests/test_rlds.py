@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import toolkit
-from toolkit.errors import ToolkitError
+from toolkit.sdk.errors import ToolkitError
 from toolkit_plugins.rlds import RLDSDataset
 
 INSTRUCTIONS = ["pick up the alphabet soup and place it in the basket", "open the top drawer of the cabinet",
@@ -149,7 +149,7 @@ def test_extract_openvla_over_rlds_end_to_end(rlds_dir, tmp_path):
     """`toolkit extract --model openvla --dataset rlds --data DIR` through the real CLI."""
     from click.testing import CliRunner
 
-    from toolkit.cli import cli
+    from toolkit.cli.main import cli
 
     store = tmp_path / "rlds.zarr"
     res = CliRunner().invoke(cli, ["extract", "--model", "openvla", "--dataset", "rlds", "--data", str(rlds_dir),

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.adapters import Episode, Step
-from toolkit.checkpoint import CheckpointError
-from toolkit.errors import ToolkitError
+from toolkit.sdk.adapters import Episode, Step
+from toolkit.sdk.checkpoint import CheckpointError
+from toolkit.sdk.errors import ToolkitError
 from toolkit.testing import check_model_adapter, full_plan, generators, run_captured
 from toolkit_plugins.robovlms import RoboVLMsAdapter
 from toolkit_plugins.robovlms.adapter import RANDOM_WARNING

@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from test_h5 import write_episode
 
 import toolkit
-from toolkit.adapters import Episode, Step
-from toolkit.checkpoint import CheckpointError
-from toolkit.cli import cli
-from toolkit.errors import ToolkitError
-from toolkit.hf import llama_tokenizer
+from toolkit.sdk.adapters import Episode, Step
+from toolkit.sdk.checkpoint import CheckpointError
+from toolkit.cli.main import cli
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.hf import llama_tokenizer
 from toolkit.testing import check_model_adapter, full_plan, run_captured
 from toolkit_plugins.robovlms import RoboVLMsAdapter
 from toolkit_plugins.robovlms.adapter import TINY_KOSMOS

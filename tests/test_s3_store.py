@@ -21,9 +21,9 @@ pytest.importorskip("moto")
 from s3server import local_s3  # noqa: E402
 from synthetic import assert_same_store  # noqa: E402
 
-from toolkit.errors import ToolkitError  # noqa: E402
-from toolkit.location import LeaseLock, location  # noqa: E402
-from toolkit.store import open_store  # noqa: E402
+from toolkit.sdk.errors import ToolkitError  # noqa: E402
+from toolkit.store.location import LeaseLock, location  # noqa: E402
+from toolkit.store.core import open_store  # noqa: E402
 
 ARGS = ["--model", "pi0", "--dataset", "libero", "--max-episodes", "6", "--chunk-samples", "4", "--batch-size", "2",
         "--streams", "resid_post", "--sites", "vlm,action", "--no-progress"]

@@ -1,4 +1,4 @@
-"""Statistics on Dask (toolkit.scale_stats): per-chunk tasks merged by a tree equal the serial path (rel 1e-10)
+"""Statistics on Dask (toolkit.analysis.parallel): per-chunk tasks merged by a tree equal the serial path (rel 1e-10)
 on the threads and processes schedulers and a local dask.distributed cluster; bad chunks still raise."""
 
 import json
@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from tests.test_stats import make_store
-from toolkit.analysis_cli import stats_command
-from toolkit.errors import ToolkitError
-from toolkit.stats import compare_stores, layer_stats, store_stats
-from toolkit.store import CorruptStoreError
+from toolkit.cli.analysis import stats_command
+from toolkit.sdk.errors import ToolkitError
+from toolkit.analysis.stats import compare_stores, layer_stats, store_stats
+from toolkit.store.core import CorruptStoreError
 
 pytest.importorskip("dask.distributed")
 

@@ -1,8 +1,8 @@
 import pytest
 
-from toolkit.errors import ToolkitError
-from toolkit.selection import parse_tokens, per_site
-from toolkit.spec import resolve_indices
+from toolkit.sdk.errors import ToolkitError
+from toolkit.capture.tokens import parse_tokens, per_site
+from toolkit.sdk.names import resolve_indices
 
 
 @pytest.mark.parametrize("spec,expected", [

@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 import toolkit
-from toolkit.errors import ToolkitError
-from toolkit.separation import PairSums, expert_separation, linear_cka
-from toolkit.store import open_store
+from toolkit.sdk.errors import ToolkitError
+from toolkit.analysis.separation import PairSums, expert_separation, linear_cka
+from toolkit.store.core import open_store
 from toolkit_plugins.libero.sample import write_latent_pickles
 
 
@@ -91,7 +91,7 @@ def test_experts_of_different_widths_get_cka_only(tmp_path, pi0_single_thread):
 
 
 def test_cli_writes_the_table_and_a_figure_per_layer(latent_store, tmp_path):
-    from toolkit.cli import cli
+    from toolkit.cli.main import cli
 
     res = CliRunner().invoke(cli, ["separation", str(latent_store), "--vlm-site", "vlm", "--layers", "0,2",
                                    "--out", str(tmp_path)])
@@ -105,7 +105,7 @@ def test_cli_writes_the_table_and_a_figure_per_layer(latent_store, tmp_path):
 
 
 def test_projection_picks_one_denoising_step(latent_store, tmp_path):
-    from toolkit.cli import cli
+    from toolkit.cli.main import cli
 
     out = tmp_path / "p.png"
     res = CliRunner().invoke(cli, ["projection", str(latent_store), "--site", "action", "--layer", "1", "--denoise", "-1",

@@ -1,4 +1,4 @@
-"""The one selection language (toolkit.spec): grammar, formatting, hook names, and the same answer in every command."""
+"""The one selection language (toolkit.sdk.names): grammar, formatting, hook names, and the same answer in every command."""
 
 import json
 import re
@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 import toolkit
 from synthetic import registered
-from toolkit.cli import cli
-from toolkit.errors import ToolkitError
-from toolkit.spec import HookPattern, IndexSpec, format_indices, resolve_hooks, resolve_indices, store_layers
+from toolkit.cli.main import cli
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.names import HookPattern, IndexSpec, format_indices, resolve_hooks, resolve_indices, store_layers
 
 # --------------------------------------------------------------------------- grammar
 
@@ -165,7 +165,7 @@ def _export_layers(store, spec, tmp, hook=False):
 
 
 def _probe_layers(store, spec):
-    from toolkit.probe.select import Selection, resolve
+    from toolkit.analysis.probe.select import Selection, resolve
 
     return resolve(toolkit.open_store(store), Selection(site="llm", layers=spec)).layers
 

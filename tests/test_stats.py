@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from scipy import stats as sps
 
 import toolkit
-from toolkit.analysis_cli import compare_command, projection_command, stats_command
-from toolkit.errors import ToolkitError
-from toolkit.stats import (
+from toolkit.cli.analysis import compare_command, projection_command, stats_command
+from toolkit.sdk.errors import ToolkitError
+from toolkit.analysis.stats import (
     Histograms,
     RunningMoments,
     compare_stores,
@@ -21,7 +21,7 @@ from toolkit.stats import (
     store_stats,
     wasserstein_hist,
 )
-from toolkit.store import ArraySpec, StoreWriter
+from toolkit.store.core import ArraySpec, StoreWriter
 
 SITE = "context"
 
@@ -227,7 +227,7 @@ def test_stats_default_to_the_stores_first_site_not_a_model_specific_one(tmp_pat
 
 
 def test_dataset_stats_prints_whatever_the_dataset_summarises():
-    from toolkit.analysis_cli import summary_text
+    from toolkit.cli.analysis import summary_text
 
     text = summary_text({"dataset": "d", "data": "x", "n_episodes": 3, "frames": {"total": 9, "min": 3, "max": 3,
                                                                                  "mean": 3.0},

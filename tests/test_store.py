@@ -11,8 +11,8 @@ import zarr
 
 import toolkit
 from synthetic import registered
-from toolkit.errors import ToolkitError
-from toolkit.store import decode
+from toolkit.sdk.errors import ToolkitError
+from toolkit.store.core import decode
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_a_failure_before_the_first_commit_leaves_nothing_behind(tmp_path):
 def test_info_json_is_what_the_store_says(store):
     from click.testing import CliRunner
 
-    from toolkit.cli import cli
+    from toolkit.cli.main import cli
 
     res = CliRunner().invoke(cli, ["info", str(store), "--json"])
     assert res.exit_code == 0, res.output
@@ -223,8 +223,8 @@ def test_dataset_is_lazy_decodes_bfloat16_and_has_t_as_a_coordinate(tmp_path):
 def test_info_on_a_store_whose_model_attribute_is_a_string(tmp_path):
     from click.testing import CliRunner
 
-    from toolkit.cli import cli
-    from toolkit.store import ArraySpec, StoreWriter
+    from toolkit.cli.main import cli
+    from toolkit.store.core import ArraySpec, StoreWriter
 
     w = StoreWriter(tmp_path / "s.zarr")
     w.initialize({"model": "synthetic", "dataset": "hand-made"},
@@ -243,7 +243,7 @@ def test_a_long_block_is_committed_on_time_and_reads_back_whole(tmp_path):
     the next write into the same chunk keeps the committed rows."""
     import time
 
-    from toolkit.store import ArraySpec, StoreWriter
+    from toolkit.store.core import ArraySpec, StoreWriter
 
     x = np.arange(10 * 2 * 3, dtype=np.float32).reshape(10, 2, 3)
     w = StoreWriter(tmp_path / "s.zarr")
@@ -268,7 +268,7 @@ def test_a_long_block_is_committed_on_time_and_reads_back_whole(tmp_path):
 def test_readers_of_an_incomplete_store_warn_once_with_the_committed_count(store, tmp_path, command):
     import shutil
 
-    from toolkit.store import write_consolidated
+    from toolkit.store.core import write_consolidated
 
     path = tmp_path / "part.zarr"
     shutil.copytree(store, path)
@@ -284,7 +284,7 @@ def test_readers_of_an_incomplete_store_warn_once_with_the_committed_count(store
 
 
 def _hand_made(path, codec, x, bf, chunk_samples=16, batch=10):
-    from toolkit.store import ArraySpec, StoreWriter
+    from toolkit.store.core import ArraySpec, StoreWriter
 
     w = StoreWriter(path, codec=codec)
     w.initialize({"model": "m"},
@@ -305,7 +305,7 @@ def _hand_made(path, codec, x, bf, chunk_samples=16, batch=10):
 def test_pool_encoded_chunks_are_zarrs_own_bytes_and_verify(tmp_path, codec):
     """The writer's thread pool encodes chunks itself: every chunk file (the padded last one too) is byte for byte
     what zarr writes for the same values and codecs, reads back identical and passes `toolkit verify`."""
-    from toolkit.verify import verify
+    from toolkit.store.verify import verify
 
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((45, 3, 4, 8)) * 5).astype(np.float16)
@@ -330,7 +330,7 @@ def test_pool_encoded_chunks_are_zarrs_own_bytes_and_verify(tmp_path, codec):
 
 
 def test_auto_codec_is_chosen_per_stored_dtype_and_a_resume_keeps_the_stores(tmp_path):
-    from toolkit.store import StoreWriter, codec_for, codec_name
+    from toolkit.store.core import StoreWriter, codec_for, codec_name
 
     assert [codec_for("auto", d) for d in ("bfloat16", "float16", "float32", "int32", "str")] == \
         ["blosc-lz4", "none", "blosc-lz4", "zstd", "zstd"]
@@ -353,7 +353,7 @@ def test_auto_codec_is_chosen_per_stored_dtype_and_a_resume_keeps_the_stores(tmp
 def test_info_shows_each_streams_codec_and_compression_ratio(tmp_path):
     from click.testing import CliRunner
 
-    from toolkit.cli import cli
+    from toolkit.cli.main import cli
 
     x = np.zeros((32, 2, 4, 64), np.float16)  # constant: blosc and zstd shrink it many times
     bf = np.zeros((32, 2, 4, 64), np.uint16)
@@ -372,7 +372,7 @@ def test_info_shows_each_streams_codec_and_compression_ratio(tmp_path):
 def test_store_read_of_uncompressed_chunks_in_place_still_catches_damage(tmp_path, damage):
     """Store.read reads whole uncompressed chunks straight into its output and checks them there; the values are
     exact, and a damaged, short or missing chunk is still one CorruptStoreError naming it."""
-    from toolkit.store import CorruptStoreError
+    from toolkit.store.core import CorruptStoreError
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((40, 3, 4, 8)).astype(np.float16)

@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 import toolkit
-from toolkit.store import ArraySpec, CorruptStoreError, StoreWriter, _block_buffer, _crc32c, encode_chunk
+from toolkit.store.core import ArraySpec, CorruptStoreError, StoreWriter, _block_buffer, _crc32c, encode_chunk
 
 
 def _write(path, codec, x, chunk_samples, batch, commit_samples=None):

@@ -32,14 +32,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from toolkit.adapters import Episode, ModelAdapter, ModelInputs, SiteInfo, Step
-from toolkit.capture import Capture, SiteCapture, build_plan, resolve_module
+from toolkit.sdk.adapters import Episode, ModelAdapter, ModelInputs, SiteInfo, Step
+from toolkit.capture.hooks import Capture, SiteCapture, build_plan, resolve_module
 
 Batch = Sequence[tuple[Episode, Step]]
 
 
 def generators(n: int, seed: int = 0) -> list[torch.Generator]:
-    """Fresh per-sample CPU generators, as ``toolkit.extract`` hands them to ``run``."""
+    """Fresh per-sample CPU generators, as ``toolkit.run.pipeline`` hands them to ``run``."""
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 

@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from toolkit import fields
-from toolkit.adapters import DatasetAdapter, Episode, Step
-from toolkit.cli_options import int_option
-from toolkit.errors import ToolkitError
-from toolkit.hookspecs import hookimpl
+from toolkit.sdk import fields
+from toolkit.sdk.adapters import DatasetAdapter, Episode, Step
+from toolkit.sdk.options import int_option
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.hookspecs import hookimpl
 
 STRATA = ("task", "direction", "layout")
 REQUIRED = ("images", "actions")

@@ -18,7 +18,7 @@ Latents a step may carry, mapped to ``Step.activations`` ("expert/stream", batch
 
 Without ``data`` the adapter reads its embedded sample (``data/``: the 10 libero_object tasks,
 4 episodes x 6 steps, two 32x32 cameras, no latents), made by ``toolkit_plugins.libero.sample``.
-Pickles are read through ``toolkit.safe_pickle`` (numpy arrays and plain containers only), one task
+Pickles are read through ``toolkit.sdk.safe_pickle`` (numpy arrays and plain containers only), one task
 file at a time, when its episodes are reached.
 """
 
@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from toolkit import fields, safe_pickle
-from toolkit.adapters import ActivationLayout, DatasetAdapter, Episode, Expert, SiteInfo, Step
-from toolkit.errors import ToolkitError
-from toolkit.hookspecs import hookimpl
-from toolkit.spec import IndexSpec
+from toolkit.sdk import fields, safe_pickle
+from toolkit.sdk.adapters import ActivationLayout, DatasetAdapter, Episode, Expert, SiteInfo, Step
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.hookspecs import hookimpl
+from toolkit.sdk.names import IndexSpec
 from toolkit_plugins.libero.tasks import language_from_name
 
 SAMPLE_DIR = Path(__file__).parent / "data"
@@ -76,7 +76,7 @@ _T_KEY = re.compile(rf"^{re.escape(ACTION_PREFIX)}(-?\d+(?:\.\d*)?(?:[eE]-?\d+)?
 
 
 def parse_selection(value: Any, option: str) -> frozenset[int] | None:
-    """``None`` | int | "0-4" | "0,2,5-7" | [0, 1, "3-4"] -> a set of non-negative ints (``toolkit.spec`` grammar)."""
+    """``None`` | int | "0-4" | "0,2,5-7" | [0, 1, "3-4"] -> a set of non-negative ints (``toolkit.sdk.names`` grammar)."""
     return IndexSpec.parse(value, option).literal()
 
 

@@ -164,7 +164,7 @@ def write_latent_pickles(
     ``style="layer_output"``: ``vlm_layer_output`` and ``action_expert_hidden_state_t{t}`` (four
     streams each, written in the order given by ``denoise_t``).  ``style="experts"``:
     ``expert_0_hidden_states``, ``expert_1_hidden_states`` and ``text_only_hidden_states``.
-    Read the values back with ``toolkit.safe_pickle.load`` to compare.  Steps are step_0, step_5, ...
+    Read the values back with ``toolkit.sdk.safe_pickle.load`` to compare.  Steps are step_0, step_5, ...
     """
     if style not in ("layer_output", "experts"):
         raise ValueError(f"style must be 'layer_output' or 'experts', not {style!r}")

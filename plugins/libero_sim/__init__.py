@@ -38,10 +38,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from toolkit.adapters import DatasetAdapter, Episode, Step
-from toolkit.cli_options import AdapterOptions, CliOption, parse_options
-from toolkit.errors import ToolkitError
-from toolkit.hookspecs import hookimpl
+from toolkit.sdk.adapters import DatasetAdapter, Episode, Step
+from toolkit.sdk.options import AdapterOptions, CliOption, parse_options
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.hookspecs import hookimpl
 from toolkit_plugins.libero import _state, parse_selection
 
 log = logging.getLogger("toolkit.libero_sim")

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
-from toolkit.capture import DECODER_STREAMS
-from toolkit.cli_options import AdapterOptions, parse_options
-from toolkit.errors import ToolkitError
-from toolkit.hf import cast_model, image_tensor, llama_tokenizer, one_line
+from toolkit.sdk.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
+from toolkit.capture.hooks import DECODER_STREAMS
+from toolkit.sdk.options import AdapterOptions, parse_options
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.hf import cast_model, image_tensor, llama_tokenizer, one_line
 from toolkit_plugins.openvla.loading import load_native, load_remote, load_tokenizer, local_checkpoint, read_config
 from toolkit_plugins.openvla.model import (
     TINY_CONFIG,

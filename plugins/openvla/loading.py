@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from toolkit.checkpoint import (
+from toolkit.sdk.checkpoint import (
     CheckpointError,
     LoadReport,
     assign_from_safetensors,
     check_complete,
     weight_files,
 )
-from toolkit.errors import ToolkitError
-from toolkit.hf import from_cache_or_hub, one_line
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.hf import from_cache_or_hub, one_line
 from toolkit_plugins.openvla.model import PrismaticConfig, PrismaticForActionPrediction
 
 # what a hub snapshot needs: config, weights, tokenizer, and the remote code of variants run with it

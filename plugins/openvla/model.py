@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from toolkit.errors import ToolkitError
+from toolkit.sdk.errors import ToolkitError
 from toolkit_plugins.openvla.vit import KNOWN_VITS, VisionTransformer, ViTSpec, vit_spec
 
 PRISMATIC_TYPES = ("openvla", "prismatic")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.errors import ToolkitError
+from toolkit.sdk.errors import ToolkitError
 
 LN_EPS = 1e-6  # timm's ViT LayerNorm
 

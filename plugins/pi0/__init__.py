@@ -1,7 +1,7 @@
 """Built-in pi0 model adapter (transformers-native PI0ForConditionalGeneration)."""
 
-from toolkit.cli_options import CliOption
-from toolkit.hookspecs import hookimpl
+from toolkit.sdk.options import CliOption
+from toolkit.sdk.hookspecs import hookimpl
 from toolkit_plugins.pi0.adapter import Pi0Adapter
 
 __all__ = ["Pi0Adapter"]

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
-from toolkit.capture import DECODER_STREAMS
-from toolkit.checkpoint import (
+from toolkit.sdk.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
+from toolkit.capture.hooks import DECODER_STREAMS
+from toolkit.sdk.checkpoint import (
     CheckpointError,
     load_into,
     load_state_dict_files,
@@ -32,9 +32,9 @@ from toolkit.checkpoint import (
     safetensors_shapes,
     weight_files,
 )
-from toolkit.cli_options import AdapterOptions, parse_options
-from toolkit.errors import ToolkitError
-from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
+from toolkit.sdk.options import AdapterOptions, parse_options
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
 from toolkit_plugins.pi0 import layouts, normalise
 
 log = logging.getLogger("toolkit.pi0")

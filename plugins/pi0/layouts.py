@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from toolkit.checkpoint import CheckpointError, remap_keys
+from toolkit.sdk.checkpoint import CheckpointError, remap_keys
 
 NATIVE = "transformers PI0 (native names)"
 HUB = "transformers PI0 save_pretrained"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.errors import ToolkitError
+from toolkit.sdk.errors import ToolkitError
 
 LEROBOT_EPS = 1e-8  # lerobot's NormalizerProcessorStep default
 OPENPI_EPS = 1e-6  # openpi.transforms.Normalize / Unnormalize

@@ -46,11 +46,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from toolkit.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
-from toolkit.checkpoint import load_into
-from toolkit.cli_options import AdapterOptions, parse_options
-from toolkit.errors import ToolkitError
-from toolkit.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
+from toolkit.sdk.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
+from toolkit.sdk.checkpoint import load_into
+from toolkit.sdk.options import AdapterOptions, parse_options
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
 from toolkit_plugins.robovlms.loading import (
     TEXT,
     RoboVLMsCheckpoint,

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from toolkit.checkpoint import CheckpointError
-from toolkit.hf import one_line
+from toolkit.sdk.checkpoint import CheckpointError
+from toolkit.sdk.hf import one_line
 
 TEXT = "backbone.text_model.model"
 VISION = "backbone.vision_model.model"

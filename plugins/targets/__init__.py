@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.errors import ToolkitError
-from toolkit.hookspecs import hookimpl
-from toolkit.probe.target import Labels, TargetData
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.hookspecs import hookimpl
+from toolkit.analysis.probe.target import Labels, TargetData
 
 
 class TaskTarget:

@@ -1,0 +1,412 @@
+"""Figures and a self-contained report (Markdown beside PNGs, and one HTML file with the PNGs embedded).
+
+The report first says what was probed (model, checkpoint or **random init**, dataset, store, selection,
+episodes and steps per class, the split) and how the numbers were made, then per target: metric against
+layer with 95 % intervals, the control and the baselines in the legend, one panel per denoising step
+(t), a fixed y-range and integer layer ticks, flagged cells (too few episodes, λ at the grid edge) in
+grey; metric against denoising step t (one line per layer) when there are several; a layer × rollout-step
+heatmap and a retention curve with intervals when steps are bucketed; the correlation of per-episode probe
+confidence with episode success (``toolkit.analysis.probe.success``) against layer, with its table; the
+confusion or instruction-similarity matrix of the selected probe.  Markdown and HTML come from Jinja2
+templates.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.sdk.errors import ToolkitError
+from toolkit.analysis.probe.results import Results
+
+MARKDOWN = """# Probe report
+
+{{ what }}
+
+{% if random %}**Warning: the probed model has random weights (no checkpoint was loaded).** Every number below says
+what the architecture and the inputs alone make decodable, not what a trained policy learned.
+
+{% endif %}{{ how }}
+
+## Selected probe per target (chosen inside each outer fold: no winner's curse)
+
+| {{ best_head | join(" | ") }} |
+|{% for _ in best_head %}---|{% endfor %}
+{% for r in best %}| {{ r | join(" | ") }} |
+{% endfor %}
+{% for s in sections %}
+## {{ s.title }}
+
+{% for img in s.images %}![{{ img.stem }}]({{ img.rel }})
+
+{% endfor %}{% if s.success %}{{ s.success_title }}
+
+| {{ success_head | join(" | ") }} |
+|{% for _ in success_head %}---|{% endfor %}
+{% for r in s.success %}| {{ r | join(" | ") }} |
+{% endfor %}
+{% endif %}{% if s.per_task %}{{ s.per_task_title }}
+
+| task | rows | {{ s.metric }} |
+|---|---|---|
+{% for p in s.per_task %}| {{ p | join(" | ") }} |
+{% endfor %}{% endif %}{% endfor %}"""
+
+HTML = """<!doctype html><html><head><meta charset="utf-8"><title>Probe report</title><style>
+body{font-family:sans-serif;max-width:1000px;margin:2em auto;line-height:1.4}
+table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}
+.warn{background:#fee;border:1px solid #c00;padding:.5em}</style></head><body>
+<h1>Probe report</h1>
+<p>{{ what }}</p>
+{% if random %}<p class="warn"><b>Warning: the probed model has random weights (no checkpoint was loaded).</b>
+Every number below says what the architecture and the inputs alone make decodable, not what a trained policy
+learned.</p>{% endif %}
+<p>{{ how }}</p>
+<h2>Selected probe per target (chosen inside each outer fold: no winner's curse)</h2>
+<table><tr>{% for h in best_head %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for r in best %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% for s in sections %}<h2>{{ s.title }}</h2>
+{% for img in s.images %}<p><img alt="{{ img.stem }}" src="data:image/png;base64,{{ img.data }}"></p>{% endfor %}
+{% if s.success %}<p>{{ s.success_title }}</p><table><tr>{% for h in success_head %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for r in s.success %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+{% if s.per_task %}<p>{{ s.per_task_title }}</p><table><tr><th>task</th><th>rows</th><th>{{ s.metric }}</th></tr>
+{% for p in s.per_task %}<tr>{% for c in p %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+{% endfor %}</body></html>"""
+
+
+def _num(v):
+    if v is None or v == "":
+        return float("nan")
+    return float(v)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def _label(r: dict) -> str:
+    return r["site"] if r["t"] is None else f"{r['site']} t={_num(r['t']):.2f}"
+
+
+def _ylim(rows: list[dict]) -> tuple[float, float]:
+    """Accuracies and retrieval on [0, 1] always; R² from a floor of −0.2 (or lower if the data go there)."""
+    if rows[0]["metric_name"] != "r2":
+        return -0.02, 1.02
+    lows = [_num(r["ci_low"]) for r in rows] + [_num(r.get("control")) for r in rows]
+    return min(-0.2, np.nanmin(lows) - 0.05), 1.02
+
+
+def fig_layers(rows: list[dict], path: Path, title: str) -> Path:
+    """Metric vs layer, one panel per denoising step t: interval band, control and baselines in the legend,
+    flagged cells grey, chance (or the majority rate) dashed, fixed y-range, integer layer ticks."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    panels = defaultdict(list)
+    for r in rows:
+        panels[r["t"]].append(r)
+    keys = sorted(panels, key=lambda t: 0 if t is None else -_num(t))  # t from 1 (noise) down
+    ncol = min(len(keys), 4)
+    nrow = math.ceil(len(keys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol + 1, 3.0 * nrow + 0.6), squeeze=False, sharey=True)
+    ylim = _ylim(rows)
+    for ax, t in zip(axes.flat, keys):
+        rs = sorted(panels[t], key=lambda r: int(r["layer"]))
+        x = [int(r["layer"]) for r in rs]
+        ax.plot(x, [_num(r["metric"]) for r in rs], "-", color="C0", label=rs[0]["metric_name"])
+        ax.fill_between(x, [_num(r["ci_low"]) for r in rs], [_num(r["ci_high"]) for r in rs], color="C0", alpha=0.2,
+                        label="95 % interval")
+        ok = [not str(r.get("flagged")) in ("True", "1") for r in rs]
+        ax.scatter([v for v, k in zip(x, ok) if k], [_num(r["metric"]) for r, k in zip(rs, ok) if k], s=12, color="C0")
+        if not all(ok):
+            ax.scatter([v for v, k in zip(x, ok) if not k], [_num(r["metric"]) for r, k in zip(rs, ok) if not k], s=14,
+                       color="0.6", zorder=3, label="flagged (see warnings)")
+        ax.plot(x, [_num(r["control"]) for r in rs], ":", color="C3", label="control (random f(task, progress))")
+        for col, style, color, name in (("baseline_random", "--", "C2", "random-weights model"),
+                                        ("baseline_embedding", "-.", "C4", "input embeddings")):
+            v = [_num(r.get(col)) for r in rs]
+            if np.isfinite(v).any():
+                ax.plot(x, v, style, color=color, lw=1, label=name)
+        floor = max(_num(rs[0]["chance"]), _num(rs[0].get("majority")) if np.isfinite(_num(rs[0].get("majority")))
+                    else -1)
+        name = "majority class" if _num(rs[0].get("majority")) > _num(rs[0]["chance"]) + 1e-9 else "chance"
+        ax.axhline(floor, ls="--", color="grey", lw=0.8, label=f"{name} {floor:.2f}")
+        ax.set_ylim(*ylim)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.set_title(_label(rs[0]), fontsize=8)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(f"held-out {rows[0]['metric_name']}")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.1 if nrow == 1 else 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def fig_heatmap(rows: list[dict], path: Path, title: str) -> Path:
+    """Layer × rollout-step bucket heatmap of the metric for one site/t."""
+    plt = _plt()
+    layers = sorted({int(r["layer"]) for r in rows})
+    steps = list(dict.fromkeys(r["step"] for r in rows))
+    m = np.full((len(layers), len(steps)), np.nan)
+    for r in rows:
+        m[layers.index(int(r["layer"])), steps.index(r["step"])] = _num(r["metric"])
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(steps) + 2), max(3, 0.3 * len(layers) + 1.5)))
+    lo, hi = _ylim(rows)
+    im = ax.imshow(m, aspect="auto", origin="lower", cmap="viridis", vmin=max(lo, np.nanmin(m)), vmax=min(hi, 1))
+    ax.set_xticks(range(len(steps)), steps, rotation=45, fontsize=7)
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax.set_xlabel("rollout step")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=rows[0]["metric_name"])
+    return _save(fig, path)
+
+
+def fig_retention(rows: list[dict], path: Path, title: str) -> Path:
+    """Metric (with its interval) against rollout-step bucket at one layer; successful and failed episodes."""
+    plt = _plt()
+    steps = list(dict.fromkeys(r["step"] for r in rows))
+    x = np.arange(len(steps))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(x, [_num(r["metric"]) for r in rows], "-o", ms=3, label="all episodes")
+    ax.fill_between(x, [_num(r["ci_low"]) for r in rows], [_num(r["ci_high"]) for r in rows], alpha=0.2,
+                    label="95 % interval")
+    flagged = [i for i, r in enumerate(rows) if str(r.get("flagged")) in ("True", "1")]
+    if flagged:
+        ax.scatter(flagged, [_num(rows[i]["metric"]) for i in flagged], color="0.6", zorder=3, s=16,
+                   label="flagged (few episodes)")
+    for key, style, name in (("metric_success", "s", "successful episodes"), ("metric_failure", "^", "failed episodes")):
+        v = [_num(r.get(key)) for r in rows]
+        if np.isfinite(v).any():
+            ax.plot(x, v, style, ms=4, ls="none", label=name)
+    ax.plot(x, [_num(r["control"]) for r in rows], ":", color="C3", label="control")
+    ax.set_ylim(*_ylim(rows))
+    ax.set_xticks(x, steps, rotation=45, fontsize=7)
+    ax.set_xlabel("rollout step")
+    ax.set_ylabel(rows[0]["metric_name"])
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def fig_denoise(rows: list[dict], path: Path, title: str) -> Path:
+    """Metric (with its interval) against the denoising step t, one line per layer, t from 1 (noise) down."""
+    plt = _plt()
+    layers = sorted({int(r["layer"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(layers)))
+    for layer, color in zip(layers, colors):
+        rs = sorted((r for r in rows if int(r["layer"]) == layer), key=lambda r: -_num(r["t"]))
+        x = [_num(r["t"]) for r in rs]
+        ax.plot(x, [_num(r["metric"]) for r in rs], "-o", ms=3, color=color, label=f"layer {layer}")
+        ax.fill_between(x, [_num(r["ci_low"]) for r in rs], [_num(r["ci_high"]) for r in rs], color=color, alpha=0.12)
+    ax.invert_xaxis()
+    ax.set_ylim(*_ylim(rows))
+    ax.set_xlabel("flow-matching t (denoising runs right to left: 1 = noise, 0 = action)")
+    ax.set_ylabel(f"held-out {rows[0]['metric_name']} (95 % interval bands)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, ncol=2 if len(layers) > 8 else 1, loc="best")
+    return _save(fig, path)
+
+
+def fig_success(rows: list[dict], path: Path, title: str) -> Path:
+    """Correlation of per-episode probe confidence with success against layer (one line per t), with its
+    bootstrap interval; filled markers where the permutation p is below 0.05."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ts = list(dict.fromkeys(r["t"] for r in rows))
+    for i, t in enumerate(ts):
+        rs = sorted((r for r in rows if r["t"] == t), key=lambda r: int(r["layer"]))
+        x = np.array([int(r["layer"]) for r in rs])
+        y = np.array([_num(r["r"]) for r in rs])
+        sig = np.array([_num(r["p_value"]) < 0.05 for r in rs])
+        label = "r" if t is None else f"r, t={_num(t):.2f}"
+        ax.plot(x, y, "-", color=f"C{i}", label=label)
+        ax.fill_between(x, [_num(r["r_ci_low"]) for r in rs], [_num(r["r_ci_high"]) for r in rs], color=f"C{i}",
+                        alpha=0.15)
+        ax.scatter(x[sig], y[sig], color=f"C{i}", s=18, zorder=3)
+        ax.scatter(x[~sig], y[~sig], facecolor="white", edgecolor=f"C{i}", s=18, zorder=3)
+    ax.axhline(0, ls="--", color="grey", lw=0.8)
+    ax.set_ylim(-1.02, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("corr(episode confidence, success)")
+    ax.set_title(title + "\nfilled: permutation p < 0.05; band: bootstrap 95 % interval over episodes", fontsize=8)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def fig_matrix(m, rows_labels, col_labels, path: Path, title: str, cbar: str) -> Path:
+    plt = _plt()
+    m = np.asarray(m, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * m.shape[1] + 2.5), max(3.5, 0.35 * m.shape[0] + 2)))
+    im = ax.imshow(m, cmap="magma" if cbar == "count" else "RdBu_r")
+    short = lambda s: s if len(s) <= 28 else s[:26] + "…"  # noqa: E731
+    ax.set_xticks(range(len(col_labels)), [short(c) for c in col_labels], rotation=60, ha="right", fontsize=6)
+    ax.set_yticks(range(len(rows_labels)), [short(c) for c in rows_labels], fontsize=6)
+    ax.set_title(title.replace(" — ", "\n"), fontsize=8)
+    fig.colorbar(im, ax=ax, label=cbar)
+    return _save(fig, path)
+
+
+def _fmt(v, nd=3) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "–" if v is None else str(v)
+    return "–" if math.isnan(f) else f"{f:.{nd}f}"
+
+
+def _ci(r: dict, key: str = "") -> str:
+    lo, hi = r.get(f"{key}ci_low" if not key else f"{key}_ci_low"), r.get(f"{key}ci_high" if not key else
+                                                                          f"{key}_ci_high")
+    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write figures/, report.md and report.html; returns the HTML path."""
+    import jinja2
+
+    res = Results.load(results_dir)
+    out = Path(out or results_dir)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    if not res.rows:
+        raise ToolkitError(f"{results_dir} holds no result rows")
+    by_series = defaultdict(list)
+    for r in res.rows:
+        by_series[(r["site"], r["target"], r["split"], r["solver"])].append(r)
+    sections = []
+    for (site, target, split, solver), rs in by_series.items():
+        name = f"{site}_{target}_{split}_{solver}".replace(":", "-").replace("[", "").replace("]", "")
+        images = []
+        buckets = list(dict.fromkeys(r["step"] for r in rs))
+        first = [r for r in rs if r["step"] == buckets[0]]
+        images.append(fig_layers(first, figs / f"layers_{name}.png",
+                                 f"{site} — {target}: held-out {split}, {solver}, rollout steps {buckets[0]}"))
+        sel = next((b for b in res.best if (b["site"], b["target"], b["split"], b["solver"]) == (site, target, split,
+                                                                                                 solver)), None)
+        layer = int(sel["layer"]) if sel else int(first[0]["layer"])
+        t = sel["t"] if sel else first[0]["t"]
+        at = [r for r in rs if int(r["layer"]) == layer and r["t"] == t]
+        if len(buckets) > 1:
+            site_t = [r for r in rs if r["t"] == t]
+            images.append(fig_heatmap(site_t, figs / f"heatmap_{name}.png",
+                                      f"{target} — {_label(at[0])}: layer × rollout step"))
+            images.append(fig_retention(at, figs / f"retention_{name}.png",
+                                        f"{target} vs rollout step — {_label(at[0])} layer {layer}, by episode outcome"))
+        if len({r["t"] for r in first}) > 1:
+            images.append(fig_denoise(first, figs / f"denoise_{name}.png",
+                                      f"{site} — {target} vs denoising step: held-out {split}, {solver}, "
+                                      f"rollout steps {buckets[0]}"))
+        succ = [r for r in res.success if (r["site"], r["target"], r["split"], r["solver"]) == (site, target, split,
+                                                                                               solver)]
+        if succ:
+            images.append(fig_success([r for r in succ if r["step"] == buckets[0]], figs / f"success_{name}.png",
+                                      f"{site} — {target}: probe confidence vs episode success, rollout steps "
+                                      f"{buckets[0]}"))
+        ref = at[0] if at else first[0]
+        d = res.details.get(int(ref["id"]), {})
+        if "confusion" in d:
+            images.append(fig_matrix(d["confusion"], d["labels"], d["labels"], figs / f"confusion_{name}.png",
+                                     f"confusion (rows true) — {_label(ref)} layer {ref['layer']}", "count"))
+        if "similarity" in d:
+            images.append(fig_matrix(d["similarity"], d["similarity_rows"], d["labels"], figs / f"similarity_{name}.png",
+                                     f"mean predicted vs instruction embeddings — {_label(ref)} layer {ref['layer']}",
+                                     "cosine"))
+        pt = [[p["task"], p["n"], _fmt(p["metric"])] for p in res.per_task if int(p["id"]) == int(ref["id"])]
+        sections.append({"title": f"{site} — {target} — held-out {split} — {solver}",
+                         "images": [{"stem": p.stem, "rel": p.relative_to(out).as_posix(),
+                                     "data": base64.b64encode(p.read_bytes()).decode()} for p in images],
+                         "per_task": pt, "metric": ref["metric_name"],
+                         "success": [[r["step"], _fmt(r["r"]), f"[{_fmt(r['r_ci_low'])}, {_fmt(r['r_ci_high'])}]",
+                                      _fmt(r["p_value"], 4) + (" (exact)" if r["p_exact"] else ""),
+                                      f"{r['n_success']} / {r['n_failure']}", _fmt(r["conf_success"]),
+                                      _fmt(r["conf_failure"])]
+                                     for r in succ if int(r["layer"]) == layer and r["t"] == t],
+                         "success_title": f"Probe confidence ({succ[0]['confidence'] if succ else ''}, mean per "
+                                          f"episode, out of fold) vs episode success at layer {layer}"
+                                          + ("" if t is None else f", t={_num(t):.2f}") + ": point-biserial r, "
+                                          "bootstrap interval over episodes, two-sided permutation p:",
+                         "per_task_title": f"Per-task {ref['metric_name']} ({_label(ref)}, layer {ref['layer']}, "
+                                           f"steps {ref['step']}):"})
+    best_head = ["site", "target", "split", "solver", "steps", "layer (per fold)", "t", "metric", "value", "95% CI",
+                 "selected by", "test episodes"]
+    best = [[b["site"], b["target"], b["split"], b["solver"], b["step"], f"{b['layer']} ({b['layers_per_fold']})",
+             "–" if b["t"] is None else _fmt(b["t"], 2), b["metric_name"], _fmt(b["metric"]), _ci(b),
+             b["selected_by"], b["n_test_episodes"]] for b in res.best]
+    model = res.meta.get("model")
+    ctx = {"what": _what(res), "how": _how(res), "random": isinstance(model, dict) and bool(model.get("random_init")),
+           "best_head": best_head, "best": best, "sections": sections,
+           "success_head": ["steps", "r", "95% CI", "p", "episodes success / failure", "mean conf. success",
+                            "mean conf. failure"]}
+    md = jinja2.Environment(autoescape=False, keep_trailing_newline=True).from_string(MARKDOWN).render(**ctx)
+    (out / "report.md").write_text(md)
+    path = out / "report.html"
+    path.write_text(jinja2.Environment(autoescape=True).from_string(HTML).render(**ctx))
+    return path
+
+
+def _what(res: Results) -> str:
+    """Model, checkpoint (or random init), dataset, store, selection, episodes and steps per class."""
+    model = res.meta.get("model")
+    if isinstance(model, dict):
+        ckpt = "**random init**" if model.get("random_init") else (model.get("checkpoint") or "none recorded")
+        name = model.get("name", "?")
+    else:
+        name, ckpt = (model or "?"), "none recorded"
+    ds = res.meta.get("dataset")
+    ds_name = ds.get("name", "?") if isinstance(ds, dict) else (ds or "?")
+    sel = res.meta.get("selection") or {}
+    sel_txt = ", ".join(f"{k}={v}" for k, v in sel.items()) or "everything"
+    counts = sorted({(r["target"], r.get("n_classes"), r.get("min_episodes_per_class"), r.get("min_steps_per_class"),
+                      r["n_test_episodes"], r["n_test"]) for r in res.rows if r.get("step") is not None}, key=str)
+    per = "; ".join(f"{t}: {ne} episodes / {ns} steps" + (f", {nc} classes with ≥ {me} episodes and ≥ {ms} steps "
+                                                           f"each" if nc not in (None, "") else "")
+                    for t, nc, me, ms, ne, ns in counts[:6])
+    return (f"Model **{name}**, checkpoint {ckpt}; dataset {ds_name}; store `{res.meta.get('store', '?')}`; "
+            f"selection {sel_txt}. Probed rows: {per}.")
+
+
+def _how(res: Results) -> str:
+    c = res.meta.get("config", {})
+    base = res.meta.get("baseline_store")
+    return (f"Linear probes ({c.get('solver', 'ridge')}), features z-scored with training statistics only. "
+            f"Nested cross-validation: {c.get('n_folds', 5)} outer folds of whole episodes (stratified by task; "
+            f"'tasks' rows hold out whole tasks and retrieve among each fold's held-out instructions only), every "
+            f"episode tested once by a probe that never saw it; λ is chosen by leave-one-fold-out inside each outer "
+            f"training set (ridge: relative to the mean eigenvalue of the standardised gram). Headline numbers pool "
+            f"the out-of-fold predictions. 95 % intervals: cluster-robust over episodes plus the fold-to-fold "
+            f"(split) variance, Agresti–Coull-adjusted on episodes so they never collapse at 0 or 1 (coverage "
+            f"measured in benchmarks/bench_calibration.py). Control: a random label per (task, progress quartile) "
+            f"type (Hewitt & Liang), learnable whenever task and progress are encoded; selectivity = metric − "
+            f"max(control, chance or majority). Baselines: the same probe on a random-weights model "
+            f"({'store ' + base if base else 'not given: --baseline STORE'}) and on the input embeddings "
+            f"({'layer 0 input' if res.meta.get('embedding_baseline') else 'not in the store: extract resid_pre at layer 0'}"
+            f"). MDL: online code over the outer folds as blocks (Voita & Titov), in bits, with compression against "
+            f"the uniform code. The selected layer is chosen by inner-CV score inside each outer fold, so its "
+            f"score carries no winner's curse. Flagged cells (grey): fewer than 10 test episodes, fewer than 2 "
+            f"episodes in a class, or λ at the grid edge. Seed {c.get('seed', 0)}.")

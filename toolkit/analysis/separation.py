@@ -1,0 +1,236 @@
+"""Expert separation: how alike are the VLM expert's and the action expert's hidden states at matched layers?
+
+For pi0 (seeds 001/002): the VLM runs the prefix (images, instruction) once per policy call; the action expert
+runs the suffix (state, noisy actions) once per denoising step, reading the VLM's cache layer by layer.  Per
+layer present in both sites, per token span of each site, and per denoising step, over every sample of a store:
+
+* linear CKA (Kornblith et al. 2019) between the samples' VLM vectors X (n, d_vlm) and action vectors Y (n, d_act):
+  ||Ycᵀ Xc||²_F / (||Xcᵀ Xc||_F ||Ycᵀ Yc||_F) on centred columns; any two widths, invariant to rotation and scale;
+* cosine and L2 distance of each sample's pair (x_i, y_i), averaged: only where both experts have one width
+  (real pi0: 2048 vs 1024, so CKA alone), NaN otherwise.
+
+A span's vector is the mean of the stored tokens inside it (stores that pooled at capture give one vector,
+named after the site's token selection).  Everything is streamed chunk by chunk from sums (n, Σx, Σy, XᵀX,
+YᵀY, YᵀX), so memory does not grow with the store.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from toolkit.sdk.errors import ToolkitError
+from toolkit.store.location import STORE, store_name
+from toolkit.sdk.names import store_layers
+from toolkit.store.core import Store, decode, open_store
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA of two (n, d) matrices in memory (the reference the streamed sums are checked against)."""
+    acc = PairSums(x.shape[1], y.shape[1], 1)
+    acc.update(x, y[:, None])
+    return float(acc.cka()[0])
+
+
+class PairSums:
+    """Streamed sums for CKA, cosine and L2 between rows x (n, dx) and y (n, T, dy): one x, T partners each."""
+
+    def __init__(self, dx: int, dy: int, n_t: int):
+        self.n = 0
+        self.sx, self.sy = np.zeros(dx), np.zeros((n_t, dy))
+        self.xx, self.yy, self.yx = np.zeros((dx, dx)), np.zeros((n_t, dy, dy)), np.zeros((n_t, dy, dx))
+        self.same_width = dx == dy
+        self.cos, self.l2 = np.zeros(n_t), np.zeros(n_t)
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        self.n += len(x)
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.xx += x.T @ x
+        self.yy += np.einsum("ntd,nte->tde", y, y)
+        self.yx += np.einsum("ntd,ne->tde", y, x)
+        if self.same_width:
+            nx = np.linalg.norm(x, axis=1)[:, None]
+            ny = np.linalg.norm(y, axis=2)
+            self.cos += (np.einsum("nd,ntd->nt", x, y) / np.maximum(nx * ny, 1e-30)).sum(0)
+            self.l2 += np.linalg.norm(y - x[:, None], axis=2).sum(0)
+
+    def cka(self) -> np.ndarray:
+        n = self.n
+        mx, my = self.sx / n, self.sy / n
+        cxx = self.xx - n * np.outer(mx, mx)
+        out = np.empty(len(my))
+        for t in range(len(my)):
+            cyy = self.yy[t] - n * np.outer(my[t], my[t])
+            cyx = self.yx[t] - n * np.outer(my[t], mx)
+            den = np.linalg.norm(cxx) * np.linalg.norm(cyy)
+            out[t] = (cyx ** 2).sum() / den if den > 0 else np.nan
+        return out
+
+    def cosine(self) -> np.ndarray:
+        return self.cos / self.n if self.same_width else np.full(len(self.cos), np.nan)
+
+    def distance(self) -> np.ndarray:
+        return self.l2 / self.n if self.same_width else np.full(len(self.l2), np.nan)
+
+
+@dataclass(frozen=True)
+class Span:
+    name: str
+    index: np.ndarray  # positions along the stored token axis
+
+
+def site_spans(store: Store, site: str) -> list[Span]:
+    """The site's token spans that the store kept: each named span with stored tokens in it, and ``all``."""
+    tokens = np.asarray(store.static(f"{site}/token"))
+    if len(tokens) == 1 and tokens[0] == -1:  # pooled at capture: one vector, named by its token selection
+        spec = next((s.get("tokens") for s in (store.attrs.get("capture") or {}).get("sites", [])
+                     if s.get("site") == site), None)
+        return [Span(f"pooled:{spec or 'all'}", np.array([0]))]
+    out = [Span("all", np.arange(len(tokens)))]
+    for name, bounds in (store.root[site].attrs.get("spans") or {}).items():
+        if not bounds:
+            continue
+        inside = np.flatnonzero((tokens >= bounds[0]) & (tokens < bounds[1]))
+        if len(inside) and len(inside) != len(tokens):
+            out.append(Span(name, inside))
+    return out
+
+
+def _is_action(store: Store, site: str, stream: str) -> bool:
+    dims = tuple(store.array(site, stream).metadata.dimension_names or ())
+    return "denoise" in dims or store.root[site].attrs.get("expert") == "action"
+
+
+def expert_separation(store: str | Path | Store, vlm_sites: list[str] | None = None,
+                      action_sites: list[str] | None = None, layers: Any = None, stream: str = "resid_post"
+                      ) -> list[dict]:
+    """Tidy rows: one per layer × VLM site/span × action site/span × denoising step (see the module docstring)."""
+    s = store if isinstance(store, Store) else open_store(store)
+    have = [site for site in s.sites if stream in s.streams(site)]
+    if action_sites is None:
+        action_sites = [site for site in have if _is_action(s, site, stream)]
+    if vlm_sites is None:
+        vlm_sites = [site for site in have if site not in action_sites]
+    for site in [*vlm_sites, *action_sites]:
+        if site not in have:
+            raise ToolkitError(f"{s.path} has no site {site!r} with stream {stream!r}; sites: {', '.join(have) or 'none'}")
+    if not vlm_sites or not action_sites:
+        raise ToolkitError(f"{s.path} needs a VLM-expert site and an action-expert site holding {stream!r} "
+                           f"(it has: {', '.join(have) or 'none'}); capture both, e.g. --sites vlm,action")
+    rows = []
+    for vs in vlm_sites:
+        for acs in action_sites:
+            rows += _site_pair(s, vs, acs, stream, layers)
+    return rows
+
+
+def _site_pair(s: Store, vs: str, acs: str, stream: str, layers: Any) -> list[dict]:
+    common = [v for v in store_layers(s, vs, layers) if v in s.layers(acs)] if layers is not None else \
+        [v for v in s.layers(vs) if v in s.layers(acs)]
+    if not common:
+        raise ToolkitError(f"sites {vs!r} (layers {s.layers(vs)}) and {acs!r} (layers {s.layers(acs)}) share no "
+                           "layer of the selection: capture matched layers of both experts")
+    va, aa = s.array(vs, stream), s.array(acs, stream)
+    v_spans, a_spans = site_spans(s, vs), site_spans(s, acs)
+    denoising = "denoise" in tuple(aa.metadata.dimension_names or ())
+    n_t = aa.shape[2] if denoising else 1
+    t_values = [float(v) for v in s.static(f"{acs}/t")] if f"{acs}/t" in s.root else [math.nan] * n_t
+    step = int(min(va.chunks[0], aa.chunks[0]))
+    rows = []
+    for layer in common:
+        lv, la = s.layers(vs).index(layer), s.layers(acs).index(layer)
+        sums = {(i, j): PairSums(va.shape[-1], aa.shape[-1], n_t) for i in range(len(v_spans))
+                for j in range(len(a_spans))}
+        for a in range(0, s.n_samples, step):
+            b = min(s.n_samples, a + step)
+            x = np.asarray(decode(va[a:b, lv], va.attrs.get("stored_dtype")), np.float64)  # (n, token, F)
+            y = np.asarray(decode(aa[a:b, la], aa.attrs.get("stored_dtype")), np.float64)  # (n, [T,] token, F)
+            y = y if denoising else y[:, None]
+            xs = [x[:, sp.index].mean(1) for sp in v_spans]
+            ys = [y[:, :, sp.index].mean(2) for sp in a_spans]
+            for (i, j), acc in sums.items():
+                acc.update(xs[i], ys[j])
+        for (i, j), acc in sums.items():
+            cka, cos, l2 = acc.cka(), acc.cosine(), acc.distance()
+            for t in range(n_t):
+                rows.append({"layer": layer, "vlm_site": vs, "vlm_span": v_spans[i].name, "action_site": acs,
+                             "action_span": a_spans[j].name, "denoise": t if denoising else None,
+                             "t": t_values[t] if denoising else None, "cka": float(cka[t]), "cosine": float(cos[t]),
+                             "l2": float(l2[t]), "n_samples": acc.n, "vlm_width": va.shape[-1],
+                             "action_width": aa.shape[-1]})
+    return rows
+
+
+COLUMNS = ["layer", "vlm_site", "vlm_span", "action_site", "action_span", "denoise", "t", "cka", "cosine", "l2",
+           "n_samples", "vlm_width", "action_width"]
+
+
+def save(rows: list[dict], out: Path, store: str, figures: bool = True) -> list[Path]:
+    """separation.csv / .json, one figure per layer (CKA, cosine, L2 against the denoising step)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "separation.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if r[k] is None or (isinstance(r[k], float) and math.isnan(r[k])) else r[k]
+                        for k in COLUMNS})
+    clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+    (out / "separation.json").write_text(json.dumps({"store": store, "rows": clean}, indent=1))
+    return _figures(rows, out) if figures else []
+
+
+def _figures(rows: list[dict], out: Path) -> list[Path]:
+    from toolkit.analysis.probe.report import _plt, _save
+
+    plt = _plt()
+    made = []
+    for layer in sorted({r["layer"] for r in rows}):
+        mine = [r for r in rows if r["layer"] == layer]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        pairs = list(dict.fromkeys((r["vlm_site"], r["vlm_span"], r["action_site"], r["action_span"]) for r in mine))
+        for metric, ax in zip(("cka", "cosine", "l2"), axes):
+            for p in pairs:
+                series = [r for r in mine if (r["vlm_site"], r["vlm_span"], r["action_site"], r["action_span"]) == p]
+                x = [r["denoise"] if r["denoise"] is not None else 0 for r in series]
+                ax.plot(x, [r[metric] for r in series], marker="o", label=f"{p[0]}/{p[1]} vs {p[2]}/{p[3]}")
+            ax.set(xlabel="denoising step", ylabel=metric, title=f"layer {layer}: {metric}")
+            ax.grid(alpha=0.3)
+        if all(math.isnan(r["cosine"]) for r in mine):
+            axes[1].text(0.5, 0.5, "experts differ in width:\ncosine and L2 undefined", ha="center",
+                         transform=axes[1].transAxes)
+            axes[2].text(0.5, 0.5, "experts differ in width", ha="center", transform=axes[2].transAxes)
+        axes[0].legend(fontsize=6)
+        made.append(_save(fig, out / f"separation_layer{layer}.png"))
+    return made
+
+
+@click.command(epilog="""
+\b
+Examples:
+  toolkit separation stores/pi0_libero.zarr                      # every VLM site vs the action expert
+  toolkit separation stores/pi0_libero.zarr --vlm-site text_only --layers 0,8,17 --out reports/separation
+""")
+@click.argument("store", type=STORE)
+@click.option("--vlm-site", "vlm_sites", multiple=True, help="VLM-expert site(s) (default: every site without a "
+                                                             "denoising axis).")
+@click.option("--action-site", "action_sites", multiple=True, help="Action-expert site(s) (default: sites with one).")
+@click.option("--layers", default=None, help="Layers (the spec grammar: all, 0,8,17, -1); default every matched one.")
+@click.option("--stream", default="resid_post", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Folder (default reports/separation_<store>).")
+@click.option("--no-figures", is_flag=True)
+def separation_command(store, vlm_sites, action_sites, layers, stream, out, no_figures):
+    """Expert separation: linear CKA, cosine and L2 between the VLM and the action expert at matched layers,
+    per token span and denoising step, streamed over a store."""
+    rows = expert_separation(store, list(vlm_sites) or None, list(action_sites) or None, layers, stream)
+    out = out or Path("reports") / f"separation_{store_name(store)}"
+    figs = save(rows, out, str(store), figures=not no_figures)
+    click.echo(f"wrote {out / 'separation.csv'} ({len(rows)} rows) and {len(figs)} figures")

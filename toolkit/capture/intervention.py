@@ -1,0 +1,449 @@
+"""Interventions: the hooks that change a named stream while the policy runs.
+
+Capture reads ``text_only.layers.3.resid_post``; an intervention writes there, under the same name (site,
+layer, stream; the site's token selection unless told otherwise).  These are the only hooks in the toolkit
+that return a tensor.  Every operation has a strength ``alpha`` and ``alpha = 0`` is the unmodified policy
+(the hook is not registered at all, so outputs are bit-identical), which is what a dose-response sweep
+starts from:
+
+    add     x + alpha * d                          d: a direction (a probe's weights, a mean difference)
+    ablate  x - alpha * P x                        P: the projection onto the span of the direction(s)
+    clamp   x[u] + alpha * (v - x[u])              u: units, e.g. FFN neurons of the ``mlp_act`` stream
+    zero    (1 - alpha) * x
+    mean    x + alpha * (mu - x)                   mu: the stream's mean over a store
+
+``Steering`` registers the hooks before ``Capture`` does, so a store written in the same run holds the
+intervened activations; hooks are removed on exit, also after an exception.
+
+Directions come from a probe's ``weights.npz`` (``probe_direction``), from the mean difference between two
+groups of a store's samples (``mean_difference``, e.g. ``task=3`` vs ``task=5``), or from a ``.npy`` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolkit.sdk.adapters import ModelAdapter, ModelInputs
+from toolkit.capture.hooks import HookSet, _first_tensor, expert_streams, hook_point, resolve_module
+from toolkit.sdk.errors import ToolkitError
+from toolkit.capture.tokens import parse_tokens
+from toolkit.sdk.names import HookPattern, hook_name, resolve_hooks
+from toolkit.analysis.stats import iter_sample_vectors
+from toolkit.store.core import Store, open_store
+
+OPS = ("add", "ablate", "clamp", "zero", "mean")
+# decoder streams as wide as the expert's hidden size (``mlp_act`` is as wide as the MLP)
+RESIDUAL_WIDTH = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    """One edit of one named stream (``site.layers.L.stream``) at strength ``alpha``.
+
+    ``vector``: the direction for ``add`` (F,), the direction(s) for ``ablate`` (F,) or (F, k), the mean for
+    ``mean`` (F,), per-unit target values for ``clamp`` (else every unit is clamped to ``value``).
+    ``tokens``: positions or span names as in capture (``text``, ``0-5``, ``last``); None = the site's own.
+    ``denoise``: for an expert that runs once per denoising step (pi0's action expert), the steps to change
+    (0 = the first, t = 1.0); None = every step.
+    """
+
+    hook: str
+    op: str
+    alpha: float = 1.0
+    vector: np.ndarray | None = None
+    units: tuple[int, ...] = ()
+    value: float = 0.0
+    tokens: str | None = None
+    source: str = ""  # where the vector came from, recorded in the store
+    denoise: tuple[int, ...] | None = None  # experts run once per denoising step: change only these steps
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ToolkitError(f"unknown intervention {self.op!r}: use one of {', '.join(OPS)}")
+        if not np.isfinite(self.alpha):
+            raise ToolkitError(f"intervention strength alpha must be finite, got {self.alpha}")
+        needs_vector = self.op in ("add", "ablate", "mean")
+        if needs_vector and self.vector is None:
+            raise ToolkitError(f"intervention {self.op!r} on {self.hook} needs a direction: give --direction "
+                               "(a probe's results folder, a .npy file) or --between GROUP_A GROUP_B")
+        if self.vector is not None:
+            v = np.asarray(self.vector, dtype=np.float64)
+            if v.ndim not in (1, 2) or (v.ndim == 2 and self.op != "ablate") or not np.isfinite(v).all():
+                raise ToolkitError(f"the {self.op} vector for {self.hook} must be finite and shaped (features,)"
+                                   f"{' or (features, k)' if self.op == 'ablate' else ''}, got {v.shape}")
+            if self.op in ("add", "ablate") and not np.linalg.norm(v) > 0:
+                raise ToolkitError(f"the direction for {self.hook} is all zeros")
+            object.__setattr__(self, "vector", v)
+        if self.op == "clamp":
+            if not self.units:
+                raise ToolkitError(f"clamp on {self.hook} needs --units (feature indices, e.g. 12,40)")
+            if self.vector is not None and self.vector.shape != (len(self.units),):
+                raise ToolkitError(f"clamp on {self.hook}: {len(self.units)} units but {self.vector.shape} values")
+
+    @property
+    def identity(self) -> bool:
+        """alpha = 0 leaves every op's input unchanged; then no hook is registered at all."""
+        return self.alpha == 0
+
+    def describe(self) -> dict[str, Any]:
+        """What a store's attributes record (the vector by norm and digest; the file it came from in source)."""
+        out: dict[str, Any] = {"hook": self.hook, "op": self.op, "alpha": float(self.alpha), "tokens": self.tokens,
+                               "source": self.source, "denoise": None if self.denoise is None else list(self.denoise)}
+        if self.vector is not None:
+            v = np.ascontiguousarray(self.vector, dtype=np.float64)
+            out.update(vector_shape=list(v.shape), vector_norm=float(np.linalg.norm(v)),
+                       vector_sha256=hashlib.sha256(v.tobytes()).hexdigest()[:16])
+        if self.op == "clamp":
+            out.update(units=list(self.units), value=None if self.vector is not None else float(self.value))
+        return out
+
+
+def parse_hook(hook: str) -> tuple[str, int, str]:
+    """(site, layer, stream) of one concrete hook name; patterns are expanded by the caller (``hooks_for``)."""
+    p = HookPattern.parse(hook)
+    layers = p.layers.items
+    if p.site in ("*", "") or any(c in p.site + p.stream for c in "*?[") or layers is None or len(layers) != 1 \
+            or layers[0].is_range or layers[0].name is not None or layers[0].lo < 0:
+        raise ToolkitError(f"an intervention edits one named stream: {hook!r} is a pattern; write e.g. "
+                           "text_only.layers.3.resid_post")
+    return p.site, layers[0].lo, p.stream
+
+
+def hooks_for(adapter: ModelAdapter, patterns: Sequence[str]) -> list[str]:
+    """Expand hook patterns (``vlm.layers.2,4.resid_post``) into concrete names against the adapter, so a
+    sweep over layers is one pattern."""
+    experts, sites = adapter.experts, adapter.sites
+    picked = resolve_hooks(patterns, {s: experts[i.expert].n_layers for s, i in sites.items()},
+                           {s: list(expert_streams(experts[i.expert])) for s, i in sites.items()})
+    return [name for sel in picked.values() for name in sel.names()]
+
+
+@dataclass
+class _Resolved:
+    iv: Intervention
+    site: str
+    expert: str
+    layer: int
+    stream: str
+    tokens: str
+    cache: dict = field(default_factory=dict)  # (device, dtype) -> tensors
+    fired: int = 0  # firings in the current policy call (to pick denoising steps)
+
+
+class Steering(HookSet):
+    """Context manager that applies interventions to an adapter's model for every call inside it.
+
+        with Steering(adapter, [Intervention("text_only.layers.3.resid_post", "add", 4.0, w)]) as steer:
+            steer.begin(inputs)           # token spans of this batch (not needed for tokens = all)
+            out = adapter.run(inputs, generators)
+    """
+
+    def __init__(self, adapter: ModelAdapter, interventions: Sequence[Intervention] = ()):
+        self.adapter = adapter
+        self.items = [self._resolve(iv) for iv in interventions]
+        self._handles: list[Any] = []
+        self._inputs: ModelInputs | None = None
+        self._positions: dict[tuple[str, str, int], Any] = {}
+
+    def _resolve(self, iv: Intervention) -> _Resolved:
+        site, layer, stream = parse_hook(iv.hook)
+        sites = self.adapter.sites
+        if site not in sites:
+            raise ToolkitError(f"model {self.adapter.name!r} has no site {site!r}; sites: {', '.join(sites)}")
+        expert = self.adapter.experts[sites[site].expert]
+        if stream not in expert_streams(expert):
+            raise ToolkitError(f"site {site!r} has no stream {stream!r}; streams: "
+                               f"{', '.join(expert_streams(expert))}")
+        if not 0 <= layer < expert.n_layers:
+            raise ToolkitError(f"site {site!r} has layers 0-{expert.n_layers - 1}, not {layer}")
+        if iv.denoise is not None and not (expert.denoise_steps and all(0 <= d < expert.denoise_steps
+                                                                          for d in iv.denoise)):
+            raise ToolkitError(f"{iv.hook}: denoising steps {list(iv.denoise)} do not exist; the {expert.name} expert "
+                               + (f"has steps 0-{expert.denoise_steps - 1}" if expert.denoise_steps
+                                  else "runs once per policy call"))
+        width = expert.hidden_size if stream in RESIDUAL_WIDTH else None  # other streams: checked when they fire
+        if width and iv.vector is not None and iv.op != "clamp" and iv.vector.shape[0] != width:
+            raise ToolkitError(f"{iv.hook} has {width} features but the {iv.op} vector has {iv.vector.shape[0]} "
+                               f"({iv.source or 'given'}): it was made for another site, stream or model")
+        if width and iv.units and not all(-width <= u < width for u in iv.units):
+            raise ToolkitError(f"{iv.hook} has {width} features; --units {list(iv.units)} goes past them")
+        if hook_point(expert, layer, stream)[2]:
+            raise ToolkitError(f"{iv.hook} is derived from the hidden states (not a tensor the model passes on), "
+                               "so it cannot be changed; intervene on a residual or sub-layer stream")
+        return _Resolved(iv, site, expert.name, layer, stream, iv.tokens or sites[site].tokens)
+
+    # hooks ---------------------------------------------------------------------------------
+    def _register(self) -> None:
+        groups: dict[tuple[str, str], list[_Resolved]] = defaultdict(list)
+        for r in self.items:
+            if r.iv.identity:
+                continue
+            path, direction, _ = hook_point(self.adapter.experts[r.expert], r.layer, r.stream)
+            groups[(path, direction)].append(r)
+        for (path, direction), items in groups.items():
+            module = resolve_module(self.adapter.module, path)
+            if direction == "output":
+                self._handles.append(module.register_forward_hook(self._output_hook(items), with_kwargs=True))
+            else:
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(items), with_kwargs=True))
+
+    def _output_hook(self, items: list[_Resolved]):
+        def hook(mod, args, kwargs, out):
+            return _replace(out, self._apply(items, _first_tensor(out)))
+        return hook
+
+    def _input_hook(self, items: list[_Resolved]):
+        def hook(mod, args, kwargs):
+            if args:
+                return (_replace(args, self._apply(items, args[0])), kwargs)
+            if "hidden_states" not in kwargs:
+                raise ToolkitError(f"{items[0].iv.hook}: the module got no hidden states to change")
+            return args, {**kwargs, "hidden_states": self._apply(items, kwargs["hidden_states"])}
+        return hook
+
+    # batches ---------------------------------------------------------------------------------
+    def begin(self, inputs: ModelInputs | None) -> None:
+        """The next policy call's inputs: their token spans place the edits (spans may differ per batch)."""
+        self._inputs = inputs
+        self._positions.clear()
+        for r in self.items:
+            r.fired = 0
+
+    def _apply(self, items: list[_Resolved], x: torch.Tensor | None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise ToolkitError(f"{items[0].iv.hook}: the module's value is {type(x).__name__}, not a tensor")
+        shape = x.shape
+        y = x.reshape(shape[0], -1, shape[-1])
+        for r in items:
+            r.fired += 1
+            if r.iv.denoise is not None and r.fired - 1 not in r.iv.denoise:
+                continue
+            rows, pos = self._where(r, y)
+            if pos is None:
+                y = _op(r, y)
+            else:
+                y = y.clone()
+                y[rows, pos] = _op(r, y[rows, pos])
+        return y.reshape(shape)
+
+    def _where(self, r: _Resolved, x: torch.Tensor):
+        """(row index, position index) tensors of the tokens to edit, or (None, None) for all of them."""
+        key = (r.site, r.tokens, x.shape[1])
+        if key not in self._positions:
+            self._positions[key] = self._positions_for(r, x)
+        return self._positions[key]
+
+    def _positions_for(self, r: _Resolved, x: torch.Tensor):
+        inputs = self._inputs
+        if inputs is None:
+            if r.tokens == "all":
+                return None, None
+            raise ToolkitError(f"{r.iv.hook} edits tokens {r.tokens!r}: call Steering.begin(inputs) before the "
+                               "policy call so their positions are known")
+        batch, seq = x.shape[0], x.shape[1]
+        sel = parse_tokens(r.tokens, inputs.spans.get(r.expert, {}), seq)
+        if sel.last_valid:
+            mask = inputs.token_mask.get(r.expert)
+            if mask is None or tuple(mask.shape) != (batch, seq):
+                last = torch.full((batch,), seq - 1, device=x.device)
+            else:
+                last = (mask.long() * torch.arange(1, seq + 1, device=x.device)).argmax(1)
+            return torch.arange(batch, device=x.device), last
+        if sel.positions is None:
+            return None, None
+        pos = torch.tensor(sel.positions, device=x.device)
+        return torch.arange(batch, device=x.device)[:, None], pos[None, :]
+
+
+def _replace(value: Any, y: torch.Tensor) -> Any:
+    """``value`` with its hidden-state tensor replaced: a tensor, or the first item of a tuple/list."""
+    if isinstance(value, torch.Tensor):
+        return y
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return type(value)((y, *value[1:])) if isinstance(value, tuple) else [y, *value[1:]]
+    raise ToolkitError(f"cannot intervene on a module that returns {type(value).__name__}")
+
+
+def _tensor(r: _Resolved, name: str, x: torch.Tensor, make) -> torch.Tensor:
+    key = (name, x.device, x.dtype)
+    if key not in r.cache:
+        r.cache[key] = make().to(x.device, x.dtype)
+    return r.cache[key]
+
+
+def _op(r: _Resolved, x: torch.Tensor) -> torch.Tensor:
+    """The edit on the selected tokens x (..., F), in the model's dtype."""
+    iv, a, n = r.iv, r.iv.alpha, x.shape[-1]
+    if iv.vector is not None and iv.op != "clamp" and iv.vector.shape[0] != n:
+        raise ToolkitError(f"{iv.hook} has {n} features but the {iv.op} vector has {iv.vector.shape[0]} "
+                           f"({iv.source or 'given'}): it was made for another site, stream or model")
+    if iv.op == "add":
+        return x + _tensor(r, "d", x, lambda: torch.from_numpy(a * iv.vector))
+    if iv.op == "ablate":
+        q = _tensor(r, "q", x, lambda: torch.from_numpy(_basis(iv.vector)))
+        return x - a * ((x @ q) @ q.T)
+    if iv.op == "zero":
+        return x * (1 - a)
+    if iv.op == "mean":
+        mu = _tensor(r, "mu", x, lambda: torch.from_numpy(iv.vector))
+        return x + a * (mu - x)
+    units = list(iv.units)
+    if max(units) >= n or min(units) < -n:
+        raise ToolkitError(f"{iv.hook} has {n} features; --units {units} goes past them")
+    u = _tensor(r, "u", x, lambda: torch.tensor(units)).long()
+    v = _tensor(r, "v", x, lambda: torch.from_numpy(np.broadcast_to(
+        iv.vector if iv.vector is not None else np.float64(iv.value), (len(units),)).copy()))
+    y = x.clone()
+    y[..., u] = x[..., u] + a * (v - x[..., u])
+    return y
+
+
+def _basis(v: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (F, k) of the direction(s) to project out."""
+    m = v.reshape(v.shape[0], -1)
+    q, rr = np.linalg.qr(m)
+    keep = np.abs(np.diag(rr)) > 1e-10 * np.abs(rr).max()
+    return np.ascontiguousarray(q[:, keep])
+
+
+# --------------------------------------------------------------------------- directions
+
+
+def load_vector(path: str | Path) -> np.ndarray:
+    """A direction saved as ``.npy`` (never unpickled)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ToolkitError(f"direction file {p} does not exist")
+    try:
+        return np.asarray(np.load(p, allow_pickle=False), dtype=np.float64)
+    except ValueError as e:
+        raise ToolkitError(f"{p} is not a plain .npy array ({e})") from None
+
+
+@dataclass(frozen=True)
+class ProbeDirection:
+    """A probe's weights and where it was trained: predict with (x - shift) @ W + b."""
+
+    W: np.ndarray  # (F, C)
+    b: np.ndarray  # (C,)
+    shift: np.ndarray  # (F,)
+    row: dict  # the results row: site, layer, stream, t, target, classes ...
+    classes: list[str]
+    selection: dict  # the probe run's selection (tokens, pool, ...)
+
+    @property
+    def hook(self) -> str:
+        return hook_name(self.row["site"], int(self.row["layer"]), self.row.get("stream") or "resid_post")
+
+    def column(self, cls: str | int) -> int:
+        """The output column of a class: its name first (class names may be digits), else a column index."""
+        if str(cls) in self.classes:
+            return self.classes.index(str(cls))
+        if isinstance(cls, str) and not cls.lstrip("-").isdigit():
+            raise ToolkitError(f"the probe has no class {cls!r}; classes: {', '.join(self.classes)}")
+        c = int(cls)
+        if not -self.W.shape[1] <= c < self.W.shape[1]:
+            raise ToolkitError(f"the probe has {self.W.shape[1]} output columns, not {c}")
+        return c % self.W.shape[1]
+
+    def direction(self, cls: str | int | None = None) -> np.ndarray:
+        """One class's column (name or index), a regression's only column, or the whole (F, C) span."""
+        if cls is None:
+            return self.W[:, 0] if self.W.shape[1] == 1 else self.W
+        return self.W[:, self.column(cls)]
+
+
+def probe_direction(results: str | Path, row_id: int | None = None) -> ProbeDirection:
+    """A probe's saved weights (``toolkit probe --out DIR``) and the row they belong to, read through
+    ``toolkit.analysis.probe.results.load_direction``.  ``row_id`` None: the only saved probe, else an error listing them."""
+    from toolkit.analysis.probe.results import Results, load_direction
+
+    out = Path(results)
+    res = Results.load(out)
+    if not (out / "weights.npz").is_file():
+        raise ToolkitError(f"{out} holds no weights.npz: run `toolkit probe` with --save-weights best or all")
+    with np.load(out / "weights.npz", allow_pickle=False) as z:
+        ids = sorted(int(k[2:]) for k in z.files if k.startswith("W_"))
+    if row_id is None and len(ids) != 1:
+        raise ToolkitError(f"{out} holds the weights of {len(ids)} probes (ids {', '.join(map(str, ids))}); pick one "
+                           f"with DIR:ID, e.g. {out}:{ids[0] if ids else 0}")
+    row_id = ids[0] if row_id is None else row_id
+    row = next((r for r in res.rows if int(r["id"]) == row_id), None)
+    if row is None or row_id not in ids:
+        raise ToolkitError(f"{out} has no saved weights for probe {row_id}; saved: {', '.join(map(str, ids))}")
+    t = row.get("t")
+    d = load_direction(out, row["site"], int(row["layer"]), row["target"], t=None if t is None else float(t),
+                       step=row.get("step"), split=row["split"], solver=row["solver"])
+    W = np.asarray(d.W, dtype=np.float64)
+    W = W.reshape(W.shape[0], -1)
+    classes = [str(c) for c in (d.labels or range(W.shape[1]))]
+    return ProbeDirection(W, np.atleast_1d(np.asarray(d.b, dtype=np.float64)),
+                          np.asarray(d.shift, dtype=np.float64).reshape(-1), d.row, classes,
+                          dict(res.meta.get("selection") or {}))
+
+
+def _store_hook(store: Store, hook: str) -> tuple[str, int, str]:
+    site, layer, stream = parse_hook(hook)
+    if site not in store.sites:
+        raise ToolkitError(f"{store.path} has no site {site!r}; sites: {', '.join(store.sites)}")
+    if stream not in store.streams(site):
+        raise ToolkitError(f"{store.path} holds no stream {stream!r} at site {site!r}")
+    if layer not in store.layers(site):
+        raise ToolkitError(f"{store.path} holds layers {store.layers(site)} of {site!r}, not {layer}")
+    return site, layer, stream
+
+
+def text_values(values: np.ndarray) -> np.ndarray:
+    """A coordinate as an object array of str (stores keep strings variable-length), for matching by value."""
+    return np.array([str(v) for v in np.asarray(values).tolist()], dtype=object)
+
+
+def group_mask(store: Store, condition: str) -> np.ndarray:
+    """Samples matching ``FIELD=VALUE`` (any coordinate or per-sample field; ``task=3`` also matches task id 3)."""
+    name, sep, value = condition.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name:
+        raise ToolkitError(f"group {condition!r} must be FIELD=VALUE, e.g. task=3 or success=1")
+    fields = store.fields()
+    if name not in fields:
+        raise ToolkitError(f"{store.path} has no field {name!r}; fields: {', '.join(fields)}")
+    values = text_values(store.coord(name))
+    mask = values == value
+    if not mask.any() and name == "task" and value.lstrip("-").isdigit():
+        mask = np.asarray(store.coord("task_id")) == int(value)
+    if not mask.any():
+        shown = ", ".join(sorted(set(values.tolist()))[:10])
+        raise ToolkitError(f"no sample of {store.path} has {name}={value}; values: {shown}")
+    return mask
+
+
+def mean_difference(store: str | Path | Store, hook: str, group_a: str, group_b: str) -> np.ndarray:
+    """mean(group a) - mean(group b) of a stored stream at one layer, streamed chunk by chunk."""
+    s = store if isinstance(store, Store) else open_store(store)
+    site, layer, stream = _store_hook(s, hook)
+    ma, mb = group_mask(s, group_a), group_mask(s, group_b)
+    if (ma & mb).any():
+        raise ToolkitError(f"groups {group_a!r} and {group_b!r} share samples: pick disjoint groups")
+    sums = {}
+    for rows, x in iter_sample_vectors(s, site, stream, layer):
+        for key, m in (("a", ma), ("b", mb)):
+            sums[key] = sums.get(key, 0) + x[m[rows]].sum(0)
+    return sums["a"] / ma.sum() - sums["b"] / mb.sum()
+
+
+def store_mean(store: str | Path | Store, hook: str) -> np.ndarray:
+    """The stream's mean vector over every sample (and token, denoising step) of a store: for ``mean``."""
+    s = store if isinstance(store, Store) else open_store(store)
+    site, layer, stream = _store_hook(s, hook)
+    total, count = 0.0, 0
+    for _, x in iter_sample_vectors(s, site, stream, layer):
+        total, count = total + x.sum(0), count + len(x)
+    return total / count
