@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.run.pipeline import COORDINATES
-from toolkit.store.core import ArraySpec, StoreWriter
+from toolkit.run.layout import COORDINATES
+from toolkit.store.layout import ArraySpec
+from toolkit.store.writer import StoreWriter
 
 OUT = Path(__file__).parent / "out"
 N_TASKS, STEPS, D, N_FOLDS = 4, 8, 16, 5

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import toolkit
-from toolkit.run.pipeline import iter_samples, sample_generator
+from toolkit.run.samples import iter_samples, sample_generator
 from toolkit.sdk.plugins import get_dataset, get_model
 
 

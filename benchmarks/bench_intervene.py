@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_extract import medium_checkpoint  # noqa: E402
 
-from toolkit.run.pipeline import sample_generator  # noqa: E402
+from toolkit.run.samples import sample_generator  # noqa: E402
 from toolkit.capture.intervention import Intervention, Steering  # noqa: E402
 from toolkit.sdk.plugins import get_dataset, get_model  # noqa: E402
 

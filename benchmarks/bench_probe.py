@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.run.pipeline import COORDINATES
-from toolkit.store.core import ArraySpec, StoreWriter
+from toolkit.run.layout import COORDINATES
+from toolkit.store.layout import ArraySpec
+from toolkit.store.writer import StoreWriter
 
 OUT = Path(__file__).parent / "out"
 
@@ -76,7 +77,7 @@ def write_store(path: Path, n_tasks: int, eps_per_task: int, steps: int, layers:
 def bench_read(store_path: Path, raw: Path, repeats: int = 3) -> dict:
     from toolkit.analysis.probe.select import Selection, resolve
     from toolkit.analysis.probe.stats import iter_blocks
-    from toolkit.store.core import open_store
+    from toolkit.store.reader import open_store
 
     store = open_store(store_path)
     res = resolve(store, Selection(site="vlm"))
@@ -116,7 +117,7 @@ def bench_layer(tmp: Path, d: int, n: int, repeats: int) -> dict:
     from toolkit.analysis.probe.solvers import NestedRidge, solver_workers
     from toolkit.analysis.probe.splits import make_folds
     from toolkit.analysis.probe.stats import FoldStats, iter_blocks
-    from toolkit.store.core import open_store
+    from toolkit.store.reader import open_store
 
     steps = 50
     path = write_store(tmp / f"layer{d}.zarr", 16, max(1, n // (16 * steps)), steps, 1, d)
@@ -185,7 +186,7 @@ def bench_sweep(store_path: Path) -> dict:
     from toolkit.analysis.probe.select import plain, resolve
     from toolkit.analysis.probe.splits import make_folds
     from toolkit.analysis.probe.stats import iter_blocks
-    from toolkit.store.core import open_store
+    from toolkit.store.reader import open_store
 
     t = time.perf_counter()
     res = probe(store_path, Selection(site="vlm"), ["task"], ProbeConfig(mdl=False, save_weights="none"))

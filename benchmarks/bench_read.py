@@ -27,7 +27,9 @@ import numcodecs
 import numpy as np
 import zarr
 
-from toolkit.store.core import ArraySpec, StoreWriter, open_store
+from toolkit.store.layout import ArraySpec
+from toolkit.store.reader import open_store
+from toolkit.store.writer import StoreWriter
 
 
 def evict(path: Path) -> None:

@@ -42,7 +42,7 @@ def bench_ray(tmp: Path, repeats: int, episodes: list[int]) -> dict:
 
     import ray
 
-    from toolkit.run.pipeline import extract
+    from toolkit.run.api import extract
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_extract import medium_checkpoint  # the mid-size pi0 (~150 M parameters): compute-bound on CPU
@@ -81,7 +81,9 @@ def bench_ray(tmp: Path, repeats: int, episodes: list[int]) -> dict:
 
 def bench_dask(tmp: Path, repeats: int) -> dict:
     from toolkit.analysis.stats import store_stats
-    from toolkit.store.core import ArraySpec, StoreWriter, open_store
+    from toolkit.store.layout import ArraySpec
+    from toolkit.store.reader import open_store
+    from toolkit.store.writer import StoreWriter
 
     n, layers, tokens, features, chunk = 2048, 2, 16, 512, 256
     rng = np.random.default_rng(0)
@@ -122,8 +124,8 @@ def bench_dask_probe(tmp: Path, repeats: int) -> dict:
     from toolkit.analysis.probe.select import plain, resolve
     from toolkit.analysis.probe.splits import make_folds
     from toolkit.analysis.probe.stats import LayerInputs, cell_shifts, layer_statistics
-    from toolkit.analysis.parallel import probe_layer_statistics
-    from toolkit.store.core import open_store
+    from toolkit.analysis.probe.stats import probe_layer_statistics
+    from toolkit.store.reader import open_store
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_probe import write_store
@@ -169,7 +171,8 @@ def bench_s3(tmp: Path, repeats: int) -> dict:
 
     import boto3
 
-    from toolkit.store.core import ArraySpec, StoreWriter
+    from toolkit.store.layout import ArraySpec
+    from toolkit.store.writer import StoreWriter
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

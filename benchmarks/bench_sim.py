@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import toolkit
-from toolkit.run.pipeline import call_generator, iter_closed_loop
+from toolkit.run.samples import call_generator, iter_closed_loop
 from toolkit.sdk.plugins import get_model, plugin_manager, registry
 
 SUITE, TASK = "libero_object", 0

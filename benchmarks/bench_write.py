@@ -39,7 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.store.core import ArraySpec, StoreWriter, open_store
+from toolkit.store.layout import ArraySpec
+from toolkit.store.reader import open_store
+from toolkit.store.writer import StoreWriter
 
 
 def make_data(n: int, layers: int, tokens: int, features: int, dtype: str) -> np.ndarray:
@@ -92,7 +94,8 @@ RSS_CHILD = """
 import resource, sys
 import numpy as np
 import toolkit
-from toolkit.store.core import ArraySpec, StoreWriter
+from toolkit.store.layout import ArraySpec
+from toolkit.store.writer import StoreWriter
 kind, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 layers, tokens, features = (int(v) for v in sys.argv[4:7])
 step = np.random.default_rng(0).standard_normal((1, layers, tokens, features)).astype(np.float16)

@@ -50,7 +50,7 @@ def command(store: Path, config: str, *extra: str) -> list[str]:
 def snapshot(path: Path) -> dict[str, np.ndarray]:
     import warnings
 
-    from toolkit.store.core import open_store
+    from toolkit.store.reader import open_store
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

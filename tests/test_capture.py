@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from synthetic import tinyvla_batch, toolkit_tinyvla
-from toolkit.capture.hooks import Capture, build_plan
-from toolkit.run.pipeline import sample_generator
+from toolkit.capture.hooks import Capture
+from toolkit.capture.plan import build_plan
+from toolkit.run.samples import sample_generator
 
 
 @pytest.fixture(scope="module")

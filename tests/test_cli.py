@@ -147,20 +147,18 @@ def test_the_core_cli_names_no_plugin_flag():
 
 
 def test_a_run_can_be_given_as_one_spec_object(tmp_path, pi0_single_thread):
-    import dataclasses
-
     from synthetic import registered
-    from toolkit.run.pipeline import ExtractSpec
+    from toolkit.run.spec import RunSpec
 
-    spec = ExtractSpec(model="tinyvla", dataset="synthetic", store=tmp_path / "spec.zarr", sites=["llm"], layers="-1",
-                       dtype="float32", max_episodes=1, dataset_options={"n_tasks": 1, "n_episodes": 1, "n_steps": 2})
+    spec = RunSpec(model="tinyvla", dataset="synthetic", sites=["llm"], layers="-1", dtype="float32", max_episodes=1,
+                   dataset_options={"n_tasks": 1, "n_episodes": 1, "n_steps": 2})
     with registered():
-        a = toolkit.open_store(toolkit.extract(spec))
-        b = toolkit.open_store(toolkit.extract(**{**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)},
-                                                  "store": tmp_path / "kw.zarr"}))
+        a = toolkit.open_store(toolkit.extract(spec, tmp_path / "spec.zarr"))
+        b = toolkit.open_store(toolkit.extract(store=tmp_path / "kw.zarr", **spec.model_dump()))
         with pytest.raises(toolkit.ToolkitError, match="already exists"):
-            toolkit.extract(spec)
-        toolkit.extract(dataclasses.replace(spec, overwrite=True))
+            toolkit.extract(spec, tmp_path / "spec.zarr")
+        toolkit.extract(spec, tmp_path / "spec.zarr", overwrite=True)
     assert a.layers("llm") == b.layers("llm") == [2]
     assert (a.read("llm", "resid_post") == b.read("llm", "resid_post")).all()
-    assert [f.name for f in dataclasses.fields(ExtractSpec)][:3] == ["model", "dataset", "store"]
+    # the store records the spec; it rebuilds the same run
+    assert RunSpec.from_store(a.attrs["run_spec"]) == spec

@@ -14,7 +14,7 @@ import pytest
 import toolkit
 from synthetic import assert_same_store
 from toolkit.run.ray import _reachable, units
-from toolkit.run.pipeline import extract
+from toolkit.run.api import extract
 
 ray = pytest.importorskip("ray")
 
@@ -118,7 +118,7 @@ def test_a_killed_driver_leaves_a_store_that_resume_finishes(cluster, serial, tm
 
 
 def test_a_bad_worker_count_fails_in_one_line_before_anything_is_written(tmp_path):
-    with pytest.raises(toolkit.ToolkitError, match="at least 1"):
+    with pytest.raises(toolkit.ToolkitError, match="--workers must be at least 0, got -1"):
         extract(store=tmp_path / "x.zarr", workers=-1, **OPTIONS)
     assert not (tmp_path / "x.zarr").exists()
     with pytest.raises(toolkit.ToolkitError, match="cannot reach the Ray cluster at 127.0.0.1:1"):

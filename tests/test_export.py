@@ -10,10 +10,9 @@ import torch
 from click.testing import CliRunner
 
 import toolkit
-from toolkit.cli.main import ToolkitGroup
+from toolkit.cli import cli
 from toolkit.sdk.errors import ToolkitError
 from toolkit.analysis.export import export
-from toolkit.cli.export import export_command
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +26,12 @@ def store(tmp_path_factory, pi0_single_thread):
                                max_episodes=2, max_steps=2)
 
 
-def cli(*args):
-    group = ToolkitGroup()
-    group.add_command(export_command)
-    return CliRunner().invoke(group, ["export", *map(str, args)])
+def run_export(*args):
+    return CliRunner().invoke(cli, ["export", *map(str, args)])
 
 
 def test_npy_layout_and_metadata(store, tmp_path):
-    res = cli(store, "--out", tmp_path / "out", "--format", "npy")
+    res = run_export(store, "--out", tmp_path / "out", "--format", "npy")
     assert res.exit_code == 0, res.output
     s = toolkit.open_store(store)
     root = tmp_path / "out"
@@ -79,17 +76,17 @@ def test_pt_selection_and_visualize(store, tmp_path):
     (["--stream", "mlp_out"], "has none of the streams mlp_out"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(store, tmp_path, args, match):
-    res = cli(store, "--out", tmp_path / "bad", *args)
+    res = run_export(store, "--out", tmp_path / "bad", *args)
     assert res.exit_code == 2 and match in res.output, res.output
     assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_out_and_not_a_store(store, tmp_path):
     (tmp_path / "out").mkdir()
-    res = cli(store, "--out", tmp_path / "out")
+    res = run_export(store, "--out", tmp_path / "out")
     assert res.exit_code == 2 and "already exists: pass --overwrite" in res.output
-    assert cli(store, "--out", tmp_path / "out", "--overwrite").exit_code == 0
-    res = cli(tmp_path / "nope.zarr", "--out", tmp_path / "o2")
+    assert run_export(store, "--out", tmp_path / "out", "--overwrite").exit_code == 0
+    res = run_export(tmp_path / "nope.zarr", "--out", tmp_path / "o2")
     assert res.exit_code == 2 and "is not a store" in res.output and not (tmp_path / "o2").exists()
 
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import toolkit
-from toolkit.cli.analysis import dataset_stats_command
+from toolkit.cli import cli
 from toolkit.sdk.errors import ToolkitError
 from toolkit_plugins.h5 import H5Dataset, frame_indices, stratified
 
@@ -118,7 +118,7 @@ def test_bad_files_name_file_and_key(root, tmp_path):
 
 
 def test_dataset_stats_cli(root):
-    r = CliRunner().invoke(dataset_stats_command, ["--dataset", "h5", "--data", str(root), "--json",
+    r = CliRunner().invoke(cli, ["dataset-stats", "--dataset", "h5", "--data", str(root), "--json",
                                                    "--dataset-option", "frames_per_episode=5",
                                                    "--dataset-option", "stratify_by=direction",
                                                    "--dataset-option", "max_episodes=4"])
@@ -130,7 +130,7 @@ def test_dataset_stats_cli(root):
     plan = rep["sampling"]
     assert plan["n_episodes"] == 4 and plan["n_frames"] == 20 and plan["by_stratum"] == {"left": 2, "right": 1,
                                                                                             "unknown": 1}
-    r = CliRunner().invoke(dataset_stats_command, ["--dataset", "h5", "--data", str(root)])
+    r = CliRunner().invoke(cli, ["dataset-stats", "--dataset", "h5", "--data", str(root)])
     assert r.exit_code == 0 and "episodes by direction:" in r.output and "6 episodes" in r.output
 
 

@@ -271,7 +271,7 @@ def test_bad_field_through_the_cli_leaves_no_store(tmp_path):
 
 
 def test_success_words_are_mapped_explicitly(tmp_path):
-    from toolkit.run.pipeline import iter_samples, sample_fields
+    from toolkit.run.samples import iter_samples, sample_fields
 
     assert [fields.success(v, "") for v in (True, np.bool_(False), 1, 0.0, "no", "Yes", "FAILED", b"true", None)] == \
         [1, 0, 1, 0, 0, 1, 0, 1, -1]

@@ -7,12 +7,15 @@ import pytest
 from click.testing import CliRunner
 
 from synthetic import registered, tinyvla_batch, toolkit_tinyvla
-from toolkit.capture.hooks import Capture, build_plan
+from toolkit.capture.hooks import Capture
+from toolkit.capture.plan import build_plan
 from toolkit.sdk.errors import ToolkitError
-from toolkit.run.pipeline import sample_generator
-from toolkit.run.intervene import bootstrap_mean, intervene, mcnemar_exact, sign_flip_test
-from toolkit.capture.intervention import Intervention, Steering, mean_difference, probe_direction, store_mean
-from toolkit.store.core import open_store
+from toolkit.run.samples import sample_generator
+from toolkit.analysis.effects import bootstrap_mean, mcnemar_exact, sign_flip_test
+from toolkit.run.intervene import intervene
+from toolkit.analysis.directions import mean_difference, probe_direction, store_mean
+from toolkit.capture.intervention import Intervention, Steering
+from toolkit.store.reader import open_store
 
 HOOK = "text.layers.1.resid_post"
 
@@ -185,7 +188,7 @@ OPTS = dict(model_options={"num_steps": 2}, dataset_options=dict(n_tasks=2, n_ep
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory, pi0_single_thread):
     """An unmodified tiny-pi0 store and a real `toolkit probe` run on it (task, text_only layer 2)."""
-    from toolkit.run.pipeline import extract
+    from toolkit.run.api import extract
     from toolkit.analysis.probe import Selection, probe
 
     root = tmp_path_factory.mktemp("probe")
@@ -210,7 +213,7 @@ def test_probe_weights_are_read_from_a_real_probe_run(probed):
 def test_adding_alpha_w_shifts_the_probe_score_by_alpha_w_squared(probed, tmp_path):
     root, _ = probed
     with registered():
-        run = intervene("pi0", "synthetic", tmp_path, direction=root / "probe", probe_class="task 1",
+        run = intervene(out=tmp_path, model="pi0", dataset="synthetic", direction=root / "probe", probe_class="task 1",
                         alphas=[0, 0.5, 2], figures=False, **OPTS)
     rows = {(r["metric"], r["alpha"]): r for r in run.rows if r["metric"] in ("probe_score_shift", "action_l2")}
     w = probe_direction(root / "probe").W[:, 1]
@@ -232,7 +235,7 @@ def test_adding_alpha_w_shifts_the_probe_score_by_alpha_w_squared(probed, tmp_pa
 def test_ablating_the_probes_directions_sends_it_to_chance(probed, tmp_path):
     root, _ = probed
     with registered():
-        run = intervene("pi0", "synthetic", tmp_path, direction=root / "probe", op="ablate", alphas=[1],
+        run = intervene(out=tmp_path, model="pi0", dataset="synthetic", direction=root / "probe", op="ablate", alphas=[1],
                         figures=True, **OPTS)
     acc = next(r for r in run.rows if r["metric"] == "probe_accuracy")
     assert acc["baseline"] == 1.0  # the probe decodes the task on the unmodified activations
@@ -248,7 +251,7 @@ def test_a_regression_probes_direction_steers_its_prediction(probed, tmp_path):
     p = probe_direction(root / "regression")
     assert p.W.shape == (128, 1) and np.array_equal(p.direction(None), p.W[:, 0])
     with registered():
-        run = intervene("pi0", "synthetic", tmp_path, direction=root / "regression", alphas=[3], figures=False, **OPTS)
+        run = intervene(out=tmp_path, model="pi0", dataset="synthetic", direction=root / "regression", alphas=[3], figures=False, **OPTS)
     shift = next(r for r in run.rows if r["metric"] == "probe_score_shift")
     w = p.W[:, 0]
     assert shift["predicted"] == pytest.approx(3 * w @ w) and shift["value"] == pytest.approx(3 * w @ w, rel=1e-4)

@@ -14,7 +14,7 @@ import pytest
 
 from toolkit.run.intervene import intervene
 from synthetic import register_libero_sim
-from toolkit.store.core import open_store
+from toolkit.store.reader import open_store
 
 HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
 pytestmark = [pytest.mark.skipif(os.environ.get("TOOLKIT_SIM_TESTS") != "1",
@@ -31,9 +31,9 @@ def _registered():
 
 
 def test_intervened_rollouts_pair_with_unmodified_rollouts_from_the_same_init_state(tmp_path):
-    run = intervene("pi0", "libero-sim", tmp_path, hooks=["action.layers.3.resid_post"], op="zero", alphas=[0, 1],
+    run = intervene(out=tmp_path, model="pi0", dataset="libero-sim", at=["action.layers.3.resid_post"], op="zero", alphas=[0, 1],
                     max_steps=20, seed=3, model_options={"num_steps": 2}, dataset_options=dict(OPTIONS),
-                    n_boot=200, n_perm=200)
+                    bootstrap=200, permutations=200)
     base = open_store(run.baseline)
     zero, hit = (open_store(c.store) for c in run.conditions)
     for s in (base, zero, hit):  # every run rolled out the same two init states

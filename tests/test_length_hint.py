@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 import toolkit
-from toolkit.run.pipeline import expected_samples
+from toolkit.run.samples import expected_samples
 from toolkit.sdk.plugins import registry
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")

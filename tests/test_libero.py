@@ -117,7 +117,7 @@ def test_options_select_tasks_and_episodes():
 
 
 def test_sample_runs_through_iter_samples():
-    from toolkit.run.pipeline import iter_samples, sample_fields
+    from toolkit.run.samples import iter_samples, sample_fields
 
     samples = list(iter_samples(LiberoDataset(), max_episodes=3, max_steps=4, stride=2))
     assert [(s.episode.key, s.step.index) for s in samples[:3]] == [

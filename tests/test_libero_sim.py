@@ -17,7 +17,8 @@ import pytest
 import toolkit
 from toolkit.sdk.errors import ToolkitError
 from synthetic import register_libero_sim
-from toolkit.store.core import open_store, write_consolidated
+from toolkit.store.layout import write_consolidated
+from toolkit.store.reader import open_store
 
 HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
 # MuJoCo/robosuite and TensorFlow (the RLDS tests) crash when loaded into one process, so these tests run in a

@@ -10,12 +10,14 @@ import pytest
 from click.testing import CliRunner
 
 from toolkit.sdk.errors import ToolkitError
-from toolkit.run.pipeline import COORDINATES
+from toolkit.run.layout import COORDINATES
 from toolkit.analysis.probe import ProbeConfig, Results, Selection, probe
 from toolkit.analysis.probe.select import plain, resolve
 from toolkit.analysis.probe.splits import make_folds
 from toolkit.analysis.probe.stats import iter_blocks
-from toolkit.store.core import ArraySpec, StoreWriter, open_store
+from toolkit.store.layout import ArraySpec
+from toolkit.store.reader import open_store
+from toolkit.store.writer import StoreWriter
 
 INSTRUCTIONS = ["put the bowl on the plate", "open the top drawer", "turn on the stove", "pick up the black bowl",
                 "push the plate to the front", "put the cream cheese in the bowl"]
@@ -316,10 +318,10 @@ def test_bad_input_is_one_clear_line(store_path, sel, target, message, monkeypat
 
 def test_cli_probe_and_report(store_path, tmp_path):
     from toolkit.analysis.probe.results import load_direction
-    from toolkit.cli.probe import probe_command, report_command
+    from toolkit.cli import cli
 
     out = tmp_path / "res"
-    r = CliRunner().invoke(probe_command, [str(store_path), "--layers", "3,6", "--out", str(out), "--no-progress"])
+    r = CliRunner().invoke(cli, ["probe", str(store_path), "--layers", "3,6", "--out", str(out), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "selected (inner-CV" in r.output
     loaded = Results.load(out)
@@ -332,12 +334,12 @@ def test_cli_probe_and_report(store_path, tmp_path):
     assert d.W.shape == (24, 4) and d.labels == ["task_0", "task_1", "task_2", "task_3"]
     with pytest.raises(ToolkitError, match="no saved probe"):
         load_direction(out, "vlm", 3, "task")
-    r = CliRunner().invoke(report_command, [str(out)])
+    r = CliRunner().invoke(cli, ["report", str(out)])
     assert r.exit_code == 0, r.output
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
     assert "data:image/png;base64" in html and "synthetic" in md and "inner" in md
-    old = CliRunner().invoke(probe_command, ["--store", str(store_path), "--site", "vlm", "--layer", "5"])
+    old = CliRunner().invoke(cli, ["probe", "--store", str(store_path), "--site", "vlm", "--layer", "5"])
     assert old.exit_code != 0 and "layer" in old.output
 
 

@@ -1,4 +1,4 @@
-"""The ridge probe's statistics on Dask (toolkit.analysis.parallel.probe_layer_statistics): per-chunk-group tasks merged
+"""The ridge probe's statistics on Dask (toolkit.analysis.probe.stats.probe_layer_statistics): per-chunk-group tasks merged
 in a tree equal the serial sums (relative 1e-10), and the probe's results are the serial ones, on the threads
 scheduler, through the CLI, and on a local dask.distributed cluster of 2 worker processes."""
 
@@ -15,8 +15,8 @@ from toolkit.analysis.probe import ProbeConfig, Selection, probe
 from toolkit.analysis.probe.select import resolve
 from toolkit.analysis.probe.splits import make_folds
 from toolkit.analysis.probe.stats import LayerInputs, cell_shifts, chunk_groups, layer_statistics
-from toolkit.analysis.parallel import probe_layer_statistics
-from toolkit.store.core import open_store
+from toolkit.analysis.probe.stats import probe_layer_statistics
+from toolkit.store.reader import open_store
 
 pytest.importorskip("dask.distributed")
 
@@ -78,11 +78,11 @@ def test_chunk_groups_follow_storage_chunks(store_path):
 
 
 def test_probe_on_the_threads_scheduler_through_the_cli(store_path, tmp_path):
-    from toolkit.cli.probe import probe_command
+    from toolkit.cli import cli
 
     serial = probe(store_path, Selection(site="vlm", layers="3,6"), ["task"], ProbeConfig())
     out = tmp_path / "r"
-    r = CliRunner().invoke(probe_command, [str(store_path), "--site", "vlm", "--layers", "3,6", "--scheduler",
+    r = CliRunner().invoke(cli, ["probe", str(store_path), "--site", "vlm", "--layers", "3,6", "--scheduler",
                                            "threads", "--no-progress", "--out", str(out)])
     assert r.exit_code == 0, r.output
     rows = json.loads((out / "results.json").read_text())
@@ -92,7 +92,7 @@ def test_probe_on_the_threads_scheduler_through_the_cli(store_path, tmp_path):
         assert (a["layer"], a["lambda_folds"]) == (b["layer"], b["lambda_folds"])
         assert a["metric"] == pytest.approx(b["metric"], rel=1e-10)
         assert a["compression"] == pytest.approx(b["compression"], rel=1e-10)
-    bad = CliRunner().invoke(probe_command, [str(store_path), "--scheduler", "nowhere", "--no-progress"])
+    bad = CliRunner().invoke(cli, ["probe", str(store_path), "--scheduler", "nowhere", "--no-progress"])
     assert bad.exit_code != 0 and "unknown --scheduler" in bad.output and "Traceback" not in bad.output
 
 

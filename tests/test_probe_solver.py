@@ -13,7 +13,7 @@ from toolkit.analysis.probe.select import plain, resolve
 from toolkit.analysis.probe.solvers import LAMBDAS, NestedRidge, RidgePath, validation_sse
 from toolkit.analysis.probe.splits import make_folds
 from toolkit.analysis.probe.stats import FoldStats, iter_blocks, sum_stats
-from toolkit.store.core import open_store
+from toolkit.store.reader import open_store
 
 
 @pytest.fixture(scope="module")

@@ -51,15 +51,15 @@ def test_unknown_outcomes_are_left_out():
 
 
 def test_cli_success_option_figures_and_report(tmp_path):
-    from toolkit.cli.probe import probe_command
+    from toolkit.cli import cli
 
     path = write_store(tmp_path / "s.zarr", failed_signal=0.2)
     out = tmp_path / "res"
-    r = CliRunner().invoke(probe_command, [str(path), "--layers", "3,6", "--step-buckets", "6", "--no-mdl",
+    r = CliRunner().invoke(cli, ["probe", str(path), "--layers", "3,6", "--step-buckets", "6", "--no-mdl",
                                            "--out", str(out), "--no-progress", "--report"])
     assert r.exit_code == 0, r.output
     loaded = Results.load(out)
-    assert (out / "success.csv").read_text().startswith("id,site")
+    assert (out / "success.csv").read_text().startswith("site,layer,t,step,target")  # the lead columns first
     assert {(s["site"], s["step"]) for s in loaded.success} == {(s, b) for s in ("vlm", "action")
                                                               for b in ("0-5", "6-11")}
     figs = {p.name for p in (out / "figures").iterdir()}
@@ -68,7 +68,7 @@ def test_cli_success_option_figures_and_report(tmp_path):
     assert "denoise_vlm_task_episodes_ridge.png" not in figs  # the VLM has no denoising axis
     md = (out / "report.md").read_text()
     assert "vs episode success at layer 6" in md and "permutation p" in md
-    off = CliRunner().invoke(probe_command, [str(path), "--site", "vlm", "--layers", "6", "--no-mdl", "--no-success",
+    off = CliRunner().invoke(cli, ["probe", str(path), "--site", "vlm", "--layers", "6", "--no-mdl", "--no-success",
                                              "--out", str(tmp_path / "off"), "--no-progress"])
     assert off.exit_code == 0, off.output
     assert Results.load(tmp_path / "off").success == []

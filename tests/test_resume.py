@@ -121,7 +121,7 @@ def test_two_concurrent_creates_one_proceeds_and_the_store_equals_a_single_run(r
 def test_two_concurrent_resumes_one_proceeds_and_the_store_equals_a_single_run(reference, tmp_path):
     import shutil
 
-    from toolkit.store.core import write_consolidated
+    from toolkit.store.layout import write_consolidated
 
     store = tmp_path / "half.zarr"
     shutil.copytree(reference, store)

@@ -12,7 +12,7 @@ import zarr
 import toolkit
 from synthetic import registered
 from toolkit.sdk.errors import ToolkitError
-from toolkit.store.core import StoreLock
+from toolkit.store.lock import StoreLock
 
 BASE = dict(model="tinyvla", dataset="synthetic", chunk_samples=4, sites=["llm"], dtype="float32", pool="mean")
 

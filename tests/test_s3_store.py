@@ -23,7 +23,7 @@ from synthetic import assert_same_store  # noqa: E402
 
 from toolkit.sdk.errors import ToolkitError  # noqa: E402
 from toolkit.store.location import LeaseLock, location  # noqa: E402
-from toolkit.store.core import open_store  # noqa: E402
+from toolkit.store.reader import open_store  # noqa: E402
 
 ARGS = ["--model", "pi0", "--dataset", "libero", "--max-episodes", "6", "--chunk-samples", "4", "--batch-size", "2",
         "--streams", "resid_post", "--sites", "vlm,action", "--no-progress"]

@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from tests.test_stats import make_store
-from toolkit.cli.analysis import stats_command
+from toolkit.cli import cli
 from toolkit.sdk.errors import ToolkitError
 from toolkit.analysis.stats import compare_stores, layer_stats, store_stats
-from toolkit.store.core import CorruptStoreError
+from toolkit.store.chunks import CorruptStoreError
 
 pytest.importorskip("dask.distributed")
 
@@ -64,8 +64,8 @@ def test_dask_distributed_cluster_gives_the_serial_report(stores):
 def test_cli_stats_scheduler_matches_serial(stores):
     a, _ = stores
     runner = CliRunner()
-    serial = runner.invoke(stats_command, [str(a.path), "--json", "--no-progress"])
-    dask = runner.invoke(stats_command, [str(a.path), "--json", "--no-progress", "--scheduler", "threads"])
+    serial = runner.invoke(cli, ["stats", str(a.path), "--json", "--no-progress"])
+    dask = runner.invoke(cli, ["stats", str(a.path), "--json", "--no-progress", "--scheduler", "threads"])
     assert serial.exit_code == 0 and dask.exit_code == 0, dask.output
     s, d = json.loads(serial.output), json.loads(dask.output)
     for layer in s["layers"]:

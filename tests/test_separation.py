@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import toolkit
 from toolkit.sdk.errors import ToolkitError
 from toolkit.analysis.separation import PairSums, expert_separation, linear_cka
-from toolkit.store.core import open_store
+from toolkit.store.reader import open_store
 from toolkit_plugins.libero.sample import write_latent_pickles
 
 

@@ -12,7 +12,7 @@ import zarr
 import toolkit
 from synthetic import registered
 from toolkit.sdk.errors import ToolkitError
-from toolkit.store.core import decode
+from toolkit.store.codecs import decode
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,8 @@ def test_info_on_a_store_whose_model_attribute_is_a_string(tmp_path):
     from click.testing import CliRunner
 
     from toolkit.cli.main import cli
-    from toolkit.store.core import ArraySpec, StoreWriter
+    from toolkit.store.layout import ArraySpec
+    from toolkit.store.writer import StoreWriter
 
     w = StoreWriter(tmp_path / "s.zarr")
     w.initialize({"model": "synthetic", "dataset": "hand-made"},
@@ -243,7 +244,8 @@ def test_a_long_block_is_committed_on_time_and_reads_back_whole(tmp_path):
     the next write into the same chunk keeps the committed rows."""
     import time
 
-    from toolkit.store.core import ArraySpec, StoreWriter
+    from toolkit.store.layout import ArraySpec
+    from toolkit.store.writer import StoreWriter
 
     x = np.arange(10 * 2 * 3, dtype=np.float32).reshape(10, 2, 3)
     w = StoreWriter(tmp_path / "s.zarr")
@@ -268,7 +270,7 @@ def test_a_long_block_is_committed_on_time_and_reads_back_whole(tmp_path):
 def test_readers_of_an_incomplete_store_warn_once_with_the_committed_count(store, tmp_path, command):
     import shutil
 
-    from toolkit.store.core import write_consolidated
+    from toolkit.store.layout import write_consolidated
 
     path = tmp_path / "part.zarr"
     shutil.copytree(store, path)
@@ -284,7 +286,8 @@ def test_readers_of_an_incomplete_store_warn_once_with_the_committed_count(store
 
 
 def _hand_made(path, codec, x, bf, chunk_samples=16, batch=10):
-    from toolkit.store.core import ArraySpec, StoreWriter
+    from toolkit.store.layout import ArraySpec
+    from toolkit.store.writer import StoreWriter
 
     w = StoreWriter(path, codec=codec)
     w.initialize({"model": "m"},
@@ -330,7 +333,8 @@ def test_pool_encoded_chunks_are_zarrs_own_bytes_and_verify(tmp_path, codec):
 
 
 def test_auto_codec_is_chosen_per_stored_dtype_and_a_resume_keeps_the_stores(tmp_path):
-    from toolkit.store.core import StoreWriter, codec_for, codec_name
+    from toolkit.store.codecs import codec_for, codec_name
+    from toolkit.store.writer import StoreWriter
 
     assert [codec_for("auto", d) for d in ("bfloat16", "float16", "float32", "int32", "str")] == \
         ["blosc-lz4", "none", "blosc-lz4", "zstd", "zstd"]
@@ -344,10 +348,15 @@ def test_auto_codec_is_chosen_per_stored_dtype_and_a_resume_keeps_the_stores(tmp
     assert [codec_name(s.array("vlm", n)) for n in ("resid_post", "resid_bf")] == ["none", "blosc-lz4"]
     assert codec_name(s.root["episode"]) == "zstd"
     # an old store (zstd) resumed with the default keeps zstd: its spec compares equal and its arrays keep zstd
+    from toolkit.run.spec import RunSpec
+
     _hand_made(tmp_path / "old.zarr", "zstd", x, bf)
-    w = StoreWriter(tmp_path / "old.zarr", mode="resume", codec="auto", spec={"codec": "auto"})
-    assert w.codec == "zstd" and w.spec == {"codec": "zstd"}
+    w = StoreWriter(tmp_path / "old.zarr", mode="resume", codec="auto", spec={"codec": "auto"},
+                    differ=RunSpec.resume_difference)
+    assert w.codec == "zstd"
     w.release()
+    assert RunSpec.resume_difference({"codec": "zstd"}, {"codec": "auto"}) is None
+    assert RunSpec.resume_difference({"codec": "zstd"}, {"codec": "none"}) == ("codec", "zstd", "none")
 
 
 def test_info_shows_each_streams_codec_and_compression_ratio(tmp_path):
@@ -372,7 +381,7 @@ def test_info_shows_each_streams_codec_and_compression_ratio(tmp_path):
 def test_store_read_of_uncompressed_chunks_in_place_still_catches_damage(tmp_path, damage):
     """Store.read reads whole uncompressed chunks straight into its output and checks them there; the values are
     exact, and a damaged, short or missing chunk is still one CorruptStoreError naming it."""
-    from toolkit.store.core import CorruptStoreError
+    from toolkit.store.chunks import CorruptStoreError
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((40, 3, 4, 8)).astype(np.float16)

@@ -7,7 +7,10 @@ import pytest
 import zarr
 
 import toolkit
-from toolkit.store.core import ArraySpec, CorruptStoreError, StoreWriter, _block_buffer, _crc32c, encode_chunk
+from toolkit.store.chunks import CorruptStoreError, crc32c as _crc32c
+from toolkit.store.codecs import encode_chunk
+from toolkit.store.layout import ArraySpec
+from toolkit.store.writer import _block_buffer, StoreWriter
 
 
 def _write(path, codec, x, chunk_samples, batch, commit_samples=None):

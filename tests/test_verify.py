@@ -10,7 +10,8 @@ from click.testing import CliRunner
 import toolkit
 from synthetic import registered
 from toolkit.cli.main import cli
-from toolkit.store.core import CorruptStoreError, open_store, read_chunk
+from toolkit.store.chunks import CorruptStoreError, read_chunk
+from toolkit.store.reader import open_store
 
 KEY = "llm/resid_post/c/1/0/0/0"  # samples 4-7, layer 0 of the llm site
 

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from toolkit.sdk.adapters import Episode, ModelAdapter, ModelInputs, SiteInfo, Step
-from toolkit.capture.hooks import Capture, SiteCapture, build_plan, resolve_module
+from toolkit.capture.hooks import Capture, resolve_module
+from toolkit.capture.plan import SiteCapture, build_plan
 
 Batch = Sequence[tuple[Episode, Step]]
 

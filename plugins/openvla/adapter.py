@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 
 from toolkit.sdk.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
-from toolkit.capture.hooks import DECODER_STREAMS
+from toolkit.sdk.adapters import DECODER_STREAMS
 from toolkit.sdk.options import AdapterOptions, parse_options
 from toolkit.sdk.errors import ToolkitError
 from toolkit.sdk.hf import cast_model, image_tensor, llama_tokenizer, one_line

@@ -2,14 +2,22 @@
 
 from toolkit.sdk.options import CliOption
 from toolkit.sdk.hookspecs import hookimpl
-from toolkit_plugins.pi0.adapter import Pi0Adapter
 
 __all__ = ["Pi0Adapter"]
 
 
+def __getattr__(name: str):
+    """``Pi0Adapter`` on first use: the adapter module imports torch and transformers, the plugin module does not."""
+    if name == "Pi0Adapter":
+        from toolkit_plugins.pi0.adapter import Pi0Adapter
+
+        return Pi0Adapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @hookimpl
 def register_models(register):
-    register(Pi0Adapter)
+    register("toolkit_plugins.pi0.adapter:Pi0Adapter", name="pi0")
 
 
 @hookimpl

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 
 from toolkit.sdk.adapters import Episode, Expert, ModelAdapter, ModelInputs, PolicyOutput, SiteInfo, Step
-from toolkit.capture.hooks import DECODER_STREAMS
+from toolkit.sdk.adapters import DECODER_STREAMS
 from toolkit.sdk.checkpoint import (
     CheckpointError,
     load_into,

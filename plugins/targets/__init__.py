@@ -13,7 +13,7 @@ import numpy as np
 
 from toolkit.sdk.errors import ToolkitError
 from toolkit.sdk.hookspecs import hookimpl
-from toolkit.analysis.probe.target import Labels, TargetData
+from toolkit.sdk.targets import Labels, TargetData
 
 
 class TaskTarget:

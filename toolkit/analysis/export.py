@@ -30,8 +30,10 @@ import numpy as np
 
 from toolkit.sdk.errors import ToolkitError
 from toolkit.sdk.names import store_hooks, store_layers
+from toolkit.analysis.figures import pyplot, save_figure
 from toolkit.analysis.stats import pca2
-from toolkit.store.core import jsonable, open_store
+from toolkit.store.layout import jsonable
+from toolkit.store.reader import open_store
 
 FORMATS = ("npy", "pt")
 SEED_NAMES = {"resid_post": "residual_output", "resid_pre": "residual_input"}
@@ -68,10 +70,6 @@ def export(store: str | Path, out: str | Path, format: str = "npy", sites: list[
             raise ToolkitError(f"site {site!r} has none of the streams {', '.join(streams)}; it has {', '.join(offered)}")
         for st in picked:
             plan.append((site, st, store_layers(s, site, layers)))
-    if visualize:
-        import matplotlib
-        matplotlib.use("Agg")
-
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -148,7 +146,7 @@ def _write(s, root: Path, format: str, plan, visualize: bool) -> None:
 
 
 def _plots(step_dirs, pooled, layers_by_site, eps) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     for d, vecs in zip(step_dirs, pooled):
         series = {k: np.stack(v) for k, v in vecs.items() if len(v) >= 2}
@@ -166,8 +164,7 @@ def _plots(step_dirs, pooled, layers_by_site, eps) -> None:
             ax.set_ylabel("PC2")
         fig.colorbar(sc, ax=axes[0].tolist(), label="layer (order)")
         fig.suptitle(f"{d.parent.name} / {d.name}", fontsize=9)
-        fig.savefig(d / "pca_step_visualization.png", dpi=80)
-        plt.close(fig)
+        save_figure(fig, d / "pca_step_visualization.png", dpi=80)
     by_episode: dict[Path, list[int]] = {}
     for i, d in enumerate(step_dirs):
         by_episode.setdefault(d.parent, []).append(i)
@@ -185,5 +182,4 @@ def _plots(step_dirs, pooled, layers_by_site, eps) -> None:
             ax.plot(pcs[:, k, 0], pcs[:, k, 1], "o-", ms=3, label=f"layer {layers_by_site[name.split('/')[0]][k]}")
         ax.set_title(f"{ep_dir.name}: {name}, steps per layer", fontsize=9)
         ax.legend(fontsize=6)
-        fig.savefig(ep_dir / "pca_episode_visualization.png", dpi=80)
-        plt.close(fig)
+        save_figure(fig, ep_dir / "pca_episode_visualization.png", dpi=80)

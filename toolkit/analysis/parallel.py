@@ -1,7 +1,7 @@
 """Statistics of a store on Dask: per-chunk sufficient statistics as tasks, merged by a tree reduction.
 
 Two users: ``toolkit stats``/``compare`` (moments, histograms) and the ridge probe (per-fold XᵀX, XᵀY, sums,
-counts of every cell of a layer: ``probe_layer_statistics``, tasks of ``toolkit.analysis.probe.stats.cell_statistics``).
+counts of every cell of a layer: ``toolkit.analysis.probe.stats.probe_layer_statistics``).
 
 Every task reads one chunk of samples of one layer through the store's checked chunk reader (``Store.read`` ->
 ``read_chunk``: crc32c, missing chunks raise) and reduces it to O(features) numbers (``RunningMoments``: count,
@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from toolkit.sdk.errors import ToolkitError
-from toolkit.analysis.stats import Histograms, RunningMoments
-from toolkit.store.core import Store, open_store
+from toolkit.analysis.moments import Histograms, RunningMoments, merge_histograms, merge_moments
+from toolkit.store.reader import open_store, Store
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync")
 
@@ -44,22 +44,6 @@ def _moments(path, site, stream, layer, a, b, n_features, dead_eps) -> RunningMo
     return m
 
 
-def merge_moments(p: RunningMoments, q: RunningMoments) -> RunningMoments:
-    """Chan et al.'s pairwise update: the moments of the union of two disjoint sets of rows."""
-    if not q.n:
-        return p
-    if not p.n:
-        return q
-    out = RunningMoments(len(p.mean), p.dead_eps)
-    n = p.n + q.n
-    delta = q.mean - p.mean
-    out.n = n
-    out.mean = p.mean + delta * (q.n / n)
-    out.m2 = p.m2 + q.m2 + delta**2 * (p.n * q.n / n)
-    out.min, out.max = np.minimum(p.min, q.min), np.maximum(p.max, q.max)
-    out.near_zero = p.near_zero + q.near_zero
-    out.nonfinite = p.nonfinite + q.nonfinite
-    return out
 
 
 def _histograms(path, site, stream, layer, a, b, lo, hi, bins) -> Histograms:
@@ -68,10 +52,6 @@ def _histograms(path, site, stream, layer, a, b, lo, hi, bins) -> Histograms:
     return h
 
 
-def merge_histograms(p: Histograms, q: Histograms) -> Histograms:
-    p.counts = p.counts + q.counts
-    p.gcounts = p.gcounts + q.gcounts
-    return p
 
 
 def _ranges(store: Store, site: str, stream: str, block: int | None) -> list[tuple[int, int]]:
@@ -79,7 +59,7 @@ def _ranges(store: Store, site: str, stream: str, block: int | None) -> list[tup
     return [(a, min(store.n_samples, a + step)) for a in range(0, store.n_samples, step)]
 
 
-def _reduce(leaves: list, merge, scheduler: str):
+def reduce_tree(leaves: list, merge, scheduler: str):
     """Pairwise tree of ``merge`` over the leaf tasks, computed on ``scheduler``."""
     import dask
 
@@ -118,7 +98,7 @@ def layer_moments(store: Store, site: str, stream: str, layer: int, dead_eps: fl
     path = str(store.path)
     leaves = [dask.delayed(_moments)(path, site, stream, layer, a, b, n_features, dead_eps)
               for a, b in _ranges(store, site, stream, block)]
-    return _reduce(leaves, merge_moments, scheduler) if leaves else RunningMoments(n_features, dead_eps)
+    return reduce_tree(leaves, merge_moments, scheduler) if leaves else RunningMoments(n_features, dead_eps)
 
 
 def layer_histograms(store: Store, site: str, stream: str, layer: int, lo: np.ndarray, hi: np.ndarray, bins: int,
@@ -130,30 +110,4 @@ def layer_histograms(store: Store, site: str, stream: str, layer: int, lo: np.nd
     path = str(store.path)
     leaves = [dask.delayed(_histograms)(path, site, stream, layer, a, b, lo, hi, bins)
               for a, b in _ranges(store, site, stream, block)]
-    return _reduce(leaves, merge_histograms, scheduler) if leaves else Histograms(lo, hi, bins)
-
-
-
-def _probe_task(path: str, res, layer_index: int, inputs, device):
-    from toolkit.analysis.probe.stats import cell_statistics
-
-    return cell_statistics(open_store(path, warn_incomplete=False), res, layer_index, inputs, device)
-
-
-def probe_layer_statistics(store: Store, res, layer_index: int, inputs, scheduler: str, device: str | None = None):
-    """The ridge probe's per-fold cell statistics of one layer (what ``toolkit.analysis.probe.stats.layer_statistics``
-    sums serially) on Dask: one task per chunk group (``chunk_groups``, the same groups as the serial path,
-    so both sum identical float32 products and agree to float64 rounding), each opening the store by path
-    and reading through its checked chunk reader, merged in a pairwise tree.  A task holds one group of
-    chunks and its K·(D² + D·M) float64 partial sums."""
-    from dataclasses import replace
-
-    import dask
-
-    from toolkit.analysis.probe.stats import add_cell_stats, chunk_groups, group_rows
-
-    check_scheduler(scheduler)
-    path, bare = str(store.path), replace(res, extra={})  # no open reader in the task graph
-    leaves = [dask.delayed(_probe_task)(path, bare, layer_index, inputs.part(g), device)
-              for g in chunk_groups(store, res, group_rows(inputs.n_folds, res.n_features))]
-    return _reduce(leaves, add_cell_stats, scheduler) if leaves else {}
+    return reduce_tree(leaves, merge_histograms, scheduler) if leaves else Histograms(lo, hi, bins)

@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
 from toolkit.sdk.errors import ToolkitError
-from toolkit.store.location import STORE, store_name
 from toolkit.sdk.names import store_layers
-from toolkit.store.core import Store, decode, open_store
+from toolkit.store.codecs import decode
+from toolkit.store.reader import open_store, Store
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -189,9 +188,9 @@ def save(rows: list[dict], out: Path, store: str, figures: bool = True) -> list[
 
 
 def _figures(rows: list[dict], out: Path) -> list[Path]:
-    from toolkit.analysis.probe.report import _plt, _save
+    from toolkit.analysis.figures import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     made = []
     for layer in sorted({r["layer"] for r in rows}):
         mine = [r for r in rows if r["layer"] == layer]
@@ -209,28 +208,5 @@ def _figures(rows: list[dict], out: Path) -> list[Path]:
                          transform=axes[1].transAxes)
             axes[2].text(0.5, 0.5, "experts differ in width", ha="center", transform=axes[2].transAxes)
         axes[0].legend(fontsize=6)
-        made.append(_save(fig, out / f"separation_layer{layer}.png"))
+        made.append(save_figure(fig, out / f"separation_layer{layer}.png"))
     return made
-
-
-@click.command(epilog="""
-\b
-Examples:
-  toolkit separation stores/pi0_libero.zarr                      # every VLM site vs the action expert
-  toolkit separation stores/pi0_libero.zarr --vlm-site text_only --layers 0,8,17 --out reports/separation
-""")
-@click.argument("store", type=STORE)
-@click.option("--vlm-site", "vlm_sites", multiple=True, help="VLM-expert site(s) (default: every site without a "
-                                                             "denoising axis).")
-@click.option("--action-site", "action_sites", multiple=True, help="Action-expert site(s) (default: sites with one).")
-@click.option("--layers", default=None, help="Layers (the spec grammar: all, 0,8,17, -1); default every matched one.")
-@click.option("--stream", default="resid_post", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), help="Folder (default reports/separation_<store>).")
-@click.option("--no-figures", is_flag=True)
-def separation_command(store, vlm_sites, action_sites, layers, stream, out, no_figures):
-    """Expert separation: linear CKA, cosine and L2 between the VLM and the action expert at matched layers,
-    per token span and denoising step, streamed over a store."""
-    rows = expert_separation(store, list(vlm_sites) or None, list(action_sites) or None, layers, stream)
-    out = out or Path("reports") / f"separation_{store_name(store)}"
-    figs = save(rows, out, str(store), figures=not no_figures)
-    click.echo(f"wrote {out / 'separation.csv'} ({len(rows)} rows) and {len(figs)} figures")

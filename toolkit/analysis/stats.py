@@ -24,19 +24,19 @@ Method:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from toolkit.analysis.moments import DEFAULT_BINS, Histograms, RunningMoments
 from toolkit.sdk.errors import ToolkitError
 from toolkit.sdk.names import store_layers, store_site_stream
-from toolkit.store.core import Store, decode
+from toolkit.store.codecs import decode
+from toolkit.store.reader import Store
 
 KL_EPS = 1e-10
-DEFAULT_BINS = 64
 
 
 # --------------------------------------------------------------------------- reading
@@ -52,87 +52,6 @@ def iter_rows(store: Store, site: str, stream: str, layer: int, block: int | Non
     for a in range(0, n, step):
         x = decode(arr[a:min(n, a + step), li], stored)
         yield np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
-
-
-# --------------------------------------------------------------------------- accumulators
-
-
-class RunningMoments:
-    """Per-feature count, mean, M2, min, max and zero count, merged chunk by chunk (Chan et al.)."""
-
-    def __init__(self, n_features: int, dead_eps: float = 1e-6):
-        self.n = 0
-        self.mean = np.zeros(n_features)
-        self.m2 = np.zeros(n_features)
-        self.min = np.full(n_features, np.inf)
-        self.max = np.full(n_features, -np.inf)
-        self.near_zero = np.zeros(n_features, dtype=np.int64)
-        self.nonfinite = np.zeros(n_features, dtype=np.int64)
-        self.dead_eps = dead_eps
-
-    def update(self, x: np.ndarray) -> None:
-        if not len(x):
-            return
-        bad = ~np.isfinite(x)
-        if bad.any():
-            self.nonfinite += bad.sum(0)
-            x = np.where(bad, 0.0, x)
-        nb = len(x)
-        mb = x.mean(0)
-        m2b = ((x - mb) ** 2).sum(0)
-        n = self.n + nb
-        delta = mb - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
-        self.n = n
-        np.minimum(self.min, x.min(0), out=self.min)
-        np.maximum(self.max, x.max(0), out=self.max)
-        self.near_zero += (np.abs(x) <= self.dead_eps).sum(0)
-
-    @property
-    def var(self) -> np.ndarray:
-        return self.m2 / max(self.n, 1)
-
-    @property
-    def std(self) -> np.ndarray:
-        return np.sqrt(self.var)
-
-    def global_moments(self) -> tuple[float, float]:
-        """Mean and (population) std over every value, from the per-feature moments."""
-        f = len(self.mean)
-        gmean = float(self.mean.mean())
-        total_m2 = self.m2.sum() + self.n * ((self.mean - gmean) ** 2).sum()
-        return gmean, float(math.sqrt(total_m2 / max(self.n * f, 1)))
-
-
-class Histograms:
-    """Per-feature histograms with fixed bins over [lo_f, hi_f], plus one pooled histogram over [glo, ghi]."""
-
-    def __init__(self, lo: np.ndarray, hi: np.ndarray, bins: int = DEFAULT_BINS):
-        self.bins = bins
-        self.lo = np.asarray(lo, dtype=np.float64)
-        span = np.asarray(hi, dtype=np.float64) - self.lo
-        self.width = np.where(span > 0, span / bins, 1.0)  # a constant feature: everything in bin 0
-        self.glo, ghi = float(self.lo.min()), float(np.max(hi))
-        self.gwidth = (ghi - self.glo) / bins if ghi > self.glo else 1.0
-        self.counts = np.zeros((len(self.lo), bins), dtype=np.int64)
-        self.gcounts = np.zeros(bins, dtype=np.int64)
-
-    def update(self, x: np.ndarray) -> None:
-        if not len(x):
-            return
-        x = np.where(np.isfinite(x), x, 0.0)
-        f = x.shape[1]
-        idx = np.clip(((x - self.lo) / self.width).astype(np.int64), 0, self.bins - 1)
-        flat = (idx + np.arange(f) * self.bins).ravel()
-        self.counts += np.bincount(flat, minlength=f * self.bins).reshape(f, self.bins)
-        gidx = np.clip(((x - self.glo) / self.gwidth).astype(np.int64), 0, self.bins - 1)
-        self.gcounts += np.bincount(gidx.ravel(), minlength=self.bins)
-
-    def edges(self, feature: int | None = None) -> np.ndarray:
-        if feature is None:
-            return self.glo + self.gwidth * np.arange(self.bins + 1)
-        return self.lo[feature] + self.width[feature] * np.arange(self.bins + 1)
 
 
 def _probs(counts: np.ndarray) -> np.ndarray:
@@ -235,7 +154,7 @@ def store_stats(store: Store | str, site: str | None = None, stream: str | None 
                 progress: bool | None = False, **kw: Any) -> dict[str, Any]:
     """Statistics of every selected layer of one site/stream; a JSON-able dict (``layers`` maps layer -> stats).
     ``progress``: a bar per layer on stderr (None: only on a terminal)."""
-    from toolkit.store.core import open_store
+    from toolkit.store.reader import open_store
 
     s = open_store(store) if not isinstance(store, Store) else store
     site, stream = store_site_stream(s, site, stream)
@@ -354,7 +273,7 @@ def reservoir(store: Store, site: str, stream: str, layer: int, k: int, seed: in
 
 def compare_stores(a: Store | str, b: Store | str, site: str | None = None, stream: str | None = None,
                    layers: Any = None, progress: bool | None = False, **kw: Any) -> dict[str, Any]:
-    from toolkit.store.core import open_store
+    from toolkit.store.reader import open_store
 
     sa = open_store(a) if not isinstance(a, Store) else a
     sb = open_store(b) if not isinstance(b, Store) else b
@@ -445,10 +364,9 @@ def compare_markdown(rep: dict[str, Any], figures: dict[str, list[str]] | None =
 
 def compare_figures(rep: dict[str, Any], out_dir) -> dict[str, list[str]]:
     """Per layer: pooled histograms, per-feature mean scatter, top-shifted features.  Returns file names."""
-    import matplotlib
+    from toolkit.analysis.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     made: dict[str, list[str]] = {}
     for layer, c in rep["layers"].items():
@@ -464,7 +382,7 @@ def compare_figures(rep: dict[str, Any], out_dir) -> dict[str, list[str]]:
         ax.set_ylabel("fraction")
         ax.set_title(f"{rep['site']}/{rep['stream']} layer {layer}: all values")
         ax.legend()
-        names.append(_save(fig, out_dir, f"hist_layer{layer}.png"))
+        names.append(save_figure(fig, out_dir / f"hist_layer{layer}.png").name)
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.scatter(arr["mean_a"], arr["mean_b"], s=4, alpha=0.6)
         lim = [min(arr["mean_a"].min(), arr["mean_b"].min()), max(arr["mean_a"].max(), arr["mean_b"].max())]
@@ -472,7 +390,7 @@ def compare_figures(rep: dict[str, Any], out_dir) -> dict[str, list[str]]:
         ax.set_xlabel("feature mean, A")
         ax.set_ylabel("feature mean, B")
         ax.set_title(f"per-feature means (r = {c['correlation_of_means']:.3f})")
-        names.append(_save(fig, out_dir, f"means_layer{layer}.png"))
+        names.append(save_figure(fig, out_dir / f"means_layer{layer}.png").name)
         top = arr["top"]
         fig, axes = plt.subplots(1, max(1, len(top)), figsize=(3.2 * max(1, len(top)), 3), squeeze=False)
         for k, f in enumerate(top):
@@ -482,18 +400,9 @@ def compare_figures(rep: dict[str, Any], out_dir) -> dict[str, list[str]]:
             ax.set_title(f"feature {int(f)}: W1 {arr['w1'][f]:.3g}", fontsize=9)
         axes[0, 0].legend()
         fig.suptitle("most shifted features")
-        names.append(_save(fig, out_dir, f"top_shifted_layer{layer}.png"))
+        names.append(save_figure(fig, out_dir / f"top_shifted_layer{layer}.png").name)
         made[layer] = names
     return made
-
-
-def _save(fig, out_dir, name: str) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(out_dir / name, dpi=110)
-    plt.close(fig)
-    return name
 
 
 # --------------------------------------------------------------------------- projection

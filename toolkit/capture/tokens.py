@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from toolkit.sdk.adapters import DTYPES
 from toolkit.sdk.errors import ToolkitError
 from toolkit.sdk.names import IndexSpec
 
 POOLS = ("none", "mean", "last")
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,9 @@ def check_pool(pool: str) -> str:
 
 
 def check_dtype(dtype: str) -> torch.dtype:
-    if dtype not in STORAGE_DTYPES:
-        raise ToolkitError(f"unknown storage dtype {dtype!r}: use one of {', '.join(STORAGE_DTYPES)}")
-    return STORAGE_DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ToolkitError(f"unknown storage dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
 
 
 def per_site(values: tuple[str, ...] | list[str] | str | None, sites: list[str], default: dict[str, str] | str,

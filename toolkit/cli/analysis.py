@@ -13,7 +13,8 @@ import numpy as np
 
 from toolkit.sdk.options import key_values
 from toolkit.sdk.errors import ToolkitError
-from toolkit.store.location import STORE, store_name
+from toolkit.cli.params import STORE
+from toolkit.store.location import store_name
 
 STATS_EXAMPLES = """
 \b
@@ -59,7 +60,7 @@ def _from_hook(store: Path, hook: str | None, site: str | None, stream: str | No
     if site or stream or layers:
         raise ToolkitError("give either --hook or --site/--stream/--layer, not both")
     from toolkit.sdk.names import store_hook
-    from toolkit.store.core import open_store
+    from toolkit.store.reader import open_store
 
     site, stream, picked = store_hook(open_store(store), hook)
     return site, stream, ",".join(map(str, picked))
@@ -173,14 +174,10 @@ def compare_command(store_a, store_b, site, stream, layers, hook, no_progress, s
 @click.option("--out", type=click.Path(path_type=Path), help="Figure path (default reports/projection_<store>_<method>.png).")
 def projection_command(store, site, stream, layer, hook, method, color, max_samples, denoise, seed, out):
     """2-D projection (PCA, t-SNE, UMAP) of one vector per sample (mean over its stored tokens)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from toolkit.analysis.figures import pyplot, save_figure
     from toolkit.sdk.names import store_layers, store_site_stream
     from toolkit.analysis.stats import project, sample_vectors
-    from toolkit.store.core import open_store
+    from toolkit.store.reader import open_store
 
     if method == "umap":
         import importlib.util
@@ -201,6 +198,7 @@ def projection_command(store, site, stream, layer, hook, method, color, max_samp
     labels = s.coord(color)[idx]
     out = out or Path("reports") / f"projection_{store_name(store)}_{site}_{method}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     values = [str(v) for v in labels]
     groups = sorted(set(values), key=lambda v: (len(v), v))
@@ -212,9 +210,7 @@ def projection_command(store, site, stream, layer, hook, method, color, max_samp
     if len(groups) <= 20:
         ax.legend(fontsize=7, markerscale=1.5, loc="best")
     ax.set_title(f"{site}/{stream} layer {chosen}{at}: {method.upper()} by {color} ({len(y)} samples)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
     np.savez(out.with_suffix(".npz"), sample=idx, xy=y, label=np.array(values))
     click.echo(f"wrote {out} and {out.with_suffix('.npz')}  ({site}/{stream} layer {chosen}, {len(y)} samples, "
                f"{len(groups)} {color} groups)")
@@ -316,3 +312,28 @@ def dataset_stats_command(dataset, data, dataset_option, as_json, out):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rep, indent=2))
     click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
+
+
+@click.command(epilog="""
+\b
+Examples:
+  toolkit separation stores/pi0_libero.zarr                      # every VLM site vs the action expert
+  toolkit separation stores/pi0_libero.zarr --vlm-site text_only --layers 0,8,17 --out reports/separation
+""")
+@click.argument("store", type=STORE)
+@click.option("--vlm-site", "vlm_sites", multiple=True, help="VLM-expert site(s) (default: every site without a "
+                                                             "denoising axis).")
+@click.option("--action-site", "action_sites", multiple=True, help="Action-expert site(s) (default: sites with one).")
+@click.option("--layers", default=None, help="Layers (the spec grammar: all, 0,8,17, -1); default every matched one.")
+@click.option("--stream", default="resid_post", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Folder (default reports/separation_<store>).")
+@click.option("--no-figures", is_flag=True)
+def separation_command(store, vlm_sites, action_sites, layers, stream, out, no_figures):
+    """Expert separation: linear CKA, cosine and L2 between the VLM and the action expert at matched layers,
+    per token span and denoising step, streamed over a store."""
+    from toolkit.analysis.separation import expert_separation, save
+
+    rows = expert_separation(store, list(vlm_sites) or None, list(action_sites) or None, layers, stream)
+    out = out or Path("reports") / f"separation_{store_name(store)}"
+    figs = save(rows, out, str(store), figures=not no_figures)
+    click.echo(f"wrote {out / 'separation.csv'} ({len(rows)} rows) and {len(figs)} figures")

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import click
 
-from toolkit.store.location import STORE
-
-from toolkit.sdk.options import split_csv
+from toolkit.cli.params import STORE, split_csv
 from toolkit.analysis.export import FORMATS, export
 
 

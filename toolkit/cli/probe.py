@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from toolkit.sdk.errors import ToolkitError
@@ -13,16 +11,13 @@ PROBE_EXAMPLES = """
 Examples:
   toolkit probe stores/libero.zarr                  # every site, every layer, task identity
   toolkit probe stores/libero.zarr --site vlm --target instruction --encoder minilm --out results/vlm
+  toolkit probe stores/libero.zarr --hook 'vlm.layers.-4-.resid_post'   # hook names, globs allowed
   toolkit probe stores/libero.zarr --expert action --layer 10 --rollout-step 20 --action-timestep 0.9
   toolkit probe stores/libero.zarr --site vlm --step-buckets 50 --target task --target field:success
   toolkit probe stores/libero.zarr --target field:step:regression --baseline stores/libero_random.zarr
   toolkit report results/vlm
 """
 
-
-def _fail(e: ToolkitError) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(2)
 
 
 def _split_csv(values: tuple[str, ...]) -> list[str]:
@@ -35,6 +30,9 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
               help="The store (older spelling of the STORE argument).")
 @click.option("--site", "--sites", "--expert", "sites", multiple=True,
               help="Capture site(s)/expert(s): vlm, action, text_only (default: all; comma lists allowed).")
+@click.option("--hook", "hooks", multiple=True,
+              help="Hook names instead of --site/--stream/--layer, globs allowed: vlm.layers.*.resid_post, "
+                   "*.layers.-1.resid_*; repeat for more.")
 @click.option("--stream", "--streams", "stream", default=None, help="Stream inside the site (default resid_post).")
 @click.option("--layer", "--layers", "layers", default=None, help="Model layers (toolkit.sdk.names grammar): all | 10 | 0-5,17 | -1 (last) | 3- (default all).")
 @click.option("--rollout-step", "--rollout_step", "steps", default=None, help="Rollout steps kept: 20 | 0-99.")
@@ -85,35 +83,34 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
                    "(default: numpy products, CPU torch eigh).")
 @click.option("--scheduler", default=None,
               help="Accumulate the ridge statistics as Dask tasks: threads | processes | sync | tcp://host:port.")
-def probe_command(store_path, store_opt, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool,
-                  task_range, episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline,
-                  mdl, success, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress,
-                  device, scheduler) -> None:
+def probe_command(store_path, store_opt, **options) -> None:
     """Fit linear probes on a store's hidden states, layer by layer, with nested episode cross-validation."""
-    try:
-        if store_path and store_opt and store_path != store_opt:
-            raise ToolkitError(f"two stores given ({store_path} and --store {store_opt}): give one STORE")
-        if not (store_path or store_opt):
-            raise ToolkitError("no store given: toolkit probe STORE (e.g. toolkit probe stores/libero.zarr)")
-        _probe(store_path or store_opt, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool,
-               task_range, episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline,
-               mdl, success, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress,
-               device, scheduler)
-    except ToolkitError as e:
-        _fail(e)
+    if store_path and store_opt and store_path != store_opt:
+        raise ToolkitError(f"two stores given ({store_path} and --store {store_opt}): give one STORE")
+    if not (store_path or store_opt):
+        raise ToolkitError("no store given: toolkit probe STORE (e.g. toolkit probe stores/libero.zarr)")
+    _probe(store_path or store_opt, **options)
 
 
-def _probe(store_path, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool, task_range,
+def _probe(store_path, *, hooks, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool, task_range,
            episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline, mdl, success, seed,
-           lr, epochs, batch_size, patience, save_weights, out, make_report, progress, device=None,
-           scheduler=None) -> None:
+           lr, epochs, batch_size, patience, save_weights, out, make_report, progress, device, scheduler) -> None:
     from toolkit.analysis.probe import LAMBDAS, CosineOptions, ProbeConfig, Results, Selection, probe
-    from toolkit.store.core import open_store
+    from toolkit.store.reader import open_store
 
     store = open_store(store_path)
-    chosen = _split_csv(sites) or store.sites
-    if not sites and (t is not None or denoise is not None):  # timestep flags name the denoising expert
-        chosen = [s for s in chosen if any("denoise" in store.dims(s, st) for st in store.streams(s))] or chosen
+    if hooks:
+        if sites or stream or layers:
+            raise ToolkitError("give either --hook or --site/--stream/--layer, not both")
+        from toolkit.sdk.names import store_hooks
+
+        chosen = [(s, st, ",".join(map(str, p.layers))) for s, p in store_hooks(store, hooks).items()
+                  for st in p.streams]
+    else:
+        names = _split_csv(sites) or store.sites
+        if not sites and (t is not None or denoise is not None):  # timestep flags name the denoising expert
+            names = [s for s in names if any("denoise" in store.dims(s, st) for st in store.streams(s))] or names
+        chosen = [(s, stream, layers) for s in names]
     try:
         lams = tuple(float(v) for v in lambdas.split(",")) if lambdas else LAMBDAS
     except ValueError:
@@ -124,8 +121,8 @@ def _probe(store_path, sites, stream, layers, steps, step_buckets, denoise, t, t
                       cosine=CosineOptions(lr=lr, epochs=epochs, batch_size=batch_size, patience=patience),
                       target_options={"encoder": encoder, "encoder_path": encoder_path})
     results = Results()
-    for site in chosen:
-        sel = Selection(site=site, stream=stream, layers=layers, steps=steps, step_buckets=step_buckets,
+    for site, site_stream, site_layers in chosen:
+        sel = Selection(site=site, stream=site_stream, layers=site_layers, steps=steps, step_buckets=step_buckets,
                         denoise=denoise, t=t, tokens=tokens, pool=pool, task_range=task_range,
                         episode_range=episode_range)
         results.extend(probe(store, sel, _split_csv(targets) or ["task"], cfg))
@@ -165,7 +162,4 @@ def report_command(results_dir, out) -> None:
     """Figures and a self-contained Markdown + HTML report from a `toolkit probe` results folder."""
     from toolkit.analysis.probe.report import write_report
 
-    try:
-        click.echo(f"wrote {write_report(results_dir, out)}")
-    except ToolkitError as e:
-        _fail(e)
+    click.echo(f"wrote {write_report(results_dir, out)}")

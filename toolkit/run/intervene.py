@@ -4,330 +4,150 @@
 once per condition (hook × alpha) with the intervention applied, each run into its own store under
 ``OUT/stores/``.  Every run uses the same seed, so each sample gets the same noise and, in a simulator
 (``libero-sim``), each episode starts from the same init state: an intervened sample or rollout is paired
-with its unmodified twin by (episode, step).
+with its unmodified twin by (episode, step).  ``toolkit.analysis.effects`` turns the pairs into the effects
+table, its figures and its report.
 
-Per condition the tidy table (``effects.csv``) holds, with the episode as the unit:
-
-* ``action_l2`` (mean over the chunk of the per-step L2 distance between paired actions), ``action_cosine``
-  (cosine between paired action chunks), ``action_shift`` per action dimension (intervened − unmodified)
-  and ``action_shift_norm`` (norm of the mean shift vector): episode-bootstrap intervals; the shift rows
-  carry a paired sign-flip permutation test (H0: the intervention moves actions in no consistent direction;
-  the unmodified run is exactly reproducible, so l2 > 0 alone would prove nothing about direction);
-* closed loop: ``success_rate`` (cluster-robust Agresti–Coull interval, exact McNemar test on the paired
-  episodes) and ``episode_length`` (bootstrap interval, sign-flip test on the paired differences);
-* with a probe's direction: ``probe_accuracy`` of the same probe on the intervened vs unmodified
-  activations (with its chance level) and ``probe_score_shift`` (mean change of the probe's score for the
-  steered class, next to the predicted alpha·|w|²).
-
-Figures (``dose_response.png``, ``success_vs_alpha.png``, ``probe_check.png``) and ``report.md`` go beside it.
+``InterveneSpec`` extends the run specification with where and how to intervene; the capture selection of each
+run defaults to the intervened hooks (and the probe's own), in float32 so score shifts are exact.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from scipy import stats as sps
+import pydantic
 
-from toolkit.sdk.errors import ToolkitError
-from toolkit.capture.intervention import (
-    Intervention,
-    ProbeDirection,
-    Steering,
-    hooks_for,
-    load_vector,
-    mean_difference,
-    parse_hook,
-    probe_direction,
-    store_mean,
-    text_values,
+from toolkit.analysis.directions import ProbeDirection, mean_difference, store_mean
+from toolkit.analysis.effects import (
+    N_BOOT,
+    N_PERM,
+    Condition,
+    action_effects,
+    probe_check,
+    resolve_direction,
+    save_table,
+    write_figures,
+    write_report,
 )
-from toolkit.store.core import Store, open_store
+from toolkit.capture.intervention import Intervention, Steering, hooks_for
+from toolkit.run.api import extract
+from toolkit.run.spec import INTERVENE, RunSpec, option
+from toolkit.sdk.adapters import DTYPES
+from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.names import IndexSpec, parse_hook
+from toolkit.sdk.plugins import get_dataset, get_model
+from toolkit.store.reader import open_store
 
-N_BOOT = 2000
-N_PERM = 4000
-LEVEL = 0.95
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def bootstrap_mean(values: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL
-                   ) -> tuple[float, float]:
-    """Percentile interval of the mean of per-episode values (rows: episodes; columns: several metrics at once).
-
-    One episode gives no interval (NaN, NaN): a resample of one unit says nothing about the spread."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) < 2:
-        nan = np.full(v.shape[1:], np.nan)
-        return nan, nan
-    idx = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
-    means = v[idx].mean(1)
-    a = (1 - level) / 2
-    return np.quantile(means, a, axis=0), np.quantile(means, 1 - a, axis=0)
+COMMANDS = (INTERVENE,)
 
 
-def sign_flip_test(diffs: np.ndarray, n_perm: int = N_PERM, seed: int = 0) -> np.ndarray | float:
-    """Paired permutation test of 'no consistent shift': flip the sign of each episode's mean difference.
-
-    ``diffs`` (episodes,) or (episodes, k): for 2-D input the statistic is the norm of the mean vector
-    (one joint test) *and* each column's |mean| (per-column tests); returns (joint p, per-column p).
-    Exact over all 2^n sign patterns for n ≤ 12 episodes, else ``n_perm`` random flips (p counts the
-    observed pattern, so it is never 0)."""
-    d = np.asarray(diffs, dtype=np.float64)
-    one = d.ndim == 1
-    d = d.reshape(len(d), -1)
-    n = len(d)
-    if n == 0:
-        return float("nan") if one else (float("nan"), np.full(d.shape[1], np.nan))
-    if n <= 12:
-        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
-        observed_counts = 0
-    else:
-        signs = np.random.default_rng(seed).choice([-1.0, 1.0], (n_perm, n))
-        observed_counts = 1
-    means = signs @ d / n  # (patterns, k)
-    obs = d.mean(0)
-    tol = 1e-12 * (np.abs(obs).max() + 1e-300)
-    per = (observed_counts + (np.abs(means) >= np.abs(obs) - tol).sum(0)) / (len(signs) + observed_counts)
-    if one:
-        return float(per[0])
-    joint_obs = np.linalg.norm(obs)
-    joint = (observed_counts + (np.linalg.norm(means, axis=1) >= joint_obs - tol).sum()) / (len(signs) + observed_counts)
-    return float(joint), per
-
-
-def mcnemar_exact(intervened: np.ndarray, unmodified: np.ndarray) -> float:
-    """Exact two-sided McNemar test on paired binary outcomes (episodes): binomial on the discordant pairs."""
-    a, b = np.asarray(intervened, bool), np.asarray(unmodified, bool)
-    gained, lost = int((a & ~b).sum()), int((~a & b).sum())
-    if gained + lost == 0:
-        return 1.0
-    return float(min(1.0, 2 * sps.binom.cdf(min(gained, lost), gained + lost, 0.5)))
-
-
-# --------------------------------------------------------------------------- pairing
-
-
-@dataclass
-class Paired:
-    """Samples of an intervened store matched to the unmodified store's by (episode key, step)."""
-
-    episode: np.ndarray  # per pair: episode ordinal (0..E-1)
-    keys: list[str]  # episode keys, by ordinal
-    a: np.ndarray  # intervened actions (pairs, horizon, dim)
-    b: np.ndarray  # unmodified actions
-    rows_a: np.ndarray  # sample indices in the intervened store
-    rows_b: np.ndarray
-
-
-def pair_samples(intervened: Store, unmodified: Store) -> Paired:
-    ka = [f"{k}\x00{s}" for k, s in zip(intervened.coord("episode_key"), intervened.coord("step"))]
-    kb = {f"{k}\x00{s}": i for i, (k, s) in enumerate(zip(unmodified.coord("episode_key"), unmodified.coord("step")))}
-    rows_a = np.array([i for i, k in enumerate(ka) if k in kb], dtype=np.int64)
-    rows_b = np.array([kb[ka[i]] for i in rows_a], dtype=np.int64)
-    if not len(rows_a):
-        raise ToolkitError(f"{intervened.path} and {unmodified.path} share no (episode, step): they are not a pair")
-    ep_keys = text_values(intervened.coord("episode_key"))[rows_a]
-    keys = list(dict.fromkeys(ep_keys.tolist()))
-    ordinal = {k: i for i, k in enumerate(keys)}
-    act_a, act_b = intervened.coord("policy_action"), unmodified.coord("policy_action")
-    return Paired(np.array([ordinal[k] for k in ep_keys]), keys, act_a[rows_a].astype(np.float64),
-                  act_b[rows_b].astype(np.float64), rows_a, rows_b)
-
-
-def _per_episode(episode: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Mean of per-pair values within each episode: (episodes, ...)."""
-    n = int(episode.max()) + 1
-    flat = values.reshape(len(values), -1)
-    sums = np.zeros((n, flat.shape[1]))
-    np.add.at(sums, episode, flat)
-    return (sums / np.bincount(episode, minlength=n)[:, None]).reshape(n, *values.shape[1:])
-
-
-def _episode_outcomes(store: Store) -> dict[str, tuple[int, float]]:
-    """episode key -> (success, length in environment steps, or stored steps when the data has no length)."""
-    keys = text_values(store.coord("episode_key"))
-    success = store.coord("success")
-    steps = store.coord("step")
-    total = store.coord("total_steps") if "total_steps" in store.fields() else None
-    out = {}
-    for k in dict.fromkeys(keys.tolist()):
-        m = keys == k
-        length = float(total[m][0]) if total is not None else float(steps[m].max() + 1)
-        out[k] = (int(success[m][0]), length)
-    return out
-
-
-# --------------------------------------------------------------------------- effects
-
-
-@dataclass
-class Condition:
-    """One intervened run: which hook, which op, which strength, and the store it wrote."""
-
-    hook: str
-    op: str
-    alpha: float
-    interventions: list[Intervention]
-    store: Path | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.hook} {self.op} alpha={self.alpha:g}"
-
-
-def action_effects(cond: Condition, intervened: Store, unmodified: Store, closed_loop: bool, seed: int = 0,
-                   n_boot: int = N_BOOT, n_perm: int = N_PERM) -> list[dict]:
-    """The tidy rows of one condition: action shift, and in closed loop success and episode length."""
-    p = pair_samples(intervened, unmodified)
-    base = {"condition": cond.label, "hook": cond.hook, "op": cond.op, "alpha": cond.alpha}
-    delta = p.a - p.b  # (pairs, horizon, dim)
-    l2 = np.linalg.norm(delta, axis=-1).mean(-1)
-    fa, fb = p.a.reshape(len(p.a), -1), p.b.reshape(len(p.b), -1)
-    cos = (fa * fb).sum(1) / np.maximum(np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1), 1e-12)
-    shift = delta.mean(1)  # (pairs, dim)
-    per_ep = _per_episode(p.episode, np.column_stack([l2, cos, shift]))
-    lo, hi = bootstrap_mean(per_ep, n_boot, seed)
-    n_ep, n_pairs = len(per_ep), len(l2)
-    mean = per_ep.mean(0)
-    joint_p, dim_p = sign_flip_test(per_ep[:, 2:], n_perm, seed)
-    shift_ep = per_ep[:, 2:]
-    norm_lo, norm_hi = _bootstrap_norm(shift_ep, n_boot, seed)
-    common = {"n_episodes": n_ep, "n_pairs": n_pairs}
-    rows = [
-        {**base, "metric": "action_l2", "dim": None, "value": mean[0], "baseline": 0.0, "ci_low": lo[0],
-         "ci_high": hi[0], "p_value": None, **common},
-        {**base, "metric": "action_cosine", "dim": None, "value": mean[1], "baseline": 1.0, "ci_low": lo[1],
-         "ci_high": hi[1], "p_value": None, **common},
-        {**base, "metric": "action_shift_norm", "dim": None, "value": float(np.linalg.norm(shift_ep.mean(0))),
-         "baseline": 0.0, "ci_low": norm_lo, "ci_high": norm_hi, "p_value": joint_p, **common},
-    ]
-    for d in range(shift_ep.shape[1]):
-        rows.append({**base, "metric": "action_shift", "dim": d, "value": mean[2 + d], "baseline": 0.0,
-                     "ci_low": lo[2 + d], "ci_high": hi[2 + d], "p_value": float(dim_p[d]), **common})
-    if closed_loop:
-        rows += _outcome_rows(base, p.keys, intervened, unmodified, seed, n_boot, n_perm)
-    return rows
-
-
-def _bootstrap_norm(shift_ep: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
-    if len(shift_ep) < 2:
-        return float("nan"), float("nan")
-    idx = np.random.default_rng(seed + 1).integers(0, len(shift_ep), (n_boot, len(shift_ep)))
-    norms = np.linalg.norm(shift_ep[idx].mean(1), axis=1)
-    return float(np.quantile(norms, (1 - LEVEL) / 2)), float(np.quantile(norms, 1 - (1 - LEVEL) / 2))
-
-
-def _outcome_rows(base: dict, keys: list[str], intervened: Store, unmodified: Store, seed: int, n_boot: int,
-                  n_perm: int) -> list[dict]:
-    from toolkit.analysis.probe.intervals import proportion_interval
-
-    oa, ob = _episode_outcomes(intervened), _episode_outcomes(unmodified)
-    keys = [k for k in ob if k in oa]  # every episode both runs finished (not only those with paired samples)
-    sa = np.array([oa[k][0] for k in keys])
-    sb = np.array([ob[k][0] for k in keys])
-    if (sa < 0).any() or (sb < 0).any():
-        return []  # the dataset records no success
-    la = np.array([oa[k][1] for k in keys])
-    lb = np.array([ob[k][1] for k in keys])
-    ep = np.arange(len(keys))
-    s_lo, s_hi = proportion_interval(ep, sa.astype(np.float64))
-    l_lo, l_hi = bootstrap_mean(la[:, None], n_boot, seed)
-    common = {"n_episodes": len(keys), "n_pairs": len(keys)}
-    return [
-        {**base, "metric": "success_rate", "dim": None, "value": float(sa.mean()), "baseline": float(sb.mean()),
-         "ci_low": s_lo, "ci_high": s_hi, "p_value": mcnemar_exact(sa, sb), **common},
-        {**base, "metric": "episode_length", "dim": None, "value": float(la.mean()), "baseline": float(lb.mean()),
-         "ci_low": float(l_lo[0]), "ci_high": float(l_hi[0]), "p_value": sign_flip_test(la - lb, n_perm, seed),
-         **common},
-    ]
-
-
-# --------------------------------------------------------------------------- the probe's causal check
-
-
-def probe_scores(store: Store, probe: ProbeDirection) -> tuple[np.ndarray, np.ndarray]:
-    """The probe's scores (x − shift) @ W + b on a store, read with the probe's own selection, and the sample
-    rows they belong to.  Needs the probe's site, stream and layer in the store."""
-    from toolkit.analysis.probe.select import Selection, resolve
-    from toolkit.analysis.probe.stats import iter_blocks
-
-    row, sel = probe.row, probe.selection
-    t = row.get("t")
-    has_t = t is not None and not (isinstance(t, float) and math.isnan(t)) and str(t) not in ("", "None", "nan")
-    res = resolve(store, Selection(site=row["site"], stream=row.get("stream") or sel.get("stream"),
-                                   layers=str(int(row["layer"])), t=str(t) if has_t else None,
-                                   tokens=sel.get("tokens"), pool=sel.get("pool") or "mean"))
-    scores = np.zeros((len(res.rows), probe.W.shape[1]))
-    for pos, x in iter_blocks(store, res, 0):
-        scores[pos] = (x.mean(1) - probe.shift) @ probe.W + probe.b
-    return res.rows, scores
-
-
-def probe_check(cond: Condition, probe: ProbeDirection, intervened: Store, unmodified: Store,
-                steered_class: int | None) -> list[dict]:
-    """Probe accuracy on intervened vs unmodified activations (with chance), and the score shift vs alpha·|w|²."""
-    rows_a, sa = probe_scores(intervened, probe)
-    rows_b, sb = probe_scores(unmodified, probe)
-    p = pair_samples(intervened, unmodified)
-    pos_a = {int(r): i for i, r in enumerate(rows_a)}
-    pos_b = {int(r): i for i, r in enumerate(rows_b)}
-    keep = [k for k in range(len(p.rows_a)) if int(p.rows_a[k]) in pos_a and int(p.rows_b[k]) in pos_b]
-    if not keep:
-        return []
-    sa = sa[[pos_a[int(p.rows_a[k])] for k in keep]]
-    sb = sb[[pos_b[int(p.rows_b[k])] for k in keep]]
-    ep = p.episode[keep]
-    base = {"condition": cond.label, "hook": cond.hook, "op": cond.op, "alpha": cond.alpha,
-            "n_episodes": int(len(np.unique(ep))), "n_pairs": len(keep)}
-    out = []
-    labels = _labels(unmodified, probe, p.rows_b[keep])
-    if labels is not None:
-        from toolkit.analysis.probe.intervals import proportion_interval
-
-        hit_a = (sa.argmax(1) == labels).astype(np.float64)
-        hit_b = (sb.argmax(1) == labels).astype(np.float64)
-        lo, hi = proportion_interval(ep, hit_a)
-        counts = np.bincount(labels[labels >= 0], minlength=len(probe.classes))
-        out.append({**base, "metric": "probe_accuracy", "dim": None, "value": float(hit_a.mean()),
-                    "baseline": float(hit_b.mean()), "ci_low": lo, "ci_high": hi, "p_value": None,
-                    "chance": float(counts.max() / max(counts.sum(), 1))})
-    c = steered_class if steered_class is not None else (0 if probe.W.shape[1] == 1 else None)
-    if c is not None:
-        shift = sa[:, c] - sb[:, c]
-        lo, hi = bootstrap_mean(_per_episode(ep, shift)[:, None])
-        w = probe.W[:, c]
-        predicted = cond.alpha * float(w @ w) if cond.op == "add" and _steers_with(cond, w) else None
-        out.append({**base, "metric": "probe_score_shift", "dim": c, "value": float(shift.mean()), "baseline": 0.0,
-                    "ci_low": float(lo[0]), "ci_high": float(hi[0]), "p_value": None, "predicted": predicted})
-    return out
-
-
-def _steers_with(cond: Condition, w: np.ndarray) -> bool:
-    v = cond.interventions[0].vector
-    return v is not None and v.shape == w.shape and np.allclose(v, w)
-
-
-def _labels(store: Store, probe: ProbeDirection, rows: np.ndarray) -> np.ndarray | None:
-    """A classification probe's class index of each sample (-1 for a class it never saw); else None."""
-    kind, _, arg = str(probe.row.get("target", "")).partition(":")
-    name = arg.partition(":")[0] if kind == "field" else kind  # field:success[:classification] reads success
-    if probe.row.get("kind") != "classification" or name not in store.fields():
+def _indices(value: Any, what: str) -> list[int] | None:
+    """Indices in the toolkit's one selection grammar (``12,40`` or ``0-5``), non-negative and closed (checked
+    against what exists once the model is known); None: not given, or ``all``."""
+    if value is None or isinstance(value, (list, tuple)) and not value:
         return None
-    values = text_values(store.coord(name))[rows]
-    index = {c: i for i, c in enumerate(probe.classes)}
-    return np.array([index.get(v, -1) for v in values])
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return [int(v) for v in value]
+    chosen = IndexSpec.parse(value, what).literal()
+    return None if chosen is None else sorted(chosen)
 
 
-# --------------------------------------------------------------------------- the run
+class InterveneSpec(RunSpec):
+    """A ``toolkit intervene`` run: the run specification, plus where and how to intervene."""
+
+    at: list[str] | None = option(None, "Where: SITE.layers.LAYERS.STREAM, e.g. text_only.layers.3.resid_post; layer "
+                                        "lists sweep (vlm.layers.2,4.resid_post). Default: the probe's own hook.",
+                                  "--hook", commands=COMMANDS)
+    op: Literal["add", "ablate", "clamp", "zero", "mean"] = option(
+        "add", "add alpha·d | ablate (project d out) | clamp units | zero | mean (the unmodified run's mean).", "--op",
+        commands=COMMANDS)
+    direction: str | None = option(None, "A probe results folder (DIR or DIR:ID, from `toolkit probe --out`) or a "
+                                         ".npy file.", "--direction", commands=COMMANDS)
+    probe_class: str | None = option(None, "The probe class (name or column) to steer towards with --op add.",
+                                     "--class", commands=COMMANDS)
+    between: tuple[str, str] | None = option(None, "Direction = mean(A) - mean(B) in the unmodified run, e.g. task=3 "
+                                                   "task=5.", "--between", commands=COMMANDS, metavar="A B")
+    alphas: list[float] = option([1.0], "Strength(s), comma lists allowed; 0 is the unmodified policy "
+                                        "(dose-response: 0,1,2,4).", "--alpha", commands=COMMANDS)
+    units: list[int] | None = option(None, "clamp: feature indices (e.g. FFN neurons of mlp_act): 12,40 or 0-5.",
+                                     "--units", commands=COMMANDS, repeat=False)
+    value: float = option(0.0, "clamp: the value the units are clamped to.", "--value", commands=COMMANDS)
+    edit_tokens: str | None = option(None, "Tokens to change (span name, positions, last); default: the site's own "
+                                           "tokens.", "--tokens", commands=COMMANDS)
+    denoise: list[int] | None = option(None, "Action expert: only these denoising steps (indices, e.g. 0 or 0,1; 0 is "
+                                             "t=1.0).", "--denoise", commands=COMMANDS, repeat=False)
+    bootstrap: int = option(N_BOOT, "Episode-bootstrap resamples.", "--bootstrap", commands=COMMANDS)
+    permutations: int = option(N_PERM, "Sign-flip permutations (more than 12 episodes; fewer are enumerated).",
+                               "--permutations", commands=COMMANDS)
+    dtype: Literal[DTYPES] = option("float32", "Storage dtype of the runs' stores.",
+                                                              commands=())
+
+    @pydantic.field_validator("at", mode="before")
+    @classmethod
+    def _at(cls, value: Any) -> list[str] | None:
+        items = [value] if isinstance(value, str) else list(value or ())
+        return [h for h in items if h] or None
+
+    @pydantic.field_validator("alphas", mode="before")
+    @classmethod
+    def _alphas(cls, value: Any) -> list[float]:
+        items = [value] if isinstance(value, (str, int, float)) else list(value or ())
+        try:
+            out = [float(v) for item in items for v in str(item).split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"takes numbers (comma lists allowed), got {' '.join(map(str, items))!r}") from None
+        if not out:
+            raise ValueError("give at least one strength")
+        return out
+
+    @pydantic.field_validator("units", "denoise", mode="before")
+    @classmethod
+    def _index_list(cls, value: Any, info: pydantic.ValidationInfo) -> list[int] | None:
+        try:
+            return _indices(value, "--" + info.field_name)
+        except ToolkitError as e:
+            raise ValueError(str(e)) from None
+
+    @pydantic.field_validator("between", mode="before")
+    @classmethod
+    def _between(cls, value: Any) -> Any:
+        return None if value is None or len(value) == 0 else tuple(value)
+
+    @pydantic.field_validator("probe_class", mode="before")
+    @classmethod
+    def _class(cls, value: Any) -> str | None:
+        return None if value is None else str(value)
+
+    @pydantic.model_validator(mode="after")
+    def _one_direction(self) -> InterveneSpec:
+        if self.direction is not None and self.between is not None:
+            raise ValueError("give either --direction or --between, not both")
+        return self
+
+    def template(self, hook: str, op: str, alpha: float, vector: np.ndarray | None, source: str) -> Intervention:
+        """One intervention of this spec at ``hook``."""
+        return Intervention(hook, op, alpha, vector, tuple(self.units or ()), float(self.value), self.edit_tokens,
+                            source, None if self.denoise is None else tuple(self.denoise))
+
+    def capture_for(self, names: list[str], probe: ProbeDirection | None) -> RunSpec:
+        """The run every condition records: the spec's own selection if it names one, else the intervened streams
+        (and the probe's) at their layers."""
+        run = RunSpec.build(**{k: getattr(self, k) for k in RunSpec.model_fields})
+        if any((run.hooks, run.sites, run.layers, run.streams)):
+            return run
+        layers: dict[str, dict[str, None]] = {}
+        streams: dict[str, dict[str, None]] = {}
+        for name in names + ([probe.hook] if probe is not None else []):
+            site, layer, stream = parse_hook(name)
+            layers.setdefault(site, {})[str(layer)] = None
+            streams.setdefault(site, {})[stream] = None
+        return RunSpec.build(run, sites=list(layers), layers=[f"{s}={','.join(v)}" for s, v in layers.items()],
+                             streams=[f"{s}={','.join(v)}" for s, v in streams.items()])
 
 
 @dataclass
@@ -346,130 +166,67 @@ class InterventionRun:
         return pd.DataFrame(self.rows)
 
 
-def resolve_direction(direction: str | Path | np.ndarray | ProbeDirection | None, probe_class: str | int | None,
-                      op: str) -> tuple[np.ndarray | None, ProbeDirection | None, int | None, str]:
-    """A direction argument -> (vector, the probe it came from, the steered class column, source text).
+def intervene(spec: InterveneSpec | None = None, /, out: str | Path = "results/intervene", *,
+              direction: str | Path | np.ndarray | ProbeDirection | None = None, overwrite: bool = False,
+              progress: bool = False, figures: bool = True, **fields: Any) -> InterventionRun:
+    """Run the model on the dataset unmodified and under each (hook, alpha) intervention; measure the effects.
 
-    ``PATH.npy``; a probe results folder ``DIR`` or ``DIR:ID`` (its class ``probe_class`` for ``add``,
-    the span of all its classes for ``ablate``)."""
-    if direction is None:
-        return None, None, None, ""
-    if isinstance(direction, np.ndarray):
-        return np.asarray(direction, dtype=np.float64), None, None, "array"
-    probe = direction if isinstance(direction, ProbeDirection) else None
-    source = "probe"
-    if probe is None:
-        text = str(direction)
-        if text.endswith(".npy"):
-            return load_vector(text), None, None, text
-        path, _, rid = text.rpartition(":") if ":" in text and text.rsplit(":", 1)[1].isdigit() else (text, "", "")
-        probe = probe_direction(path, int(rid) if rid else None)
-        source = f"probe {path} row {probe.row['id']}"
-    if op == "ablate" and probe_class is None:
-        return probe.direction(None), probe, None, source
-    if probe_class is None and probe.W.shape[1] > 1:
-        raise ToolkitError(f"the probe has {probe.W.shape[1]} classes ({', '.join(probe.classes)}): choose the one "
-                           "to steer towards with --class NAME (or use --op ablate to remove them all)")
-    col = 0 if probe_class is None else probe.column(probe_class)
-    return probe.direction(probe_class), probe, col, f"{source} class {probe.classes[col]}"
-
-
-def intervene(
-    model: str,
-    dataset: str,
-    out: str | Path,
-    *,
-    hooks: Sequence[str] | None = None,
-    op: str = "add",
-    alphas: Sequence[float] = (1.0,),
-    direction: str | Path | np.ndarray | ProbeDirection | None = None,
-    probe_class: str | int | None = None,
-    between: tuple[str, str] | None = None,
-    units: Sequence[int] = (),
-    value: float = 0.0,
-    tokens: str | None = None,
-    denoise: Sequence[int] | None = None,
-    checkpoint: str | None = None,
-    trust_remote_code: bool = False,
-    data: str | None = None,
-    device: str = "cpu",
-    model_dtype: str = "float32",
-    seed: int = 0,
-    max_episodes: int | None = None,
-    max_steps: int | None = None,
-    stride: int = 1,
-    batch_size: int = 1,
-    capture: dict[str, Any] | None = None,
-    model_options: dict[str, Any] | None = None,
-    dataset_options: dict[str, Any] | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
-    figures: bool = True,
-    n_boot: int = N_BOOT,
-    n_perm: int = N_PERM,
-) -> InterventionRun:
-    """Run ``model`` on ``dataset`` unmodified and under each (hook, alpha) intervention; measure the effects.
-
-    ``hooks``: hook names or patterns (``text_only.layers.2,4.resid_post`` sweeps two layers; default: the
-    probe's own hook).  ``direction``: a ``.npy`` file, a probe results folder (``DIR`` or ``DIR:ID``) or an
-    array; ``between``: two groups (``("task=3", "task=5")``) whose mean difference in the unmodified run is
-    the direction, per hook.  ``op="mean"`` takes its mean from the unmodified run.  ``capture``: extract's
-    selection (sites, layers, tokens, pool, streams, dtype); default: the intervened hooks in float32.
-    ``denoise``: for an expert that runs once per denoising step, the steps (indices) to change; default all.
+    The run is ``spec`` or built from ``fields`` (``InterveneSpec``: ``at`` hook names or patterns, where
+    ``text_only.layers.2,4.resid_post`` sweeps two layers, default the probe's own hook; ``op``; ``alphas``;
+    ``between`` two groups, e.g. ``("task=3", "task=5")``, whose mean difference in the unmodified run is the
+    direction, per hook; ``op="mean"`` takes its mean from the unmodified run).  ``direction``: a ``.npy`` file, a
+    probe results folder (``DIR`` or ``DIR:ID``), an array or a ``ProbeDirection`` (the spec's ``direction`` text
+    when not given).
     """
-    from toolkit.run.pipeline import extract
-    from toolkit.sdk.plugins import get_dataset, get_model
-
+    spec = InterveneSpec.build(spec, **fields)
     out = Path(out)
     if (out / "effects.csv").exists() and not overwrite:
         raise ToolkitError(f"{out} already holds an intervention run: pass --overwrite to replace it")
-    if direction is not None and between is not None:
-        raise ToolkitError("give either --direction or --between, not both")
-    alphas = [float(a) for a in alphas]
-    if not alphas:
-        raise ToolkitError("give at least one --alpha")
-    vector, probe, steered, source = resolve_direction(direction, probe_class, op)
-    model_cls, dataset_cls = get_model(model), get_dataset(dataset)
-    closed = bool(getattr(dataset_cls, "closed_loop", False))
-    adapter = model_cls(checkpoint=checkpoint, device=device, dtype=model_dtype, seed=seed,
-                        trust_remote_code=trust_remote_code, **(model_options or {}))
+    vector, probe, steered, source = resolve_direction(spec.direction if direction is None else direction,
+                                                       spec.probe_class, spec.op)
+    closed = bool(getattr(get_dataset(spec.dataset), "closed_loop", False))
+    adapter = get_model(spec.model)(checkpoint=spec.checkpoint, device=spec.device, dtype=spec.model_dtype,
+                                    seed=spec.seed, trust_remote_code=spec.trust_remote_code,
+                                    allow_missing=spec.allow_missing, random_weights=spec.random_weights,
+                                    **spec.model_options)
+    hooks = spec.at
     if not hooks:
         if probe is None:
             raise ToolkitError("say where to intervene with --hook (e.g. text_only.layers.3.resid_post)")
         hooks = [probe.hook]
     names = hooks_for(adapter, list(hooks))
-    from_run = between is not None or op == "mean"  # those vectors come from the unmodified run, per hook
+    from_run = spec.between is not None or spec.op == "mean"  # those vectors come from the unmodified run, per hook
     for name in names:  # check every intervention before running anything: bad names, units or vectors fail here
         # (a vector still to come from the unmodified run: its hook, tokens and steps are checked as a "zero")
-        Steering(adapter, [_template(name, "zero" if from_run else op, 1.0, None if from_run else vector, units,
-                                     value, tokens, "", denoise)])
+        Steering(adapter, [spec.template(name, "zero" if from_run else spec.op, 1.0, None if from_run else vector,
+                                         "")])
     (out / "stores").mkdir(parents=True, exist_ok=True)
-    sel = capture or _capture_for(names, probe)
-    common = dict(model=model, dataset=dataset, data=data, seed=seed, max_episodes=max_episodes,
-                  max_steps=max_steps, stride=stride, batch_size=batch_size, dataset_options=dataset_options,
-                  overwrite=True, progress=progress, adapter=adapter, **sel)
+    run_spec = spec.capture_for(names, probe)
     started = time.time()
-    base_path = extract(store=out / "stores" / "unmodified.zarr", **common)
+    base_path = extract(run_spec, out / "stores" / "unmodified.zarr", overwrite=True, progress=progress,
+                        adapter=adapter)
     unmodified = open_store(base_path)
     run = InterventionRun(out, baseline=base_path)
-    for name, alpha in product(names, alphas):
+    for name, alpha in product(names, spec.alphas):
         vec = vector
-        if between is not None:
-            vec = mean_difference(unmodified, name, *between)
-            source = f"mean difference {between[0]} - {between[1]} in the unmodified run"
-        elif op == "mean":
+        if spec.between is not None:
+            vec = mean_difference(unmodified, name, *spec.between)
+            source = f"mean difference {spec.between[0]} - {spec.between[1]} in the unmodified run"
+        elif spec.op == "mean":
             vec, source = store_mean(unmodified, name), "mean of the unmodified run"
-        iv = _template(name, op, alpha, vec, units, value, tokens, source, denoise)
-        cond = Condition(name, op, alpha, [iv])
-        cond.store = extract(store=out / "stores" / f"{_slug(cond.label)}.zarr", interventions=[iv], **common)
+        iv = spec.template(name, spec.op, alpha, vec, source)
+        cond = Condition(name, spec.op, alpha, iv.vector)
+        cond.store = extract(run_spec, out / "stores" / f"{_slug(cond.label)}.zarr", overwrite=True,
+                             progress=progress, adapter=adapter, interventions=[iv])
         intervened = open_store(cond.store)
-        run.rows += action_effects(cond, intervened, unmodified, closed, seed, n_boot, n_perm)
+        run.rows += action_effects(cond, intervened, unmodified, closed, spec.seed, spec.bootstrap, spec.permutations)
         if probe is not None:
             run.rows += probe_check(cond, probe, intervened, unmodified, steered)
         run.conditions.append(cond)
-    meta = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "closed_loop": closed, "seed": seed,
-            "op": op, "alphas": alphas, "hooks": names, "direction": source, "between": list(between or ()),
-            "random_init": adapter.random_init, "seconds": round(time.time() - started, 1),
+    meta = {"model": spec.model, "checkpoint": spec.checkpoint, "dataset": spec.dataset, "closed_loop": closed,
+            "seed": spec.seed, "op": spec.op, "alphas": spec.alphas, "hooks": names, "direction": source,
+            "between": list(spec.between or ()), "random_init": adapter.random_init,
+            "seconds": round(time.time() - started, 1),
             "stores": {"unmodified": str(base_path), **{c.label: str(c.store) for c in run.conditions}}}
     save_table(run.rows, meta, out)
     run.figures = write_figures(run.rows, out) if figures else []
@@ -477,164 +234,5 @@ def intervene(
     return run
 
 
-def _template(hook, op, alpha, vector, units, value, tokens, source, denoise=None) -> Intervention:
-    return Intervention(hook, op, alpha, vector, tuple(int(u) for u in units), float(value), tokens, source,
-                        None if denoise is None else tuple(int(d) for d in denoise))
-
-
-def _capture_for(names: list[str], probe: ProbeDirection | None) -> dict[str, Any]:
-    """Capture the intervened streams (and the probe's), in float32 so score shifts are exact."""
-    wanted: dict[str, dict[str, None]] = {}
-    streams: dict[str, dict[str, None]] = {}
-    for name in names + ([probe.hook] if probe is not None else []):
-        site, layer, stream = parse_hook(name)
-        wanted.setdefault(site, {})[str(layer)] = None
-        streams.setdefault(site, {})[stream] = None
-    return {"sites": list(wanted), "layers": [f"{s}={','.join(v)}" for s, v in wanted.items()],
-            "streams": [f"{s}={','.join(v)}" for s, v in streams.items()], "dtype": "float32"}
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._=-" else "_" for c in text)
-
-
-TABLE_COLUMNS = ["condition", "hook", "op", "alpha", "metric", "dim", "value", "baseline", "ci_low", "ci_high",
-                 "p_value", "chance", "predicted", "n_episodes", "n_pairs"]
-
-
-def save_table(rows: list[dict], meta: dict, out: Path) -> Path:
-    """``effects.csv`` (one row per condition × metric × dim) and ``effects.json`` (rows + settings)."""
-    import csv
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "effects.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _cell(r.get(k)) for k in TABLE_COLUMNS})
-    (out / "effects.json").write_text(json.dumps({"meta": meta, "rows": [{k: _json(r.get(k)) for k in TABLE_COLUMNS}
-                                                                        for r in rows]}, indent=1))
-    return out / "effects.csv"
-
-
-def _cell(v: Any) -> Any:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    return float(v) if isinstance(v, np.floating) else v
-
-
-def _json(v: Any) -> Any:
-    if isinstance(v, (np.floating, np.integer)):
-        v = v.item()
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-# --------------------------------------------------------------------------- figures and report
-
-
-def _series(rows: list[dict], metric: str, dim: Any = None) -> dict[str, list[dict]]:
-    """Rows of one metric grouped by hook, each series sorted by alpha."""
-    out: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["metric"] == metric and (dim is None or r.get("dim") == dim):
-            out.setdefault(r["hook"], []).append(r)
-    return {h: sorted(v, key=lambda r: r["alpha"]) for h, v in out.items()}
-
-
-def _band(ax, series: list[dict], label: str, key: str = "value") -> None:
-    x = [r["alpha"] for r in series]
-    y = [_num(r[key]) for r in series]
-    line = ax.plot(x, y, marker="o", label=label)[0]
-    lo, hi = [_num(r.get("ci_low")) for r in series], [_num(r.get("ci_high")) for r in series]
-    if key == "value" and not all(math.isnan(v) for v in lo):
-        ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
-
-
-def _num(v: Any) -> float:
-    return float("nan") if v is None else float(v)
-
-
-def write_figures(rows: list[dict], out: Path) -> list[Path]:
-    """dose_response.png (action L2 and cosine vs alpha per hook), success_vs_alpha.png (closed loop) and
-    probe_check.png (probe accuracy and score shift vs alpha) where the table has those rows."""
-    from toolkit.analysis.probe.report import _plt, _save
-
-    plt = _plt()
-    made = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric, ylabel in ((axes[0], "action_l2", "action L2 shift (per step, mean over chunk)"),
-                               (axes[1], "action_cosine", "cosine(intervened, unmodified) action chunk")):
-        for hook, series in _series(rows, metric).items():
-            _band(ax, series, hook)
-        ax.set_xlabel("alpha")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("dose-response: intervened vs unmodified actions (95% episode-bootstrap bands)")
-    made.append(_save(fig, out / "dose_response.png"))
-    success = _series(rows, "success_rate")
-    if success:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for hook, series in success.items():
-            _band(ax, series, hook)
-        base = next(iter(success.values()))[0]["baseline"]
-        ax.axhline(base, color="k", ls="--", lw=1, label="unmodified")
-        ax.set(xlabel="alpha", ylabel="success rate", ylim=(-0.05, 1.05), title="task success vs alpha")
-        ax.legend(fontsize=7)
-        made.append(_save(fig, out / "success_vs_alpha.png"))
-    acc, shift = _series(rows, "probe_accuracy"), _series(rows, "probe_score_shift")
-    if acc or shift:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for hook, series in acc.items():
-            _band(axes[0], series, f"{hook} intervened")
-            axes[0].plot([r["alpha"] for r in series], [r["baseline"] for r in series], ls=":", marker=".",
-                         label=f"{hook} unmodified")
-            axes[0].axhline(series[0]["chance"], color="k", ls="--", lw=1, label="chance")
-        axes[0].set(xlabel="alpha", ylabel="probe accuracy", ylim=(-0.05, 1.05), title="same probe, intervened run")
-        for hook, series in shift.items():
-            _band(axes[1], series, f"{hook} measured")
-            if any(r.get("predicted") is not None for r in series):
-                axes[1].plot([r["alpha"] for r in series], [_num(r.get("predicted")) for r in series], ls="--",
-                             label="predicted alpha·|w|²")
-        axes[1].set(xlabel="alpha", ylabel="probe score shift", title="steered class score")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-        made.append(_save(fig, out / "probe_check.png"))
-    return made
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def write_report(rows: list[dict], meta: dict, figures: list[Path], out: Path) -> Path:
-    """``report.md``: settings, the headline rows per condition, the figures."""
-    loop = ("closed loop: every intervened rollout starts from the same init state and seed as its unmodified twin"
-            if meta["closed_loop"] else "open loop: the same inputs and noise")
-    weights = " (random weights: smoke test only)" if meta.get("random_init") else ""
-    lines = ["## From probe to cause: intervention effects", "",
-             f"Model **{meta['model']}**{weights}, dataset **{meta['dataset']}** ({loop}), op **{meta['op']}**, "
-             f"direction: {meta['direction'] or '–'}.", "",
-             "| condition | metric | value | unmodified | 95% CI | p (paired) | n episodes |",
-             "|---|---|---|---|---|---|---|"]
-    shown = ("action_l2", "action_cosine", "action_shift_norm", "success_rate", "episode_length", "probe_accuracy",
-             "probe_score_shift")
-    for r in rows:
-        if r["metric"] not in shown:
-            continue
-        extra = f" (chance {_fmt(r['chance'])})" if r.get("chance") is not None else ""
-        extra += f" (predicted {_fmt(r['predicted'])})" if r.get("predicted") is not None else ""
-        lines.append(f"| {r['condition']} | {r['metric']} | {_fmt(r['value'])}{extra} | {_fmt(r.get('baseline'))} | "
-                     f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}] | {_fmt(r.get('p_value'))} | "
-                     f"{r.get('n_episodes')} |")
-    lines += ["", "Per-dimension shifts with their sign-flip tests are in `effects.csv` (metric `action_shift`).", ""]
-    lines += [f"![{f.stem}]({f.name})" for f in figures]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path

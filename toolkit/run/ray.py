@@ -4,14 +4,16 @@ The run is cut into *units*: runs of whole chunks along ``sample`` (the first on
 when a resumed store was committed mid-chunk; it is then that chunk's only writer).  Zarr's unit of safe
 concurrent writing is the chunk, so two actors never touch the same chunk object.
 
-* The **driver** (the process that called ``extract(..., workers=N)``) takes the store's lock (``StoreLock``)
+* The **driver** (the process that called ``extract`` with ``workers=N``) takes the store's lock (``StoreLock``)
   and holds it for the whole run, creates the store (or truncates a resumed one to its committed prefix),
   sizes every sample-axis array to the run's length once, hands units to the actors and is the **one
   committer**: it advances ``n_samples`` (``StoreWriter.commit``, the atomic root ``zarr.json``) over the
   contiguous prefix of finished units.  No actor ever writes metadata.
-* Each **actor** loads the model once and runs ``extract`` itself for one unit at a time (the same sample
-  loop, capture, per-sample seeded noise and block writer as a one-process run) through a ``UnitWriter``:
-  a ``StoreWriter`` that takes no lock (it writes under the driver's), never resizes and never commits.
+* Each **actor** receives the run's ``RunSpec``, makes its ``Run`` once (the model loads once) and writes one
+  unit at a time with ``Run.write`` (the same sample loop, capture, per-sample seeded noise and block writer as a
+  one-process run) through a ``UnitWriter``: a ``StoreWriter`` that takes no lock (it writes under the
+  driver's), never resizes and never commits.  The first actor also gives the driver the store's layout
+  (``Run.first_layout``), worked out from the first batch.
   The stored values are therefore the ones a one-process run with the same options stores.
 * A killed actor is restarted by Ray (``max_restarts``) and its unit rerun (``max_task_retries``): the unit
   writes the same chunks again, so nothing is lost or duplicated.  A killed driver leaves the committed
@@ -26,7 +28,6 @@ concurrent writing is the chunk, so two actors never touch the same chunk object
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import os
@@ -35,9 +36,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from toolkit.run.pipeline import Run, check_target, make_run, open_writer
+from toolkit.run.progress import Progress
+from toolkit.run.samples import check_resume_prefix, iter_samples, stored_episodes
+from toolkit.run.signals import interrupted
+from toolkit.run.spec import RunSpec
 from toolkit.sdk.errors import ToolkitError
-from toolkit.store.location import location, store_target
-from toolkit.store.core import StoreWriter, _sample_arrays
+from toolkit.store.layout import sample_arrays
+from toolkit.store.writer import StoreWriter
 
 ACTOR_RESTARTS = 3  # a unit whose actor dies more often than this fails the run (resumable)
 UNITS_PER_WORKER = 4  # finer units balance load and bound the work a killed actor loses
@@ -88,17 +94,9 @@ class UnitWriter(StoreWriter):
         pass  # array metadata has one writer: the driver
 
 
-class _Layout(Exception):
-    """Raised by ``LayoutWriter.initialize`` to hand the store's layout back without writing anything."""
-
-    def __init__(self, layout: dict[str, Any]):
-        super().__init__("layout")
-        self.layout = layout
-
-
 class _StandInWriter:
-    """What extract's sample loop asks of a store writer, for writers that write nothing themselves (the driver
-    does): nothing committed or created, and closing, flushing or aborting is a no-op."""
+    """What ``Run.write`` asks of a store writer, for a writer that writes nothing itself (the driver does): nothing
+    committed or created, and closing, flushing or aborting is a no-op."""
 
     committed = 0
     created = False
@@ -123,49 +121,6 @@ class _StandInWriter:
         pass
 
 
-class LayoutWriter(_StandInWriter):
-    """Stands in for the store writer while an actor runs the first batch: records what ``StoreWriter.initialize``
-    would be given (attributes, arrays, static coordinates) and the run spec, for the driver to create the store."""
-
-    def __init__(self, path: Path, spec: dict[str, Any]):
-        import zarr
-
-        self.path, self.spec = path, spec
-        # a resumed store: extract's own checks compare its model, dataset and selection with this run's
-        loc = location(path)
-        self.root = (zarr.open_group(loc.zarr_target(), mode="r", zarr_format=3, use_consolidated=False)
-                     if loc.exists("zarr.json") else None)
-
-    def initialize(self, attrs, specs, static, coordinates, chunk_samples=None, batch_size=1, group_attrs=None):
-        raise _Layout({"spec": self.spec, "init": {"attrs": attrs, "specs": specs, "static": static,
-                                                    "coordinates": coordinates, "chunk_samples": chunk_samples,
-                                                    "batch_size": batch_size, "group_attrs": group_attrs}})
-
-
-@dataclasses.dataclass
-class Unit:
-    """One actor's share of a run, handed to ``extract(unit=...)``: which samples, and the writer for them."""
-
-    start: int
-    stop: int
-    layout: bool = False  # True: run the first batch only and return the store's layout
-    last: bool = False  # the run's last unit: the data must end here
-    seen: int = 0
-
-    def writer(self, path: Path, spec: dict[str, Any]):
-        return LayoutWriter(path, spec) if self.layout else UnitWriter(path, self.start, self.stop)
-
-    def samples(self, samples: Iterator) -> Iterator:
-        """The unit's samples; the run's length came from the dataset's ``length_hint``, so a dataset that gives
-        fewer or more samples than it announced fails in one line instead of leaving a gap or a short store."""
-        for s in itertools.islice(samples, self.start, self.stop):
-            self.seen += 1
-            yield s
-        if not self.layout and (self.seen != self.stop - self.start or (self.last and next(samples, None))):
-            raise ToolkitError("the dataset gives another number of samples than its length_hint() announced; "
-                               "run without --workers (or fix the dataset adapter's length_hint)")
-
-
 class EpisodeRecorder(_StandInWriter):
     """Stands in for the store writer while an actor runs one closed-loop episode: records what a one-process
     run hands its writer (the layout on the first append, then every appended batch) for the driver to replay
@@ -187,73 +142,46 @@ class EpisodeRecorder(_StandInWriter):
         self.batches.append(dict(arrays))
 
 
-@dataclasses.dataclass
-class EpisodeUnit:
-    """One closed-loop episode for an actor (``episode`` None: only report the run spec)."""
-
-    episode: int | None = None
-    recorder: EpisodeRecorder | None = None
-
-    def writer(self, path: Path, spec: dict[str, Any]):
-        if self.episode is None:
-            raise _Layout({"spec": spec})
-        self.recorder = EpisodeRecorder()
-        return self.recorder
-
-    def samples(self, samples: Iterator) -> Iterator:
-        return samples
+def unit_samples(samples: Iterator, start: int, stop: int, last: bool) -> Iterator:
+    """Samples ``[start, stop)`` of a run.  Its length came from the dataset's ``length_hint``, so a dataset that gives
+    fewer or more samples than it announced fails in one line instead of leaving a gap or a short store."""
+    seen = 0
+    for s in itertools.islice(samples, start, stop):
+        seen += 1
+        yield s
+    if seen != stop - start or (last and next(samples, None) is not None):
+        raise ToolkitError("the dataset gives another number of samples than its length_hint() announced; "
+                           "run without --workers (or fix the dataset adapter's length_hint)")
 
 
 class ExtractWorker:
-    """A Ray actor: loads the model once, then extracts unit after unit into the shared store."""
+    """A Ray actor: makes the run once (the model loads once), then writes unit after unit into the shared store."""
 
-    def __init__(self, options: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], path: str):
         import warnings
 
-        from toolkit.sdk.plugins import get_model
-
-        self.options = dict(options, workers=0, progress=False, resume=True, overwrite=False)
-        o = self.options
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the random-weights notice: the driver's run says it
-            self.options["adapter"] = get_model(o["model"])(
-                checkpoint=o["checkpoint"], device=o["device"], dtype=o["model_dtype"], seed=o["seed"],
-                trust_remote_code=o["trust_remote_code"], allow_missing=o["allow_missing"],
-                random_weights=o["random_weights"], **(o["model_options"] or {}))
+            self.run: Run = make_run(RunSpec.model_validate(spec))
+        self.path = path
 
-    def layout(self, batch_size: int) -> dict[str, Any]:
-        from toolkit.run.pipeline import extract
+    def layout(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The run's ``run_spec`` attribute and its store's layout (from the first batch; nothing is written)."""
+        return self.run.stored_spec(), self.run.first_layout()
 
-        try:
-            extract(**self.options, unit=Unit(0, batch_size, layout=True))
-        except _Layout as e:
-            return e.layout
-        raise ToolkitError("the dataset selection is empty: no episode has a step to process "
-                           "(check --data, --max-episodes, --max-steps and --stride)")
+    def stored_spec(self) -> dict[str, Any]:
+        return self.run.stored_spec()
 
     def run_unit(self, start: int, stop: int, last: bool = False) -> tuple[int, int]:
-        from toolkit.run.pipeline import extract
-
-        extract(**self.options, unit=Unit(start, stop, last=last))
+        writer = UnitWriter(self.path, start, stop)
+        self.run.write(writer, unit_samples(self.run.samples(), start, stop, last))
         return start, stop
-
-    def run_spec(self) -> dict[str, Any]:
-        from toolkit.run.pipeline import extract
-
-        try:
-            extract(**self.options, unit=EpisodeUnit())
-        except _Layout as e:
-            return e.layout["spec"]
-        raise ToolkitError("internal: no run spec")
 
     def run_episode(self, episode: int) -> dict[str, Any]:
         """Run one closed-loop episode; its layout and batches as the one-process run would write them."""
-        from toolkit.run.pipeline import extract
-
-        unit = EpisodeUnit(episode)
-        extract(**self.options, unit=unit)
-        rec = unit.recorder
-        return {"layout": rec.layout, "batches": rec.batches}
+        recorder = EpisodeRecorder()
+        self.run.write(recorder, self.run.samples(only=episode))
+        return {"layout": recorder.layout, "batches": recorder.batches}
 
 
 def units(committed: int, total: int, chunk_samples: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
@@ -309,65 +237,42 @@ def _connect(address: str | None, workers: int, gpus: float):
     return ray, started
 
 
-def extract_on_ray(spec: Any) -> Path:
-    """The driver of ``extract(..., workers=N)``: see the module docstring."""
-    from toolkit.run.pipeline import (
-        Interrupted,
-        Progress,
-        _check_resume_prefix,
-        _check_target,
-        _writer,
-        closed_loop_options,
-        expected_samples,
-        iter_samples,
-    )
-    from toolkit.sdk.plugins import get_dataset
-
-    o = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    workers, gpus = int(o["workers"]), float(o["gpus_per_worker"] or 0)
-    if workers < 1 or gpus < 0:
-        raise ToolkitError(f"--workers must be at least 1 and --gpus-per-worker at least 0, got {workers} and {gpus:g}")
-    if o["adapter"] is not None:
-        raise ToolkitError("extract(workers=...) loads the model in each Ray actor; pass model options, not adapter=")
-    if o["batch_size"] < 1:
-        raise ToolkitError(f"--batch-size must be at least 1, got {o['batch_size']}")
-    dataset_cls = get_dataset(o["dataset"])
-    closed = bool(getattr(dataset_cls, "closed_loop", False))
-    path = store_target(o["store"])
-    _check_target(path, o["resume"], o["overwrite"])
-    if closed:  # episodes spread over the actors, written and committed in episode order by the driver
-        ds = dataset_cls(o["data"], **closed_loop_options(o["dataset"], o["batch_size"], o["seed"], o["max_steps"],
-                                                          o["dataset_options"]))
-        keys = [ep.key for ep in itertools.islice(ds.episodes(), o["max_episodes"])]  # no episode runs
+def extract_on_ray(spec: RunSpec, path: Path | str, resume: bool = False, overwrite: bool = False,
+                   progress: bool = False) -> Path | str:
+    """The driver of a run with ``spec.workers`` actors: see the module docstring."""
+    workers, gpus = spec.workers, spec.gpus_per_worker
+    check_target(path, resume, overwrite)
+    plan = Run(spec)  # the dataset only: the driver loads no model
+    ds = plan.open_dataset()
+    if plan.closed:  # episodes spread over the actors, written and committed in episode order by the driver
+        keys = [ep.key for ep in itertools.islice(ds.episodes(), spec.max_episodes)]  # no episode runs
     else:
-        ds = dataset_cls(o["data"], **(o["dataset_options"] or {}))
-        total = expected_samples(ds, o["max_episodes"], o["max_steps"], o["stride"])
+        total = plan.total()
         if total is None:  # the dataset does not know its size: count it (no model runs)
-            total = sum(1 for _ in iter_samples(ds, o["max_episodes"], o["max_steps"], o["stride"]))
-    ray, started = _connect(o["ray_address"], workers, gpus)
+            total = sum(1 for _ in plan.samples())
+    ray, started = _connect(spec.ray_address, workers, gpus)
     actor_cls = ray.remote(ExtractWorker)
     run_id = uuid.uuid4().hex[:8]
-    options = {k: v for k, v in o.items() if k != "unit"}
     actors = [actor_cls.options(name=f"toolkit-extract-{run_id}-{i}", num_cpus=1, num_gpus=gpus,
-                                max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS).remote(options)
-              for i in range(workers)]
+                                max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+              .remote(spec.model_dump(), str(path)) for i in range(workers)]
     writer = None
     try:
-        if closed:
-            writer = _writer(path, o["resume"], o["overwrite"], o["codec"], _get(ray, actors[0].run_spec.remote()))
-            _run_episodes(ray, actors, writer, keys, Progress(o["progress"], writer, writer.committed))
+        if plan.closed:
+            writer = open_writer(path, spec, _get(ray, actors[0].stored_spec.remote()), resume, overwrite)
+            _run_episodes(ray, actors, writer, keys, Progress(progress, writer, writer.committed))
         else:
-            layout = _get(ray, actors[0].layout.remote(o["batch_size"]))
-            writer = _writer(path, o["resume"], o["overwrite"], o["codec"], layout["spec"])
+            stored, layout = _get(ray, actors[0].layout.remote())
+            writer = open_writer(path, spec, stored, resume, overwrite)
             if writer.committed:
-                _check_resume_prefix(writer, iter_samples(ds, o["max_episodes"], o["max_steps"], o["stride"]),
-                                     writer.committed)
-            writer.initialize(**layout["init"])
-            for _, arr in _sample_arrays(writer.root):  # the one resize: every actor writes inside this shape
+                check_resume_prefix(writer, iter_samples(ds, spec.max_episodes, spec.max_steps, spec.stride),
+                                    writer.committed)
+            layout.create(writer, spec.chunk_samples, spec.batch_size)
+            for _, arr in sample_arrays(writer.root):  # the one resize: every actor writes inside this shape
                 if arr.shape[0] != total:
                     arr.resize((total, *arr.shape[1:]))
-            _run_units(ray, actors, writer, units(writer.committed, total, writer.chunk_samples, o["batch_size"],
-                                                  workers), Progress(o["progress"], writer, writer.committed, total))
+            _run_units(ray, actors, writer, units(writer.committed, total, writer.chunk_samples, spec.batch_size,
+                                                  workers), Progress(progress, writer, writer.committed, total))
         if writer.started:
             writer.close(complete=True, release=False)
         else:  # a resumed closed-loop store whose episodes were all committed already
@@ -378,11 +283,7 @@ def extract_on_ray(spec: Any) -> Path:
             if writer.created and writer.committed == 0:
                 writer.loc.remove()  # nothing useful was written
         if isinstance(e, KeyboardInterrupt) and writer is not None:
-            import signal
-
-            num = getattr(e, "signum", signal.SIGINT)
-            raise Interrupted(num, f"interrupted by {signal.Signals(num).name}: {writer.committed} samples are "
-                                   f"committed in {path}") from None
+            raise interrupted(e, writer.committed, path) from None
         raise
     finally:
         for a in actors:
@@ -398,9 +299,7 @@ def _run_episodes(ray, actors, writer: StoreWriter, keys: list[str], bar) -> Non
     """Closed loop: one episode per actor task; finished episodes are written and committed in episode order
     (``flush`` with deferred commits, as a one-process run does at each episode's end).  At most two episodes per
     actor wait in the driver for an earlier one, so memory stays bounded whatever the episode lengths."""
-    from toolkit.run.pipeline import _stored_episodes
-
-    done = _stored_episodes(writer)
+    done = stored_episodes(writer)
     if keys[:len(done)] != done:
         raise ToolkitError(f"cannot resume {writer.path}: it holds episodes {done[:3]}..., the dataset gives "
                            f"{keys[:3]}...; the store was made from other options (use --overwrite)")
@@ -429,9 +328,7 @@ def _run_episodes(ray, actors, writer: StoreWriter, keys: list[str], bar) -> Non
                 writer.append(arrays)
             writer.flush()
             nxt += 1
-            if bar.bar is not None:
-                bar.bar.update(len(episode["batches"]))
-                bar.bar.set_postfix(workers=len(actors), busy=len(pending), episodes=nxt, refresh=False)
+            bar.advance(len(episode["batches"]), workers=len(actors), busy=len(pending), episodes=nxt)
 
 
 def _get(ray, ref):
@@ -467,9 +364,7 @@ def _run_units(ray, actors, writer: StoreWriter, todo: list[tuple[int, int]], ba
             idle.append(pending.pop(ref))
             a, b = _get(ray, ref)
             finished.add(a)
-            if bar.bar is not None:
-                bar.bar.update(b - a)
-                bar.bar.set_postfix(workers=len(actors), busy=len(pending), committed=prefix, refresh=False)
+            bar.advance(b - a, workers=len(actors), busy=len(pending), committed=prefix)
         advanced = prefix
         while advanced in finished:
             advanced = ends[advanced]

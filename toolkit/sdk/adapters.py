@@ -13,16 +13,18 @@ import abc
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # annotations only: the contracts load without torch (a plugin's torch loads with its model)
+    import torch
 
 from toolkit.sdk.checkpoint import LoadReport
 from toolkit.sdk.options import parse_options
 from toolkit.sdk.errors import ToolkitError
 
-MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # names of the torch dtypes a model runs in and a store keeps
 
 # --------------------------------------------------------------------------- datasets
 
@@ -105,6 +107,24 @@ class DatasetAdapter(abc.ABC):
 
 
 # --------------------------------------------------------------------------- models
+
+# Where each stream is read in a Hugging Face style decoder layer (input_layernorm, self_attn,
+# post_attention_layernorm, mlp): (direction, sub-module path relative to the layer[, transform]).
+DECODER_STREAMS: dict[str, tuple[str, ...]] = {
+    "resid_pre": ("input", ""),
+    "resid_mid": ("input", "post_attention_layernorm"),
+    "resid_post": ("output", ""),
+    "attn_out": ("output", "self_attn"),
+    "mlp_out": ("output", "mlp"),
+    "mlp_act": ("input", "mlp.down_proj"),  # the FFN neurons, act(gate(x)) * up(x): one feature per unit
+    "pre_attn_norm_scale": ("input", "input_layernorm", "rms_scale"),
+    "pre_mlp_norm_scale": ("input", "post_attention_layernorm", "rms_scale"),
+}
+# The seeds' names for the same streams.
+STREAM_ALIASES = {"hidden_states": "resid_post", "post_attn": "resid_mid", "post_attn_embedding": "resid_mid",
+                  "pre_attn_norm_scales": "pre_attn_norm_scale", "pre_mlp_norm_scales": "pre_mlp_norm_scale"}
+DEFAULT_STREAMS = ("resid_post",)
+
 
 
 @dataclass(frozen=True)
@@ -207,12 +227,14 @@ class ModelAdapter(abc.ABC):
         **options: Any,
     ) -> None:
         opts = parse_options(type(self), options, self.name)
-        if dtype not in MODEL_DTYPES:
-            raise ToolkitError(f"unknown model dtype {dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ToolkitError(f"unknown model dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        import torch
+
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.dtype = dtype
-        self.torch_dtype = MODEL_DTYPES[dtype]
+        self.torch_dtype = getattr(torch, dtype)
         self.seed = seed
         self.trust_remote_code = trust_remote_code
         # --allow-missing: run although the checkpoint lacks weights (their names go into the store)

@@ -236,6 +236,17 @@ def hook_name(site: str, layer: int, stream: str) -> str:
     return f"{site}.layers.{layer}.{stream}"
 
 
+def parse_hook(hook: str) -> tuple[str, int, str]:
+    """(site, layer, stream) of one concrete hook name; patterns are expanded by the caller (``hooks_for``)."""
+    p = HookPattern.parse(hook)
+    layers = p.layers.items
+    if p.site in ("*", "") or any(c in p.site + p.stream for c in "*?[") or layers is None or len(layers) != 1 \
+            or layers[0].is_range or layers[0].name is not None or layers[0].lo < 0:
+        raise ToolkitError(f"an intervention edits one named stream: {hook!r} is a pattern; write e.g. "
+                           "text_only.layers.3.resid_post")
+    return p.site, layers[0].lo, p.stream
+
+
 @dataclass(frozen=True)
 class HookPattern:
     """A parsed hook name or pattern: site glob, layer selection, stream glob."""

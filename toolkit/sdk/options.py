@@ -1,4 +1,4 @@
-"""Options, declared once: adapters' typed options, plugin-contributed CLI flags, and the CLI's shared parsing.
+"""Adapters' typed options, declared once, and the flags plugins contribute to the CLI (as data: no click here).
 
 An adapter declares its options as a nested ``Options`` class (a pydantic model deriving from
 ``AdapterOptions``): names, types, defaults, help text and validation in one place.  The same
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import pydantic
 
 from toolkit.sdk.errors import ToolkitError
@@ -139,106 +138,3 @@ def int_option(value: Any, owner: str, name: str, minimum: int = 0, required: bo
     if n < minimum:
         raise ToolkitError(f"{owner} option {name} must be at least {minimum}, got {n}")
     return n
-
-
-def store_argument(f):
-    """A positional STORE, with the older ``--store STORE`` spelling still accepted (``pick_store`` reads both)."""
-    from toolkit.store.location import STORE
-
-    f = click.option("--store", "store_option", type=STORE,
-                     help="The store (older spelling of the positional STORE).")(f)
-    return click.argument("store", required=False, type=STORE, metavar="STORE")(f)
-
-
-def pick_store(positional: Path | str | None, option: Path | str | None, default: Path | None = None) -> Path | str:
-    """The store given positionally or with ``--store`` (not two different ones), else ``default``: a ``Path``,
-    or the URL of an object-store prefix (``s3://bucket/prefix``)."""
-    from toolkit.store.location import store_target
-
-    if positional is not None and option is not None and store_target(positional) != store_target(option):
-        raise ToolkitError(f"two stores given ({positional} and --store {option}): give the store once, positionally")
-    store = positional if positional is not None else option
-    if store is None:
-        if default is None:
-            raise ToolkitError("missing STORE: give the store's path, e.g. `toolkit COMMAND stores/libero.zarr`")
-        return Path(default)
-    return store_target(store)
-
-
-def split_csv(values: tuple[str, ...] | list[str] | str | None) -> list[str] | None:
-    """Repeated and/or comma-separated CLI values as one list (None when none given)."""
-    if values is None:
-        return None
-    items = [values] if isinstance(values, str) else values
-    out = [v.strip() for item in items for v in str(item).split(",") if v.strip()]
-    return out or None
-
-
-def _peek(args: list[str], names: tuple[str, ...]) -> dict[str, str]:
-    """Values of ``--name X``/``--name=X`` in raw arguments, before click parses them (for --help)."""
-    out = {}
-    for i, a in enumerate(args):
-        for n in names:
-            if a == n and i + 1 < len(args):
-                out[n] = args[i + 1]
-            elif a.startswith(n + "="):
-                out[n] = a.split("=", 1)[1]
-    return out
-
-
-class PluginOptionsCommand(click.Command):
-    """A command that carries the flags plugins contribute (``register_cli_options``), and whose --help
-    lists the options of the ``--model``/``--dataset`` named on the same command line."""
-
-    def _plugin_params(self) -> list:
-        """Built on each use, not cached: plugins registered later in the process (tests) must show up."""
-        from toolkit.sdk.plugins import cli_options
-
-        return [click.Option([o.flag, o.param], is_flag=o.is_flag, type=o.type,
-                             help=f"{o.help} (= --{o.target}-option {o.key}=...)") for o in cli_options(self.name)]
-
-    def get_params(self, ctx):
-        params = [*self.params, *self._plugin_params()]
-        help_option = self.get_help_option(ctx)
-        return [*params, help_option] if help_option is not None else params
-
-    def parse_args(self, ctx, args):
-        ctx.meta["toolkit.peek"] = _peek(list(args), ("--model", "--dataset"))
-        return super().parse_args(ctx, args)
-
-    def format_epilog(self, ctx, formatter):
-        super().format_epilog(ctx, formatter)
-        from toolkit.sdk.plugins import get_dataset, get_model
-
-        peek = ctx.meta.get("toolkit.peek") or {}
-        for flag, lookup, option in (("--model", get_model, "--model-option"),
-                                     ("--dataset", get_dataset, "--dataset-option")):
-            if flag not in peek:
-                continue
-            try:
-                cls = lookup(peek[flag])
-            except ToolkitError as e:
-                formatter.write_paragraph()
-                formatter.write_text(str(e))
-                continue
-            docs = describe_options(cls)
-            with formatter.section(f"{option} KEY=VALUE of {cls.name}"):
-                if not docs:
-                    formatter.write_text("declares no options (any KEY=VALUE is passed to it)")
-                    continue
-                formatter.write_dl([(f"{d.name}={d.type}", d.help + ("" if d.default is None else
-                                                                      f"  [default: {d.default}]"))
-                                    for d in docs])
-
-
-
-def plugin_option_values(command: str, values: dict[str, Any], store: Path) -> dict[str, dict[str, Any]]:
-    """The plugin flags' values of one invocation as ``{"dataset": {...}, "model": {...}}`` adapter options."""
-    from toolkit.sdk.plugins import cli_options
-
-    out: dict[str, dict[str, Any]] = {"dataset": {}, "model": {}}
-    for o in cli_options(command):
-        v = o.value(values.get(o.param), store)
-        if v is not None:
-            out[o.target][o.key] = v
-    return out

@@ -4,9 +4,7 @@
 reader everything else uses), so it finds exactly what would make ``probe``, ``stats`` or ``export`` fail:
 missing chunks, truncated ones, flipped bytes (crc32c mismatch) and chunks that do not decode.
 
-``repair`` needs the run's data and model at hand: it rolls the store back to the first bad chunk (under the
-store's lock) and resumes the run recorded in the store's ``run_spec`` attribute, so every sample from there
-on is extracted again, bit-identical to an uninterrupted run.
+Repairing needs the run's data and model at hand, so it lives with the runs: ``toolkit.run.repair``.
 """
 
 from __future__ import annotations
@@ -15,8 +13,9 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from toolkit.sdk.errors import ToolkitError
-from toolkit.store.core import SAMPLE, CorruptStoreError, Store, read_chunk, write_consolidated
+from toolkit.store.chunks import CorruptStoreError, read_chunk
+from toolkit.store.layout import SAMPLE
+from toolkit.store.reader import Store
 
 
 def _arrays(group, prefix: str = "") -> list[tuple[str, Any]]:
@@ -51,53 +50,6 @@ def verify(store: str | Path) -> dict[str, Any]:
                             "samples": list(e.samples) if sample_axis else None})
     return {"path": str(s.path), "n_samples": s.n_samples, "complete": s.complete, "arrays": len(arrays),
             "chunks": n_chunks, "bad": bad, "without_checksum": unchecked}
-
-
-def repair(store: str | Path, report: dict[str, Any], trust_remote_code: bool = False, progress: bool = False) -> int:
-    """Re-extract from the first bad chunk on with the store's recorded run; the first re-extracted sample."""
-    s = Store(store, warn_incomplete=False)
-    spec = s.attrs.get("run_spec")
-    if not spec:
-        raise ToolkitError(f"{s.path} records no run spec (made by an older toolkit): re-extract it with --overwrite")
-    if spec.get("interventions"):
-        raise ToolkitError(f"{s.path} was made with interventions, which the store cannot replay: re-run that "
-                           "extraction with --overwrite")
-    static = [b["chunk"] for b in report["bad"] if b["samples"] is None]
-    if static:
-        raise ToolkitError(f"{s.path}: chunk {static[0]} is a fixed coordinate written at creation; re-extract the "
-                           "store with --overwrite")
-    start = min(b["samples"][0] for b in report["bad"])
-    chunk = int(s.attrs["chunk_samples"])
-    start -= start % chunk
-    lock = s.loc.lock()
-    lock.acquire()
-    try:
-        write_consolidated(s.path, start, False)  # roll back: the resume below truncates and redoes the rest
-    finally:
-        lock.release()
-    kwargs = _call_arguments(spec)
-    if spec.get("command") == "import":
-        from toolkit.run.pipeline import import_latents
-
-        import_latents(store=s.path, resume=True, progress=progress, **kwargs)
-    else:
-        from toolkit.run.pipeline import extract
-
-        extract(store=s.path, resume=True, progress=progress, trust_remote_code=trust_remote_code, **kwargs)
-    return start
-
-
-def _call_arguments(spec: dict[str, Any]) -> dict[str, Any]:
-    """extract()/import_latents() keywords that reproduce a recorded run spec."""
-    sel = spec.get("selection") or {}
-    drop = ("selection", "command", "interventions") + (("model",) if spec.get("command") == "import" else ())
-    out = {k: v for k, v in spec.items() if k not in drop}
-    out.update(sites=list(sel),
-               layers=[f"{site}={','.join(map(str, c['layers']))}" for site, c in sel.items()],
-               tokens=[f"{site}={c['tokens']}" for site, c in sel.items()],
-               pool=[f"{site}={c['pool']}" for site, c in sel.items()],
-               streams=[f"{site}={','.join(c['streams'])}" for site, c in sel.items()])
-    return out
 
 
 def summary_line(report: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from toolkit.analysis.probe.target import TargetData
+from toolkit.sdk.targets import TargetData
 
 PROGRESS_BINS = 4
 TYPE_DESCRIPTION = f"(task, progress quartile): a random label per task × {PROGRESS_BINS} progress bins"

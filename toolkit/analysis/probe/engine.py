@@ -24,13 +24,15 @@ from toolkit.sdk.errors import ToolkitError
 from toolkit.analysis.probe import metrics as M
 from toolkit.analysis.probe.control import control_target, input_type
 from toolkit.analysis.probe.mdl import online_code
+from toolkit.analysis.probe.results import Results
 from toolkit.analysis.probe.select import Resolved, Selection, plain, resolve
 from toolkit.analysis.probe.solvers import LAMBDAS, CosineOptions, Fitted, NestedRidge, cosine_probe, logistic_probe, \
     predict_many
 from toolkit.analysis.probe.splits import Folds, make_folds
 from toolkit.analysis.probe.stats import LayerInputs, cell_shifts, iter_blocks, layer_statistics
-from toolkit.analysis.probe.target import KINDS, Labels, TargetData
-from toolkit.store.core import Store, open_store
+from toolkit.analysis.probe.target import StoreLabels
+from toolkit.sdk.targets import KINDS, Labels, TargetData
+from toolkit.store.reader import open_store, Store
 
 SOLVERS = ("ridge", "logistic", "cosine")
 SUPPORTED = {"ridge": KINDS, "logistic": ("classification",), "cosine": ("embedding",)}
@@ -160,10 +162,8 @@ def _subset(d: TargetData, m: np.ndarray) -> TargetData:
 
 
 def probe(store: Store | str, selection: Selection | None = None, targets: tuple[str, ...] | list[str] = ("task",),
-          config: ProbeConfig | None = None) -> "Results":
+          config: ProbeConfig | None = None) -> Results:
     """Fit and score probes for one site selection; returns a tidy Results table (see ``Results.table``)."""
-    from toolkit.analysis.probe.results import Results
-
     store = open_store(store) if not isinstance(store, Store) else store
     cfg = config or ProbeConfig()
     if cfg.solver not in SOLVERS:
@@ -171,7 +171,7 @@ def probe(store: Store | str, selection: Selection | None = None, targets: tuple
     _check_execution(cfg)
     selection = selection or Selection()
     res = resolve(store, selection)
-    labels = Labels(store, res.rows)
+    labels = StoreLabels(store, res.rows)
     encoded = [(spec, build_target(spec, labels, cfg.target_options)) for spec in targets]
     for spec, d in encoded:
         if d.kind not in SUPPORTED[cfg.solver]:
@@ -194,7 +194,7 @@ def probe(store: Store | str, selection: Selection | None = None, targets: tuple
         if not valid.any():
             raise ToolkitError(f"target {members[0][0]!r} labels no row of the selection")
         sub = replace(res, rows=res.rows[valid], bucket=res.bucket[valid], extra=res.extra)
-        sub_labels = Labels(store, sub.rows)
+        sub_labels = StoreLabels(store, sub.rows)
         for kind in _split_kinds(cfg, members, sub_labels):
             usable = [(s, _subset(d, valid)) for s, d, _ in members if not (kind == "tasks" and
                                                                           d.kind == "classification")]
@@ -358,7 +358,7 @@ def _fit_ridge(store, sw: Sweep, li, layer, Y, nd, buckets, cfg) -> dict[Cell, C
     if cfg.scheduler is None:
         acc = layer_statistics(store, res, li, inputs, cfg.device)
     else:
-        from toolkit.analysis.parallel import probe_layer_statistics
+        from toolkit.analysis.probe.stats import probe_layer_statistics
 
         acc = probe_layer_statistics(store, res, li, inputs, cfg.scheduler, cfg.device)
     groups = {name: cols for t in sw.targets for name, _, cols in t.variants()}
@@ -533,7 +533,6 @@ def _warnings(sw: Sweep, t: Target, p: np.ndarray, fits: list[Fitted], cfg) -> l
 
 def _emit(sw: Sweep, baselines: dict[str, Sweep], cfg: ProbeConfig, out) -> None:
     """Turn every cell's outcomes into result rows; then the per-fold selected ("best") probe per family."""
-    res = sw.res
     for cell, cf in sorted(sw.cells.items(), key=lambda kv: (kv[0].bucket, kv[0].j, kv[0].layer)):
         p = sw.bucket_pos(cell.bucket)
         for t in sw.targets:

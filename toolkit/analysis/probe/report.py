@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.analysis.figures import pyplot, save_figure
 from toolkit.sdk.errors import ToolkitError
 from toolkit.analysis.probe.results import Results
 
@@ -84,22 +85,6 @@ def _num(v):
     return float(v)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
-
-
 def _label(r: dict) -> str:
     return r["site"] if r["t"] is None else f"{r['site']} t={_num(r['t']):.2f}"
 
@@ -115,7 +100,7 @@ def _ylim(rows: list[dict]) -> tuple[float, float]:
 def fig_layers(rows: list[dict], path: Path, title: str) -> Path:
     """Metric vs layer, one panel per denoising step t: interval band, control and baselines in the legend,
     flagged cells grey, chance (or the majority rate) dashed, fixed y-range, integer layer ticks."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     panels = defaultdict(list)
@@ -165,7 +150,7 @@ def fig_layers(rows: list[dict], path: Path, title: str) -> Path:
 
 def fig_heatmap(rows: list[dict], path: Path, title: str) -> Path:
     """Layer × rollout-step bucket heatmap of the metric for one site/t."""
-    plt = _plt()
+    plt = pyplot()
     layers = sorted({int(r["layer"]) for r in rows})
     steps = list(dict.fromkeys(r["step"] for r in rows))
     m = np.full((len(layers), len(steps)), np.nan)
@@ -180,12 +165,12 @@ def fig_heatmap(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=rows[0]["metric_name"])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_retention(rows: list[dict], path: Path, title: str) -> Path:
     """Metric (with its interval) against rollout-step bucket at one layer; successful and failed episodes."""
-    plt = _plt()
+    plt = pyplot()
     steps = list(dict.fromkeys(r["step"] for r in rows))
     x = np.arange(len(steps))
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -207,12 +192,12 @@ def fig_retention(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel(rows[0]["metric_name"])
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_denoise(rows: list[dict], path: Path, title: str) -> Path:
     """Metric (with its interval) against the denoising step t, one line per layer, t from 1 (noise) down."""
-    plt = _plt()
+    plt = pyplot()
     layers = sorted({int(r["layer"]) for r in rows})
     fig, ax = plt.subplots(figsize=(6, 3.8))
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(layers)))
@@ -227,13 +212,13 @@ def fig_denoise(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel(f"held-out {rows[0]['metric_name']} (95 % interval bands)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, ncol=2 if len(layers) > 8 else 1, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_success(rows: list[dict], path: Path, title: str) -> Path:
     """Correlation of per-episode probe confidence with success against layer (one line per t), with its
     bootstrap interval; filled markers where the permutation p is below 0.05."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -256,11 +241,11 @@ def fig_success(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel("corr(episode confidence, success)")
     ax.set_title(title + "\nfilled: permutation p < 0.05; band: bootstrap 95 % interval over episodes", fontsize=8)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_matrix(m, rows_labels, col_labels, path: Path, title: str, cbar: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     m = np.asarray(m, dtype=float)
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * m.shape[1] + 2.5), max(3.5, 0.35 * m.shape[0] + 2)))
     im = ax.imshow(m, cmap="magma" if cbar == "count" else "RdBu_r")
@@ -269,7 +254,7 @@ def fig_matrix(m, rows_labels, col_labels, path: Path, title: str, cbar: str) ->
     ax.set_yticks(range(len(rows_labels)), [short(c) for c in rows_labels], fontsize=6)
     ax.set_title(title.replace(" — ", "\n"), fontsize=8)
     fig.colorbar(im, ax=ax, label=cbar)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _fmt(v, nd=3) -> str:

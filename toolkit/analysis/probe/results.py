@@ -27,8 +27,23 @@ import numpy as np
 from toolkit.sdk.errors import ToolkitError
 
 
-@dataclass
+# The columns a reader needs first (where in the model, what, how well, against what); the others follow.
+LEAD = ("site", "layer", "t", "step", "target", "split", "metric_name", "metric", "ci_low", "ci_high", "chance",
+        "control", "selectivity", "n_test_episodes", "warnings")
+
+
+def ordered_columns(rows: list[dict]) -> list[str]:
+    """Every column the rows have, the ``LEAD`` ones first."""
+    cols: list[str] = [c for c in LEAD if any(c in r for r in rows)]
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+@dataclass(repr=False)
 class Results:
+    """The tidy results of a probe run (``rows``: one per probe) and what goes with them."""
+
     rows: list[dict] = field(default_factory=list)
     per_task: list[dict] = field(default_factory=list)
     details: dict[int, dict] = field(default_factory=dict)
@@ -75,11 +90,34 @@ class Results:
         if not self.meta:
             self.meta = dict(other.meta)
 
-    def table(self):
-        """The results as a pandas DataFrame (one row per probe)."""
+    def table(self, columns: str | list[str] = "all"):
+        """The results as a pandas DataFrame, one row per probe: ``"all"`` columns (the ones a reader needs first,
+        see ``LEAD``), ``"lead"`` those only, or a list of names."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows)
+        cols = ordered_columns(self.rows)
+        if columns == "lead":
+            cols = [c for c in cols if c in LEAD]
+        elif columns != "all":
+            cols = list(columns)
+        return pd.DataFrame(self.rows, columns=cols)
+
+    def __repr__(self) -> str:
+        """A few lines: how many probes of what, the best of each site and target, and the model's weights."""
+        if not self.rows:
+            return "<probe Results: empty>"
+        sites = sorted({str(r["site"]) for r in self.rows})
+        targets = sorted({str(r["target"]) for r in self.rows})
+        model = self.meta.get("model") if isinstance(self.meta.get("model"), dict) else {}
+        lines = [f"<probe Results: {len(self.rows)} probes, sites {', '.join(sites)}, targets {', '.join(targets)}"
+                 + (" (RANDOM weights)" if model.get("random_init") else "") + ">"]
+        for b in self.best[:8]:
+            lines.append(f"  selected {b['site']} {b['target']} (step {b['step']}): layer {b['layer']}, "
+                         f"{b['metric_name']} {b['metric']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]")
+        flagged = sum(1 for r in self.rows if r.get("warnings"))
+        lines.append(f"  .table() for every row ({len(ordered_columns(self.rows))} columns); "
+                     f"{flagged} rows carry warnings")
+        return "\n".join(lines)
 
     def save(self, out: str | Path) -> Path:
         out = Path(out)
@@ -178,9 +216,7 @@ def _json_default(o):
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
+    cols = ordered_columns(rows)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()

@@ -14,7 +14,7 @@ import numpy as np
 
 from toolkit.sdk.errors import ToolkitError
 from toolkit.sdk.names import IndexSpec, format_indices, store_layers, store_site_stream
-from toolkit.store.core import Store
+from toolkit.store.reader import Store
 
 
 def plain(v: np.ndarray) -> np.ndarray:

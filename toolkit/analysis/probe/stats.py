@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from toolkit.analysis.probe.select import Resolved
-from toolkit.store.core import Store, decode, read_chunk
+from toolkit.analysis.parallel import check_scheduler, reduce_tree
+from toolkit.store.chunks import read_chunk
+from toolkit.store.codecs import decode
+from toolkit.store.reader import open_store, Store
 
 
 @dataclass
@@ -224,7 +227,7 @@ class ChunkReader:
     """Whole (samples × one layer) chunks of a stream, through the store's checked chunk reader.
 
     zarr's general read path costs about a millisecond per chunk in Python, which dominates a sweep over
-    page-cached data; ``toolkit.store.core.read_chunk`` reads a chunk file directly and verifies its crc32c
+    page-cached data; ``toolkit.store.chunks.read_chunk`` reads a chunk file directly and verifies its crc32c
     checksum, so a damaged chunk is an error naming the array and the chunk, never wrong numbers.
     """
 
@@ -282,3 +285,23 @@ def pool(x: np.ndarray, token_pos: list[int], how: str) -> np.ndarray:
     else:
         out = x.reshape(x.shape[0], x.shape[1], -1)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _probe_task(path: str, res, layer_index: int, inputs, device):
+    return cell_statistics(open_store(path, warn_incomplete=False), res, layer_index, inputs, device)
+
+
+def probe_layer_statistics(store: Store, res, layer_index: int, inputs, scheduler: str, device: str | None = None):
+    """The ridge probe's per-fold cell statistics of one layer (what ``layer_statistics`` sums serially) on Dask:
+    one task per chunk group (``chunk_groups``, the same groups as the serial path, so both sum identical float32 products and agree to float64 rounding), each opening the store by path
+    and reading through its checked chunk reader, merged in a pairwise tree.  A task holds one group of
+    chunks and its K·(D² + D·M) float64 partial sums."""
+    from dataclasses import replace
+
+    import dask
+
+    check_scheduler(scheduler)
+    path, bare = str(store.path), replace(res, extra={})  # no open reader in the task graph
+    leaves = [dask.delayed(_probe_task)(path, bare, layer_index, inputs.part(g), device)
+              for g in chunk_groups(store, res, group_rows(inputs.n_folds, res.n_features))]
+    return reduce_tree(leaves, add_cell_stats, scheduler) if leaves else {}

@@ -1,0 +1,95 @@
+"""The store a run writes, worked out from its first batch: the array specs (activations with named dimensions,
+per-sample coordinates and fields), the static coordinates of each site (layer, token, denoising step and its
+time), and the attributes that make the store self-describing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from toolkit.capture.plan import SiteCapture, stored_token_positions
+from toolkit.sdk.adapters import Expert
+from toolkit.sdk.errors import ToolkitError
+from toolkit.store.layout import ArraySpec
+
+COORDINATES = ["episode", "step", "task", "task_id", "success"]
+
+
+FIELD_DIMS = {"policy_action": ("policy_horizon", "policy_action_dim"), "dataset_action": ("dataset_action_dim",)}
+
+
+def _field_spec(name: str, value: np.ndarray) -> ArraySpec:
+    dtype = "str" if value.dtype == object else str(value.dtype)
+    dims = FIELD_DIMS.get(name) or tuple(f"{name}_dim{i}" if i else f"{name}_dim" for i in range(value.ndim - 1))
+    if len(dims) != value.ndim - 1:
+        raise ToolkitError(f"per-sample field {name!r} has shape {value.shape[1:]}, expected {len(dims)} dims")
+    return ArraySpec(name, tuple(value.shape[1:]), dtype, dims)
+
+
+def _activation_spec(name: str, value: np.ndarray, sc: SiteCapture, denoising: bool) -> ArraySpec:
+    dims = ("layer", "denoise", "token", "feature") if denoising else ("layer", "token", "feature")
+    stored = "bfloat16" if sc.dtype == "bfloat16" else None
+    inner = (1, *value.shape[2:])
+    return ArraySpec(name, tuple(value.shape[1:]), str(value.dtype), dims, stored,
+                     attrs={"hook_names": [f"{sc.site}.layers.{layer}.{name.split('/')[1]}" for layer in sc.layers],
+                            "pool": sc.pool, "tokens": sc.tokens},
+                     chunk_inner=inner)
+
+
+def _static_coords(plan: list[SiteCapture], experts: dict[str, Expert], spans: dict[str, dict[str, list[int]]],
+                   seq_len: dict[str, int], denoise_t: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], Any]]:
+    static: dict[str, tuple[tuple[str, ...], Any]] = {}
+    for sc in plan:
+        static[f"{sc.site}/layer"] = (("layer",), np.array(sc.layers, dtype=np.int32))
+        positions = stored_token_positions(sc, spans.get(sc.expert, {}), seq_len[sc.expert])
+        static[f"{sc.site}/token"] = (("token",), np.array(positions, dtype=np.int32))
+        if experts[sc.expert].denoise_steps:
+            t = denoise_t.get(sc.expert)
+            n = experts[sc.expert].denoise_steps
+            static[f"{sc.site}/denoise"] = (("denoise",), np.arange(n, dtype=np.int32))
+            if t is not None:
+                static[f"{sc.site}/t"] = (("denoise",), np.asarray(t, dtype=np.float32))
+    return static
+
+
+def _site_attrs(plan: list[SiteCapture], experts: dict[str, Expert], spans) -> dict[str, Any]:
+    return {sc.site: {"expert": sc.expert, "spans": {k: [min(v), max(v) + 1] if v else [] for k, v in
+                                                      spans.get(sc.expert, {}).items()},
+                      "layers_path": experts[sc.expert].layers_path}
+            for sc in plan}
+
+
+@dataclass
+class StoreLayout:
+    """What ``StoreWriter.initialize`` creates: attributes, sample-axis arrays, static coordinates, the per-sample
+    arrays that are coordinates (repeated in every site group), and each site group's attributes."""
+
+    attrs: dict[str, Any]
+    specs: list[ArraySpec]
+    static: dict[str, tuple[tuple[str, ...], Any]]
+    coordinates: list[str] = field(default_factory=lambda: list(COORDINATES))
+    group_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def create(self, writer: Any, chunk_samples: int | None, batch_size: int) -> None:
+        """Create the store's arrays with ``writer`` (or check a resumed store has these) and start writing."""
+        writer.initialize(self.attrs, self.specs, self.static, self.coordinates, chunk_samples=chunk_samples,
+                          batch_size=batch_size, group_attrs=self.group_attrs)
+
+
+def store_layout(arrays: dict[str, np.ndarray], plan: list[SiteCapture], experts: dict[str, Expert],
+                 spans: dict[str, dict[str, list[int]]], seq_len: dict[str, int], denoise_t: dict[str, Any],
+                 attrs: dict[str, Any]) -> StoreLayout:
+    """The layout of a store whose first batch is ``arrays`` (activations keyed ``site/stream``, fields by name)."""
+    by_name = {f"{sc.site}/{st}": sc for sc in plan for st in sc.streams}
+    specs = []
+    for name, value in arrays.items():
+        if name in by_name:
+            sc = by_name[name]
+            specs.append(_activation_spec(name, value, sc, bool(experts[sc.expert].denoise_steps)))
+        else:
+            specs.append(_field_spec(name, value))
+    site_info = _site_attrs(plan, experts, spans)
+    return StoreLayout({**attrs, "site_info": site_info}, specs, _static_coords(plan, experts, spans, seq_len, denoise_t),
+                       group_attrs=site_info)

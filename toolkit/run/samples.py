@@ -1,0 +1,158 @@
+"""A run's samples: every ``stride``-th step of each episode in the dataset's deterministic order (open loop), or
+every policy call of a simulator's episodes (closed loop); their per-sample coordinates and fields; and the
+per-sample random streams that make a resumed or a Ray-split run equal an uninterrupted one."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from toolkit.sdk import fields
+from toolkit.sdk.adapters import Episode, Step
+from toolkit.sdk.errors import ToolkitError
+
+if TYPE_CHECKING:
+    from toolkit.store.writer import StoreWriter
+
+
+@dataclass
+class Sample:
+    index: int  # position along the store's sample axis
+    episode_index: int  # ordinal of the episode in this run
+    episode: Episode
+    step: Step
+    capture: bool = True  # closed loop: False for a policy call that drives the simulator but is not stored
+    call: int = 0  # closed loop: the policy call's ordinal within its episode
+
+
+@dataclass
+class EpisodeEnd:
+    """Closed loop: the episode's steps are exhausted, so its metadata and step fields are final."""
+
+    episode_index: int
+    episode: Episode
+
+
+def iter_samples(dataset, max_episodes: int | None, max_steps: int | None, stride: int) -> Iterator[Sample]:
+    """Every ``stride``-th step of each episode, in the dataset's deterministic order."""
+    if stride < 1:
+        raise ToolkitError(f"--stride must be at least 1, got {stride}")
+    index = 0
+    for e, ep in enumerate(itertools.islice(dataset.episodes(), max_episodes)):
+        steps = ep.steps()
+        if max_steps is not None:
+            steps = itertools.islice(steps, max_steps)
+        for k, step in enumerate(steps):
+            if k % stride:
+                continue
+            yield Sample(index, e, ep, step)
+            index += 1
+
+
+def iter_closed_loop(dataset, max_episodes: int | None, stride: int, done: list[str] | None = None,
+                     start: int = 0, only: int | None = None) -> Iterator[Sample | EpisodeEnd]:
+    """Every step (= policy call) of a closed-loop dataset, every ``stride``-th one marked for capture,
+    and an ``EpisodeEnd`` after each episode.  A resumed run passes the keys of the episodes the store
+    holds (``done``, in order) and its sample count (``start``): those episodes are checked and skipped
+    without running them.  ``only``: run just that episode (one Ray actor's share, ``toolkit.run.ray``)."""
+    if stride < 1:
+        raise ToolkitError(f"--stride must be at least 1, got {stride}")
+    done = list(done or [])
+    index, seen = start, 0
+    for e, ep in enumerate(itertools.islice(dataset.episodes(), max_episodes)):
+        seen = e + 1
+        if e < len(done):
+            if ep.key != done[e]:
+                raise ToolkitError(f"cannot resume: episode {e} of the store is {done[e]}, but the dataset gives "
+                                   f"{ep.key}; the store was made from other options (use --overwrite)")
+            continue
+        if only is not None and e != only:
+            continue
+        for k, step in enumerate(ep.steps()):
+            capture = k % stride == 0
+            yield Sample(index, e, ep, step, capture, k)
+            index += capture
+        yield EpisodeEnd(e, ep)
+    if seen < len(done):
+        raise ToolkitError(f"cannot resume: the store holds {len(done)} episodes, the dataset gives {seen} "
+                           "(use --overwrite)")
+
+
+def closed_loop_options(dataset: str, batch_size: int, seed: int, max_steps: int | None,
+                        dataset_options: dict[str, Any] | None) -> dict[str, Any]:
+    """A closed-loop dataset's options: the run's seed and --max-steps go to the simulator, which needs each
+    call's actions before it can give the next step (so batches of one)."""
+    if batch_size != 1:
+        raise ToolkitError(f"dataset {dataset!r} runs closed-loop (a simulator): --batch-size must be 1, "
+                           f"got {batch_size}")
+    return {"seed": seed, **({} if max_steps is None else {"max_steps": max_steps}), **(dataset_options or {})}
+
+
+def expected_samples(dataset, max_episodes: int | None, max_steps: int | None, stride: int) -> int | None:
+    """How many samples an open-loop run will store, from the dataset's ``length_hint()`` (None: unknown)."""
+    hint = dataset.length_hint()
+    if hint is None:
+        return None
+    steps = list(hint)[:max_episodes] if max_episodes is not None else list(hint)
+    return sum(-(-(n if max_steps is None else min(n, max_steps)) // stride) for n in steps)
+
+
+def batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    while batch := list(itertools.islice(samples, size)):
+        yield batch
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The per-sample random stream: the same sample gets the same noise in any run or resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+
+
+def call_generator(seed: int, episode_index: int, call: int) -> torch.Generator:
+    """Closed loop: the random stream of policy call ``call`` of episode ``episode_index`` (captured or not)."""
+    return sample_generator(seed, episode_index * 1_000_003 + call)
+
+
+def sample_fields(batch: list[Sample], check: fields.FieldCheck | None = None) -> dict[str, np.ndarray]:
+    """Per-sample coordinates and dataset fields for a batch, checked against their declared types
+    (``toolkit.sdk.fields``; ``check`` carries the sizes first seen in the run) before anything is stored."""
+    actions = fields.check_samples([(s.episode, s.step) for s in batch], check or fields.FieldCheck())
+    out: dict[str, Any] = {
+        "episode": np.array([s.episode_index for s in batch], dtype=np.int32),
+        "step": np.array([s.step.index for s in batch], dtype=np.int32),
+        "task": np.array([s.episode.task for s in batch], dtype=object),
+        "task_id": np.array([fields.task_id(s.episode.task_id, "") for s in batch], dtype=np.int32),
+        "success": np.array([fields.success(s.episode.metadata.get("success"), "") for s in batch], dtype=np.int8),
+        "episode_key": np.array([s.episode.key for s in batch], dtype=object),
+        "instruction": np.array([s.episode.instruction for s in batch], dtype=object),
+    }
+    if actions[0] is not None:
+        out["dataset_action"] = np.stack(actions)
+    for name in batch[0].step.fields:
+        values = [s.step.fields.get(name) for s in batch]
+        # strings stay variable-length (a fixed-width array would cut a longer value in a later batch)
+        kind = object if any(isinstance(v, str) for v in values) else None
+        out[f"field_{name}" if name in out else name] = np.array(values, dtype=kind)
+    return out
+
+
+def stored_episodes(writer: StoreWriter) -> list[str]:
+    """Keys of the episodes a resumed store holds, in order (closed loop: all of them finished)."""
+    if not writer.committed:
+        return []
+    keys = [str(k) for k in writer.root["episode_key"][:writer.committed]]
+    return list(dict.fromkeys(keys))
+
+
+def check_resume_prefix(writer: StoreWriter, samples: Iterator[Sample], committed: int) -> None:
+    keys = writer.root["episode_key"][:committed]
+    steps = writer.root["step"][:committed]
+    for s in itertools.islice(samples, committed):
+        if str(keys[s.index]) != s.episode.key or int(steps[s.index]) != s.step.index:
+            raise ToolkitError(f"cannot resume: sample {s.index} of the store is {keys[s.index]} step "
+                               f"{steps[s.index]}, but the data gives {s.episode.key} step {s.step.index}; "
+                               "the store was made from other data or options (use --overwrite)")
