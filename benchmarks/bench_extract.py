@@ -21,6 +21,7 @@ import torch
 
 import toolkit
 from toolkit.run.samples import iter_samples, sample_generator
+from toolkit.run.spec import RunSpec
 from toolkit.sdk.plugins import get_dataset, get_model
 
 
@@ -56,13 +57,13 @@ def medium_checkpoint(tmp: Path) -> str:
 
 def bench_overhead(tmp: Path, repeats: int, checkpoint: str | None, episodes: int) -> dict:
     ds = get_dataset("libero")()
-    n_samples = sum(1 for _ in iter_samples(ds, episodes, None, 1))
+    n_samples = sum(1 for _ in iter_samples(ds, RunSpec(max_episodes=episodes)))
 
     def bare() -> float:
         t = time.perf_counter()
         adapter = get_model("pi0")(checkpoint=checkpoint)  # extract loads the model too
         with torch.inference_mode():
-            for s in iter_samples(ds, episodes, None, 1):  # reading the data is part of both sides
+            for s in iter_samples(ds, RunSpec(max_episodes=episodes)):  # reading the data is part of both sides
                 inputs = adapter.prepare([(s.episode, s.step)])
                 adapter.run(inputs, [sample_generator(0, s.index)])
         return time.perf_counter() - t

@@ -33,6 +33,7 @@ import torch
 
 import toolkit
 from toolkit.run.samples import call_generator, iter_closed_loop
+from toolkit.run.spec import RunSpec
 from toolkit.sdk.plugins import get_model, plugin_manager, registry
 
 SUITE, TASK = "libero_object", 0
@@ -79,7 +80,7 @@ def main() -> None:
     def bare_loop() -> float:
         t = time.perf_counter()
         with torch.inference_mode():
-            for s in iter_closed_loop(ds, None, 1):
+            for s in iter_closed_loop(ds, RunSpec()):
                 if not hasattr(s, "step"):
                     continue  # EpisodeEnd
                 inputs = adapter.prepare([(s.episode, s.step)])

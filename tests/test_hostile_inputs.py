@@ -272,11 +272,12 @@ def test_bad_field_through_the_cli_leaves_no_store(tmp_path):
 
 def test_success_words_are_mapped_explicitly(tmp_path):
     from toolkit.run.samples import iter_samples, sample_fields
+    from toolkit.run.spec import RunSpec
 
     assert [fields.success(v, "") for v in (True, np.bool_(False), 1, 0.0, "no", "Yes", "FAILED", b"true", None)] == \
         [1, 0, 1, 0, 0, 1, 0, 1, -1]
     d = _one_task(tmp_path, lambda task, ep: ep["metadata"].update(success="no"))
-    samples = list(iter_samples(LiberoDataset(str(d)), 1, 1, 1))
+    samples = list(iter_samples(LiberoDataset(str(d)), RunSpec(max_episodes=1, max_steps=1)))
     assert list(sample_fields(samples)["success"]) == [0]  # never bool("no") == True
 
 

@@ -8,6 +8,7 @@ import pytest
 
 import toolkit
 from toolkit.run.samples import expected_samples
+from toolkit.run.spec import RunSpec
 from toolkit.sdk.plugins import registry
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
@@ -27,7 +28,7 @@ def test_the_embedded_libero_sample_counts_its_steps(capsys, tmp_path):
     ds = registry()["dataset"]["libero"].obj()
     assert ds.length_hint() == [6] * 40  # 10 tasks x 4 episodes x 6 steps
     assert registry()["dataset"]["libero"].obj(tasks="0-1", episodes="1-3").length_hint() == [6] * 6
-    assert expected_samples(ds, 3, 5, 2) == 9
+    assert expected_samples(ds, RunSpec(max_episodes=3, max_steps=5, stride=2)) == 9
     n, (done, total) = _extract_with_bar(capsys, tmp_path, dataset="libero", max_episodes=3, max_steps=5, stride=2)
     assert n == int(done) == int(total) == 9
 

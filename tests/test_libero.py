@@ -118,8 +118,9 @@ def test_options_select_tasks_and_episodes():
 
 def test_sample_runs_through_iter_samples():
     from toolkit.run.samples import iter_samples, sample_fields
+    from toolkit.run.spec import RunSpec
 
-    samples = list(iter_samples(LiberoDataset(), max_episodes=3, max_steps=4, stride=2))
+    samples = list(iter_samples(LiberoDataset(), RunSpec(max_episodes=3, max_steps=4, stride=2)))
     assert [(s.episode.key, s.step.index) for s in samples[:3]] == [
         ("task_0/episode_0", 0), ("task_0/episode_0", 10), ("task_0/episode_1", 0)]
     fields = sample_fields(samples)

@@ -71,10 +71,7 @@ class Run:
         self.spec = spec
         self.dataset_cls = get_dataset(spec.dataset)
         self.closed = bool(getattr(self.dataset_cls, "closed_loop", False))
-        options = dict(spec.dataset_options)
-        if self.closed:
-            options = closed_loop_options(spec.dataset, spec.batch_size, spec.seed, spec.max_steps, options)
-        self.dataset_options = options
+        self.dataset_options = closed_loop_options(spec) if self.closed else dict(spec.dataset_options)
         self.plan: list[SiteCapture] = []
         self.check = fields.FieldCheck()
 
@@ -94,17 +91,15 @@ class Run:
     def samples(self, writer: Any = None, only: int | None = None) -> Iterator[Sample | EpisodeEnd]:
         """The run's samples in order; closed loop: past the episodes ``writer``'s store holds, or only episode
         ``only`` (one Ray actor's share)."""
-        s = self.spec
         if self.closed:
             done = stored_episodes(writer) if writer is not None else []
-            return iter_closed_loop(self.dataset, s.max_episodes, s.stride, done,
-                                    writer.committed if writer is not None else 0, only)
-        return iter_samples(self.dataset, s.max_episodes, s.max_steps, s.stride)
+            return iter_closed_loop(self.dataset, self.spec, done, writer.committed if writer is not None else 0,
+                                    only)
+        return iter_samples(self.dataset, self.spec)
 
     def total(self) -> int | None:
         """The number of samples an open-loop run stores, where the dataset knows it (None: unknown)."""
-        s = self.spec
-        return None if self.closed else expected_samples(self.dataset, s.max_episodes, s.max_steps, s.stride)
+        return None if self.closed else expected_samples(self.dataset, self.spec)
 
     def process(self, batch: list[Sample]) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
         """One batch through the model (or the data's own activations): arrays keyed ``site/stream`` and by

@@ -38,7 +38,7 @@ from typing import Any
 
 from toolkit.run.pipeline import Run, check_target, make_run, open_writer
 from toolkit.run.progress import Progress
-from toolkit.run.samples import check_resume_prefix, iter_samples, stored_episodes
+from toolkit.run.samples import check_resume_prefix, iter_samples, run_episodes, stored_episodes
 from toolkit.run.signals import interrupted
 from toolkit.run.spec import RunSpec
 from toolkit.sdk.errors import ToolkitError
@@ -245,7 +245,7 @@ def extract_on_ray(spec: RunSpec, path: Path | str, resume: bool = False, overwr
     plan = Run(spec)  # the dataset only: the driver loads no model
     ds = plan.open_dataset()
     if plan.closed:  # episodes spread over the actors, written and committed in episode order by the driver
-        keys = [ep.key for ep in itertools.islice(ds.episodes(), spec.max_episodes)]  # no episode runs
+        keys = [ep.key for ep in run_episodes(ds, spec)]  # no episode runs
     else:
         total = plan.total()
         if total is None:  # the dataset does not know its size: count it (no model runs)
@@ -265,8 +265,7 @@ def extract_on_ray(spec: RunSpec, path: Path | str, resume: bool = False, overwr
             stored, layout = _get(ray, actors[0].layout.remote())
             writer = open_writer(path, spec, stored, resume, overwrite)
             if writer.committed:
-                check_resume_prefix(writer, iter_samples(ds, spec.max_episodes, spec.max_steps, spec.stride),
-                                    writer.committed)
+                check_resume_prefix(writer, iter_samples(ds, spec), writer.committed)
             layout.create(writer, spec.chunk_samples, spec.batch_size)
             for _, arr in sample_arrays(writer.root):  # the one resize: every actor writes inside this shape
                 if arr.shape[0] != total:

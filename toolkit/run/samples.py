@@ -17,6 +17,7 @@ from toolkit.sdk.adapters import Episode, Step
 from toolkit.sdk.errors import ToolkitError
 
 if TYPE_CHECKING:
+    from toolkit.run.spec import RunSpec
     from toolkit.store.writer import StoreWriter
 
 
@@ -38,33 +39,31 @@ class EpisodeEnd:
     episode: Episode
 
 
-def iter_samples(dataset, max_episodes: int | None, max_steps: int | None, stride: int) -> Iterator[Sample]:
-    """Every ``stride``-th step of each episode, in the dataset's deterministic order."""
-    if stride < 1:
-        raise ToolkitError(f"--stride must be at least 1, got {stride}")
+def run_episodes(dataset, spec: RunSpec) -> Iterator[Episode]:
+    """The episodes a run processes, in the dataset's deterministic order (``spec.max_episodes`` of them)."""
+    return itertools.islice(dataset.episodes(), spec.max_episodes)
+
+
+def iter_samples(dataset, spec: RunSpec) -> Iterator[Sample]:
+    """Every ``spec.stride``-th step of the first ``spec.max_steps`` of each episode the run processes."""
     index = 0
-    for e, ep in enumerate(itertools.islice(dataset.episodes(), max_episodes)):
-        steps = ep.steps()
-        if max_steps is not None:
-            steps = itertools.islice(steps, max_steps)
-        for k, step in enumerate(steps):
-            if k % stride:
+    for e, ep in enumerate(run_episodes(dataset, spec)):
+        for k, step in enumerate(itertools.islice(ep.steps(), spec.max_steps)):
+            if k % spec.stride:
                 continue
             yield Sample(index, e, ep, step)
             index += 1
 
 
-def iter_closed_loop(dataset, max_episodes: int | None, stride: int, done: list[str] | None = None,
-                     start: int = 0, only: int | None = None) -> Iterator[Sample | EpisodeEnd]:
+def iter_closed_loop(dataset, spec: RunSpec, done: list[str] | None = None, start: int = 0,
+                     only: int | None = None) -> Iterator[Sample | EpisodeEnd]:
     """Every step (= policy call) of a closed-loop dataset, every ``stride``-th one marked for capture,
     and an ``EpisodeEnd`` after each episode.  A resumed run passes the keys of the episodes the store
     holds (``done``, in order) and its sample count (``start``): those episodes are checked and skipped
     without running them.  ``only``: run just that episode (one Ray actor's share, ``toolkit.run.ray``)."""
-    if stride < 1:
-        raise ToolkitError(f"--stride must be at least 1, got {stride}")
     done = list(done or [])
     index, seen = start, 0
-    for e, ep in enumerate(itertools.islice(dataset.episodes(), max_episodes)):
+    for e, ep in enumerate(run_episodes(dataset, spec)):
         seen = e + 1
         if e < len(done):
             if ep.key != done[e]:
@@ -74,7 +73,7 @@ def iter_closed_loop(dataset, max_episodes: int | None, stride: int, done: list[
         if only is not None and e != only:
             continue
         for k, step in enumerate(ep.steps()):
-            capture = k % stride == 0
+            capture = k % spec.stride == 0
             yield Sample(index, e, ep, step, capture, k)
             index += capture
         yield EpisodeEnd(e, ep)
@@ -83,23 +82,23 @@ def iter_closed_loop(dataset, max_episodes: int | None, stride: int, done: list[
                            "(use --overwrite)")
 
 
-def closed_loop_options(dataset: str, batch_size: int, seed: int, max_steps: int | None,
-                        dataset_options: dict[str, Any] | None) -> dict[str, Any]:
+def closed_loop_options(spec: RunSpec) -> dict[str, Any]:
     """A closed-loop dataset's options: the run's seed and --max-steps go to the simulator, which needs each
     call's actions before it can give the next step (so batches of one)."""
-    if batch_size != 1:
-        raise ToolkitError(f"dataset {dataset!r} runs closed-loop (a simulator): --batch-size must be 1, "
-                           f"got {batch_size}")
-    return {"seed": seed, **({} if max_steps is None else {"max_steps": max_steps}), **(dataset_options or {})}
+    if spec.batch_size != 1:
+        raise ToolkitError(f"dataset {spec.dataset!r} runs closed-loop (a simulator): --batch-size must be 1, "
+                           f"got {spec.batch_size}")
+    return {"seed": spec.seed, **({} if spec.max_steps is None else {"max_steps": spec.max_steps}),
+            **spec.dataset_options}
 
 
-def expected_samples(dataset, max_episodes: int | None, max_steps: int | None, stride: int) -> int | None:
+def expected_samples(dataset, spec: RunSpec) -> int | None:
     """How many samples an open-loop run will store, from the dataset's ``length_hint()`` (None: unknown)."""
     hint = dataset.length_hint()
     if hint is None:
         return None
-    steps = list(hint)[:max_episodes] if max_episodes is not None else list(hint)
-    return sum(-(-(n if max_steps is None else min(n, max_steps)) // stride) for n in steps)
+    steps = itertools.islice(hint, spec.max_episodes)
+    return sum(-(-(n if spec.max_steps is None else min(n, spec.max_steps)) // spec.stride) for n in steps)
 
 
 def batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
