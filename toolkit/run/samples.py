@@ -40,8 +40,12 @@ class EpisodeEnd:
 
 
 def run_episodes(dataset, spec: RunSpec) -> Iterator[Episode]:
-    """The episodes a run processes, in the dataset's deterministic order (``spec.max_episodes`` of them)."""
-    return itertools.islice(dataset.episodes(), spec.max_episodes)
+    """The episodes a run processes, in the dataset's deterministic order: those ``spec.episodes`` picks by
+    position (all by default), at most ``spec.max_episodes`` of them."""
+    picked = spec.picked_episodes()
+    episodes = dataset.episodes() if picked is None else (ep for i, ep in enumerate(dataset.episodes())
+                                                          if i in picked)
+    return itertools.islice(episodes, spec.max_episodes)
 
 
 def iter_samples(dataset, spec: RunSpec) -> Iterator[Sample]:
@@ -97,6 +101,9 @@ def expected_samples(dataset, spec: RunSpec) -> int | None:
     hint = dataset.length_hint()
     if hint is None:
         return None
+    picked = spec.picked_episodes()
+    if picked is not None:
+        hint = [n for i, n in enumerate(hint) if i in picked]
     steps = itertools.islice(hint, spec.max_episodes)
     return sum(-(-(n if spec.max_steps is None else min(n, spec.max_steps)) // spec.stride) for n in steps)
 

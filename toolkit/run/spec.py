@@ -26,6 +26,7 @@ from pydantic import Field
 
 from toolkit.sdk.adapters import DTYPES
 from toolkit.sdk.errors import ToolkitError, first_line
+from toolkit.sdk.names import IndexSpec
 from toolkit.store.codecs import CODECS
 from toolkit.store.layout import first_difference
 
@@ -101,6 +102,8 @@ class RunSpec(pydantic.BaseModel):
                               commands=DATA)
     dataset_options: dict[str, Any] = option({}, "Dataset-specific KEY=VALUE option.", "--dataset-option",
                                              commands=DATA, metavar="KEY=VALUE")
+    episodes: str | None = option(None, "Episodes to process, by position in the dataset's order: 0-9 | 0,4,7 "
+                                        "(non-negative indices and closed ranges).", "--episodes", commands=DATA)
     max_episodes: int | None = option(None, "Process at most this many episodes.", "--max-episodes", commands=DATA)
     max_steps: int | None = option(None, "Process at most this many steps per episode.", "--max-steps",
                                    commands=DATA)
@@ -152,6 +155,13 @@ class RunSpec(pydantic.BaseModel):
     def _per_site(cls, value: Any) -> list[str] | None:
         return _listed(value)
 
+    @pydantic.field_validator("episodes", mode="before")
+    @classmethod
+    def _episodes(cls, value: Any) -> str | None:
+        spec = IndexSpec.parse(value, "episode")
+        spec.literal()  # no negative index or open range: the dataset's length is not known yet
+        return None if spec.is_all else spec.text
+
     @pydantic.field_validator("model_options", "dataset_options", mode="before")
     @classmethod
     def _options(cls, value: Any, info: pydantic.ValidationInfo) -> dict[str, Any]:
@@ -177,6 +187,10 @@ class RunSpec(pydantic.BaseModel):
             return cls.model_validate({**spec.model_dump(), **fields}) if fields else spec
         except pydantic.ValidationError as e:
             raise ToolkitError(validation_message(e)) from None
+
+    def picked_episodes(self) -> frozenset[int] | None:
+        """The dataset positions ``episodes`` picks (None: every episode)."""
+        return None if self.episodes is None else IndexSpec.parse(self.episodes, "episode").literal()
 
     # ---------------------------------------------------------------------------------------------- the store
     def selection(self) -> dict[str, Any]:
