@@ -169,7 +169,7 @@ def _quat_to_axis_angle(q: np.ndarray) -> np.ndarray:
     return q[:3] * 2.0 * np.arccos(w) / den
 
 
-def _state(obs: Mapping, where: str) -> np.ndarray | None:
+def observation_state(obs: Mapping, where: str) -> np.ndarray | None:
     for key in STATE_KEYS:
         if key in obs and obs[key] is not None:
             return fields.vector(obs[key], f"observation.{key}", where)
@@ -497,7 +497,7 @@ def _check_vectors(rollout: Mapping, order: list[tuple[int, str]], where: str) -
         step, w = rollout[key], f"{where}.{key}"
         obs = step.get("observation") or {}
         sizes.same_size("action", fields.vector(step.get("action"), "action", w), w, required=True)
-        state = _state(obs, w)
+        state = observation_state(obs, w)
         sizes.same_size("state", state if state is not None else fields.vector(step.get("state"), "state", w), w)
 
 
@@ -512,7 +512,7 @@ def _iter_steps(rollout: Mapping, order: list[tuple[int, str]], where: str) -> I
                 if name in obs and obs[name] is not None:
                     images[camera] = _image(obs[name], f"{w}.observation.{name}")
                     break
-        state = _state(obs, w)
+        state = observation_state(obs, w)
         if state is None and step.get("state") is not None:
             state = fields.vector(step["state"], "state", w)
         action = fields.vector(step.get("action"), "action", w)

@@ -42,7 +42,7 @@ from toolkit.sdk.adapters import DatasetAdapter, Episode, Step
 from toolkit.sdk.options import AdapterOptions, CliOption, parse_options
 from toolkit.sdk.errors import ToolkitError
 from toolkit.sdk.hookspecs import hookimpl
-from toolkit_plugins.libero import _state, parse_selection
+from toolkit_plugins.libero import observation_state, parse_selection
 
 log = logging.getLogger("toolkit.libero_sim")
 
@@ -210,7 +210,7 @@ class LiberoSimDataset(DatasetAdapter):
     def _observe(self, obs: dict, index: int, fields: dict) -> Step:
         images = {cam: np.ascontiguousarray(obs[key][::-1, ::-1]) for cam, key in CAMERAS.items()}
         where = f"libero-sim {self.suite} trial {fields.get('trial')} step {index}"
-        return Step(index=index, images=images, state=_state(obs, where), fields=fields)
+        return Step(index=index, images=images, state=observation_state(obs, where), fields=fields)
 
     def _rollout(self, ep: Episode, tid: int, trial: int) -> Iterator[Step]:
         env = self._env(tid)
