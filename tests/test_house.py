@@ -161,6 +161,8 @@ def test_a_plugin_adds_a_command_as_the_built_in_ones_are_added(command_plugin, 
                         max_steps=1, dataset_options={"n_tasks": 1})
     res = CliRunner().invoke(group, ["layers", str(path)])
     assert res.exit_code == 0 and res.output == "llm: [0, 2]\n", res.output
+    listed = CliRunner().invoke(group, ["plugins"]).output
+    assert "  layers         [toolkit_layers]" in listed and "  extract        [toolkit " in listed
 
 
 def test_two_plugins_adding_the_same_command_is_one_line(command_plugin):

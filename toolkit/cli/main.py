@@ -106,6 +106,7 @@ def register_commands(group: click.Group) -> None:
 
     owners: dict[str, str] = {}
     call_hook("register_commands", lambda plugin: {"cli": _Registrar(group, plugin, owners)})
+    group.command_plugins = owners  # command name -> the plugin that added it (`toolkit plugins` lists them)
 
 
 def main() -> None:

@@ -10,12 +10,15 @@ import click
 @click.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--verbose", "-v", "verbose", is_flag=True, help="Also list each adapter's options and plugin flags.")
-def plugins_command(as_json: bool, verbose: bool) -> None:
-    """List model adapters, dataset adapters and probe targets, and the plugin providing each."""
+@click.pass_context
+def plugins_command(ctx: click.Context, as_json: bool, verbose: bool) -> None:
+    """List model adapters, dataset adapters, probe targets and commands, and the plugin providing each."""
     from toolkit.sdk.options import describe_options
     from toolkit.sdk.plugins import cli_options, registry
 
     reg = registry()
+    group = ctx.parent.command if ctx.parent is not None else None
+    commands = dict(sorted(getattr(group, "command_plugins", {}).items()))
     if as_json:
         def entry(r):
             out = {"name": r.name, "plugin": r.plugin, "description": r.description}
@@ -24,8 +27,9 @@ def plugins_command(as_json: bool, verbose: bool) -> None:
                                   for d in describe_options(r.obj)]
             return out
 
-        click.echo(json.dumps({kind: [entry(r) for r in entries.values()] for kind, entries in reg.items()},
-                              indent=2, default=str))
+        out = {kind: [entry(r) for r in entries.values()] for kind, entries in reg.items()}
+        out["command"] = [{"name": name, "plugin": plugin} for name, plugin in commands.items()]
+        click.echo(json.dumps(out, indent=2, default=str))
         return
     for kind, entries in reg.items():
         click.echo(f"{kind}s:")
@@ -37,6 +41,9 @@ def plugins_command(as_json: bool, verbose: bool) -> None:
                 for d in describe_options(r.obj):
                     default = "" if d.default is None else f" (default {d.default})"
                     click.echo(f"      {d.name}={d.type}{default}" + (f"  {d.help}" if d.help else ""))
+    click.echo("commands:")
+    for name, plugin in commands.items():
+        click.echo(f"  {name:<14} [{plugin}]")
     if verbose:
         for command in ("extract", "import"):
             for o in cli_options(command):
