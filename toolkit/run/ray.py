@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from toolkit.run.layout import StoreLayout
 from toolkit.run.pipeline import Run, check_target, make_run, open_writer
 from toolkit.run.progress import Progress
 from toolkit.run.samples import check_resume_prefix, iter_samples, run_episodes, stored_episodes
@@ -165,7 +166,7 @@ class ExtractWorker:
             self.run: Run = make_run(RunSpec.model_validate(spec))
         self.path = path
 
-    def layout(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def layout(self) -> tuple[dict[str, Any], StoreLayout]:
         """The run's ``run_spec`` attribute and its store's layout (from the first batch; nothing is written)."""
         return self.run.stored_spec(), self.run.first_layout()
 
