@@ -31,6 +31,17 @@ def test_the_import_contracts_hold():
     assert "0 broken" in res.stdout
 
 
+def test_every_package_is_in_the_distribution():
+    """pyproject.toml lists the packages a wheel holds: every folder with an __init__.py must be there."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "toolkit").rglob("__init__.py")}
+    found |= {".".join(("toolkit_plugins", *p.parent.relative_to(ROOT / "plugins").parts)).rstrip(".")
+              for p in (ROOT / "plugins").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
+
+
 def _modules_after(code: str) -> set[str]:
     out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
                          capture_output=True, text=True, check=True, cwd=ROOT)
