@@ -123,7 +123,7 @@ class LiberoSimDataset(DatasetAdapter):
 
     name = "libero-sim"
     description = ("live LIBERO rollouts: the policy runs closed-loop in the simulator "
-                   "(suite=libero_object, tasks=0-4, trials=3; needs toolkit[sim])")
+                   "(default: every libero_object task, one trial each; needs toolkit[sim])")
     closed_loop = True
 
     Options = LiberoSimOptions
