@@ -290,11 +290,11 @@ def test_random_weights_use_the_checkpoints_architecture(ckpt):
 
 
 def test_readme_openvla_command_runs_on_the_same_layout(ckpt, tmp_path):
-    """The README's OpenVLA command, run verbatim except for the paths (a tiny RLDS dataset, this tiny
+    """docs/checkpoints.md's OpenVLA command, run verbatim except for the paths (a tiny RLDS dataset, this tiny
     checkpoint in the real layout, CPU instead of CUDA)."""
     from test_rlds import write_libero_rlds
 
-    readme = (toolkit.__file__.rsplit("/toolkit/", 1)[0] + "/README.md")
+    readme = (toolkit.__file__.rsplit("/toolkit/", 1)[0] + "/docs/checkpoints.md")
     text = open(readme).read()
     cmd = re.search(r"toolkit extract --model openvla .*?--store \S+", text, re.S).group(0)
     args = cmd.replace("\\\n", " ").split()[1:]

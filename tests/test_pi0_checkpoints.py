@@ -25,7 +25,7 @@ from toolkit_plugins.pi0.normalise import Stats
 from synthetic import camera_episodes
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md"
 
 # the real pi0 head layout (one KV head; SigLIP So400m has 16 heads) at toy widths
 SMALL = dict(
@@ -348,19 +348,20 @@ def test_checkpoint_statistics_normalise_state_and_unnormalise_actions(layout, e
     assert raw.describe()["normalisation"] == "disabled (--no-normalise)"
 
 
-# --------------------------------------------------------------------------- the README command
+# --------------------------------------------------------------------------- the guide's command
 
 
 def readme_command() -> list[str]:
-    """The README's pi0 real-checkpoint command (the block after the 'pi0 from lerobot' marker)."""
-    text = README.read_text()
+    """docs/checkpoints.md's pi0 real-checkpoint command (the block after the 'pi0-checkpoint-command' marker)."""
+    text = GUIDE.read_text()
     block = text[text.index("<!-- pi0-checkpoint-command -->"):]
-    block = block[block.index("```bash") + len("```bash"):block.index("```", block.index("```bash") + 7)]
+    start = block.index("\n", block.index("```bash")) + 1  # after the fence's info line
+    block = block[start:block.index("```", start)]
     return shlex.split(block.replace("\\\n", " "))
 
 
 def test_the_readme_pi0_checkpoint_command_runs_on_a_tiny_lerobot_checkpoint(weights, tokenizer_dir, tmp_path):
-    """The same command with the user's paths replaced by a tiny lerobot checkpoint and --device cpu."""
+    """docs/checkpoints.md's command with the user's paths replaced by a tiny lerobot checkpoint and --device cpu."""
     args = readme_command()
     assert args[:2] == ["toolkit", "extract"] and "--checkpoint" in args and "--device" in args
     ckpt = write_checkpoint(tmp_path / "pi0_libero", "current", weights)

@@ -1,7 +1,7 @@
 """RoboVLMs checkpoints as RoboVLMs saves them (a Lightning ``.pt``: ``state_dict`` under ``model.``, the training
 ``configs`` under ``hyper_parameters``), built tiny here: every tensor loads or the run stops in one line, unused
 tensors are reported, the training configuration sets the window, the hand camera, the action chunk and the
-action scale unless the user overrides it, and the README's command runs on the same layout."""
+action scale unless the user overrides it, and docs/checkpoints.md's command runs on the same layout."""
 
 import json
 import logging
@@ -30,7 +30,7 @@ from toolkit_plugins.robovlms.model import RoboKosmosPolicy
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md"  # the command users copy
 HIDDEN = TINY_KOSMOS["text_config"]["embed_dim"]
 HEAD = dict(action_dim=7, latent=1, fwd_pred_next_n=3, head_hidden_size=32, head_layers=2)
 
@@ -213,7 +213,7 @@ def test_the_real_kosmos_policy_is_shaped_from_its_tensors(tmp_path):
     oxe = training_configs(image_size=224, window_size=16, fwd_pred_next_n=10)
     oxe["act_head"] = oxe["act_head"] | {"hidden_size": 1024, "num_layers": 4}
     check_shapes_agree(TrainingConfig(oxe, "test"), cfg, head, tmp_path)
-    assert sum(p.numel() for p in policy.parameters()) == 1_705_698_374  # the README's 1.71 B
+    assert sum(p.numel() for p in policy.parameters()) == 1_705_698_374  # docs/checkpoints.md's 1.71 B
 
 
 def test_a_bare_state_dict_runs_with_defaults_and_says_so(files, tmp_path, caplog):
@@ -373,7 +373,7 @@ def test_code_named_in_the_file_never_runs(files, tmp_path):
 
 
 def readme_command(model):
-    """The README's `toolkit extract --model MODEL ...` command, continuation lines joined."""
+    """docs/checkpoints.md's `toolkit extract --model MODEL ...` command, continuation lines joined."""
     text = README.read_text().replace("\\\n", " ")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith(f"toolkit extract --model {model} ")]
     assert len(lines) == 1, lines

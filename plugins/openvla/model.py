@@ -34,7 +34,7 @@ PRISMATIC_ARCHITECTURES = ("OpenVLAForActionPrediction", "PrismaticForConditiona
 OVERRIDES_KEY = "toolkit_vit_overrides"
 
 # Synthetic un-normalisation statistics of the random model (7-D EEF delta + gripper, gripper unmasked), under
-# a name the real openvla-7b also has, so the README's command runs on the small model too.
+# a name the real openvla-7b also has, so docs/checkpoints.md's command runs on the small model too.
 TINY_NORM_STATS = {
     "bridge_orig": {"action": {
         "q01": [-0.75, -0.85, -0.9, -0.1, -0.15, -0.2, 0.0],

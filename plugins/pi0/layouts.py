@@ -1,7 +1,7 @@
 """pi0 checkpoints as users hold them: recognise the layout, rename keys onto transformers' PI0 names, and
 build the matching ``PI0Config``.
 
-Layouts (key facts from lerobot, openpi and transformers; see the README's pi0 checkpoint section):
+Layouts (key facts from lerobot, openpi and transformers; see docs/checkpoints.md, pi0):
 
 * current lerobot (``lerobot/pi0_base``, ``pi0_libero`` ...): ``model.paligemma_with_expert.paligemma.model.
   {vision_tower.vision_model,multi_modal_projector,language_model}.*``, ``model.paligemma_with_expert.gemma_expert.

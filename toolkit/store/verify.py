@@ -1,8 +1,9 @@
-"""Check every committed chunk of a store, and re-extract the samples of bad ones.
+"""Check every committed chunk of a store.
 
-``verify`` reads each chunk inside the committed range of every array through ``store.read_chunk`` (the
-reader everything else uses), so it finds exactly what would make ``probe``, ``stats`` or ``export`` fail:
-missing chunks, truncated ones, flipped bytes (crc32c mismatch) and chunks that do not decode.
+``verify`` reads each chunk inside the committed range of every array through
+``toolkit.store.chunks.read_chunk`` (the reader everything else uses), so it finds exactly what would make
+``probe``, ``stats`` or ``export`` fail: missing chunks, truncated ones, flipped bytes (crc32c mismatch) and
+chunks that do not decode.
 
 Repairing needs the run's data and model at hand, so it lives with the runs: ``toolkit.run.repair``.
 """

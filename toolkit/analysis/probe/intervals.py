@@ -11,7 +11,7 @@ proportion (accuracy, retrieval) is the ratio Σ hits / Σ rows; its interval is
   adds.  Without it the intervals covered 86–89 % at 16 episodes per task in the calibration study.
 
 An R² (1 − ΣSSE/ΣSS₀) gets the same two variances by the delta method.  ``benchmarks/bench_calibration.py``
-measures coverage and the null exclusion rate (README, Probing).
+measures coverage and the null exclusion rate (docs/benchmarks.md, Probe calibration).
 """
 
 from __future__ import annotations

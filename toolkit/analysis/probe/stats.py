@@ -215,7 +215,7 @@ def add_cell_stats(p: dict[CellKey, list[Stats]], q: dict[CellKey, list[Stats]])
 def layer_statistics(store: Store, res: Resolved, layer_index: int, inputs: LayerInputs,
                      device: str | None = None) -> dict[CellKey, list[Stats]]:
     """Every cell's per-fold statistics of one layer, serially: ``cell_statistics`` over each chunk group in
-    turn, summed (the Dask path, ``toolkit.analysis.parallel.probe_layer_statistics``, sums the same groups in a tree)."""
+    turn, summed (the Dask path, ``probe_layer_statistics`` below, sums the same groups in a tree)."""
     acc: dict[CellKey, FoldStats] = {}
     out: dict[CellKey, list[Stats]] = {}
     for g in chunk_groups(store, res, group_rows(inputs.n_folds, res.n_features)):
