@@ -1,9 +1,49 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the test tiers.
 
+Markers (registered in pyproject.toml; ``--strict-markers``): ``sim`` (the LIBERO simulator), ``s3`` (the local S3
+server), ``ray`` (the local Ray cluster) and ``slow`` (those and every long end-to-end run).  The inner loop is
+``python -m pytest -m "not slow"``; CI runs everything.
+
+The expensive things exist once per session: one S3 server (``s3``), one Ray cluster (``ray_cluster``).
+"""
+
+import importlib.util
+import os
 import warnings
 
 import pytest
 import torch
+
+# --------------------------------------------------------------------------- S3 and Ray, once per session
+
+HAVE_S3 = all(importlib.util.find_spec(m) is not None for m in ("s3fs", "moto", "boto3"))
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """``s3://BUCKET`` on one local S3 server (moto, loopback only) for the whole session; the standard AWS
+    variables point at it until the session ends.  Tests keep apart by key prefix."""
+    if not HAVE_S3:
+        pytest.skip("S3 tests need s3fs and moto (pip install 'toolkit[scale]')")
+    from s3server import local_s3
+
+    with local_s3() as bucket:
+        yield bucket
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(request):
+    """One local Ray cluster (2 CPUs, loopback only) for the session.  ``toolkit.run.ray`` joins a Ray that is
+    initialised already and leaves it running, so no run starts or stops one of its own.  The S3 server comes
+    first (when installed): the cluster's workers inherit its endpoint variables from this process."""
+    ray = pytest.importorskip("ray")
+    if HAVE_S3:
+        request.getfixturevalue("s3")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only test cluster
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
 
 # --------------------------------------------------------------------------- pi0
 
