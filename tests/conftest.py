@@ -4,7 +4,8 @@ Markers (registered in pyproject.toml; ``--strict-markers``): ``sim`` (the LIBER
 server), ``ray`` (the local Ray cluster) and ``slow`` (those and every long end-to-end run).  The inner loop is
 ``python -m pytest -m "not slow"``; CI runs everything.
 
-The expensive things exist once per session: one S3 server (``s3``), one Ray cluster (``ray_cluster``).
+The expensive things exist once per session: one S3 server (``s3``), one Ray cluster (``ray_cluster``), one
+simulator process (``tests/simprocess.py``, started in the background once the session's tests are known).
 """
 
 import importlib.util
@@ -13,6 +14,26 @@ import warnings
 
 import pytest
 import torch
+
+import simprocess
+
+# --------------------------------------------------------------------------- the simulator process
+
+
+def pytest_collection_modifyitems(config, items):
+    """The test that waits for the simulator process goes last: the process runs beside everything else."""
+    runner = [item for item in items if item.nodeid.endswith(simprocess.RUNNER)]
+    items[:] = [item for item in items if item not in runner] + runner
+
+
+def pytest_collection_finish(session):
+    if any(item.nodeid.endswith(simprocess.RUNNER) for item in session.items):
+        simprocess.start()
+
+
+def pytest_unconfigure(config):
+    simprocess.stop()
+
 
 # --------------------------------------------------------------------------- S3 and Ray, once per session
 
