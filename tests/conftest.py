@@ -6,24 +6,42 @@ server), ``ray`` (the local Ray cluster) and ``slow`` (those and every long end-
 
 The expensive things exist once per session: one S3 server (``s3``), one Ray cluster (``ray_cluster``), one
 simulator process (``tests/simprocess.py``, started in the background once the session's tests are known).
+
+The order: the fast tests first, then the slow ones (the modules that use Ray last), then the test that waits for
+the simulator process, which runs on the second core meanwhile.  Torch and BLAS use one thread per process unless
+OMP_NUM_THREADS says otherwise: the suite runs several processes at once (the simulator, Ray actors, racing
+extracts), and two OpenMP threads per process on two busy cores are many times slower than one.
 """
 
-import importlib.util
 import os
-import warnings
 
-import pytest
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch and numpy load their thread pools
 
-import simprocess
+import importlib.util  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import simprocess  # noqa: E402
 
 # --------------------------------------------------------------------------- the simulator process
 
 
 def pytest_collection_modifyitems(config, items):
-    """The test that waits for the simulator process goes last: the process runs beside everything else."""
-    runner = [item for item in items if item.nodeid.endswith(simprocess.RUNNER)]
-    items[:] = [item for item in items if item not in runner] + runner
+    """Fast tests first, then slow ones, the modules that use Ray after those (whole modules, so that module
+    fixtures are made once), and last the test that waits for the simulator process (it runs beside the rest,
+    on one core, best beside the tests that use one core too)."""
+    ray_modules = {item.module for item in items if item.get_closest_marker("ray")}
+
+    def place(item):
+        if item.nodeid.endswith(simprocess.RUNNER):
+            return 3
+        if item.get_closest_marker("slow") is None:
+            return 0
+        return 2 if item.module in ray_modules else 1
+
+    items.sort(key=place)  # stable: file order within each group
 
 
 def pytest_collection_finish(session):
