@@ -38,6 +38,7 @@ def needs_sim(test):
         test = mark(test)
     return test
 
+
 MAX_STEPS, REPLAN, STRIDE = 20, 5, 2
 OPTIONS = dict(suite="libero_object", tasks="0", trials=2, replan_steps=REPLAN, resolution=64, settle_steps=5)
 

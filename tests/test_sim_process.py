@@ -13,7 +13,8 @@ import simprocess
 pytestmark = [pytest.mark.sim, pytest.mark.slow]
 
 
-@pytest.mark.skipif(not simprocess.HAVE_SIM, reason="the LIBERO simulator is not installed (pip install 'toolkit[sim]')")
+@pytest.mark.skipif(not simprocess.HAVE_SIM,
+                    reason="the LIBERO simulator is not installed (pip install 'toolkit[sim]')")
 def test_the_simulator_tests_pass_in_their_own_process():
     modules = simprocess.modules()
     assert len(modules) >= 2, modules  # the rollout tests and the closed-loop intervention tests
