@@ -1,9 +1,88 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the test tiers.
 
-import warnings
+Markers (registered in pyproject.toml; ``--strict-markers``): ``sim`` (the LIBERO simulator), ``s3`` (the local S3
+server), ``ray`` (the local Ray cluster) and ``slow`` (those and every long end-to-end run).  The inner loop is
+``python -m pytest -m "not slow"``; CI runs everything.
 
-import pytest
-import torch
+The expensive things exist once per session: one S3 server (``s3``), one Ray cluster (``ray_cluster``), one
+simulator process (``tests/simprocess.py``, started in the background once the session's tests are known).
+
+The order: the fast tests first, then the slow ones (the modules that use Ray last), then the test that waits for
+the simulator process, which runs on the second core meanwhile.  Torch and BLAS use one thread per process unless
+OMP_NUM_THREADS says otherwise: the suite runs several processes at once (the simulator, Ray actors, racing
+extracts), and two OpenMP threads per process on two busy cores are many times slower than one.
+"""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch and numpy load their thread pools
+
+import importlib.util  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import simprocess  # noqa: E402
+
+# --------------------------------------------------------------------------- the simulator process
+
+
+def pytest_collection_modifyitems(config, items):
+    """Fast tests first, then slow ones, the modules that use Ray after those (whole modules, so that module
+    fixtures are made once), and last the test that waits for the simulator process (it runs beside the rest,
+    on one core, best beside the tests that use one core too)."""
+    ray_modules = {item.module for item in items if item.get_closest_marker("ray")}
+
+    def place(item):
+        if item.nodeid.endswith(simprocess.RUNNER):
+            return 3
+        if item.get_closest_marker("slow") is None:
+            return 0
+        return 2 if item.module in ray_modules else 1
+
+    items.sort(key=place)  # stable: file order within each group
+
+
+def pytest_collection_finish(session):
+    if any(item.nodeid.endswith(simprocess.RUNNER) for item in session.items):
+        simprocess.start()
+
+
+def pytest_unconfigure(config):
+    simprocess.stop()
+
+
+# --------------------------------------------------------------------------- S3 and Ray, once per session
+
+HAVE_S3 = all(importlib.util.find_spec(m) is not None for m in ("s3fs", "moto", "boto3"))
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """``s3://BUCKET`` on one local S3 server (moto, loopback only) for the whole session; the standard AWS
+    variables point at it until the session ends.  Tests keep apart by key prefix."""
+    if not HAVE_S3:
+        pytest.skip("S3 tests need s3fs and moto (pip install 'toolkit[scale]')")
+    from s3server import local_s3
+
+    with local_s3() as bucket:
+        yield bucket
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(request):
+    """One local Ray cluster (2 CPUs, loopback only) for the session.  ``toolkit.run.ray`` joins a Ray that is
+    initialised already and leaves it running, so no run starts or stops one of its own.  The S3 server comes
+    first (when installed): the cluster's workers inherit its endpoint variables from this process."""
+    ray = pytest.importorskip("ray")
+    if HAVE_S3:
+        request.getfixturevalue("s3")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only test cluster
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
 
 # --------------------------------------------------------------------------- pi0
 

@@ -125,3 +125,28 @@ def tinyvla_batch():
     """Three steps of the synthetic dataset for the fixture plugin's tiny VLA: two of one episode, one of another."""
     eps = list(SyntheticDataset().episodes())
     return [(eps[0], s) for s in list(eps[0].steps())[:2]] + [(eps[3], next(eps[3].steps()))]
+
+
+class ToolkitProcess:
+    """``python -m toolkit ARGS`` started in a process of its own; ``wait()`` asserts it succeeded and returns
+    ``result``.  A reference run started this way is made while the test that needs it runs its own processes
+    (two cores: the reference no longer comes first, in series)."""
+
+    def __init__(self, args, result=None, cwd=None, env=None):
+        import subprocess
+
+        self.result = result
+        self.proc = subprocess.Popen([sys.executable, "-m", "toolkit", *map(str, args)], cwd=cwd, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.stderr: str | None = None
+
+    def wait(self):
+        if self.stderr is None:
+            _, self.stderr = self.proc.communicate(timeout=600)
+        assert self.proc.returncode == 0, self.stderr[-3000:]
+        return self.result
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

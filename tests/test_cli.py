@@ -22,6 +22,7 @@ def main_job(tmp_path_factory):
     return d, res
 
 
+@pytest.mark.slow  # the README's main job, end to end in a process of its own
 def test_the_main_job_runs_on_embedded_defaults_and_announces_the_random_model(main_job):
     d, res = main_job
     assert res.returncode == 0, res.stderr
@@ -34,6 +35,7 @@ def test_the_main_job_runs_on_embedded_defaults_and_announces_the_random_model(m
     assert s.coord("instruction")[0] == "pick up the alphabet soup and place it in the basket"
 
 
+@pytest.mark.slow
 def test_info_prints_a_human_summary(main_job):
     d, _ = main_job
     res = toolkit_cli("info", "stores/libero.zarr", cwd=d)
@@ -51,10 +53,10 @@ def test_help_has_examples():
     (["--dataset", "nope"], "unknown dataset 'nope'; known datasets:"),
     (["--data", "does/not/exist"], "does/not/exist"),
     (["--layers", "99"], "layer 99 is out of range: available layers at site"),
-    (["--tokens", "vlm=pixels"], "unknown name 'pixels'; names:"),
+    pytest.param(["--tokens", "vlm=pixels"], "unknown name 'pixels'; names:", marks=pytest.mark.slow),  # builds pi0
     (["--sites", "brain"], "has no site 'brain'; sites:"),
     (["--streams", "nope"], "has no stream 'nope'"),
-    (["--max-episodes", "0"], "empty"),
+    pytest.param(["--max-episodes", "0"], "empty", marks=pytest.mark.slow),  # builds pi0
 ])
 def test_bad_input_gets_one_line_a_nonzero_exit_and_no_store(tmp_path, args, message):
     res = toolkit_cli("extract", "--store", "s.zarr", *args, "--no-progress", cwd=tmp_path)
@@ -65,6 +67,7 @@ def test_bad_input_gets_one_line_a_nonzero_exit_and_no_store(tmp_path, args, mes
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.slow  # builds pi0 in a process of its own before it reads the data
 def test_a_malformed_pickle_names_the_file_and_the_key(tmp_path):
     (tmp_path / "data").mkdir()
     with open(tmp_path / "data" / "task_0_x.pkl", "wb") as f:

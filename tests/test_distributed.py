@@ -1,5 +1,6 @@
 """Extraction on Ray (toolkit.run.ray): the store equals a one-process run's, also when a worker is killed
-mid-run or the driver is killed and the run resumed.  One local Ray cluster (2 CPUs) for the module."""
+mid-run or the driver is killed and the run resumed.  The session's one local Ray cluster (2 CPUs,
+``ray_cluster`` in tests/conftest.py); the unit plan and the one-line errors need no Ray (fast tier)."""
 
 import json
 import os
@@ -16,17 +17,7 @@ from synthetic import assert_same_store
 from toolkit.run.ray import _reachable, units
 from toolkit.run.api import extract
 
-ray = pytest.importorskip("ray")
-
 OPTIONS = dict(model="pi0", dataset="libero", max_episodes=2, chunk_samples=2, streams="resid_post", progress=False)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only test cluster
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,9 @@ def test_units_are_whole_chunks_and_whole_batches():
     assert units(5, 9, 2, 1, 4) == [(5, 6), (6, 8), (8, 9)]  # a resume inside a chunk: its one writer
 
 
-def test_two_workers_write_the_one_process_store(cluster, serial, tmp_path):
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_workers_write_the_one_process_store(ray_cluster, serial, tmp_path):
     from click.testing import CliRunner
 
     from toolkit.cli.main import cli
@@ -71,7 +64,10 @@ def test_two_workers_write_the_one_process_store(cluster, serial, tmp_path):
     assert not list(tmp_path.glob(".*lock")), "the driver released the store's lock"
 
 
-def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost(cluster, serial, tmp_path):
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost(ray_cluster, serial, tmp_path):
+    ray = ray_cluster
     store = tmp_path / "killed.zarr"
     errors = []
 
@@ -97,12 +93,15 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost(cluster, seria
     assert_same_run(serial, store)
 
 
-def test_a_killed_driver_leaves_a_store_that_resume_finishes(cluster, serial, tmp_path):
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_driver_leaves_a_store_that_resume_finishes(ray_cluster, serial, tmp_path):
+    ray = ray_cluster
     store = tmp_path / "driver.zarr"
     args = [sys.executable, "-m", "toolkit", "extract", "--store", str(store), "--model", "pi0", "--dataset", "libero",
             "--max-episodes", "2", "--chunk-samples", "2", "--streams", "resid_post", "--no-progress"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    address = ray.get_runtime_context().gcs_address  # the driver joins the module's cluster (no second start)
+    address = ray.get_runtime_context().gcs_address  # the driver joins the session's cluster (no second start)
     proc = subprocess.Popen([*args, "--workers", "2", "--ray-address", address], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240

@@ -17,7 +17,8 @@ from synthetic import register_libero_sim
 from toolkit.store.reader import open_store
 
 HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
-pytestmark = [pytest.mark.skipif(os.environ.get("TOOLKIT_SIM_TESTS") != "1",
+pytestmark = [pytest.mark.sim, pytest.mark.slow,
+              pytest.mark.skipif(os.environ.get("TOOLKIT_SIM_TESTS") != "1",
                                  reason="runs in its own process (tests/test_sim_process.py)"),
               pytest.mark.skipif(not HAVE_SIM, reason="the LIBERO simulator is not installed (pip install 'toolkit[sim]')")]
 

@@ -21,11 +21,23 @@ from toolkit.store.layout import write_consolidated
 from toolkit.store.reader import open_store
 
 HAVE_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
-# MuJoCo/robosuite and TensorFlow (the RLDS tests) crash when loaded into one process, so these tests run in a
-# process of their own, started by tests/test_sim_process.py.
-pytestmark = pytest.mark.skipif(os.environ.get("TOOLKIT_SIM_TESTS") != "1",
-                                reason="runs in its own process (tests/test_sim_process.py)")
-needs_sim = pytest.mark.skipif(not HAVE_SIM, reason="the LIBERO simulator is not installed (pip install 'toolkit[sim]')")
+SIM_MARKS = [
+    pytest.mark.sim,
+    pytest.mark.slow,
+    # MuJoCo/robosuite and TensorFlow (the RLDS tests) crash when loaded into one process, so the tests that run
+    # the simulator run in a process of their own, started by tests/conftest.py (tests/simprocess.py).
+    pytest.mark.skipif(os.environ.get("TOOLKIT_SIM_TESTS") != "1",
+                       reason="runs in its own process (tests/test_sim_process.py)"),
+    pytest.mark.skipif(not HAVE_SIM, reason="the LIBERO simulator is not installed (pip install 'toolkit[sim]')"),
+]
+
+
+def needs_sim(test):
+    """A test that runs the simulator: marked ``sim`` and ``slow``, run only in the simulator process."""
+    for mark in reversed(SIM_MARKS):
+        test = mark(test)
+    return test
+
 
 MAX_STEPS, REPLAN, STRIDE = 20, 5, 2
 OPTIONS = dict(suite="libero_object", tasks="0", trials=2, replan_steps=REPLAN, resolution=64, settle_steps=5)
@@ -60,6 +72,9 @@ def reference(tmp_path_factory):
     return path
 
 
+# The two tests below load no simulator: they run in the fast tier, in the main process.
+
+
 def test_missing_simulator_names_the_extra(monkeypatch):
     from toolkit_plugins.libero_sim import LiberoSimDataset
 
@@ -71,6 +86,7 @@ def test_missing_simulator_names_the_extra(monkeypatch):
 def test_closed_loop_needs_batch_size_one(tmp_path):
     with pytest.raises(ToolkitError, match="batch-size must be 1"):
         _extract(tmp_path / "b.zarr", batch_size=2)
+    assert not (tmp_path / "b.zarr").exists()
 
 
 @needs_sim
@@ -129,10 +145,11 @@ def test_interrupted_run_resumes_at_the_unfinished_episode(reference, tmp_path, 
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+@pytest.mark.ray
 @needs_sim
 def test_two_ray_workers_write_the_one_process_store(reference, tmp_path):
     """Closed loop on Ray: whole episodes per actor, written in episode order: the store equals the one-process
-    run's, array by array."""
+    run's, array by array.  (A cluster of the simulator process's own: the main session's is another process's.)"""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only test cluster
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

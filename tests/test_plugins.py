@@ -44,25 +44,61 @@ def test_unknown_names_list_the_known_ones(tmp_path):
     assert not (tmp_path / "never.zarr").exists()
 
 
+@pytest.mark.slow  # pip builds and installs the fixture package, then four CLI processes
 def test_a_pip_installed_plugin_is_listed_and_runs_through_extract(installed_plugin, tmp_path):
-    listed = json.loads(_toolkit("plugins", "--json", check=True).stdout)
+    store = tmp_path / "tiny.zarr"
+    commands = {
+        "json": ["plugins", "--json"],
+        "verbose": ["plugins", "--verbose"],
+        # the plugin's own typed option, set through the flag the plugin adds to the CLI
+        "extract": ["extract", "--model", "tinyvla", "--dataset", "libero", "--store", str(store), "--max-episodes",
+                    "3", "--no-progress", "--tiny-layers", "2"],
+        "bad": ["extract", str(tmp_path / "bad.zarr"), "--model", "tinyvla", "--model-option", "layers=many"],
+    }
+    # independent of each other, and each spends seconds loading every plugin: all four at once
+    procs = {name: subprocess.Popen([sys.executable, "-m", "toolkit", *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, args in commands.items()}
+    res = {}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        res[name] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    for name in ("json", "verbose", "extract"):
+        assert res[name].returncode == 0, res[name].stderr
+
+    listed = json.loads(res["json"].stdout)
     tiny = next(m for m in listed["model"] if m["name"] == "tinyvla")
     assert tiny["plugin"] == "toolkit-tinyvla 0.0.1"
-    verbose = _toolkit("plugins", "--verbose", check=True).stdout
+    verbose = res["verbose"].stdout
     assert "layers=int (default 3)  decoder layers of the random model" in verbose
     assert "plugin flag: toolkit extract --tiny-layers  -> model option layers" in verbose
-    store = tmp_path / "tiny.zarr"
-    # the plugin's own typed option, set through the flag the plugin adds to the CLI
-    res = _toolkit("extract", "--model", "tinyvla", "--dataset", "libero", "--store", str(store), "--max-episodes",
-                   "3", "--no-progress", "--tiny-layers", "2")
-    assert res.returncode == 0, res.stderr
     s = toolkit.open_store(store)
     assert s.attrs["model"]["name"] == "tinyvla" and s.sites == ["llm", "text"]
     assert s.layers("llm") == [0, 1] and s.attrs["model"]["options"] == {"layers": 2}
     assert s.summary()["n_episodes"] == 3 and s.n_samples == 3 * 6  # the embedded sample: 6 steps per episode
-    res = _toolkit("extract", str(tmp_path / "bad.zarr"), "--model", "tinyvla", "--model-option", "layers=many")
-    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == \
+    bad = res["bad"]
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \
         "error: tinyvla option layers='many': Input should be a valid integer, unable to parse string as an integer"
+
+
+def test_plugins_lists_every_adapter_its_options_and_plugin_flags():
+    """`toolkit plugins` in this process, the fixture's tinyvla registered here (the pip-installed plugin, in
+    processes of its own: the slow test above)."""
+    from click.testing import CliRunner
+
+    from synthetic import registered
+    from toolkit.cli.main import cli
+
+    with registered():
+        listed = CliRunner().invoke(cli, ["plugins", "--json", "--verbose"])
+        verbose = CliRunner().invoke(cli, ["plugins", "--verbose"])
+    assert listed.exit_code == 0 and verbose.exit_code == 0, listed.output + verbose.output
+    models = {m["name"]: m for m in json.loads(listed.stdout)["model"]}
+    assert models["pi0"]["plugin"].startswith("toolkit ") and "tinyvla" in models
+    assert {"name": "layers", "type": "int", "default": 3, "help": "decoder layers of the random model"} in \
+        models["tinyvla"]["options"]
+    assert "synthetic" in {d["name"] for d in json.loads(listed.stdout)["dataset"]}
+    assert "layers=int (default 3)  decoder layers of the random model" in verbose.stdout
+    assert "plugin flag: toolkit extract --tiny-layers  -> model option layers" in verbose.stdout
 
 
 def test_typed_options_validate_convert_and_fill_in_defaults():

@@ -96,6 +96,7 @@ def test_probe_on_the_threads_scheduler_through_the_cli(store_path, tmp_path):
     assert bad.exit_code != 0 and "unknown --scheduler" in bad.output and "Traceback" not in bad.output
 
 
+@pytest.mark.slow  # a dask.distributed cluster of worker processes
 def test_probe_on_a_local_cluster_equals_serial(store_path):
     from dask.distributed import LocalCluster
 

@@ -1,4 +1,8 @@
-"""An extraction killed with SIGKILL resumes with --resume and ends equal to an uninterrupted run."""
+"""An extraction killed with SIGKILL resumes with --resume and ends equal to an uninterrupted run.
+
+Every test here runs `toolkit extract` in processes of its own, killed, interrupted or racing: the slow tier.
+(The fast tier resumes in process: tests/test_store.py, tests/test_resume_spec.py.)
+"""
 
 import json
 import os
@@ -9,7 +13,9 @@ import time
 
 import pytest
 
-from synthetic import assert_same_store
+from synthetic import ToolkitProcess, assert_same_store
+
+pytestmark = pytest.mark.slow
 
 ARGS = ["--model", "pi0", "--dataset", "libero", "--max-episodes", "4", "--chunk-samples", "4", "--batch-size", "2",
         "--streams", "resid_post,pre_mlp_norm_scale", "--no-progress"]
@@ -28,28 +34,37 @@ def _committed(store):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_run(tmp_path_factory):
+    """The uninterrupted run, started in the background: it runs beside the first test's own runs."""
     d = tmp_path_factory.mktemp("ref")
-    res = _run(d / "ref.zarr", cwd=d)
-    assert res.returncode == 0, res.stderr
-    return d / "ref.zarr"
+    run = ToolkitProcess(["extract", "--store", d / "ref.zarr", *ARGS], result=d / "ref.zarr", cwd=d)
+    yield run
+    run.stop()
 
 
-@pytest.mark.parametrize("kill_after", [0, 6, 15])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, kill_after):
+@pytest.fixture
+def reference(reference_run):
+    return reference_run.wait()
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(reference_run, tmp_path):
+    """Killed as soon as the store exists (nothing committed yet), then each --resume killed again, after 6 and
+    after 15 committed samples: the last --resume ends equal to the uninterrupted run."""
     store = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "toolkit", "extract", "--store", str(store), *ARGS],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while _committed(store) < kill_after and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert _committed(store) < 24
+    for kill_after in (0, 6, 15):
+        resume = ["--resume"] if kill_after else []
+        proc = subprocess.Popen([sys.executable, "-m", "toolkit", "extract", "--store", str(store), *ARGS, *resume],
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while _committed(store) < kill_after and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed ({kill_after})"
+        assert _committed(store) < 24
     res = _run(store, "--resume", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert_same_store(reference, store, 24)
+    assert_same_store(reference_run.wait(), store, 24)
 
 
 def test_resuming_a_complete_store_changes_nothing(reference, tmp_path):
@@ -68,14 +83,14 @@ def _wait_committed(store, proc, at_least):
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_commits_prints_the_resume_command_and_the_store_resumes(reference, tmp_path, sig, code):
+def _interrupt(command, store, sig, code, at_least, cwd):
+    """Run ``command``, send ``sig`` once ``at_least`` samples are committed; check the one line it ends with and
+    what it leaves; return the committed count and the --resume command it printed."""
     import shlex
 
-    store = tmp_path / "stopped.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "toolkit", "extract", "--store", str(store), *ARGS], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_committed(store, proc, 4)
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit", *command], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_committed(store, proc, at_least)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
@@ -83,13 +98,22 @@ def test_a_signal_commits_prints_the_resume_command_and_the_store_resumes(refere
     assert "Traceback" not in err and "Aborted" not in err
     name = signal.Signals(sig).name
     n = _committed(store)
-    assert 4 <= n < 24
+    assert at_least <= n < 24
     assert last.startswith(f"error: interrupted by {name}: {n} samples are committed in {store}; continue with: "
                            "toolkit extract "), last
-    assert not list(store.rglob("*.partial")) and not (tmp_path / ".stopped.zarr.lock").exists()
-    command = shlex.split(last.split("continue with: ", 1)[1])
-    assert command[0] == "toolkit" and command[-1] == "--resume"
-    res = subprocess.run([sys.executable, "-m", "toolkit", *command[1:]], capture_output=True, text=True,
+    assert not list(store.rglob("*.partial")) and not (store.parent / f".{store.name}.lock").exists()
+    resume = shlex.split(last.split("continue with: ", 1)[1])
+    assert resume[0] == "toolkit" and resume[-1] == "--resume" and resume.count("--resume") == 1
+    return n, resume[1:]
+
+
+def test_a_signal_commits_prints_the_resume_command_and_the_store_resumes(reference, tmp_path):
+    """SIGINT (exit 130) stops a run, SIGTERM (exit 143) the resumed run it printed: each commits what it has,
+    prints one line with the count and the command to continue; the last printed command completes the store."""
+    store = tmp_path / "stopped.zarr"
+    n, command = _interrupt(["extract", "--store", str(store), *ARGS], store, signal.SIGINT, 130, 4, tmp_path)
+    _, command = _interrupt(command, store, signal.SIGTERM, 143, n + 1, tmp_path)  # the resumed run committed more
+    res = subprocess.run([sys.executable, "-m", "toolkit", *command], capture_output=True, text=True,
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert_same_store(reference, store, 24)

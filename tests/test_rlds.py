@@ -264,6 +264,7 @@ def test_fractal_through_extract_stores_the_flat_action(fractal_dir, tmp_path):
     assert s.attrs["dataset"]["action_parts"] == FRACTAL_PARTS
 
 
+@pytest.mark.slow  # TensorFlow's start-up in a process of its own
 def test_reading_prints_no_tensorflow_start_up_lines(fractal_dir):
     """TF's oneDNN notice and absl's pre-init warning are switched off before TensorFlow is imported."""
     import subprocess

@@ -1,7 +1,10 @@
 """Stores on S3 (a local moto server): extract, kill, resume, probe and every reader on ``s3://`` URLs.
 
 The store on S3 must equal the same run written to a local directory, array by array; the lease lock keeps one
-writer; a damaged or missing chunk object is named like a local one.
+writer; a damaged or missing chunk object is named like a local one.  One S3 server for the session (``s3`` in
+tests/conftest.py); each test writes under a prefix of its own.  The runs compared with the local reference run
+in a process of their own, as a user's would; readers and errors that print no more than their result run in
+this process (CliRunner), which saves a Python and torch start-up each.
 """
 
 import csv
@@ -18,19 +21,20 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from s3server import local_s3  # noqa: E402
-from synthetic import assert_same_store  # noqa: E402
+from synthetic import ToolkitProcess, assert_same_store  # noqa: E402
 
 from toolkit.sdk.errors import ToolkitError  # noqa: E402
 from toolkit.store.location import LeaseLock, location  # noqa: E402
 from toolkit.store.reader import open_store  # noqa: E402
 
-ARGS = ["--model", "pi0", "--dataset", "libero", "--max-episodes", "6", "--chunk-samples", "4", "--batch-size", "2",
+ARGS = ["--model", "pi0", "--dataset", "libero", "--max-episodes", "4", "--chunk-samples", "4", "--batch-size", "2",
         "--streams", "resid_post", "--sites", "vlm,action", "--no-progress"]
-N = 36  # 6 episodes of the embedded LIBERO sample, 6 steps each
+N = 24  # 4 episodes of the embedded LIBERO sample, 6 steps each
 ONE_EPISODE = [*ARGS[:4], "--max-episodes", "1", *ARGS[6:]]
 PROBE = ["--site", "vlm", "--layers", "0-1", "--target", "field:step:regression", "--folds", "3", "--no-mdl",
          "--no-success", "--no-progress"]
+
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
 def toolkit(*args, env=None, cwd=None, check=True):
@@ -41,17 +45,31 @@ def toolkit(*args, env=None, cwd=None, check=True):
     return res
 
 
-@pytest.fixture(scope="module")
-def s3():
-    with local_s3() as bucket:
-        yield bucket
+def invoke(*args, check=True):
+    """The CLI in this process (click's CliRunner): exit code, stdout and stderr apart."""
+    from click.testing import CliRunner
+
+    from toolkit.cli.main import cli
+
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if check:
+        assert res.exit_code == 0, res.output
+    return res
 
 
 @pytest.fixture(scope="module")
-def local_reference(tmp_path_factory):
+def reference_run(tmp_path_factory):
+    """The same run into a local directory, started in the background: it runs beside the first test's own."""
     d = tmp_path_factory.mktemp("local")
-    toolkit("extract", d / "ref.zarr", *ARGS)
-    return d / "ref.zarr"
+    run = ToolkitProcess(["extract", d / "ref.zarr", *ARGS], result=d / "ref.zarr",
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    yield run
+    run.stop()
+
+
+@pytest.fixture
+def local_reference(reference_run):
+    return reference_run.wait()
 
 
 def _committed(url):
@@ -65,7 +83,7 @@ def _committed(url):
         return -1
 
 
-def test_extract_kill_resume_probe_on_s3_equals_the_local_run(s3, local_reference, tmp_path):
+def test_extract_kill_resume_probe_on_s3_equals_the_local_run(s3, reference_run, tmp_path):
     url = f"{s3}/runs/killed.zarr"
     env = {"TOOLKIT_LEASE_SECONDS": "6", "TOOLKIT_COMMIT_SAMPLES": "4"}
     proc = subprocess.Popen([sys.executable, "-m", "toolkit", "extract", url, *ARGS],
@@ -83,25 +101,27 @@ def test_extract_kill_resume_probe_on_s3_equals_the_local_run(s3, local_referenc
     # The dead run's lease (6 s, renewed every 2 s) still holds: a second writer is refused in one line ...
     with pytest.raises(ToolkitError, match=r"is being written by pid \d+ on host .* lease runs"):
         LeaseLock(location(url)).acquire()
-    time.sleep(6.5)  # ... and once it expired, --resume takes it over and finishes the store
+    refused = time.time()
+    local_reference = reference_run.wait()
+    local = invoke("probe", local_reference, *PROBE, "--out", tmp_path / "local")  # (while the lease runs out)
+    time.sleep(max(0.0, refused + 6.5 - time.time()))  # ... and once it expired, --resume takes it over
     toolkit("extract", url, *ARGS, "--resume", env=env)
     assert_same_store(local_reference, url, N)
 
     # every reader opens the URL: info, probe, stats, export, xarray
-    info = json.loads(toolkit("info", url, "--json").stdout)
+    info = json.loads(invoke("info", url, "--json").stdout)
     assert info["path"] == url and info["n_samples"] == N and info["complete"]
     assert info["sites"]["vlm"]["streams"]["resid_post"]["stored_bytes"] > 0
-    remote = toolkit("probe", url, *PROBE, "--out", tmp_path / "remote")
-    local = toolkit("probe", local_reference, *PROBE, "--out", tmp_path / "local")
-    assert remote.returncode == local.returncode == 0
+    remote = invoke("probe", url, *PROBE, "--out", tmp_path / "remote")
+    assert remote.exit_code == local.exit_code == 0
     rows = [list(csv.DictReader(open(tmp_path / d / "results.csv"))) for d in ("remote", "local")]
     assert len(rows[0]) >= 2  # a row per layer
     drop = {"store"}  # the one column that names where the data came from
     assert [{k: v for k, v in r.items() if k not in drop} for r in rows[0]] == \
         [{k: v for k, v in r.items() if k not in drop} for r in rows[1]]
-    toolkit("stats", url, "--site", "vlm", "--layers", "0", "--out", tmp_path / "stats")
+    invoke("stats", url, "--site", "vlm", "--layers", "0", "--out", tmp_path / "stats")
     assert (tmp_path / "stats" / "stats.json").exists()
-    toolkit("export", url, "--out", tmp_path / "npy", "--sites", "vlm")
+    invoke("export", url, "--out", tmp_path / "npy", "--sites", "vlm")
     assert any((tmp_path / "npy").rglob("*.npy"))
 
     import xarray as xr
@@ -136,35 +156,35 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lease_is_taken_over_once(
     assert not loc.fs.exists(third.key)  # released: the lease object is gone
 
 
-def test_damaged_and_missing_chunk_objects_are_named(s3, local_reference, tmp_path):
+def test_damaged_and_missing_chunk_objects_are_named(s3, tmp_path):
     import fsspec
 
     url = f"{s3}/runs/damaged.zarr"
-    toolkit("extract", url, *ARGS[:4], "--max-episodes", "2", *ARGS[6:])  # 12 samples, 3 chunks
+    invoke("extract", url, *ARGS[:4], "--max-episodes", "2", *ARGS[6:])  # 12 samples, 3 chunks
     fs, root = fsspec.url_to_fs(url)
     key = f"{root}/vlm/resid_post/c/1/0/0/0"
     data = bytearray(fs.cat_file(key))
     data[len(data) // 2] ^= 0xFF
     fs.pipe_file(key, bytes(data))
-    res = toolkit("verify", url, check=False)
-    assert res.returncode != 0 and "vlm/resid_post/c/1/0/0/0" in res.stdout + res.stderr
+    res = invoke("verify", url, check=False)
+    assert res.exit_code != 0 and "vlm/resid_post/c/1/0/0/0" in res.stdout + res.stderr
     fs.rm_file(key)
     fs.invalidate_cache()
-    res = toolkit("stats", url, "--site", "vlm", "--layers", "0", "--out", tmp_path / "s", check=False)
-    assert res.returncode != 0
+    res = invoke("stats", url, "--site", "vlm", "--layers", "0", "--out", tmp_path / "s", check=False)
+    assert res.exit_code != 0
     line = res.stderr.strip().splitlines()[-1]
     assert "vlm/resid_post/c/1/0/0/0" in line and "missing" in line and url in line
 
 
 def test_an_interrupted_upload_is_no_store_and_overwrite_replaces_it(s3, local_reference):
     url = f"{s3}/runs/upload.zarr"
-    toolkit("extract", url, *ONE_EPISODE)
+    invoke("extract", url, *ONE_EPISODE)
     loc = location(url)
     loc.fs.rm_file(f"{loc.root}/zarr.json")  # as if killed during the upload: the root is uploaded last
-    assert toolkit("info", url, check=False).returncode != 0
-    res = toolkit("extract", url, *ARGS, "--resume", check=False)
-    assert res.returncode != 0 and "interrupted before any sample" in res.stderr
-    toolkit("extract", url, *ONE_EPISODE, "--overwrite")
+    assert invoke("info", url, check=False).exit_code != 0
+    res = invoke("extract", url, *ARGS, "--resume", check=False)
+    assert res.exit_code != 0 and "interrupted before any sample" in res.stderr
+    invoke("extract", url, *ONE_EPISODE, "--overwrite")
     got, want = open_store(url), open_store(local_reference)
     assert got.complete and got.n_samples == 6
     np.testing.assert_array_equal(got.read("vlm", "resid_post"), want.read("vlm", "resid_post")[:6])
@@ -179,10 +199,11 @@ def test_bad_urls_are_one_line(s3):
     assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
-def test_two_ray_workers_write_the_same_store_to_s3(s3, local_reference):
-    """--workers on an object store: every actor PUTs its own chunks, the driver holds the lease and commits."""
-    pytest.importorskip("ray")
+@pytest.mark.ray
+def test_two_ray_workers_write_the_same_store_to_s3(s3, ray_cluster, local_reference):
+    """--workers on an object store: every actor PUTs its own chunks, the driver (this process, on the session's
+    cluster) holds the lease and commits."""
     url = f"{s3}/runs/ray.zarr"
-    toolkit("extract", url, *ARGS, "--workers", "2", env={"RAY_AUTH_MODE": "disabled"})
+    invoke("extract", url, *ARGS, "--workers", "2")
     assert_same_store(local_reference, url, N)
     assert not location(url).fs.exists(LeaseLock(location(url)).key)  # the driver released its lease

@@ -41,6 +41,7 @@ def test_dask_moments_equal_the_serial_ones(stores, scheduler):
             close(getattr(dask, name), getattr(serial, name))
 
 
+@pytest.mark.slow  # a dask.distributed cluster of worker processes
 def test_dask_distributed_cluster_gives_the_serial_report(stores):
     from dask.distributed import LocalCluster
 

@@ -155,6 +155,7 @@ def test_info_json_is_what_the_store_says(store):
     assert "site text" in text and "resid_mid" in text and "complete" in text
 
 
+@pytest.mark.slow  # 144 samples extracted while readers poll
 def test_readers_polling_during_a_write_see_a_consistent_committed_prefix(tmp_path):
     """xarray (and Store) opened while extract writes: always one sample count, never an error, and the values
     of the committed prefix are the final ones."""
@@ -266,7 +267,7 @@ def test_a_long_block_is_committed_on_time_and_reads_back_whole(tmp_path):
     assert list(s.coord("episode")) == [0] * 3 + [1] * 7
 
 
-@pytest.mark.parametrize("command", ["stats", "export", "probe"])
+@pytest.mark.parametrize("command", ["stats", "export", pytest.param("probe", marks=pytest.mark.slow)])
 def test_readers_of_an_incomplete_store_warn_once_with_the_committed_count(store, tmp_path, command):
     import shutil
 
