@@ -50,13 +50,15 @@ def test_units_are_whole_chunks_and_whole_batches():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_workers_write_the_one_process_store(ray_cluster, serial, tmp_path):
+def test_two_workers_write_the_one_process_store(ray_cluster, serial, tmp_path, monkeypatch):
+    """A relative store path means the driver's folder, though the session's Ray workers started elsewhere."""
     from click.testing import CliRunner
 
     from toolkit.cli.main import cli
 
+    monkeypatch.chdir(tmp_path)
     store = tmp_path / "ray.zarr"
-    res = CliRunner().invoke(cli, ["extract", "--store", str(store), "--model", "pi0", "--dataset", "libero",
+    res = CliRunner().invoke(cli, ["extract", "--store", "ray.zarr", "--model", "pi0", "--dataset", "libero",
                                    "--max-episodes", "2", "--chunk-samples", "2", "--streams", "resid_post",
                                    "--workers", "2", "--no-progress"])
     assert res.exit_code == 0, res.output

@@ -158,9 +158,11 @@ def unit_samples(samples: Iterator, start: int, stop: int, last: bool) -> Iterat
 class ExtractWorker:
     """A Ray actor: makes the run once (the model loads once), then writes unit after unit into the shared store."""
 
-    def __init__(self, spec: dict[str, Any], path: str):
+    def __init__(self, spec: dict[str, Any], path: str, cwd: str | None = None):
         import warnings
 
+        if cwd and os.path.isdir(cwd):  # relative --data, --checkpoint, store paths mean what they mean to the driver
+            os.chdir(cwd)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the random-weights notice: the driver's run says it
             self.run: Run = make_run(RunSpec.model_validate(spec))
@@ -256,7 +258,7 @@ def extract_on_ray(spec: RunSpec, path: Path | str, resume: bool = False, overwr
     run_id = uuid.uuid4().hex[:8]
     actors = [actor_cls.options(name=f"toolkit-extract-{run_id}-{i}", num_cpus=1, num_gpus=gpus,
                                 max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
-              .remote(spec.model_dump(), str(path)) for i in range(workers)]
+              .remote(spec.model_dump(), str(path), os.getcwd()) for i in range(workers)]
     writer = None
     try:
         if plan.closed:
