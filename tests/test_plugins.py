@@ -1,6 +1,8 @@
 """Third-party plugins: a separately packaged adapter, installed with pip, works through the CLI."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +21,16 @@ def _toolkit(*args, **kw):
 
 
 @pytest.fixture(scope="module")
-def installed_plugin():
+def installed_plugin(tmp_path_factory):
+    """The fixture package built and installed by pip into a folder of its own (its wheel's module and
+    entry-point metadata), which the CLI processes get on PYTHONPATH: the test environment is left as it was."""
+    root = tmp_path_factory.mktemp("plugin")
+    shutil.copytree(FIXTURE, root / "src", ignore=shutil.ignore_patterns("build", "*.egg-info"))
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", "--no-index", str(FIXTURE)],
-                   check=True, capture_output=True)
-    yield
-    subprocess.run([*pip, "uninstall", "-y", "toolkit-tinyvla"], check=True, capture_output=True)
+    subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", "--no-index", "--target",
+                    str(root / "site"), str(root / "src")], check=True, capture_output=True)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "site"),
+                                                                       os.environ.get("PYTHONPATH")]))}
 
 
 def test_builtin_adapters_register_through_the_entry_point_group():
@@ -57,7 +63,8 @@ def test_a_pip_installed_plugin_is_listed_and_runs_through_extract(installed_plu
     }
     # independent of each other, and each spends seconds loading every plugin: all four at once
     procs = {name: subprocess.Popen([sys.executable, "-m", "toolkit", *args], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for name, args in commands.items()}
+                                    stderr=subprocess.PIPE, text=True, env=installed_plugin)
+             for name, args in commands.items()}
     res = {}
     for name, p in procs.items():
         out, err = p.communicate(timeout=300)
