@@ -7,8 +7,11 @@ server), ``ray`` (the local Ray cluster) and ``slow`` (those and every long end-
 The expensive things exist once per session: one S3 server (``s3``), one Ray cluster (``ray_cluster``), one
 simulator process (``tests/simprocess.py``, started in the background once the session's tests are known).
 
-The order: the fast tests first, then the slow ones (the modules that use Ray last), then the test that waits for
-the simulator process, which runs on the second core meanwhile.  Torch and BLAS use one thread per process unless
+Two pytest-xdist workers run the tests (``-n 2 --dist loadgroup`` in pyproject.toml's addopts; ``-n 0`` runs them
+in one process): each module is one group, the tests that use the Ray cluster or the S3 server one more, handed
+out first; the test that waits for the simulator process comes last.  In one process the order is: the fast
+tests first, then the slow ones (the modules that use Ray last), then the simulator's runner.  Torch and BLAS use
+one thread per process unless
 OMP_NUM_THREADS says otherwise: the suite runs several processes at once (the simulator, Ray actors, racing
 extracts), and two OpenMP threads per process on two busy cores are many times slower than one.
 """
@@ -28,29 +31,60 @@ import simprocess  # noqa: E402
 # --------------------------------------------------------------------------- the simulator process
 
 
-def pytest_collection_modifyitems(config, items):
-    """Fast tests first, then slow ones, the modules that use Ray after those (whole modules, so that module
-    fixtures are made once), and last the test that waits for the simulator process (it runs beside the rest,
-    on one core, best beside the tests that use one core too)."""
-    ray_modules = {item.module for item in items if item.get_closest_marker("ray")}
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in pytest-xdist's workers (the README's command runs 2)
 
-    def place(item):
-        if item.nodeid.endswith(simprocess.RUNNER):
-            return 3
-        if item.get_closest_marker("slow") is None:
-            return 0
-        return 2 if item.module in ray_modules else 1
+
+def pytest_configure(config):
+    if not WORKER:  # the session's controller: one simulator folder for the session (tests/simprocess.py)
+        simprocess.prepare()
+
+
+def _uses_a_cluster(item) -> bool:
+    return any(item.get_closest_marker(m) for m in ("ray", "s3")) or \
+        bool({"ray_cluster", "s3"} & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """The order.  One process: fast tests first, then slow ones, the modules that use Ray after those (whole
+    modules, so that module fixtures are made once), and last the test that waits for the simulator process (it
+    runs beside the rest, on one core, best beside the tests that use one core too).
+
+    pytest-xdist workers (``--dist loadgroup``): each module is one group, run by one worker, so its module
+    fixtures are made once; the tests that use the session's Ray cluster or S3 server are one group (one
+    cluster, one server), handed out first since it is the longest; the simulator's runner comes last."""
+    cluster = {item.module for item in items if _uses_a_cluster(item)}
+
+    if WORKER:
+        def group(item):
+            if simprocess.is_runner(item.nodeid):
+                return "sim"
+            return "cluster" if _uses_a_cluster(item) else item.module.__name__
+
+        def place(item):
+            return {"sim": 2, "cluster": 0}.get(group(item), 1)
+
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(group(item)))
+    else:
+        def place(item):
+            if simprocess.is_runner(item.nodeid):
+                return 3
+            if item.get_closest_marker("slow") is None:
+                return 0
+            return 2 if item.module in cluster else 1
 
     items.sort(key=place)  # stable: file order within each group
 
 
 def pytest_collection_finish(session):
-    if any(item.nodeid.endswith(simprocess.RUNNER) for item in session.items):
+    if any(simprocess.is_runner(item.nodeid) for item in session.items):
         simprocess.start()
 
 
 def pytest_unconfigure(config):
-    simprocess.stop()
+    if not WORKER:
+        simprocess.stop()
 
 
 # --------------------------------------------------------------------------- S3 and Ray, once per session

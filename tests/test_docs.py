@@ -311,12 +311,14 @@ def _guide_params():
 
 
 @pytest.mark.parametrize("guide", _guide_params())
-def test_the_guide_runs_as_written(guide, tmp_path, monkeypatch):
+def test_the_guide_runs_as_written(guide, tmp_path, monkeypatch, request):
     """Every python block and every `bash test` command of one guide, in order, in a fresh folder.  One thread
     for torch and BLAS (what OMP_NUM_THREADS=1 gives a user): the tiny models run several times faster so on a
     busy 2-core machine, and the results do not depend on it."""
     import torch
 
+    if any("ray" in b.marks for b in blocks(guide)):
+        request.getfixturevalue("ray_cluster")  # the session's one Ray cluster, which `--workers` joins
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)

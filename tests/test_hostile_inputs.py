@@ -106,7 +106,12 @@ CHILD = textwrap.dedent("""
         res = CliRunner().invoke(cli, ["import", "--dataset", "libero", "--data", data, "--store", store])
         out[name] = {"code": res.exit_code, "output": res.output, "seconds": time.perf_counter() - t,
                      "exception": repr(res.exception) if res.exit_code not in (0, 2) else None}
-    out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # this process's own peak (VmHWM: reset by exec), not ru_maxrss, which keeps the forking parent's peak
+    try:
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        out["maxrss_mb"] = int(hwm.split()[1]) / 1024
+    except OSError:
+        out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 """)
 
