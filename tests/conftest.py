@@ -11,9 +11,9 @@ Two pytest-xdist workers run the tests (``-n 2 --dist loadgroup`` in pyproject.t
 in one process): each module is one group, the tests that use the Ray cluster or the S3 server one more, handed
 out first; the test that waits for the simulator process comes last.  In one process the order is: the fast
 tests first, then the slow ones (the modules that use Ray last), then the simulator's runner.  Torch and BLAS use
-one thread per process unless
-OMP_NUM_THREADS says otherwise: the suite runs several processes at once (the simulator, Ray actors, racing
-extracts), and two OpenMP threads per process on two busy cores are many times slower than one.
+one thread per process unless OMP_NUM_THREADS says otherwise: the suite runs several processes at once (the
+simulator, Ray actors, racing extracts), and two OpenMP threads per process on two busy cores are many times
+slower than one.
 """
 
 import os
@@ -53,8 +53,6 @@ def pytest_collection_modifyitems(config, items):
     pytest-xdist workers (``--dist loadgroup``): each module is one group, run by one worker, so its module
     fixtures are made once; the tests that use the session's Ray cluster or S3 server are one group (one
     cluster, one server), handed out first since it is the longest; the simulator's runner comes last."""
-    cluster = {item.module for item in items if _uses_a_cluster(item)}
-
     if WORKER:
         def group(item):
             if simprocess.is_runner(item.nodeid):
@@ -67,6 +65,8 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             item.add_marker(pytest.mark.xdist_group(group(item)))
     else:
+        cluster = {item.module for item in items if _uses_a_cluster(item)}
+
         def place(item):
             if simprocess.is_runner(item.nodeid):
                 return 3
