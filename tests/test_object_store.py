@@ -73,3 +73,58 @@ def test_an_unknown_scheme_is_one_line():
     with pytest.raises(ToolkitError, match="cannot open nosuchscheme://bucket/x.zarr") as e:
         location("nosuchscheme://bucket/x.zarr")
     assert "\n" not in str(e.value)
+
+
+def _cli(*args, env=None):
+    """The CLI as a user runs it, with only the environment given (no AWS credentials or config unless set)."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    res = subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True, timeout=120,
+                         env={**base, "HOME": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true", **(env or {})})
+    return res.returncode, res.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("case", ["no credentials", "connection refused", "secret in the URL", "memory"])
+def test_object_store_mistakes_are_one_line(case):
+    pytest.importorskip("s3fs")
+    if case == "no credentials":
+        code, lines = _cli("info", "s3://bucket/runs/x.zarr")
+        expect = "NoCredentialsError"
+    elif case == "connection refused":  # nothing listens on the discard port
+        code, lines = _cli("info", "s3://bucket/runs/x.zarr", env={
+            "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+        expect = "Could not connect to the endpoint URL"
+    elif case == "secret in the URL":
+        code, lines = _cli("extract", "s3://AKIAEXAMPLE:hunter2secret@bucket/runs/x.zarr", "--model", "pi0",
+                           "--dataset", "libero")
+        expect = "the URL carries credentials"
+        assert not any("hunter2secret" in line or "AKIAEXAMPLE" in line for line in lines)
+    else:
+        code, lines = _cli("extract", "memory://bucket/runs/x.zarr", "--model", "pi0", "--dataset", "libero")
+        expect = "lives only inside one Python process"
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
+
+
+@pytest.mark.slow
+def test_a_silent_endpoint_is_an_error_within_30_seconds(tmp_path):
+    """An endpoint that accepts connections and never answers (a hung proxy, a black-holed load balancer)."""
+    pytest.importorskip("s3fs")
+    import socket
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    t0 = time.perf_counter()
+    try:
+        code, lines = _cli("info", "s3://bucket/runs/x.zarr", env={
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    finally:
+        server.close()
+    took = time.perf_counter() - t0
+    assert code == 2 and len(lines) == 1 and "timeout" in lines[0].lower(), lines
+    assert took < 30, took

@@ -207,3 +207,76 @@ def test_two_ray_workers_write_the_same_store_to_s3(s3, ray_cluster, local_refer
     invoke("extract", url, *ARGS, "--workers", "2")
     assert_same_store(local_reference, url, N)
     assert not location(url).fs.exists(LeaseLock(location(url)).key)  # the driver released its lease
+
+
+def test_a_stale_lease_holder_writes_nothing_over_the_new_owner(s3, monkeypatch):
+    """The fence of a lease holder's writes: past its deadline it raises before writing; a write already under way
+    when it stalled (it passed the deadline check, then the process stopped) is conditional on the object as the
+    holder last saw it, so it fails once the new owner wrote that object, and is not retried."""
+    from toolkit.store import lock as lock_module
+    from toolkit.store.lock import LeaseLost
+
+    loc = location(f"{s3}/runs/fenced.zarr")
+    key = loc.key("vlm/resid_post/c/0/0/0/0")
+    a = LeaseLock(loc, seconds=1.2)
+    a.acquire()
+    a.put(key, b"A's first write")
+    a._stop.set()  # A stalls: no more renewals
+    a._thread.join()
+    time.sleep(1.3)
+    with pytest.raises(LeaseLost, match="ran out before it could be renewed"):
+        a.put(key, b"A after its lease")
+    b = LeaseLock(loc, seconds=30)
+    b.acquire()  # the new owner takes over the expired lease
+    b.put(key, b"B's write")
+    clock = iter([0.0] + [1e12] * 10)  # A's in-flight write passed its check before the stall; then time moved on
+    monkeypatch.setattr(lock_module, "_clock", lambda: next(clock))
+    a.deadline = 1.0
+    with pytest.raises(LeaseLost):
+        a.put(key, b"A's write in flight")
+    assert loc.fs.cat_file(key) == b"B's write"
+    monkeypatch.undo()
+    # the owner wins: a stale write that landed after the owner last saw the object is overwritten, not refused
+    loc.fs.pipe_file(key, b"a stale write that landed")
+    b.put(key, b"B again")
+    assert loc.fs.cat_file(key) == b"B again"
+    b.release()
+    assert not loc.fs.exists(b.key)
+
+
+@pytest.mark.parametrize("pause_after", [2, 13])
+def test_a_writer_paused_past_its_lease_cannot_change_the_store_that_took_over(s3, local_reference, pause_after):
+    """Writer A is stopped (SIGSTOP) past its lease after ``pause_after`` committed samples; B takes over with
+    --resume and finishes; A is resumed: it stops with one line, and the store equals an uninterrupted run, with
+    every array's own metadata at full length (partial-chunk commits every 2 samples: A holds padded chunks)."""
+    url = f"{s3}/runs/stale-{pause_after}.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOOLKIT_LEASE_SECONDS": "3", "TOOLKIT_COMMIT_SAMPLES": "2"}
+    a = subprocess.Popen([sys.executable, "-m", "toolkit", "extract", url, *ARGS], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while _committed(url) < pause_after and a.poll() is None and time.time() - t0 < 180:
+        time.sleep(0.01)
+    assert a.poll() is None, a.stderr.read()[-2000:]
+    a.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3.5)
+        toolkit("extract", url, *ARGS, "--resume", env=env)
+    finally:
+        a.send_signal(signal.SIGCONT)
+    _, err = a.communicate(timeout=120)
+    assert a.returncode != 0
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning: pi0: no --checkpoint")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "lease" in lines[0] and "Traceback" not in err, err
+    got, want = open_store(url), open_store(local_reference)
+    assert got.complete and got.n_samples == N
+    for site in ("vlm", "action"):
+        np.testing.assert_array_equal(got.read(site, "resid_post"), want.read(site, "resid_post"))
+    assert invoke("verify", url).exit_code == 0
+    import fsspec
+
+    fs, root = fsspec.url_to_fs(url)
+    fs.invalidate_cache()
+    for meta_key in fs.glob(f"{root}/**/zarr.json"):
+        meta = json.loads(fs.cat_file(meta_key))
+        if meta.get("node_type") == "array" and meta["dimension_names"][0] == "sample":
+            assert meta["shape"][0] == N, meta_key

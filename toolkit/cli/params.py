@@ -9,7 +9,7 @@ import click
 
 from toolkit.sdk.errors import ToolkitError
 from toolkit.sdk.options import describe_options
-from toolkit.store.location import store_target
+from toolkit.store.location import refuse_process_local, store_target
 
 
 class StoreParam(click.ParamType):
@@ -41,6 +41,7 @@ def pick_store(positional: Path | str | None, option: Path | str | None, default
         if default is None:
             raise ToolkitError("missing STORE: give the store's path, e.g. `toolkit COMMAND stores/libero.zarr`")
         return Path(default)
+    refuse_process_local(store, "a command cannot reach it (and one it writes vanishes when the command ends)")
     return store_target(store)
 
 

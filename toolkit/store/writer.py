@@ -47,6 +47,10 @@ COMMIT_SECONDS = float(os.environ.get("TOOLKIT_COMMIT_SECONDS", 60))
 COMMIT_SAMPLES = int(os.environ.get("TOOLKIT_COMMIT_SAMPLES", 0)) or None  # default: one chunk
 
 
+# The longest close() waits for the writer thread's last block and commit before it gives up on it.
+CLOSE_SECONDS = float(os.environ.get("TOOLKIT_CLOSE_SECONDS", 300))
+
+
 class StoreWriter:
     """Writes sample batches into a store from a background thread with a bounded queue.
 
@@ -95,6 +99,7 @@ class StoreWriter:
         self.defer_commits = False
         self.commit_seconds = COMMIT_SECONDS
         self.commit_samples = COMMIT_SAMPLES
+        self.close_seconds = CLOSE_SECONDS
 
     def _open(self, mode: str) -> None:
         loc = self.loc
@@ -104,7 +109,11 @@ class StoreWriter:
                     raise ToolkitError(f"cannot resume: the creation of {self.path} was interrupted before any sample "
                                        "was stored; start it again with --overwrite")
                 raise ToolkitError(f"cannot resume: {self.path} is not a store; remove it or pick another --store")
-            self.root = zarr.open_group(loc.zarr_target(), mode="r+", zarr_format=3, use_consolidated=False)
+            from toolkit.store.reader import Store
+
+            Store(self.path, warn_incomplete=False)  # a damaged root zarr.json is one line here, before any write
+            self.root = zarr.open_group(loc.zarr_store(read_only=False), mode="r+", zarr_format=3,
+                                        use_consolidated=False)
             if self.root.attrs.get("format") != FORMAT:
                 raise ToolkitError(f"{self.path} is not a toolkit store (no '{FORMAT}' format attribute)")
             stored = self.root.attrs.get("run_spec")
@@ -202,7 +211,8 @@ class StoreWriter:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             self.created = True
-            self.root = zarr.open_group(self.loc.zarr_target(), mode="r+", zarr_format=3, use_consolidated=False)
+            self.root = zarr.open_group(self.loc.zarr_store(read_only=False), mode="r+", zarr_format=3,
+                                        use_consolidated=False)
             return
         for stale in self.path.parent.glob(f".{self.path.name}.creating-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -370,15 +380,42 @@ class StoreWriter:
                 else:
                     self._hand_over()
             finally:
-                self._queue.put(("close", complete))
-                self._thread.join()
-                self._thread = None
+                self._stop_thread(complete)
             if self.defer_commits and not complete and self._error is None:
                 self._truncate(self.committed)
             self._check()
         finally:
             if release:
                 self.release()
+
+    def _stop_thread(self, complete: bool) -> None:
+        """Ask the writer thread to finish (commit, and mark complete if ``complete``) and wait for it, never
+        longer than ``close_seconds``: a thread that died is not waited for, one that is stuck (a stalled disk
+        or object store) is left behind with an error, so the run ends and its lock is released."""
+        thread, self._thread = self._thread, None
+        deadline = time.monotonic() + self.close_seconds
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self._queue.put(("close", complete), timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if thread.is_alive() and self._error is None:
+            self._error = ToolkitError(f"the writer of {self.path} did not finish within {self.close_seconds:.0f} s "
+                                       f"(a stalled disk or object store?); {self.committed} samples are committed: "
+                                       "continue with --resume")
+
+    def discard(self) -> None:
+        """Remove the store when this run created it and committed nothing to it (nothing useful to keep), but
+        only while this run still holds its lock: a store another run has taken over is never touched."""
+        held = getattr(self.lock, "held", None)
+        if not self.created or self.committed or (held is not None and not held()):
+            return
+        try:
+            self.loc.remove()
+        except ToolkitError:
+            pass
 
     def abort(self, release: bool = True) -> None:
         """Commit what was already added, without marking the store complete (extraction failed)."""
@@ -417,6 +454,7 @@ class StoreWriter:
                     self._write_block(*item[1:])
         except BaseException as e:  # surfaced on the caller's thread by _check()
             self._error = e
+            _settle_zarr()
         finally:
             if self._pool is not None:
                 self._pool.shutdown()
@@ -474,6 +512,28 @@ class StoreWriter:
 
 
 WRITE_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def _settle_zarr(timeout: float = 30.0) -> None:
+    """After a failed zarr write, let zarr's other operations of that call (reads of a read-modify-write, writes
+    of sibling chunks: zarr gathers them and returns at the first failure) finish on its event loop, so the run
+    ends with its one line and nothing is cut off mid-request at exit."""
+    import asyncio
+
+    try:
+        from zarr.core.sync import sync
+    except ImportError:
+        return
+
+    async def drain() -> None:
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    try:
+        sync(drain(), timeout=timeout + 5)
+    except Exception:
+        pass
 
 
 def _block_buffer(n: int, spec: ArraySpec) -> np.ndarray:
