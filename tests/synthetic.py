@@ -150,3 +150,20 @@ class ToolkitProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def write_libero_pickles(folder, tasks=(0, 1, 2), drop_episode=None) -> None:
+    """LIBERO task pickles of the embedded sample in ``folder``; ``drop_episode`` (task, episode) leaves one
+    episode out (data that changed after a store was made from it)."""
+    import pickle
+    from pathlib import Path
+
+    from toolkit_plugins.libero.sample import PROTOCOL, file_name, sample_task
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for t in tasks:
+        task = sample_task(t)
+        if drop_episode and drop_episode[0] == t:
+            del task["episodes"][f"episode_{drop_episode[1]}"]
+        (folder / file_name(t, task["task_name"])).write_bytes(pickle.dumps(task, protocol=PROTOCOL))

@@ -61,11 +61,10 @@ def extract_command(store, store_option, resume, overwrite, no_progress, **value
     steps per episode and --stride keeps every N-th policy call (the policy runs at every call).
     `toolkit extract --model NAME --dataset NAME --help` also lists those adapters' options.
     """
-    from toolkit.run.api import DEFAULT_STORE, extract
+    from toolkit.run.api import DEFAULT_STORE, execute
 
     store = pick_store(store, store_option, default=DEFAULT_STORE)
-    path = extract(_spec(EXTRACT, store, values), store, resume=resume, overwrite=overwrite, progress=not no_progress)
-    click.echo(f"wrote {path}  (look inside: toolkit info {path})")
+    _done(execute(_spec(EXTRACT, store, values), store, resume=resume, overwrite=overwrite, progress=not no_progress))
 
 
 @click.command("import", cls=PluginOptionsCommand, epilog=IMPORT_EXAMPLES)
@@ -75,9 +74,17 @@ def extract_command(store, store_option, resume, overwrite, no_progress, **value
 def import_command(store, store_option, resume, overwrite, no_progress, **values):
     """Store activations a dataset already carries (e.g. LIBERO latent pickles) in the new Zarr STORE,
     without running a model."""
-    from toolkit.run.api import import_latents
+    from toolkit.run.api import execute
 
     store = pick_store(store, store_option)
-    path = import_latents(_spec(IMPORT, store, values), store, resume=resume, overwrite=overwrite,
-                          progress=not no_progress)
-    click.echo(f"wrote {path}  (look inside: toolkit info {path})")
+    _done(execute(_spec(IMPORT, store, values), store, resume=resume, overwrite=overwrite, progress=not no_progress))
+
+
+def _done(written) -> None:
+    """The last line of a run: what it wrote, or that a resumed store was complete already and nothing was."""
+    path = written.path
+    if written.was_complete and not written.added:
+        click.echo(f"{path} was already complete: nothing to resume, nothing written  (look inside: toolkit info "
+                   f"{path})")
+    else:
+        click.echo(f"wrote {path}  (look inside: toolkit info {path})")

@@ -49,22 +49,31 @@ def info_command(store, as_json):
 @click.command("verify", epilog="""
 \b
 Examples:
-  toolkit verify stores/libero.zarr             # every committed chunk: present, whole, checksum matches
+  toolkit verify stores/libero.zarr             # metadata, and every committed chunk: present, whole, checksum right
+  toolkit verify stores/libero.zarr --quick     # metadata, and every committed chunk present (contents not read)
   toolkit verify stores/libero.zarr --json
   toolkit verify stores/libero.zarr --repair    # re-extract from the first bad chunk on (data and model at hand)
 """)
 @click.argument("store", type=STORE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.option("--quick", is_flag=True, help="Check the metadata and that every committed chunk exists with a "
+                                            "plausible size, without reading, decoding or checksumming chunks.")
 @click.option("--repair", is_flag=True, help="Re-extract the samples from the first bad chunk on, with the run "
-                                             "recorded in the store (needs its data and model).")
+                                             "recorded in the store (needs its data and model; the store is left "
+                                             "unchanged when they do not give its samples).")
 @click.option("--trust-remote-code", is_flag=True, help="With --repair: allow the checkpoint's own Python code.")
-def verify_command(store, as_json, repair, trust_remote_code):
-    """Check that every committed chunk of a store is present and intact; exit 1 if any is not."""
-    from toolkit.run.repair import repair as do_repair
+def verify_command(store, as_json, quick, repair, trust_remote_code):
+    """Check a store's metadata and that every committed chunk is present and intact; exit 1 if anything is
+    not (2 if it cannot be opened at all)."""
+    from toolkit.sdk.errors import ToolkitError
     from toolkit.store.verify import summary_line, verify
 
-    report = verify(store)
+    if quick and repair:
+        raise ToolkitError("--quick and --repair exclude each other: a repair needs the full check (drop --quick)")
+    report = verify(store, quick=quick)
     if repair and report["bad"]:
+        from toolkit.run.repair import repair as do_repair
+
         start = do_repair(store, report, trust_remote_code=trust_remote_code)
         before = report
         report = verify(store)

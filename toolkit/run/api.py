@@ -3,16 +3,17 @@ process or on Ray workers (``spec.workers``)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from toolkit.capture.intervention import Intervention
-from toolkit.run.pipeline import check_target, make_run, open_writer
+from toolkit.run.pipeline import Run, check_target, make_run, open_writer
 from toolkit.run.spec import EXTRACT, IMPORT, RunSpec
 from toolkit.sdk.adapters import ModelAdapter
 from toolkit.sdk.errors import ToolkitError
-from toolkit.store.location import store_target
+from toolkit.store.location import location, store_target
 
 DEFAULT_STORE = Path("stores/libero.zarr")
 
@@ -44,8 +45,20 @@ def import_latents(spec: RunSpec | None = None, /, store: str | Path = "stores/l
     return _execute(spec, store, resume, overwrite, progress, None, ())
 
 
-def _execute(spec: RunSpec, store: str | Path, resume: bool, overwrite: bool, progress: bool,
-             adapter: ModelAdapter | None, interventions: Sequence[Intervention]) -> Path | str:
+class Written(NamedTuple):
+    """What one ``execute`` did: the store's path (or URL), the samples it added (None: not counted, a Ray run) and
+    whether the store was complete before (a resume of a complete store adds nothing)."""
+
+    path: Path | str
+    added: int | None
+    was_complete: bool
+
+
+def execute(spec: RunSpec, store: str | Path, *, resume: bool = False, overwrite: bool = False,
+            progress: bool = False, adapter: ModelAdapter | None = None,
+            interventions: Sequence[Intervention] = ()) -> Written:
+    """Run ``spec`` (its ``command``: extract or import) into ``store``, as ``extract``/``import_latents`` do, and
+    say what was written (the CLI's last line)."""
     path = store_target(store)
     if spec.workers:
         if adapter is not None or interventions:
@@ -53,9 +66,41 @@ def _execute(spec: RunSpec, store: str | Path, resume: bool, overwrite: bool, pr
                                "adapter or interventions")
         from toolkit.run.ray import extract_on_ray
 
-        return extract_on_ray(spec, path, resume=resume, overwrite=overwrite, progress=progress)
+        was_complete = resume and _complete(path)  # a complete store gets nothing added (check_resume_prefix)
+        return Written(extract_on_ray(spec, path, resume=resume, overwrite=overwrite, progress=progress), None,
+                       was_complete)
     check_target(path, resume, overwrite)
-    run = make_run(spec, adapter, interventions)
-    writer = open_writer(path, spec, run.stored_spec(), resume, overwrite)
-    run.write(writer, run.samples(writer), progress=progress, total=run.total())
-    return path
+    return write_run(make_run(spec, adapter, interventions), path, resume=resume, overwrite=overwrite,
+                     progress=progress)
+
+
+def write_run(run: Run, store: str | Path, *, resume: bool = False, overwrite: bool = False,
+              progress: bool = False) -> Written:
+    """Write a prepared ``Run`` (its dataset open, its model loaded) into ``store``: ``toolkit verify --repair``
+    makes the run first and changes the store only once it has everything the run needs."""
+    path = store_target(store)
+    check_target(path, resume, overwrite)
+    writer = open_writer(path, run.spec, run.stored_spec(), resume, overwrite)
+    try:  # the writer holds the store's lock; until Run.write's own cleanup starts, a failure must release it
+        was_complete = bool(writer.committed and writer.root is not None and writer.root.attrs.get("complete"))
+        samples, total = run.samples(writer), run.total()  # total: the dataset's length_hint() reads (and may fail)
+    except BaseException:
+        writer.abort()  # nothing is created before Run.write: this gives the lock back
+        raise
+    added = run.write(writer, samples, progress=progress, total=total)
+    return Written(path, added, was_complete)
+
+
+def _complete(path: Path | str) -> bool:
+    loc = location(path)
+    try:
+        raw = loc.get("zarr.json")
+        return bool(raw and json.loads(raw).get("attributes", {}).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _execute(spec: RunSpec, store: str | Path, resume: bool, overwrite: bool, progress: bool,
+             adapter: ModelAdapter | None, interventions: Sequence[Intervention]) -> Path | str:
+    return execute(spec, store, resume=resume, overwrite=overwrite, progress=progress, adapter=adapter,
+                   interventions=interventions).path

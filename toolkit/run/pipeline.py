@@ -131,14 +131,16 @@ class Run:
 
     # the sample loop ---------------------------------------------------------------------------------
     def write(self, writer: Any, samples: Iterator[Sample | EpisodeEnd], progress: bool = False,
-              total: int | None = None) -> None:
-        """Skip committed samples (checking they match), then process and append batches; on any failure commit
-        what is whole and release the lock (a store nothing was committed to is removed).
+              total: int | None = None) -> int:
+        """Skip committed samples (checking the data still gives them: ``check_resume_prefix``), then process and
+        append batches; on any failure commit what is whole and release the lock (a store nothing was committed to
+        is removed).  Returns the number of samples this call added (0: a resumed store that was complete).
 
         Closed loop: ``process`` returns None for an uncaptured call; captured ones are held until their
         ``EpisodeEnd``, then get their per-sample fields (final success etc.) and are appended and committed
         together."""
         committed = writer.committed
+        was_complete = bool(committed and writer.root is not None and writer.root.attrs.get("complete"))
         if committed and not self.closed:  # closed loop: iter_closed_loop skipped the committed episodes
             check_resume_prefix(writer, samples, committed)
         bar = Progress(progress, writer, committed, total)
@@ -179,20 +181,21 @@ class Run:
                                        "(check --data, --max-episodes, --max-steps and --stride)")
                 signals.hold()
                 if not writer.started:  # resumed a store whose samples were all committed already
-                    writer.mark_complete()
+                    if not was_complete:
+                        writer.mark_complete()
                 else:
                     writer.close(complete=True)
             except BaseException as e:
                 signals.hold()
                 writer.abort(release=False)
-                if writer.created and writer.committed == 0:
-                    writer.loc.remove()  # nothing useful was written: leave nothing behind
+                writer.discard()  # nothing useful was written (and the store is still ours): leave nothing behind
                 if isinstance(e, KeyboardInterrupt):
                     raise interrupted(e, writer.committed, writer.path) from None
                 raise
             finally:
                 writer.release()
                 bar.close()
+        return writer.committed - committed
 
     def attrs(self) -> dict[str, Any]:
         """The store attributes every run records."""
@@ -237,6 +240,8 @@ class ExtractRun(Run):
     def process(self, batch: list[Sample]):
         s, cap, adapter = self.spec, self.capture, self.adapter
         sampled = None if self.closed else sample_fields(batch, self.check)  # bad fields stop the run first
+        if self.closed:  # its fields are stored at the episode's end, but the model must not see bad ones either
+            fields.check_samples([(x.episode, x.step) for x in batch], fields.FieldCheck())
         inputs = adapter.prepare([(x.episode, x.step) for x in batch])
         if self.closed:
             x = batch[0]

@@ -15,6 +15,7 @@ import torch
 from toolkit.sdk import fields
 from toolkit.sdk.adapters import Episode, Step
 from toolkit.sdk.errors import ToolkitError
+from toolkit.store.chunks import CorruptStoreError, read_chunk
 
 if TYPE_CHECKING:
     from toolkit.run.spec import RunSpec
@@ -154,11 +155,93 @@ def stored_episodes(writer: StoreWriter) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
+# The per-sample fields a store keeps that say which sample it is: a resume or a repair may only continue a store
+# whose samples the data still gives, in order, with these values.
+IDENTITY = ("episode_key", "episode", "step", "task", "task_id", "instruction")
+
+
+def sample_identity(s: Sample) -> dict[str, Any]:
+    """A sample's identity as the store keeps it (``IDENTITY``; as ``sample_fields`` stores it)."""
+    return {"episode_key": s.episode.key, "episode": s.episode_index, "step": s.step.index, "task": s.episode.task,
+            "task_id": fields.task_id(s.episode.task_id, s.episode.key), "instruction": s.episode.instruction}
+
+
+def stored_identities(root: Any, n: int, skip_bad: bool = False) -> dict[str, list[Any]]:
+    """The first ``n`` values of each ``IDENTITY`` field a store holds, read through the checked chunk path
+    (``read_chunk``).  ``skip_bad``: a chunk that cannot be read gives None for its samples (a repair checks what
+    is readable) instead of raising ``CorruptStoreError``."""
+    out: dict[str, list[Any]] = {}
+    for name in IDENTITY:
+        try:
+            arr = root[name]
+        except KeyError:
+            continue  # a store made before the field existed: not compared
+        values: list[Any] = []
+        size = int(arr.chunks[0])
+        for c in range(-(-n // size) if n else 0):
+            want = min(size, n - c * size)
+            try:
+                values += [v.item() if hasattr(v, "item") else v for v in read_chunk(arr, c)[:want]]
+            except CorruptStoreError:
+                if not skip_bad:
+                    raise
+                values += [None] * want
+        out[name] = values[:n]
+    return out
+
+
+def _describe(ident: dict[str, Any]) -> str:
+    return f"{ident.get('episode_key')} step {ident.get('step')}"
+
+
+def identity_difference(stored: dict[str, list[Any]], k: int, s: Sample) -> str | None:
+    """How sample ``k`` of the store differs from the data's sample ``s`` (None: the same)."""
+    given = sample_identity(s)
+    for name, values in stored.items():
+        old = values[k]
+        if old is None:  # unreadable (a bad chunk being repaired): the other fields decide
+            continue
+        new = given[name]
+        same = str(old) == str(new) if isinstance(new, str) else int(old) == int(new)
+        if not same:
+            if name in ("episode_key", "step"):
+                had = {n: v[k] for n, v in stored.items()}
+                return f"the store has {_describe(had)}, the data gives {_describe(given)}"
+            return f"{_describe(given)} has {name} {old!r} in the store but {new!r} in the data"
+    return None
+
+
+def _restore(data: str | None) -> str:
+    where = f" ({data})" if data else ""
+    return f"restore the data it was made from{where}"
+
+
+def check_samples(stored: dict[str, list[Any]], samples: Iterator[Sample], n: int, *, exact: bool, what: str,
+                  data: str | None = None) -> None:
+    """The data's first ``n`` samples must be the store's ``n`` (``stored``: ``stored_identities``), in order;
+    ``exact``: and no more (a complete store).  ``what`` opens the one-line refusal (``cannot resume STORE``)."""
+    got = 0
+    for s in itertools.islice(samples, n):
+        diff = identity_difference(stored, got, s)
+        if diff:
+            raise ToolkitError(f"{what}: sample {got} differs: {diff}; {_restore(data)} or re-extract with "
+                               "--overwrite")
+        got += 1
+    if got < n:
+        raise ToolkitError(f"{what}: it holds {n} committed samples but the data now gives {got}; "
+                           f"{_restore(data)} or re-extract with --overwrite")
+    if exact:
+        extra = next(samples, None)
+        if extra is not None:
+            raise ToolkitError(f"{what}: it is complete with {n} samples but the data now gives more (sample {n} "
+                               f"would be {_describe(sample_identity(extra))}); {_restore(data)} or re-extract "
+                               "with --overwrite")
+
+
 def check_resume_prefix(writer: StoreWriter, samples: Iterator[Sample], committed: int) -> None:
-    keys = writer.root["episode_key"][:committed]
-    steps = writer.root["step"][:committed]
-    for s in itertools.islice(samples, committed):
-        if str(keys[s.index]) != s.episode.key or int(steps[s.index]) != s.step.index:
-            raise ToolkitError(f"cannot resume: sample {s.index} of the store is {keys[s.index]} step "
-                               f"{steps[s.index]}, but the data gives {s.episode.key} step {s.step.index}; "
-                               "the store was made from other data or options (use --overwrite)")
+    """A resumed open-loop store: the data gives at least its ``committed`` samples, the same ones in order (and no
+    more when the store is complete), before anything is written."""
+    complete = bool(writer.root.attrs.get("complete"))
+    data = (writer.spec or {}).get("data")
+    check_samples(stored_identities(writer.root, committed), samples, committed, exact=complete,
+                  what=f"cannot resume {writer.path}", data=data)
