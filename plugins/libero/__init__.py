@@ -152,10 +152,11 @@ def _image(value: Any, where: str) -> np.ndarray:
         a = np.repeat(a, 3, axis=-1)
     a = a[..., :3]
     if a.dtype != np.uint8:
+        fields.finite_image(a, where)  # NaN would silently become black
         a = a.astype(np.float32)
-        if a.size and float(np.nanmax(a)) <= 1.0:
+        if a.size and float(a.max()) <= 1.0:
             a = a * 255.0
-        a = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(a)
 
 
@@ -570,9 +571,10 @@ def _task_id(task: Mapping, path: Path) -> int:
 
 
 def _instruction(task: Mapping, path: Path) -> str:
-    if task.get("task_description"):
-        return str(task["task_description"])
-    return language_from_name(str(task.get("task_name") or path.stem))
+    value = task.get("task_description")
+    if value is None or (isinstance(value, str) and not value):
+        return language_from_name(str(task.get("task_name") or path.stem))
+    return fields.text(value, "instruction", f"{path}: task_description")  # never str() of bytes or a list
 
 
 @hookimpl

@@ -193,7 +193,7 @@ class OpenVLAAdapter(ModelAdapter):
         else:
             self.model, self.load_report = load_remote(ckpt, source=checkpoint, dtype=torch_dtype,
                                                        allow_missing=self.allow_missing)
-        self.tokenizer = load_tokenizer(ckpt, tokenizer)
+        self.tokenizer = load_tokenizer(ckpt, tokenizer, self.trust_remote_code)
 
     def _setup(self, opts: dict[str, Any]) -> None:
         m, cfg = self.model, self.model.config

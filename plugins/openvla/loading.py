@@ -139,7 +139,7 @@ def load_remote(ckpt: Path, *, source: str, dtype: torch.dtype, allow_missing: b
     return model.eval(), report
 
 
-def load_tokenizer(ckpt: Path, path: str | None):
+def load_tokenizer(ckpt: Path, path: str | None, trust_remote_code: bool = False):
     """The tokenizer from ``--model-option tokenizer=PATH`` (a directory, or a file in one) or the checkpoint."""
     import transformers
 
@@ -161,6 +161,6 @@ def load_tokenizer(ckpt: Path, path: str | None):
     try:
         if cls is not None:
             return cls.from_pretrained(str(where))
-        return transformers.AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
+        return transformers.AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise ToolkitError(f"cannot load the openvla tokenizer in {where} ({one_line(e)})") from None

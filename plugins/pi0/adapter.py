@@ -274,14 +274,16 @@ class Pi0Adapter(ModelAdapter):
                     with tempfile.TemporaryDirectory() as d:
                         shutil.copy(p, Path(d) / "tokenizer.model")
                         return GemmaTokenizer.from_pretrained(d)
-                return AutoTokenizer.from_pretrained(str(p))
+                # never the directory's own code unless --trust-remote-code (and no interactive prompt)
+                return AutoTokenizer.from_pretrained(str(p), trust_remote_code=self.trust_remote_code)
             except Exception as e:  # noqa: BLE001
                 raise ToolkitError(f"pi0 tokenizer={given} cannot be loaded ({one_line(e)}); {TOKENIZER_HELP}") from None
         sources = [str(directory)] if directory and any((directory / f).is_file() for f in TOKENIZER_FILES) else []
         sources.append(PALIGEMMA_TOKENIZER)
         for src in sources:
             try:
-                return from_cache_or_hub(AutoTokenizer.from_pretrained, src)
+                return from_cache_or_hub(AutoTokenizer.from_pretrained, src,
+                                         trust_remote_code=self.trust_remote_code)
             except Exception as e:  # noqa: BLE001
                 log.debug("pi0: tokenizer from %s failed: %s", src, one_line(e))
         raise ToolkitError(f"pi0: no tokenizer in {directory} and {PALIGEMMA_TOKENIZER} is not in the HF cache; "

@@ -311,6 +311,7 @@ class RLDSDataset(DatasetAdapter):
         if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
             raise ToolkitError(f"rlds: {option}={self.keys[option]!r} is not an image: shape {a.shape}")
         if a.dtype != np.uint8:
+            fields.finite_image(a, f"{where}: {option}={self.keys[option]!r}")  # NaN would become black
             a = np.clip(a * 255.0 if a.dtype.kind == "f" and a.max() <= 1.0 else a, 0, 255).astype(np.uint8)
         return a[..., :3] if a.shape[-1] >= 3 else np.repeat(a, 3, axis=-1)
 

@@ -293,7 +293,7 @@ class RoboVLMsAdapter(ModelAdapter):
                     source, origin = str(where), trained.source
                     break
         try:
-            tok = from_cache_or_hub(AutoTokenizer.from_pretrained, source)
+            tok = from_cache_or_hub(AutoTokenizer.from_pretrained, source, trust_remote_code=self.trust_remote_code)
         except Exception as e:  # noqa: BLE001 - any failure is the same advice
             log.debug("robovlms: tokenizer from %s failed: %s", source, one_line(e))
             raise ToolkitError(f"no Kosmos-2 tokenizer ({source} cannot be loaded): "

@@ -118,13 +118,13 @@ class FieldTarget:
 def _load(kind: str, path: str):
     from transformers import AutoModel, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     if kind == "t5":
         from transformers import T5EncoderModel
 
-        model = T5EncoderModel.from_pretrained(path, local_files_only=True)
+        model = T5EncoderModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     else:
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     return tok, model.eval()
 
 

@@ -28,8 +28,24 @@ def _field_spec(name: str, value: np.ndarray) -> ArraySpec:
     return ArraySpec(name, tuple(value.shape[1:]), dtype, dims)
 
 
-def _activation_spec(name: str, value: np.ndarray, sc: SiteCapture, denoising: bool) -> ArraySpec:
-    dims = ("layer", "denoise", "token", "feature") if denoising else ("layer", "token", "feature")
+def feature_dim(stream: str, width: int, main: int) -> str:
+    """A stream's feature dimension: ``feature`` at its site's main width, ``feature_<stream>`` at any other (norm
+    scales: 1, ``mlp_act``: the MLP's width), so the streams of one site group never give one dimension name two
+    sizes (``xarray.open_zarr(path, group=SITE)`` refuses that)."""
+    return "feature" if width == main else f"feature_{stream}"
+
+
+def main_width(widths: list[int], hidden_size: int) -> int:
+    """The width that keeps the plain ``feature`` name in a site: the expert's hidden size when a stream has it,
+    else the width most streams have (ties: the widest) -- the rule ``Store.dataset`` applies to older stores."""
+    if hidden_size in widths:
+        return hidden_size
+    return max(set(widths), key=lambda v: (widths.count(v), v))
+
+
+def _activation_spec(name: str, value: np.ndarray, sc: SiteCapture, denoising: bool, main: int) -> ArraySpec:
+    feature = feature_dim(name.split("/")[1], int(value.shape[-1]), main)
+    dims = ("layer", "denoise", "token", feature) if denoising else ("layer", "token", feature)
     stored = "bfloat16" if sc.dtype == "bfloat16" else None
     inner = (1, *value.shape[2:])
     return ArraySpec(name, tuple(value.shape[1:]), str(value.dtype), dims, stored,
@@ -83,11 +99,16 @@ def store_layout(arrays: dict[str, np.ndarray], plan: list[SiteCapture], experts
                  attrs: dict[str, Any]) -> StoreLayout:
     """The layout of a store whose first batch is ``arrays`` (activations keyed ``site/stream``, fields by name)."""
     by_name = {f"{sc.site}/{st}": sc for sc in plan for st in sc.streams}
+    widths: dict[str, list[int]] = {}
+    for name, value in arrays.items():
+        if name in by_name:
+            widths.setdefault(by_name[name].site, []).append(int(value.shape[-1]))
+    main = {sc.site: main_width(widths[sc.site], experts[sc.expert].hidden_size) for sc in plan if sc.site in widths}
     specs = []
     for name, value in arrays.items():
         if name in by_name:
             sc = by_name[name]
-            specs.append(_activation_spec(name, value, sc, bool(experts[sc.expert].denoise_steps)))
+            specs.append(_activation_spec(name, value, sc, bool(experts[sc.expert].denoise_steps), main[sc.site]))
         else:
             specs.append(_field_spec(name, value))
     site_info = _site_attrs(plan, experts, spans)

@@ -13,7 +13,12 @@ written, never be coerced silently (``bool("no")`` is True):
     task_id  a non-negative integer that fits the store's int32 coordinate; integral floats and
              digit strings are read as that integer, 1.7 or 10**30 are refused
     images   (H, W, 3) uint8 after an adapter's conversion, sides of 1..``MAX_IMAGE_SIDE`` pixels; the
-             raw shape is checked before any conversion copies it
+             raw shape is checked before any conversion copies it, and a float image must be finite
+             (``finite_image``: NaN is never turned into black)
+    instruction, task
+             a ``str`` (not bytes, not a list: adapters decode), valid Unicode (no lone surrogate such as
+             ``"\\udc80"``, which no store can encode), at most ``MAX_TEXT`` characters; checked before any
+             model adapter's ``prepare`` (and its tokenizer) sees the text
 
 Adapters call these with ``where`` naming the file and key path of the value; the extraction pipeline
 checks every sample again with ``check_samples`` (naming the episode and step), so a third-party
@@ -33,6 +38,7 @@ from toolkit.sdk.errors import ToolkitError
 MAX_VECTOR = 4096  # values in one step's action or state
 MAX_IMAGE_SIDE = 8192  # pixels along an image side
 MAX_TASK_ID = 2**31 - 1  # the store's task_id coordinate is int32
+MAX_TEXT = 10_000  # characters in one instruction (or task name): longer is a broken dataset, not a prompt
 
 TRUE_WORDS = ("true", "yes", "y", "t", "1", "success", "succeeded")
 FALSE_WORDS = ("false", "no", "n", "f", "0", "failure", "failed")
@@ -109,6 +115,35 @@ def task_id(value: Any, where: str) -> int:
     return n
 
 
+def text(value: Any, name: str, where: str) -> str:
+    """An instruction (or task name) as checked text: a ``str`` of valid Unicode, at most ``MAX_TEXT``
+    characters (the length is checked first, before the text is scanned or tokenised)."""
+    if not isinstance(value, str):
+        hint = " (decode it in the dataset adapter, e.g. value.decode('utf-8'))" if isinstance(
+            value, (bytes, bytearray, np.bytes_)) else ""
+        cut = 60 if isinstance(value, (bytes, bytearray)) else 4 if isinstance(value, (list, tuple)) else None
+        shown = _show(value if cut is None else value[:cut]) + ("..." if cut and len(value) > cut else "")
+        raise ToolkitError(f"{where}: {name} is a {type(value).__name__} ({shown}), expected a str{hint}")
+    if len(value) > MAX_TEXT:
+        raise ToolkitError(f"{where}: {name} is {len(value):,} characters long ({_show(value[:40])}...), over the "
+                           f"limit of {MAX_TEXT:,} (toolkit.sdk.fields.MAX_TEXT); fix the dataset's {name} field")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ToolkitError(f"{where}: {name} holds a lone surrogate {value[e.start]!r} at character {e.start} "
+                           f"({_show(value[max(0, e.start - 20):e.start + 20])}), which is not valid Unicode; decode "
+                           "the dataset's text with errors='replace' or fix it") from None
+    return value
+
+
+def finite_image(a: np.ndarray, where: str) -> None:
+    """Refuse a float image holding NaN or infinite values (uint8 ones cannot); cheap: one ``isfinite`` pass."""
+    if a.dtype.kind in "fc" and not np.isfinite(a).all():
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        raise ToolkitError(f"{where}: image holds {bad:,} NaN or infinite values (of {a.size:,}); fix the "
+                           "dataset's images (they would become black pixels)")
+
+
 def image_shape(shape: tuple[int, ...], where: str) -> None:
     """Refuse an image whose raw shape has a side beyond ``MAX_IMAGE_SIDE`` (checked before it is copied)."""
     sides = [d for d in shape if d not in (1, 3, 4)] or list(shape)
@@ -151,6 +186,8 @@ def check_samples(pairs: Iterable[tuple[Any, Any]], check: FieldCheck) -> list[n
     for ep, step in pairs:
         source = ep.metadata.get("file") if isinstance(ep.metadata, dict) else None
         where = f"{source + ': ' if source else ''}episode {ep.key} step {step.index}"
+        text(ep.instruction, "instruction", where)
+        text(ep.task, "task", where)
         task_id(ep.task_id, where)
         success(ep.metadata.get("success"), where)
         action = vector(step.action, "action", where)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from toolkit.sdk import fields
 from toolkit.sdk.errors import ToolkitError
 
 
@@ -69,6 +70,7 @@ def image_tensor(img, size: tuple[int, int], model: str) -> torch.Tensor:
         a = np.repeat(a[..., None], 3, axis=-1)
     if a.ndim != 3 or a.shape[-1] not in (3, 4):
         raise ToolkitError(f"{model} expects camera images shaped (H, W, 3), got {a.shape}")
+    fields.finite_image(a, model)
     x = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1)[None].float()
     if not np.issubdtype(a.dtype, np.floating):
         x = x / 255.0

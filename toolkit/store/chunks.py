@@ -129,6 +129,7 @@ def read_chunk(array, chunk: int | tuple[int, ...]) -> np.ndarray:
     if plan.codecs is None:
         if not chunk_present(arr, coords):
             raise corrupt_error(arr, coords, "missing")
+        _check_crc(arr, plan, coords)  # strings: zarr would say "Stored and computed checksum do not match: b'..'"
         try:
             return np.asarray(arr[region])
         except (IndexError, TypeError, KeyError):
@@ -163,6 +164,27 @@ def read_chunk(array, chunk: int | tuple[int, ...]) -> np.ndarray:
     out = np.frombuffer(data, dtype=plan.dtype).reshape(plan.chunks)
     local = tuple(slice(0, r.stop - r.start) for r in region)
     return out[local]
+
+
+def _check_crc(arr, plan: ChunkPlan, coords: tuple[int, ...]) -> None:
+    """A chunk read through zarr (strings: vlen-utf8) whose chain ends in crc32c: its checksum, checked first, so a
+    damaged one is named like any other (``damaged (crc32c checksum mismatch, N bytes)``)."""
+    codecs = list(getattr(arr.metadata, "codecs", ()) or ())
+    if not codecs or codecs[-1].__class__.__name__ != "Crc32cCodec":
+        return
+    key = chunk_key(arr, coords)
+    if plan.root is not None:
+        try:
+            with open(os.path.join(plan.root, key), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise corrupt_error(arr, coords, "missing") from None
+    else:
+        data = plan.loc.get(key)
+        if data is None:
+            raise corrupt_error(arr, coords, "missing")
+    if len(data) < 4 or crc32c(data) != CRC32C_RESIDUE:
+        raise corrupt_error(arr, coords, f"damaged (crc32c checksum mismatch, {len(data)} bytes)")
 
 
 READ_WORKERS = min(4, os.cpu_count() or 1)

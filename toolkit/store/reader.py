@@ -18,6 +18,7 @@ bfloat16 is stored losslessly as its 16-bit pattern (uint16, ``stored_dtype: bfl
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from toolkit.sdk.errors import ToolkitError
+from toolkit.sdk.errors import ToolkitError, first_line
 from toolkit.store.chunks import CheckedArray, read_samples
 from toolkit.store.codecs import codec_name, decode
 from toolkit.store.layout import FORMAT, SAMPLE
@@ -41,15 +42,58 @@ class Store:
             raise ToolkitError(f"{self.path} is not a store (no zarr.json); create one with `toolkit extract`")
         # The root's consolidated metadata is the committed snapshot (see StoreWriter.commit): shapes and
         # n_samples read together, so a store being written reads as its committed prefix.
-        self.root = zarr.open_group(self.loc.zarr_target(), mode="r", zarr_format=3)
-        self.attrs = dict(self.root.attrs)
+        try:
+            self.root = zarr.open_group(self.loc.zarr_target(), mode="r", zarr_format=3)
+            self.attrs = dict(self.root.attrs)
+        except ToolkitError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unparsable or not Zarr metadata (zarr raises JSON/validation errors)
+            raise self._damaged_root(f"{type(e).__name__}: {first_line(e, 120)}") from None
         if self.attrs.get("format") != FORMAT:
+            problem = self._root_problem()
+            if problem:
+                raise self._damaged_root(problem)
             raise ToolkitError(f"{self.path} is a Zarr store but not a toolkit store (no '{FORMAT}' attribute)")
-        self.n_samples = int(self.attrs.get("n_samples", 0))
+        self.n_samples = self._check_attrs()
         if warn_incomplete and not self.complete:
             warnings.warn(f"{self.path} is incomplete: {self.n_samples} samples are committed (a run is writing it "
                           "or was interrupted; its extract command with --resume completes it); using those only",
                           stacklevel=2)
+
+    def _root_problem(self) -> str | None:
+        """What is wrong with the root ``zarr.json`` as Zarr v3 group metadata (None: nothing)."""
+        try:
+            meta = json.loads(self.loc.get("zarr.json") or b"")
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"{type(e).__name__}: {first_line(e, 120)}"
+        if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+            return "it is JSON but no Zarr v3 group metadata (zarr_format 3, node_type group)"
+        return None
+
+    def _check_attrs(self) -> int:
+        """The committed sample count, once the root attributes every reader relies on have their types (a hand-
+        edited or damaged ``zarr.json`` is one line here, not a TypeError deep in a command)."""
+        n, sites = self.attrs.get("n_samples", 0), self.attrs.get("sites", [])
+        coords = self.attrs.get("coordinates", "")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise self._damaged_root(f"attribute n_samples is {n!r}, expected a count")
+        if not isinstance(sites, list) or not all(isinstance(v, str) for v in sites):
+            raise self._damaged_root(f"attribute sites is {sites!r:.60}, expected a list of site names")
+        if not isinstance(coords, str):
+            raise self._damaged_root(f"attribute coordinates is {coords!r:.60}, expected names separated by spaces")
+        try:
+            held = min((a.shape[0] for _, a in self.root.arrays()
+                        if (a.metadata.dimension_names or (None,))[0] == SAMPLE), default=n)
+        except Exception as e:  # noqa: BLE001 - an array's metadata in the snapshot is unreadable
+            raise self._damaged_root(f"{type(e).__name__}: {first_line(e, 120)}") from None
+        if n > held:
+            raise self._damaged_root(f"n_samples is {n} but its per-sample arrays hold {held}")
+        return n
+
+    def _damaged_root(self, problem: str) -> ToolkitError:
+        return ToolkitError(f"{self.path}: its root zarr.json is not valid Zarr metadata ({problem}); the store's "
+                            "metadata is damaged and cannot be read or repaired in place: re-extract it with "
+                            "--overwrite (or restore zarr.json from a copy)")
 
     @property
     def complete(self) -> bool:
@@ -209,8 +253,12 @@ class Store:
         ``xarray.DataTree`` with one node per site.  Streams are dask arrays over checked chunk reads (a bad chunk
         raises ``CorruptStoreError`` when computed), cut to the committed samples, bfloat16 as ml_dtypes'
         ``bfloat16`` (zero-copy); per-sample coordinates, ``layer``/``token``/``denoise`` and ``t`` are
-        coordinates.  Streams of one site whose dimensions differ in size (e.g. residuals and norm scales, 1
-        feature) each keep their own dimension (``feature`` and ``feature_pre_attn_norm_scale``)."""
+        coordinates.  Every stream of a site opens, each with its own feature dimension: ``feature`` at the site's main
+        width (the expert's hidden size), ``feature_<stream>`` at any other (norm scales: 1, ``mlp_act``: the MLP
+        width), e.g. ``feature`` and ``feature_pre_attn_norm_scale``.  Stores name their dimensions so when written
+        (``toolkit.run.layout``), so plain ``xarray.open_zarr(path, group=SITE)`` gives the same; in older stores,
+        whose streams all say ``feature``, the width most streams have keeps ``feature`` and the others are renamed
+        the same way here."""
         try:
             import dask.array as da
             import xarray as xr
