@@ -44,6 +44,7 @@ from toolkit.run.signals import interrupted
 from toolkit.run.spec import RunSpec
 from toolkit.sdk.errors import ToolkitError
 from toolkit.store.layout import sample_arrays
+from toolkit.store.location import refuse_process_local
 from toolkit.store.writer import StoreWriter
 
 ACTOR_RESTARTS = 3  # a unit whose actor dies more often than this fails the run (resumable)
@@ -77,7 +78,8 @@ class UnitWriter(StoreWriter):
         import zarr
 
         # the arrays' own metadata (sized to the whole run), not the committed snapshot
-        self.root = zarr.open_group(self.loc.zarr_target(), mode="r+", zarr_format=3, use_consolidated=False)
+        self.root = zarr.open_group(self.loc.zarr_store(read_only=False), mode="r+", zarr_format=3,
+                                    use_consolidated=False)
         self.committed = 0  # nothing of this unit is committed; the run loop checks no prefix
         self._complete = False
 
@@ -214,6 +216,30 @@ def _reachable(address: str) -> None:
                            "`ray start --head`, or leave out --ray-address for a local one)") from None
 
 
+_watchdogs: list = []  # the watchdogs (toolkit/run/ray_watchdog.py) started; kept, so that a finished watchdog is reaped (and no ResourceWarning is raised)
+
+
+def _watch_driver(ray, session_dir: str) -> None:
+    """Start the watchdog (``toolkit/run/ray_watchdog.py``, a script of its own) of the local cluster this process
+    just started: it ends the cluster's processes if this process dies (see that file)."""
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):  # elsewhere Ray's own reaper ends the process group
+        return
+    _watchdogs[:] = [w for w in _watchdogs if w.poll() is None]
+    ray_dir = os.path.dirname(os.path.abspath(ray.__file__)) + os.sep  # as Ray spells its commands
+    session = os.path.realpath(session_dir) + os.sep  # as /proc/PID/fd spells open files
+    try:
+        _watchdogs.append(subprocess.Popen(
+            [sys.executable, "-I", os.path.join(os.path.dirname(__file__), "ray_watchdog.py"), str(os.getpid()),
+             session, ray_dir],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True))  # out of the terminal's process group: Ctrl-C reaches the driver, not this
+    except OSError:
+        pass  # no interpreter to start (an embedded Python): Ray's own cleanup only, the run goes on
+
+
 def _connect(address: str | None, workers: int, gpus: float):
     try:
         import ray
@@ -227,8 +253,9 @@ def _connect(address: str | None, workers: int, gpus: float):
                 ray.init(address=address, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ToolkitError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
-        else:  # a local cluster sized to this machine
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        else:  # a local cluster sized to this machine, which ends with this process (_watch_driver)
+            context = ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            _watch_driver(ray, context.address_info["session_dir"])
         started = True
     have = ray.cluster_resources()
     if have.get("CPU", 0) < workers or have.get("GPU", 0) < gpus * workers:
@@ -244,6 +271,7 @@ def extract_on_ray(spec: RunSpec, path: Path | str, resume: bool = False, overwr
                    progress: bool = False) -> Path | str:
     """The driver of a run with ``spec.workers`` actors: see the module docstring."""
     workers, gpus = spec.workers, spec.gpus_per_worker
+    refuse_process_local(path, "Ray workers (processes of their own) cannot write it")
     check_target(path, resume, overwrite)
     plan = Run(spec)  # the dataset only: the driver loads no model
     ds = plan.open_dataset()
@@ -282,8 +310,7 @@ def extract_on_ray(spec: RunSpec, path: Path | str, resume: bool = False, overwr
     except BaseException as e:
         if writer is not None:
             writer.abort(release=False)
-            if writer.created and writer.committed == 0:
-                writer.loc.remove()  # nothing useful was written
+            writer.discard()  # nothing useful was written (and the store is still ours)
         if isinstance(e, KeyboardInterrupt) and writer is not None:
             raise interrupted(e, writer.committed, path) from None
         raise
