@@ -63,7 +63,11 @@ def azure(tmp_path_factory):
         yield env
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _cli(*args, env, check=True):
