@@ -69,6 +69,9 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
 @click.option("--success/--no-success", "success", default=True, show_default=True,
               help="Correlate per-episode probe confidence with episode success (success.csv, a report section); "
                    "runs where the selection holds at least 2 successful and 2 failed episodes.")
+@click.option("--correction", type=click.Choice(["holm", "bh", "none"]), default="holm", show_default=True,
+              help="Multiplicity correction of the per-cell tests 'above chance' over every cell of the run: holm "
+                   "(family-wise error), bh (Benjamini-Hochberg, false discovery rate) or none.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--learning-rate", "--learning_rate", "lr", default=1e-3, show_default=True, help="cosine solver.")
 @click.option("--epochs", "--num_epochs", default=100, show_default=True, help="cosine solver.")
@@ -93,8 +96,9 @@ def probe_command(store_path, store_opt, **options) -> None:
 
 
 def _probe(store_path, *, hooks, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool, task_range,
-           episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline, mdl, success, seed,
-           lr, epochs, batch_size, patience, save_weights, out, make_report, progress, device, scheduler) -> None:
+           episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline, mdl, success,
+           correction, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress, device,
+           scheduler) -> None:
     from toolkit.analysis.probe import LAMBDAS, CosineOptions, ProbeConfig, Results, Selection, probe
     from toolkit.store.reader import open_store
 
@@ -116,7 +120,7 @@ def _probe(store_path, *, hooks, sites, stream, layers, steps, step_buckets, den
     except ValueError:
         raise ToolkitError(f"malformed --lambdas {lambdas!r}: give comma-separated numbers such as 1e-3,1e-1,10")
     cfg = ProbeConfig(solver=solver, splits=tuple(splits) or ("auto",), n_folds=folds, lambdas=lams, seed=seed,
-                      save_weights=save_weights, baseline=baseline, mdl=mdl, success=success,
+                      save_weights=save_weights, baseline=baseline, mdl=mdl, success=success, correction=correction,
                       progress=progress, device=device, scheduler=scheduler,
                       cosine=CosineOptions(lr=lr, epochs=epochs, batch_size=batch_size, patience=patience),
                       target_options={"encoder": encoder, "encoder_path": encoder_path})
@@ -141,14 +145,20 @@ def _print_summary(results) -> None:
         click.echo("warning: this store was made by a model with RANDOM weights (no checkpoint): the numbers say "
                    "what the architecture and inputs alone give", err=True)
     head = f"{'site':<9} {'layer':>5} {'t':>5} {'step':>7} {'target':<14} {'split':<8} {'metric':<10} " \
-           f"{'value':>6} {'95% CI':>13} {'control':>7} {'select.':>7}"
+           f"{'value':>6} {'95% CI':>13} {'chance':>6} {'control':>7} {'select.':>7} {'p adj.':>8}"
     click.echo(head)
     for r in results.rows:
         t = "" if r["t"] is None else f"{r['t']:.2f}"
         click.echo(f"{r['site']:<9} {r['layer']:>5} {t:>5} {str(r['step']):>7} {r['target'][:14]:<14} "
                    f"{r['split']:<8} {r['metric_name']:<10} {r['metric']:6.3f} "
-                   f"[{r['ci_low']:.3f},{r['ci_high']:.3f}] {r['control']:7.3f} {r['selectivity']:7.3f}"
+                   f"[{r['ci_low']:.3f},{r['ci_high']:.3f}] {r['chance']:6.3f} {r['control']:7.3f} "
+                   f"{r['selectivity']:7.3f} {r.get('p_adjusted', float('nan')):7.4f}"
+                   f"{'*' if r.get('significant') else ' '}"
                    + (f"  ! {r['warnings']}" if r.get("warnings") else ""))
+    from toolkit.analysis.probe.results import correction_text
+
+    click.echo(f"* {correction_text(results.meta)} {sum(bool(r.get('significant')) for r in results.rows)} of "
+               f"{len(results.rows)} rows significant.")
     for b in results.best:
         click.echo(f"selected ({b['selected_by']} inside each outer fold): {b['site']} {b['target']} steps {b['step']}"
                    f" layer {b['layer']} (per fold {b['layers_per_fold']}): {b['metric_name']} {b['metric']:.3f} "

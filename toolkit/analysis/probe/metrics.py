@@ -53,23 +53,54 @@ def classification_summary(pred: np.ndarray, true: np.ndarray, episode: np.ndarr
 
     chance and balanced chance are 1/C over the classes present; majority is the rate of always guessing
     the most frequent class, which is what a label-blind probe reaches on accuracy when classes are unbalanced.
+    Balanced accuracy (mean recall over the classes present) and macro-F1 over those classes (zero where a
+    class is never predicted) are scikit-learn's definitions, from one confusion count (tested equal): these
+    run for every cell and control draw, where scikit-learn's input checks cost more than the probe.
     """
-    from sklearn import metrics as skm  # imported on use: a few seconds that a plain `import toolkit` should not pay
-
     acc, lo, hi = proportion(episode, (pred == true).astype(np.float64), fold)
     present = np.unique(true)
     counts = np.bincount(true, minlength=n_classes)
+    cm = confusion(pred, true, max(n_classes, int(true.max(initial=-1)) + 1))
+    tp = np.diag(cm)[present].astype(np.float64)
+    predicted = cm.sum(0)[present].astype(np.float64)
+    recall = tp / counts[present]
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
     return {"metric_name": "accuracy", "metric": acc, "ci_low": lo, "ci_high": hi, "accuracy": acc,
-            "balanced_accuracy": float(skm.balanced_accuracy_score(true, pred)),
-            "macro_f1": float(skm.f1_score(true, pred, labels=present, average="macro", zero_division=0)),
+            "balanced_accuracy": float(recall.mean()), "macro_f1": float(f1.mean()),
             "chance": 1.0 / len(present), "balanced_chance": 1.0 / len(present),
             "majority": float(counts.max() / len(true))}
 
 
-def confusion(pred: np.ndarray, true: np.ndarray, n_classes: int) -> np.ndarray:
-    from sklearn import metrics as skm
+def train_majority(labels: np.ndarray, fold: np.ndarray) -> float:
+    """The majority rate of the training folds, pooled like the scores: for each outer fold k, the share of
+    the most frequent label among the rows of the other folds, weighted by fold k's test rows.
 
-    return skm.confusion_matrix(true, pred, labels=np.arange(n_classes))
+    A label-blind probe fitted on the training folds (intercepts from those folds only) answers their most
+    frequent label; this is what that answer scores when a test fold has the training folds' label mix.  The
+    held-out mix is if anything poorer in that label (the folds partition one selection), so on data without
+    signal the pooled out-of-fold accuracy sits at or below this rate: the chance line accuracy is tested
+    against.  It is never below 1/C (C the labels present)."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return float("nan")
+    _, y = np.unique(labels, return_inverse=True)
+    total = np.bincount(y)
+    out = 0.0
+    for k in np.unique(fold):
+        test = fold == k
+        train = total - np.bincount(y[test], minlength=len(total))
+        if train.sum() > 0:
+            out += test.sum() * train.max() / train.sum()
+    return float(out / len(labels))
+
+
+def confusion(pred: np.ndarray, true: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts, rows the true class, columns the predicted one (rows predicting no
+    class in range, e.g. −1, are left out), as ``sklearn.metrics.confusion_matrix(true, pred, labels=range(C))``."""
+    pred, true = np.asarray(pred, dtype=np.int64), np.asarray(true, dtype=np.int64)
+    ok = (pred >= 0) & (pred < n_classes) & (true >= 0) & (true < n_classes)
+    return np.bincount(true[ok] * n_classes + pred[ok], minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
 def embedding_summary(rows: dict[str, np.ndarray], episode: np.ndarray, fold: np.ndarray, chance: float,

@@ -1,12 +1,13 @@
 """Figures and a self-contained report (Markdown beside PNGs, and one HTML file with the PNGs embedded).
 
-The report first says what was probed (model, checkpoint or **random init**, dataset, store, selection,
-episodes and steps per class, the split) and how the numbers were made, then per target: metric against
+The report first says what was probed (model, its weights: **RANDOM**, loaded or imported; dataset, store,
+selection, episodes and steps per class, the split) and how the numbers were made, then per target: metric against
 layer with 95 % intervals, the control and the baselines in the legend, one panel per denoising step
-(t), a fixed y-range and integer layer ticks, flagged cells (too few episodes, λ at the grid edge) in
+(t), a fixed y-range and integer layer ticks, cells with warnings (too few episodes, λ at the grid edge) in
 grey; metric against denoising step t (one line per layer) when there are several; a layer × rollout-step
 heatmap and a retention curve with intervals when steps are bucketed; the correlation of per-episode probe
-confidence with episode success (``toolkit.analysis.probe.success``) against layer, with its table; the
+confidence with episode success within task (``toolkit.analysis.probe.success``) against layer, with its table
+and the per-task breakdown; the
 confusion or instruction-similarity matrix of the selected probe.  Markdown and HTML come from Jinja2
 templates.
 """
@@ -22,14 +23,16 @@ import numpy as np
 
 from toolkit.analysis.figures import pyplot, save_figure
 from toolkit.sdk.errors import ToolkitError
-from toolkit.analysis.probe.results import Results
+from toolkit.analysis.probe.results import Results, correction_text, interval_note
+from toolkit.store.reader import model_weights
 
 MARKDOWN = """# Probe report
 
 {{ what }}
 
-{% if random %}**Warning: the probed model has random weights (no checkpoint was loaded).** Every number below says
-what the architecture and the inputs alone make decodable, not what a trained policy learned.
+{% if random %}**Warning: the probed model has random weights (seeded: none were loaded from a checkpoint).**
+Every number below says what the architecture and the inputs alone make decodable, not what a trained policy
+learned.
 
 {% endif %}{{ how }}
 
@@ -39,16 +42,29 @@ what the architecture and the inputs alone make decodable, not what a trained po
 |{% for _ in best_head %}---|{% endfor %}
 {% for r in best %}| {{ r | join(" | ") }} |
 {% endfor %}
+{{ intervals }}.
 {% for s in sections %}
 ## {{ s.title }}
 
 {% for img in s.images %}![{{ img.stem }}]({{ img.rel }})
 
-{% endfor %}{% if s.success %}{{ s.success_title }}
+{% endfor %}{% if s.mdl %}{{ s.mdl_title }}
+
+| {{ mdl_head | join(" | ") }} |
+|{% for _ in mdl_head %}---|{% endfor %}
+{% for r in s.mdl %}| {{ r | join(" | ") }} |
+{% endfor %}
+{% endif %}{% if s.success %}{{ s.success_title }}
 
 | {{ success_head | join(" | ") }} |
 |{% for _ in success_head %}---|{% endfor %}
 {% for r in s.success %}| {{ r | join(" | ") }} |
+{% endfor %}
+{% endif %}{% if s.success_tasks %}{{ s.success_tasks_title }}
+
+| {{ success_tasks_head | join(" | ") }} |
+|{% for _ in success_tasks_head %}---|{% endfor %}
+{% for r in s.success_tasks %}| {{ r | join(" | ") }} |
 {% endfor %}
 {% endif %}{% if s.per_task %}{{ s.per_task_title }}
 
@@ -63,20 +79,31 @@ table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;paddin
 .warn{background:#fee;border:1px solid #c00;padding:.5em}</style></head><body>
 <h1>Probe report</h1>
 <p>{{ what }}</p>
-{% if random %}<p class="warn"><b>Warning: the probed model has random weights (no checkpoint was loaded).</b>
-Every number below says what the architecture and the inputs alone make decodable, not what a trained policy
-learned.</p>{% endif %}
+{% if random %}<p class="warn"><b>Warning: the probed model has random weights (seeded: none were loaded from a
+checkpoint).</b> Every number below says what the architecture and the inputs alone make decodable, not what a
+trained policy learned.</p>{% endif %}
 <p>{{ how }}</p>
 <h2>Selected probe per target (chosen inside each outer fold: no winner's curse)</h2>
 <table><tr>{% for h in best_head %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for r in best %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
+<p>{{ intervals }}.</p>
 {% for s in sections %}<h2>{{ s.title }}</h2>
 {% for img in s.images %}<p><img alt="{{ img.stem }}" src="data:image/png;base64,{{ img.data }}"></p>{% endfor %}
+{% if s.mdl %}<p>{{ s.mdl_title }}</p><table><tr>{% for h in mdl_head %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for r in s.mdl %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 {% if s.success %}<p>{{ s.success_title }}</p><table><tr>{% for h in success_head %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for r in s.success %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+{% if s.success_tasks %}<p>{{ s.success_tasks_title }}</p><table><tr>{% for h in success_tasks_head %}<th>{{ h }}</th>
+{% endfor %}</tr>{% for r in s.success_tasks %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% endif %}
 {% if s.per_task %}<p>{{ s.per_task_title }}</p><table><tr><th>task</th><th>rows</th><th>{{ s.metric }}</th></tr>
 {% for p in s.per_task %}<tr>{% for c in p %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 {% endfor %}</body></html>"""
+
+
+def _true(v) -> bool:
+    """A boolean column as JSON or CSV gives it back."""
+    return v is True or str(v) in ("True", "true", "1")
 
 
 def _num(v):
@@ -99,7 +126,8 @@ def _ylim(rows: list[dict]) -> tuple[float, float]:
 
 def fig_layers(rows: list[dict], path: Path, title: str) -> Path:
     """Metric vs layer, one panel per denoising step t: interval band, control and baselines in the legend,
-    flagged cells grey, chance (or the majority rate) dashed, fixed y-range, integer layer ticks."""
+    cells with warnings grey, cells above chance after the run's multiplicity correction starred, chance (or
+    the majority rate) dashed, fixed y-range, integer layer ticks."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -117,12 +145,19 @@ def fig_layers(rows: list[dict], path: Path, title: str) -> Path:
         ax.plot(x, [_num(r["metric"]) for r in rs], "-", color="C0", label=rs[0]["metric_name"])
         ax.fill_between(x, [_num(r["ci_low"]) for r in rs], [_num(r["ci_high"]) for r in rs], color="C0", alpha=0.2,
                         label="95 % interval")
-        ok = [not str(r.get("flagged")) in ("True", "1") for r in rs]
+        ok = [not _true(r.get("has_warnings")) for r in rs]
         ax.scatter([v for v, k in zip(x, ok) if k], [_num(r["metric"]) for r, k in zip(rs, ok) if k], s=12, color="C0")
         if not all(ok):
             ax.scatter([v for v, k in zip(x, ok) if not k], [_num(r["metric"]) for r, k in zip(rs, ok) if not k], s=14,
-                       color="0.6", zorder=3, label="flagged (see warnings)")
-        ax.plot(x, [_num(r["control"]) for r in rs], ":", color="C3", label="control (random f(task, progress))")
+                       color="0.6", zorder=3, label="has warnings")
+        sig = [_true(r.get("significant")) for r in rs]
+        if any(sig):
+            ax.scatter([v for v, k in zip(x, sig) if k], [_num(r["metric"]) for r, k in zip(rs, sig) if k],
+                       marker="*", s=40, color="k", zorder=4, label="above chance, corrected")
+        draws = rs[0].get("n_controls")
+        ax.plot(x, [_num(r["control"]) for r in rs], ":", color="C3",
+                label=f"control, {draws} draws (chance {_num(rs[0].get('control_chance')):.2f})"
+                if draws not in (None, "") else "control (random f(task, progress))")
         for col, style, color, name in (("baseline_random", "--", "C2", "random-weights model"),
                                         ("baseline_embedding", "-.", "C4", "input embeddings")):
             v = [_num(r.get(col)) for r in rs]
@@ -140,9 +175,11 @@ def fig_layers(rows: list[dict], path: Path, title: str) -> Path:
         ax.axis("off")
     axes[0][0].set_ylabel(f"held-out {rows[0]['metric_name']}")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, frameon=False)
+    legend_cols = 4 if ncol > 1 else 2  # one panel is too narrow for four entries side by side
+    legend_rows = math.ceil(len(labels) / legend_cols)
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=legend_cols, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.1 if nrow == 1 else 0.06, 1, 1))
+    fig.tight_layout(rect=(0, min(0.4, 0.045 * legend_rows / nrow + 0.02), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -177,10 +214,10 @@ def fig_retention(rows: list[dict], path: Path, title: str) -> Path:
     ax.plot(x, [_num(r["metric"]) for r in rows], "-o", ms=3, label="all episodes")
     ax.fill_between(x, [_num(r["ci_low"]) for r in rows], [_num(r["ci_high"]) for r in rows], alpha=0.2,
                     label="95 % interval")
-    flagged = [i for i, r in enumerate(rows) if str(r.get("flagged")) in ("True", "1")]
-    if flagged:
-        ax.scatter(flagged, [_num(rows[i]["metric"]) for i in flagged], color="0.6", zorder=3, s=16,
-                   label="flagged (few episodes)")
+    warned = [i for i, r in enumerate(rows) if _true(r.get("has_warnings"))]
+    if warned:
+        ax.scatter(warned, [_num(rows[i]["metric"]) for i in warned], color="0.6", zorder=3, s=16,
+                   label="has warnings (e.g. few episodes)")
     for key, style, name in (("metric_success", "s", "successful episodes"), ("metric_failure", "^", "failed episodes")):
         v = [_num(r.get(key)) for r in rows]
         if np.isfinite(v).any():
@@ -216,8 +253,8 @@ def fig_denoise(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def fig_success(rows: list[dict], path: Path, title: str) -> Path:
-    """Correlation of per-episode probe confidence with success against layer (one line per t), with its
-    bootstrap interval; filled markers where the permutation p is below 0.05."""
+    """Within-task correlation of per-episode probe confidence with success against layer (one line per t),
+    with its 95 % interval; filled markers where the within-task permutation p is at most 0.05."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -227,7 +264,7 @@ def fig_success(rows: list[dict], path: Path, title: str) -> Path:
         rs = sorted((r for r in rows if r["t"] == t), key=lambda r: int(r["layer"]))
         x = np.array([int(r["layer"]) for r in rs])
         y = np.array([_num(r["r"]) for r in rs])
-        sig = np.array([_num(r["p_value"]) < 0.05 for r in rs])
+        sig = np.array([_num(r["p_value"]) <= 0.05 for r in rs])  # as the interval excludes 0
         label = "r" if t is None else f"r, t={_num(t):.2f}"
         ax.plot(x, y, "-", color=f"C{i}", label=label)
         ax.fill_between(x, [_num(r["r_ci_low"]) for r in rs], [_num(r["r_ci_high"]) for r in rs], color=f"C{i}",
@@ -238,8 +275,9 @@ def fig_success(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylim(-1.02, 1.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
-    ax.set_ylabel("corr(episode confidence, success)")
-    ax.set_title(title + "\nfilled: permutation p < 0.05; band: bootstrap 95 % interval over episodes", fontsize=8)
+    ax.set_ylabel("within-task corr(confidence, success)", fontsize=8)
+    ax.set_title(title + "\nfilled: within-task permutation p ≤ 0.05; band: 95 % interval (inverted test)",
+                 fontsize=8)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
 
@@ -327,15 +365,16 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
                          "images": [{"stem": p.stem, "rel": p.relative_to(out).as_posix(),
                                      "data": base64.b64encode(p.read_bytes()).decode()} for p in images],
                          "per_task": pt, "metric": ref["metric_name"],
-                         "success": [[r["step"], _fmt(r["r"]), f"[{_fmt(r['r_ci_low'])}, {_fmt(r['r_ci_high'])}]",
-                                      _fmt(r["p_value"], 4) + (" (exact)" if r["p_exact"] else ""),
-                                      f"{r['n_success']} / {r['n_failure']}", _fmt(r["conf_success"]),
-                                      _fmt(r["conf_failure"])]
-                                     for r in succ if int(r["layer"]) == layer and r["t"] == t],
+                         "success": [_success_cells(r) for r in succ if int(r["layer"]) == layer and r["t"] == t],
                          "success_title": f"Probe confidence ({succ[0]['confidence'] if succ else ''}, mean per "
                                           f"episode, out of fold) vs episode success at layer {layer}"
-                                          + ("" if t is None else f", t={_num(t):.2f}") + ": point-biserial r, "
-                                          "bootstrap interval over episodes, two-sided permutation p:",
+                                          + ("" if t is None else f", t={_num(t):.2f}") + ", within task: r is the "
+                                          "within-task point-biserial correlation, difference the task-fixed-effects "
+                                          "difference in mean confidence (successful − failed), 95 % intervals by "
+                                          "inverting the test, two-sided permutation p with successes shuffled within "
+                                          "each task; tasks with one outcome only contribute nothing. The correlation "
+                                          "across tasks is descriptive (task differences in success drive it):",
+                         **_success_tasks(succ, layer, t), **_mdl_rows(first),
                          "per_task_title": f"Per-task {ref['metric_name']} ({_label(ref)}, layer {ref['layer']}, "
                                            f"steps {ref['step']}):"})
     best_head = ["site", "target", "split", "solver", "steps", "layer (per fold)", "t", "metric", "value", "95% CI",
@@ -344,10 +383,15 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
              "–" if b["t"] is None else _fmt(b["t"], 2), b["metric_name"], _fmt(b["metric"]), _ci(b),
              b["selected_by"], b["n_test_episodes"]] for b in res.best]
     model = res.meta.get("model")
-    ctx = {"what": _what(res), "how": _how(res), "random": isinstance(model, dict) and bool(model.get("random_init")),
+    ctx = {"what": _what(res), "how": _how(res), "random": model_weights(model).random,
+           "intervals": interval_note({r.get("n_folds") for r in res.rows}),
+           "mdl_head": ["layer", "t", "online code (bits)", "95% CI", "uniform code (bits)", "compression",
+                        "95% CI"],
            "best_head": best_head, "best": best, "sections": sections,
-           "success_head": ["steps", "r", "95% CI", "p", "episodes success / failure", "mean conf. success",
-                            "mean conf. failure"]}
+           "success_head": ["steps", "r (within task)", "95% CI", "difference", "95% CI", "p", "tasks used / all",
+                            "episodes success / failure", "r across tasks"],
+           "success_tasks_head": ["task", "episodes", "success / failure", "mean conf. success", "mean conf. failure",
+                                  "difference", "weight", "left out"]}
     md = jinja2.Environment(autoescape=False, keep_trailing_newline=True).from_string(MARKDOWN).render(**ctx)
     (out / "report.md").write_text(md)
     path = out / "report.html"
@@ -355,14 +399,59 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     return path
 
 
+def _bound(r: dict, key: str, sign: str) -> str:
+    """An interval end of the success difference; JSON null beside a finite estimate is an unbounded end."""
+    v = r.get(key)
+    return (sign + "∞") if v is None and _num(r.get("diff")) == _num(r.get("diff")) else _fmt(v)
+
+
+def _success_cells(r: dict) -> list:
+    """One row of the success table (results written before the within-task test lack its columns: –)."""
+    return [r["step"], _fmt(r["r"]), f"[{_fmt(r['r_ci_low'])}, {_fmt(r['r_ci_high'])}]", _fmt(r.get("diff")),
+            f"[{_bound(r, 'diff_ci_low', '−')}, {_bound(r, 'diff_ci_high', '')}]",
+            _fmt(r["p_value"], 4) + (" (exact)" if r["p_exact"] else "")
+            + (f" ({r['note']})" if r.get("note") else ""),
+            f"{r.get('n_tasks_used', '–')} / {r.get('n_tasks', '–')}", f"{r['n_success']} / {r['n_failure']}",
+            _fmt(r.get("r_across_tasks"))]
+
+
+def _success_tasks(succ: list[dict], layer: int, t) -> dict:
+    """The per-task breakdown of the success test at the report's layer (its first step bucket)."""
+    r = next((r for r in succ if int(r["layer"]) == layer and r["t"] == t and r.get("per_task")), None)
+    if r is None:
+        return {"success_tasks": [], "success_tasks_title": ""}
+    rows = [[k["task"], k["n_episodes"], f"{k['n_success']} / {k['n_failure']}", _fmt(k["conf_success"]),
+             _fmt(k["conf_failure"]), _fmt(k["diff"]), _fmt(k["weight"]), k["note"] or "–"] for k in r["per_task"]]
+    return {"success_tasks": rows,
+            "success_tasks_title": f"Per task, confidence vs success (layer {layer}, steps {r['step']}; the "
+                                   "difference above is the weighted mean of the per-task differences):"}
+
+
+def _mdl_rows(rows: list[dict]) -> dict:
+    """The online code length and compression per layer (and t) of one section's first step bucket."""
+    have = sorted((r for r in rows if np.isfinite(_num(r.get("mdl_bits")))),
+                  key=lambda r: (0 if r["t"] is None else -_num(r["t"]), int(r["layer"])))
+    if not have:
+        return {"mdl": [], "mdl_title": ""}
+    table = [[r["layer"], "–" if r["t"] is None else _fmt(r["t"], 2), _fmt(r["mdl_bits"], 1),
+              f"[{_fmt(r.get('mdl_bits_ci_low'), 1)}, {_fmt(r.get('mdl_bits_ci_high'), 1)}]",
+              _fmt(r["uniform_bits"], 1), _fmt(r["compression"]), _ci(r, "compression")] for r in have]
+    draws = have[0].get("mdl_draws")
+    return {"mdl": table,
+            "mdl_title": f"Minimum description length (online code over the outer folds as blocks, Voita & Titov), "
+                         f"rollout steps {have[0]['step']}: compression = uniform / online (1 = nothing learned). "
+                         f"95 % intervals: bootstrap over episodes within the blocks"
+                         + (f" ({draws} draws)" if draws else "") + ", given the fitted prefix probes (they "
+                         "describe the coding of other episodes like these by the same probes, not a refit):"}
+
+
 def _what(res: Results) -> str:
-    """Model, checkpoint (or random init), dataset, store, selection, episodes and steps per class."""
+    """Model and its weights (random, loaded from a checkpoint, or imported activations), dataset, store,
+    selection, episodes and steps per class."""
     model = res.meta.get("model")
-    if isinstance(model, dict):
-        ckpt = "**random init**" if model.get("random_init") else (model.get("checkpoint") or "none recorded")
-        name = model.get("name", "?")
-    else:
-        name, ckpt = (model or "?"), "none recorded"
+    name = model.get("name", "?") if isinstance(model, dict) else (model or "?")
+    w = model_weights(model)  # the store layer's one answer, as `toolkit info` and repr(store) give it
+    weights = f"**{w.label}** ({w.detail})" if w.random else str(w)
     ds = res.meta.get("dataset")
     ds_name = ds.get("name", "?") if isinstance(ds, dict) else (ds or "?")
     sel = res.meta.get("selection") or {}
@@ -372,8 +461,19 @@ def _what(res: Results) -> str:
     per = "; ".join(f"{t}: {ne} episodes / {ns} steps" + (f", {nc} classes with ≥ {me} episodes and ≥ {ms} steps "
                                                            f"each" if nc not in (None, "") else "")
                     for t, nc, me, ms, ne, ns in counts[:6])
-    return (f"Model **{name}**, checkpoint {ckpt}; dataset {ds_name}; store `{res.meta.get('store', '?')}`; "
+    return (f"Model **{name}**, {weights}; dataset {ds_name}; store `{res.meta.get('store', '?')}`; "
             f"selection {sel_txt}. Probed rows: {per}.")
+
+
+def _control_text(c: dict) -> str:
+    if "n_controls" not in c:  # results written before the control kept the target's label frequencies
+        return ("Control: a uniformly random label per (task, progress quartile) type (Hewitt & Liang), one draw; "
+                "selectivity = metric − max(control, chance or majority).")
+    return (f"Control: a random label per (task, progress quartile) type (Hewitt & Liang) with the target's label "
+            f"frequencies, so its own chance (control_chance) matches the target's, learnable whenever task and "
+            f"progress are encoded; the mean of {c['n_controls']} independent draws. Selectivity = metric − "
+            f"max(control, chance or majority), its 95 % interval by the delta method on the same rows (episodes "
+            f"and folds) plus the spread between the draws.")
 
 
 def _how(res: Results) -> str:
@@ -386,12 +486,16 @@ def _how(res: Results) -> str:
             f"training set (ridge: relative to the mean eigenvalue of the standardised gram). Headline numbers pool "
             f"the out-of-fold predictions. 95 % intervals: cluster-robust over episodes plus the fold-to-fold "
             f"(split) variance, Agresti–Coull-adjusted on episodes so they never collapse at 0 or 1 (coverage "
-            f"measured in benchmarks/bench_calibration.py). Control: a random label per (task, progress quartile) "
-            f"type (Hewitt & Liang), learnable whenever task and progress are encoded; selectivity = metric − "
-            f"max(control, chance or majority). Baselines: the same probe on a random-weights model "
+            f"measured in benchmarks/bench_calibration.py); "
+            f"{interval_note({r.get('n_folds') for r in res.rows}).replace('95 % intervals', 'they')}. Chance: for a "
+            f"classifier the majority rate of the training folds (intercepts take the selection's class proportions), "
+            f"for R² 0; 1/C is the balanced-accuracy chance. {_control_text(c)} {correction_text(res.meta)} "
+            f"Baselines: the same probe on a random-weights model "
             f"({'store ' + base if base else 'not given: --baseline STORE'}) and on the input embeddings "
             f"({'layer 0 input' if res.meta.get('embedding_baseline') else 'not in the store: extract resid_pre at layer 0'}"
             f"). MDL: online code over the outer folds as blocks (Voita & Titov), in bits, with compression against "
-            f"the uniform code. The selected layer is chosen by inner-CV score inside each outer fold, so its "
-            f"score carries no winner's curse. Flagged cells (grey): fewer than 10 test episodes, fewer than 2 "
+            f"the uniform code and 95 % intervals by a bootstrap over episodes within the blocks (given the fitted "
+            f"prefix probes). The selected layer is chosen by inner-CV score inside each outer fold, so its "
+            f"score carries no winner's curse. Cells with warnings (grey; has_warnings, not a test): fewer than 10 "
+            f"test episodes, fewer than 2 "
             f"episodes in a class, or λ at the grid edge. Seed {c.get('seed', 0)}.")

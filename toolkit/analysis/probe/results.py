@@ -5,9 +5,13 @@ Files in the output folder (all plain formats, readable without this package):
 * ``results.csv`` / ``results.json``: the table (the JSON also holds the run's settings: model, store, selection);
 * ``best.csv``: per (site, target, split, solver, step bucket) the layer chosen inside each outer fold and the
   pooled out-of-fold score of those choices (the number without a winner's curse);
-* ``success.csv``: per cell, the correlation of per-episode probe confidence with episode success, its bootstrap
-  interval and permutation p (``toolkit.analysis.probe.success``; only where both outcomes occur);
+* ``success.csv``: per cell, the within-task association of per-episode probe confidence with episode success
+  (correlation and difference in mean confidence, their 95 % intervals, the within-task permutation p;
+  ``toolkit.analysis.probe.success``; only where both outcomes occur); ``success_per_task.csv``: its per-task
+  breakdown (episodes, successes, mean confidence per outcome, difference, weight, tasks left out and why);
 * ``per_task.csv``; ``details.json`` (confusion matrices, instruction similarity matrices, by row id);
+* ``folds.csv``: the outer fold of every episode, per (site, split, target): episode, episode key, task, fold,
+  K, rows, seed (``Results.fold_of``; the intervals describe probes trained on the other K − 1 folds);
 * ``weights.npz``: for each saved row id ``i``, ``W_<i>`` (D, M) float32, ``b_<i>`` (M,) and ``shift_<i>`` (D,):
   the probe refitted on every episode, on raw (decoded, pooled) activations: scores = (x − shift) @ W + b.
   Columns are the target's classes (``details.json`` labels, the same order) or its embedding / value
@@ -24,12 +28,24 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.analysis.probe.intervals import CORRECTIONS, adjust_pvalues
 from toolkit.sdk.errors import ToolkitError
 
 
-# The columns a reader needs first (where in the model, what, how well, against what); the others follow.
+# The columns a reader needs first (where in the model, what, how well, against what, whether it survives the
+# correction); the others (the control and its own chance, the raw p-value, test episodes, ...) follow.
 LEAD = ("site", "layer", "t", "step", "target", "split", "metric_name", "metric", "ci_low", "ci_high", "chance",
-        "control", "selectivity", "n_test_episodes", "warnings")
+        "selectivity", "p_adjusted", "significant", "warnings")
+
+
+def interval_note(n_folds) -> str:
+    """What the 95 % intervals describe, for K outer folds (one K, or several: per split)."""
+    ks = sorted({int(k) for k in (n_folds if isinstance(n_folds, (list, tuple, set)) else [n_folds])
+                 if k not in (None, "")}) or [5]
+    frac = ", ".join(f"{k - 1}/{k}" for k in ks)
+    return (f"95 % intervals describe a probe trained on (K−1)/K of the episodes ({frac}; K = "
+            f"{', '.join(map(str, ks))} outer folds): the procedure's held-out score at that training size, not "
+            f"the probe refitted on every episode (the saved weights)")
 
 
 def ordered_columns(rows: list[dict]) -> list[str]:
@@ -51,6 +67,7 @@ class Results:
     meta: dict = field(default_factory=dict)
     best: list[dict] = field(default_factory=list)
     success: list[dict] = field(default_factory=list)
+    folds: list[dict] = field(default_factory=list)  # episode -> outer fold, per (site, split, target): folds.csv
 
     def add(self, row: dict, extra: dict, per_task: list[dict], final) -> None:
         """Append a row; keep its final probe's weights per the run's ``save_weights`` policy.
@@ -87,8 +104,31 @@ class Results:
         self.weights.update({i + offset: v for i, v in other.weights.items()})
         self.best += other.best
         self.success += [{**r, "id": r["id"] + offset} for r in other.success]
+        self.folds += other.folds
         if not self.meta:
             self.meta = dict(other.meta)
+        self.correct()  # the family is the whole run: every row so far
+
+    def correct(self, method: str | None = None, alpha: float | None = None) -> None:
+        """Correct the rows' one-sided "above chance" p-values (``p_value``) for multiplicity over every row
+        of the run (layers × steps × t × targets × splits × sites): ``p_adjusted`` by ``method`` (the run's
+        ``correction``: holm, the default, bounds the family-wise error; bh the false discovery rate; none)
+        and ``significant`` = p_adjusted ≤ ``alpha``.  ``meta["multiplicity"]`` records the correction and
+        the number of tests.  Rows without a p-value (results written before the test existed) are left out."""
+        cfg = self.meta.get("config") or {}
+        method = method or cfg.get("correction") or "holm"
+        alpha = float(cfg.get("alpha", 0.05) if alpha is None else alpha)
+        if method not in CORRECTIONS:
+            raise ToolkitError(f"unknown correction {method!r}: use one of {', '.join(CORRECTIONS)}")
+        tested = [r for r in self.rows if "p_value" in r]
+        p = np.array([np.nan if r["p_value"] is None else float(r["p_value"]) for r in tested], dtype=np.float64)
+        for r, a in zip(tested, adjust_pvalues(p, method)):
+            r["p_adjusted"] = float(a)
+            r["significant"] = bool(np.isfinite(a) and a <= alpha)
+        if tested:
+            self.meta["multiplicity"] = {"correction": method, "n_tests": int(np.isfinite(p).sum()), "alpha": alpha,
+                                         "test": "one-sided: metric above chance (or the majority rate if higher; "
+                                                 "R² above 0)"}
 
     def table(self, columns: str | list[str] = "all"):
         """The results as a pandas DataFrame, one row per probe: ``"all"`` columns (the ones a reader needs first,
@@ -100,7 +140,9 @@ class Results:
             cols = [c for c in cols if c in LEAD]
         elif columns != "all":
             cols = list(columns)
-        return pd.DataFrame(self.rows, columns=cols)
+        df = pd.DataFrame(self.rows, columns=cols)
+        df.attrs["intervals"] = interval_note({r.get("n_folds") for r in self.rows})
+        return df
 
     def __repr__(self) -> str:
         """A few lines: how many probes of what, the best of each site and target, and the model's weights."""
@@ -115,6 +157,12 @@ class Results:
             lines.append(f"  selected {b['site']} {b['target']} (step {b['step']}): layer {b['layer']}, "
                          f"{b['metric_name']} {b['metric']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]")
         flagged = sum(1 for r in self.rows if r.get("warnings"))
+        lines.append(f"  {interval_note({r.get('n_folds') for r in self.rows})}")
+        mult = self.meta.get("multiplicity")
+        if mult:
+            name = _CORRECTION_NAMES.get(mult["correction"], mult["correction"])
+            lines.append(f"  {sum(bool(r.get('significant')) for r in self.rows)} of {mult['n_tests']} cells above "
+                         f"chance at {mult['alpha']:g} after {name}")
         lines.append(f"  .table() for every row ({len(ordered_columns(self.rows))} columns); "
                      f"{flagged} rows carry warnings")
         return "\n".join(lines)
@@ -125,7 +173,12 @@ class Results:
         _write_csv(out / "results.csv", self.rows)
         _write_csv(out / "best.csv", self.best)
         _write_csv(out / "per_task.csv", self.per_task)
-        _write_csv(out / "success.csv", self.success)
+        _write_csv(out / "success.csv", [{k: v for k, v in r.items() if k != "per_task"} for r in self.success])
+        _write_csv(out / "success_per_task.csv", [{"id": r["id"], "site": r["site"], "layer": r["layer"], "t": r["t"],
+                                                   "step": r["step"], "target": r["target"], "solver": r["solver"],
+                                                   "split": r["split"], **k}
+                                                  for r in self.success for k in r.get("per_task", [])])
+        _write_csv(out / "folds.csv", self.folds)
         (out / "results.json").write_text(json.dumps(_finite({"meta": self.meta, "rows": self.rows,
                                                               "best": self.best, "success": self.success}),
                                                       indent=1, default=_json_default))
@@ -146,9 +199,24 @@ class Results:
         data = json.loads((out / "results.json").read_text())
         details = json.loads((out / "details.json").read_text()) if (out / "details.json").exists() else {}
         per_task = _read_csv(out / "per_task.csv") if (out / "per_task.csv").exists() else []
-        return cls(rows=data["rows"], per_task=per_task, details={int(k): v for k, v in details.items()},
+        return cls(rows=[_upgrade(r) for r in data["rows"]], per_task=per_task,
+                   details={int(k): v for k, v in details.items()},
                    meta=data.get("meta", {}), best=data.get("best", []),
-                   success=data.get("success", []))
+                   success=data.get("success", []), folds=_read_folds(out / "folds.csv"))
+
+    def fold_of(self, site: str, target: str = "task", split: str = "episodes") -> dict[str, int]:
+        """Episode key -> outer fold (0..K−1) that the run used for one site, target and split."""
+        rows = [f for f in self.folds if f["site"] == site and f["target"] == target and f["split"] == split]
+        if not rows:
+            have = sorted({f"{f['site']} {f['target']} {f['split']}" for f in self.folds}) or ["none"]
+            raise ToolkitError(f"no fold assignment for {site} {target} {split}; saved: {', '.join(have)} (results "
+                               "written before folds.csv existed have none: rerun `toolkit probe`)")
+        out: dict[str, int] = {}
+        for f in rows:
+            if out.setdefault(str(f["episode_key"]), int(f["fold"])) != int(f["fold"]):
+                raise ToolkitError(f"episode {f['episode_key']} spans several folds under the {split} split: read "
+                                   "folds.csv's rows per fold instead")
+        return out
 
 
 @dataclass
@@ -192,6 +260,27 @@ def load_direction(results_dir: str | Path, site: str, layer: int, target: str =
                      list(res.details.get(i, {}).get("labels", [])) if r["kind"] == "classification" else [], r)
 
 
+_CORRECTION_NAMES = {"holm": "Holm's correction", "bh": "Benjamini–Hochberg", "none": "no correction"}
+
+
+def correction_text(meta: dict) -> str:
+    """One sentence: which test, which correction, over how many tests (for the report and the CLI)."""
+    m = meta.get("multiplicity")
+    if not m:
+        return "No significance test was recorded (results from before the test existed)."
+    return (f"\"Significant\" is a one-sided score test of the metric above chance (or the majority rate if "
+            f"higher; R² above 0; p_value; episode-clustered variance, Student's t), "
+            f"{_CORRECTION_NAMES.get(m['correction'], m['correction'])} over all {m['n_tests']} tests of the run "
+            f"(p_adjusted), at {m['alpha']:g}.")
+
+
+def _upgrade(row: dict) -> dict:
+    """A row of older results: ``flagged`` (it meant "has warnings", not significance) becomes ``has_warnings``."""
+    if "flagged" in row and "has_warnings" not in row:
+        row = {("has_warnings" if k == "flagged" else k): v for k, v in row.items()}
+    return row
+
+
 def _key(row: dict) -> tuple:
     return row["site"], row["target"], row["solver"], row["split"]
 
@@ -222,6 +311,14 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in r.items()})
+
+
+def _read_folds(path: Path) -> list[dict]:
+    """folds.csv back, with its integer columns as integers (empty when the results predate it)."""
+    if not path.exists():
+        return []
+    ints = ("episode", "fold", "n_folds", "rows", "seed")
+    return [{k: int(v) if k in ints and v != "" else v for k, v in r.items()} for r in _read_csv(path)]
 
 
 def _read_csv(path: Path) -> list[dict]:

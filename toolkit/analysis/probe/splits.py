@@ -21,11 +21,13 @@ SPLITS = ("episodes", "tasks", "steps")
 
 @dataclass
 class Folds:
-    """Per-row outer fold ids 0..n_folds-1 and what the held-out unit is."""
+    """Per-row outer fold ids 0..n_folds-1, what the held-out unit is, and the seed that dealt them (the same
+    rows, split and seed always give the same folds; results save them per episode in ``folds.csv``)."""
 
     kind: str
     fold: np.ndarray  # (n_rows,) int
     n_folds: int
+    seed: int = 0
 
     def train(self, k: int) -> np.ndarray:
         return self.fold != k
@@ -45,7 +47,12 @@ def make_folds(kind: str, episode: np.ndarray, task: np.ndarray, n_folds: int = 
         raise ToolkitError(f"unknown split {kind!r}: use one of {', '.join(SPLITS)}")
     if n_folds < 2:
         raise ToolkitError(f"--folds {n_folds}: cross-validation needs at least 2 folds")
-    rng = np.random.default_rng(seed)
+    folds = _deal(kind, episode, task, n_folds, np.random.default_rng(seed), strata)
+    folds.seed = int(seed)
+    return folds
+
+
+def _deal(kind: str, episode: np.ndarray, task: np.ndarray, n_folds: int, rng, strata) -> Folds:
     if kind == "steps":
         fold = np.empty(len(episode), dtype=np.int64)
         fold[rng.permutation(len(episode))] = np.arange(len(episode)) % n_folds
