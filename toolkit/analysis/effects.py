@@ -12,7 +12,12 @@ Per condition the tidy table (``effects.csv``) holds, with the episode as the un
   episodes) and ``episode_length`` (bootstrap interval, sign-flip test on the paired differences);
 * with a probe's direction: ``probe_accuracy`` of the same probe on the intervened vs unmodified
   activations (with its chance level) and ``probe_score_shift`` (mean change of the probe's score for the
-  steered class, next to the predicted alpha·|w|²).
+  steered class, next to the predicted alpha·|w|²);
+* after a removal (``ablate``, ``erase``) with a classification probe, the amnesic check (Elazar et al. 2021):
+  ``probe_accuracy_retrained``, a probe *retrained* on the intervened activations with the original probe's
+  solver, fold count, seed and λ grid, on the same episode folds as one retrained on the unmodified run (its
+  ``baseline``), with chance and a plain verdict in ``note``: the same probe at chance shows only that its own
+  direction is gone; the retrained one says whether the information is.
 
 Figures (``dose_response.png``, ``success_vs_alpha.png``, ``probe_check.png``) and ``report.md`` go beside it.
 """
@@ -28,10 +33,25 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from toolkit.analysis.directions import ProbeDirection, load_vector, probe_direction, text_values
+from toolkit.analysis.directions import (
+    TOLERANCE,
+    Eraser,
+    ablation_eraser,
+    ProbeDirection,
+    Refit,
+    decodability,
+    fit_eraser,
+    load_eraser,
+    load_vector,
+    probe_activations,
+    probe_direction,
+    probe_labels,
+    retrain,
+    text_values,
+)
 from toolkit.analysis.probe.intervals import proportion_interval
-from toolkit.analysis.probe.select import Selection, resolve
-from toolkit.analysis.probe.stats import iter_blocks
+from toolkit.analysis.probe.solvers import LAMBDAS
+from toolkit.analysis.probe.target import StoreLabels
 from toolkit.sdk.errors import ToolkitError
 from toolkit.store.reader import Store
 
@@ -239,16 +259,8 @@ def _outcome_rows(base: dict, keys: list[str], intervened: Store, unmodified: St
 def probe_scores(store: Store, probe: ProbeDirection) -> tuple[np.ndarray, np.ndarray]:
     """The probe's scores (x − shift) @ W + b on a store, read with the probe's own selection, and the sample
     rows they belong to.  Needs the probe's site, stream and layer in the store."""
-    row, sel = probe.row, probe.selection
-    t = row.get("t")
-    has_t = t is not None and not (isinstance(t, float) and math.isnan(t)) and str(t) not in ("", "None", "nan")
-    res = resolve(store, Selection(site=row["site"], stream=row.get("stream") or sel.get("stream"),
-                                   layers=str(int(row["layer"])), t=str(t) if has_t else None,
-                                   tokens=sel.get("tokens"), pool=sel.get("pool") or "mean"))
-    scores = np.zeros((len(res.rows), probe.W.shape[1]))
-    for pos, x in iter_blocks(store, res, 0):
-        scores[pos] = (x.mean(1) - probe.shift) @ probe.W + probe.b
-    return res.rows, scores
+    rows, x = probe_activations(store, probe)
+    return rows, (x - probe.shift) @ probe.W + probe.b
 
 
 def probe_check(cond: Condition, probe: ProbeDirection, intervened: Store, unmodified: Store,
@@ -295,13 +307,73 @@ def _steers_with(cond: Condition, w: np.ndarray) -> bool:
 
 def _labels(store: Store, probe: ProbeDirection, rows: np.ndarray) -> np.ndarray | None:
     """A classification probe's class index of each sample (-1 for a class it never saw); else None."""
-    kind, _, arg = str(probe.row.get("target", "")).partition(":")
-    name = arg.partition(":")[0] if kind == "field" else kind  # field:success[:classification] reads success
-    if probe.row.get("kind") != "classification" or name not in store.fields():
-        return None
-    values = text_values(store.coord(name))[rows]
-    index = {c: i for i, c in enumerate(probe.classes)}
-    return np.array([index.get(v, -1) for v in values])
+    return probe_labels(store, probe, rows)
+
+
+REMOVALS = ("ablate", "erase")  # the ops after which the amnesic check retrains the probe
+
+
+def _retrain_options(probe: ProbeDirection) -> dict:
+    """The original probe run's solver (ridge or logistic; others refit with ridge), fold count, seed and λ grid."""
+    cfg = probe.config
+    return {"solver": cfg.get("solver") if cfg.get("solver") in ("ridge", "logistic") else "ridge",
+            "n_folds": int(cfg.get("n_folds") or 5), "seed": int(cfg.get("seed") or 0),
+            "lambdas": tuple(cfg.get("lambdas") or LAMBDAS)}
+
+
+def amnesic_check(cond: Condition, probe: ProbeDirection, intervened: Store, unmodified: Store,
+                  cache: dict | None = None, tolerance: float = TOLERANCE) -> list[dict]:
+    """The amnesic check of a removal: a probe retrained on the intervened activations (the probe's own selection,
+    the paired samples) against one retrained on the unmodified activations, on the same episode folds and with
+    the original probe's solver and settings (``toolkit.analysis.directions.retrain``).  One row,
+    ``probe_accuracy_retrained``, whose ``note`` says plainly whether the label is still linearly decodable.
+    ``cache`` keeps the unmodified run's refit between conditions.  Classification probes only (else no row)."""
+    if probe.row.get("kind") != "classification":
+        return []
+    cache = {} if cache is None else cache
+    rows_a, xa = probe_activations(intervened, probe)
+    rows_b, xb = probe_activations(unmodified, probe)
+    p = pair_samples(intervened, unmodified)
+    pos_a = {int(r): i for i, r in enumerate(rows_a)}
+    pos_b = {int(r): i for i, r in enumerate(rows_b)}
+    keep = [k for k in range(len(p.rows_a)) if int(p.rows_a[k]) in pos_a and int(p.rows_b[k]) in pos_b]
+    base = {"condition": cond.label, "hook": cond.hook, "op": cond.op, "alpha": cond.alpha,
+            "metric": "probe_accuracy_retrained", "dim": None, "p_value": None}
+    labels = _labels(unmodified, probe, p.rows_b[keep]) if keep else None
+    if labels is None:
+        return []
+    ok = labels >= 0
+    keep, labels = np.asarray(keep)[ok], labels[ok]
+    xa = xa[[pos_a[int(p.rows_a[k])] for k in keep]]
+    xb = xb[[pos_b[int(p.rows_b[k])] for k in keep]]
+    fields = StoreLabels(unmodified, p.rows_b[keep])
+    episode, task = fields["episode"], fields["task"]
+    common = {"n_episodes": int(len(np.unique(episode))), "n_pairs": int(len(keep))}
+    opts = _retrain_options(probe)
+    try:
+        if "unmodified" not in cache:
+            fold, cache["folds"] = _original_folds(probe, fields)
+            cache["unmodified"] = retrain(xb, labels, episode, task, fold=fold, **opts)
+        before: Refit = cache["unmodified"]
+        after = retrain(xa, labels, episode, task, fold=before.fold, **opts)
+    except ToolkitError as e:
+        return [{**base, **common, "value": None, "baseline": None, "ci_low": None, "ci_high": None,
+                 "note": f"not retrained: {e}"}]
+    _, verdict = decodability(after, tolerance)
+    return [{**base, **common, "value": after.accuracy, "baseline": before.accuracy,
+             "ci_low": float(after.summary["ci_low"]), "ci_high": float(after.summary["ci_high"]),
+             "chance": after.floor, "note": f"{verdict}; {cache['folds']}"}]
+
+
+def _original_folds(probe: ProbeDirection, fields: StoreLabels) -> tuple[np.ndarray | None, str]:
+    """The original probe run's outer fold of each sample's episode (its ``folds.csv``) when it covers every
+    episode in at least 3 folds, else None (``retrain`` deals them again with the probe's seed); and a note."""
+    if probe.folds:
+        keys = text_values(fields["episode_key"])
+        fold = np.array([probe.folds.get(k, -1) for k in keys], dtype=np.int64)
+        if (fold >= 0).all() and len(np.unique(fold)) >= 3:
+            return fold, "the original probe's folds"
+    return None, "folds dealt again with the original probe's seed"
 
 
 def resolve_direction(direction: str | Path | np.ndarray | ProbeDirection | None, probe_class: str | int | None,
@@ -309,7 +381,8 @@ def resolve_direction(direction: str | Path | np.ndarray | ProbeDirection | None
     """A direction argument -> (vector, the probe it came from, the steered class column, source text).
 
     ``PATH.npy``; a probe results folder ``DIR`` or ``DIR:ID`` (its class ``probe_class`` for ``add``,
-    the span of all its classes for ``ablate``)."""
+    for ``ablate`` an orthonormal basis of what it reads: ``ProbeDirection.span``, C − 1 directions for C
+    classes)."""
     if direction is None:
         return None, None, None, ""
     if isinstance(direction, np.ndarray):
@@ -324,7 +397,7 @@ def resolve_direction(direction: str | Path | np.ndarray | ProbeDirection | None
         probe = probe_direction(path, int(rid) if rid else None)
         source = f"probe {path} row {probe.row['id']}"
     if op == "ablate" and probe_class is None:
-        return probe.direction(None), probe, None, source
+        return probe.span(), probe, None, source
     if probe_class is None and probe.W.shape[1] > 1:
         raise ToolkitError(f"the probe has {probe.W.shape[1]} classes ({', '.join(probe.classes)}): choose the one "
                            "to steer towards with --class NAME (or use --op ablate to remove them all)")
@@ -332,8 +405,34 @@ def resolve_direction(direction: str | Path | np.ndarray | ProbeDirection | None
     return probe.direction(probe_class), probe, col, f"{source} class {probe.classes[col]}"
 
 
+def resolve_eraser(direction: str | Path | np.ndarray | ProbeDirection | Eraser | None, method: str = "leace",
+                   store: str | Path | Store | None = None, tolerance: float = TOLERANCE
+                   ) -> tuple[Eraser, ProbeDirection | None, str]:
+    """What ``--op erase`` removes -> (eraser, the probe it came from, source text).
+
+    An ``Eraser`` or its ``.npz`` file as is; a probe (results folder ``DIR[:ID]`` or ``ProbeDirection``): a
+    ``method`` eraser (``leace`` or ``inlp``) fitted on ``store``, default the store the probe was trained on
+    (``fit_eraser``); an array or ``.npy``: the orthogonal projection off its span."""
+    if direction is None:
+        raise ToolkitError("--op erase needs what to erase: --direction (a probe's results folder, an eraser .npz "
+                           "or a .npy of directions)")
+    if isinstance(direction, Eraser):
+        return direction, None, f"{direction.method} eraser"
+    text = None if isinstance(direction, (np.ndarray, ProbeDirection)) else str(direction)
+    if text is not None and text.endswith(".npz"):
+        e = load_eraser(text)
+        return e, None, f"{e.method} eraser {text}"
+    if isinstance(direction, np.ndarray) or (text is not None and text.endswith(".npy")):
+        v = np.asarray(direction, np.float64) if text is None else load_vector(text)
+        return ablation_eraser(v), None, "array" if text is None else text
+    _, probe, _, source = resolve_direction(direction, None, "ablate")
+    e = fit_eraser(probe, method, store, tolerance=tolerance)
+    return e, probe, (f"{method} eraser of {source} fitted on {e.info.get('store')} (rank {e.rank} of "
+                      f"{e.n_features} features)")
+
+
 TABLE_COLUMNS = ["condition", "hook", "op", "alpha", "metric", "dim", "value", "baseline", "ci_low", "ci_high",
-                 "p_value", "chance", "predicted", "n_episodes", "n_pairs"]
+                 "p_value", "chance", "predicted", "n_episodes", "n_pairs", "note"]
 
 
 def save_table(rows: list[dict], meta: dict, out: Path) -> Path:
@@ -414,14 +513,20 @@ def write_figures(rows: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         made.append(save_figure(fig, out / "success_vs_alpha.png"))
     acc, shift = _series(rows, "probe_accuracy"), _series(rows, "probe_score_shift")
+    retrained = {h: [r for r in v if r.get("value") is not None]
+                 for h, v in _series(rows, "probe_accuracy_retrained").items()}
     if acc or shift:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for hook, series in acc.items():
-            _band(axes[0], series, f"{hook} intervened")
+            _band(axes[0], series, f"{hook} same probe")
             axes[0].plot([r["alpha"] for r in series], [r["baseline"] for r in series], ls=":", marker=".",
                          label=f"{hook} unmodified")
             axes[0].axhline(series[0]["chance"], color="k", ls="--", lw=1, label="chance")
-        axes[0].set(xlabel="alpha", ylabel="probe accuracy", ylim=(-0.05, 1.05), title="same probe, intervened run")
+        for hook, series in retrained.items():
+            if series:
+                _band(axes[0], series, f"{hook} retrained probe (amnesic)")
+        axes[0].set(xlabel="alpha", ylabel="probe accuracy", ylim=(-0.05, 1.05),
+                    title="intervened run: same probe" + (" vs retrained" if any(retrained.values()) else ""))
         for hook, series in shift.items():
             _band(axes[1], series, f"{hook} measured")
             if any(r.get("predicted") is not None for r in series):
@@ -444,6 +549,29 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _ablation_check(rows: list[dict]) -> list[str]:
+    """The report's ablation check: per removal, the same probe next to a retrained one, in plain words."""
+    checks = [r for r in rows if r["metric"] == "probe_accuracy_retrained"]
+    if not checks:
+        return []
+    same = {r["condition"]: r for r in rows if r["metric"] == "probe_accuracy"}
+    lines = ["### Ablation check: the same probe vs a retrained probe", "",
+             "The same probe at chance after a removal shows only that *its own* direction is gone: it is true by "
+             "construction. A probe retrained on the intervened activations (the original probe's solver, folds, "
+             "seed and λ grid, on the same episode folds as one retrained on the unmodified run) says whether the "
+             "information is gone (amnesic probing, Elazar et al. 2021). If it is still decodable, the removal was "
+             "not complete: use `--op erase` (LEACE or INLP) to remove it all.", ""]
+    for r in checks:
+        s = same.get(r["condition"])
+        head = (f"the same probe {_fmt(s.get('baseline'))} → {_fmt(s['value'])} (chance {_fmt(s.get('chance'))}); "
+                if s else "")
+        note = str(r.get("note") or "")
+        note = note if note.startswith("not retrained") else f"the label is {note}"
+        lines.append(f"* **{r['condition']}**: {head}{note} (retrained on the unmodified run: "
+                     f"{_fmt(r.get('baseline'))}).")
+    return lines + [""]
+
+
 def write_report(rows: list[dict], meta: dict, figures: list[Path], out: Path) -> Path:
     """``report.md``: settings, the headline rows per condition, the figures."""
     loop = ("closed loop: every intervened rollout starts from the same init state and seed as its unmodified twin"
@@ -455,7 +583,7 @@ def write_report(rows: list[dict], meta: dict, figures: list[Path], out: Path) -
              "| condition | metric | value | unmodified | 95% CI | p (paired) | n episodes |",
              "|---|---|---|---|---|---|---|"]
     shown = ("action_l2", "action_cosine", "action_shift_norm", "success_rate", "episode_length", "probe_accuracy",
-             "probe_score_shift")
+             "probe_accuracy_retrained", "probe_score_shift")
     for r in rows:
         if r["metric"] not in shown:
             continue
@@ -465,6 +593,7 @@ def write_report(rows: list[dict], meta: dict, figures: list[Path], out: Path) -
                      f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}] | {_fmt(r.get('p_value'))} | "
                      f"{r.get('n_episodes')} |")
     lines += ["", "Per-dimension shifts with their sign-flip tests are in `effects.csv` (metric `action_shift`).", ""]
+    lines += _ablation_check(rows)
     lines += [f"![{f.stem}]({f.name})" for f in figures]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -8,6 +8,7 @@ starts from:
 
     add     x + alpha * d                          d: a direction (a probe's weights, a mean difference)
     ablate  x - alpha * P x                        P: the projection onto the span of the direction(s)
+    erase   x - alpha * ((x - c) @ R) @ L.T        L, R (F, k): a rank-k eraser (LEACE, INLP), c: its center
     clamp   x[u] + alpha * (v - x[u])              u: units, e.g. FFN neurons of the ``mlp_act`` stream
     zero    (1 - alpha) * x
     mean    x + alpha * (mu - x)                   mu: the stream's mean over a store
@@ -16,7 +17,10 @@ starts from:
 intervened activations; hooks are removed on exit, also after an exception.
 
 Directions come from a probe's ``weights.npz`` (``probe_direction``), from the mean difference between two
-groups of a store's samples (``mean_difference``, e.g. ``task=3`` vs ``task=5``), or from a ``.npy`` file.
+groups of a store's samples (``mean_difference``, e.g. ``task=3`` vs ``task=5``), or from a ``.npy`` file;
+erasers from ``toolkit.analysis.directions`` (``leace``, ``inlp``, ``fit_eraser``, an ``Eraser.save`` file).
+The span of direction(s) is taken with a rank tolerance at float32 rounding (``_basis``), so a two-class
+probe's columns w and ≈−w remove one direction, not two.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from toolkit.sdk.errors import ToolkitError
 from toolkit.capture.tokens import parse_tokens
 from toolkit.sdk.names import parse_hook, resolve_hooks
 
-OPS = ("add", "ablate", "clamp", "zero", "mean")
+OPS = ("add", "ablate", "erase", "clamp", "zero", "mean")
 # decoder streams as wide as the expert's hidden size (``mlp_act`` is as wide as the MLP)
 RESIDUAL_WIDTH = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
@@ -47,7 +51,9 @@ class Intervention:
     """One edit of one named stream (``site.layers.L.stream``) at strength ``alpha``.
 
     ``vector``: the direction for ``add`` (F,), the direction(s) for ``ablate`` (F,) or (F, k), the mean for
-    ``mean`` (F,), per-unit target values for ``clamp`` (else every unit is clamped to ``value``).
+    ``mean`` (F,), per-unit target values for ``clamp`` (else every unit is clamped to ``value``); for ``erase``
+    the eraser's left factor L (F, k), with ``right`` R (F, k; default: the orthonormal basis of L, an orthogonal
+    projection) and ``center`` c (F,; default 0): x − alpha·((x − c) @ R) @ Lᵀ.
     ``tokens``: positions or span names as in capture (``text``, ``0-5``, ``last``); None = the site's own.
     ``denoise``: for an expert that runs once per denoising step (pi0's action expert), the steps to change
     (0 = the first, t = 1.0); None = every step.
@@ -62,24 +68,37 @@ class Intervention:
     tokens: str | None = None
     source: str = ""  # where the vector came from, recorded in the store
     denoise: tuple[int, ...] | None = None  # experts run once per denoising step: change only these steps
+    right: np.ndarray | None = None  # erase: the eraser's right factor R (F, k)
+    center: np.ndarray | None = None  # erase: the point the eraser keeps in place (F,)
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ToolkitError(f"unknown intervention {self.op!r}: use one of {', '.join(OPS)}")
         if not np.isfinite(self.alpha):
             raise ToolkitError(f"intervention strength alpha must be finite, got {self.alpha}")
-        needs_vector = self.op in ("add", "ablate", "mean")
+        needs_vector = self.op in ("add", "ablate", "erase", "mean")
         if needs_vector and self.vector is None:
             raise ToolkitError(f"intervention {self.op!r} on {self.hook} needs a direction: give --direction "
                                "(a probe's results folder, a .npy file) or --between GROUP_A GROUP_B")
         if self.vector is not None:
             v = np.asarray(self.vector, dtype=np.float64)
-            if v.ndim not in (1, 2) or (v.ndim == 2 and self.op != "ablate") or not np.isfinite(v).all():
+            k = self.op in ("ablate", "erase")
+            if v.ndim not in (1, 2) or (v.ndim == 2 and not k) or not np.isfinite(v).all():
                 raise ToolkitError(f"the {self.op} vector for {self.hook} must be finite and shaped (features,)"
-                                   f"{' or (features, k)' if self.op == 'ablate' else ''}, got {v.shape}")
-            if self.op in ("add", "ablate") and not np.linalg.norm(v) > 0:
+                                   f"{' or (features, k)' if k else ''}, got {v.shape}")
+            if self.op in ("add", "ablate", "erase") and not np.linalg.norm(v) > 0:
                 raise ToolkitError(f"the direction for {self.hook} is all zeros")
             object.__setattr__(self, "vector", v)
+        for name, want in (("right", None if self.vector is None else self.vector.reshape(len(self.vector), -1).shape),
+                           ("center", None if self.vector is None else (len(self.vector),))):
+            a = getattr(self, name)
+            if a is None:
+                continue
+            a = np.asarray(a, dtype=np.float64)
+            if self.op != "erase" or a.shape != want or not np.isfinite(a).all():
+                raise ToolkitError(f"{self.hook}: {name} belongs to an erase, finite and shaped {want}; got "
+                                   f"{a.shape} for op {self.op!r}")
+            object.__setattr__(self, name, a)
         if self.op == "clamp":
             if not self.units:
                 raise ToolkitError(f"clamp on {self.hook} needs --units (feature indices, e.g. 12,40)")
@@ -99,6 +118,14 @@ class Intervention:
             v = np.ascontiguousarray(self.vector, dtype=np.float64)
             out.update(vector_shape=list(v.shape), vector_norm=float(np.linalg.norm(v)),
                        vector_sha256=hashlib.sha256(v.tobytes()).hexdigest()[:16])
+        if self.op in ("ablate", "erase") and self.vector is not None:
+            out["rank"] = int(self.right.shape[1] if self.right is not None else _basis(self.vector).shape[1])
+        for name in ("right", "center"):
+            a = getattr(self, name)
+            if a is not None:
+                a = np.ascontiguousarray(a, dtype=np.float64)
+                out.update({f"{name}_norm": float(np.linalg.norm(a)),
+                            f"{name}_sha256": hashlib.sha256(a.tobytes()).hexdigest()[:16]})
         if self.op == "clamp":
             out.update(units=list(self.units), value=None if self.vector is not None else float(self.value))
         return out
@@ -277,6 +304,12 @@ def _op(r: _Resolved, x: torch.Tensor) -> torch.Tensor:
     if iv.op == "ablate":
         q = _tensor(r, "q", x, lambda: torch.from_numpy(_basis(iv.vector)))
         return x - a * ((x @ q) @ q.T)
+    if iv.op == "erase":
+        left, right, offset = _eraser(iv)
+        L = _tensor(r, "L", x, lambda: torch.from_numpy(left))
+        R = _tensor(r, "R", x, lambda: torch.from_numpy(right))
+        c = _tensor(r, "c", x, lambda: torch.from_numpy(a * offset))
+        return x - a * ((x @ R) @ L.T) + c
     if iv.op == "zero":
         return x * (1 - a)
     if iv.op == "mean":
@@ -293,9 +326,23 @@ def _op(r: _Resolved, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
 def _basis(v: np.ndarray) -> np.ndarray:
-    """An orthonormal basis (F, k) of the direction(s) to project out."""
+    """An orthonormal basis (F, k) of the direction(s) to project out, by SVD: singular values at or below
+    max(F, m)·eps(float32)·σ_max are rounding noise (probes are saved in float32; a two-class probe's columns w
+    and ≈−w span one direction).  ``toolkit.analysis.directions.direction_basis`` is the same rule."""
     m = v.reshape(v.shape[0], -1)
-    q, rr = np.linalg.qr(m)
-    keep = np.abs(np.diag(rr)) > 1e-10 * np.abs(rr).max()
-    return np.ascontiguousarray(q[:, keep])
+    u, s, _ = np.linalg.svd(m, full_matrices=False)
+    return np.ascontiguousarray(u[:, s > max(m.shape) * F32_EPS * s[0]])
+
+
+def _eraser(iv: Intervention) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(L, R, c @ R @ Lᵀ) of an erase: without ``right`` the orthogonal projection off the span of ``vector``."""
+    left = iv.vector.reshape(len(iv.vector), -1)
+    right = iv.right
+    if right is None:
+        left = right = _basis(left)
+    offset = np.zeros(left.shape[0]) if iv.center is None else (iv.center @ right) @ left.T
+    return np.ascontiguousarray(left), np.ascontiguousarray(right), offset

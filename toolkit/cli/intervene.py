@@ -16,8 +16,10 @@ Examples:
   # steer towards a probe's class at the probe's own layer, three strengths (open loop)
   toolkit intervene --model pi0 --dataset libero --out results/steer \\
       --direction results/probe --class "pick up the ketchup" --alpha 0,2,4,8
-  # remove the probe's directions (all classes) and re-test the same probe on the intervened activations
+  # remove the probe's directions (all classes); re-test the same probe and retrain one (amnesic check)
   toolkit intervene --model pi0 --dataset libero --out results/ablate --direction results/probe --op ablate
+  # remove the probe's concept completely: a LEACE eraser fitted on the probe's store (or --erasure inlp)
+  toolkit intervene --model pi0 --dataset libero --out results/erase --direction results/probe --op erase
   # closed loop in the simulator, a mean-difference direction, two layers
   toolkit intervene --model pi0 --dataset libero-sim --dataset-option tasks=0 --dataset-option trials=5 \\
       --hook "vlm.layers.4,8.resid_post" --between task=3 task=5 --alpha 0,1,2 --out results/sim
@@ -51,11 +53,14 @@ class _InterveneCommand(click.Command):
 @click.option("--no-figures", is_flag=True)
 @click.option("--no-progress", is_flag=True)
 def intervene_command(out, overwrite, no_figures, no_progress, **values):
-    """Intervene on a named stream (add, ablate, clamp, zero, mean) and measure the effect on actions, success
-    and the probe, each run paired with the unmodified one (same seed, same inputs or init states)."""
+    """Intervene on a named stream (add, ablate, erase, clamp, zero, mean) and measure the effect on actions,
+    success and the probe, each run paired with the unmodified one (same seed, same inputs or init states)."""
     from toolkit.run.intervene import intervene
 
     spec = _spec_class().build(**spec_values(_spec_class(), values))
     run = intervene(spec, out, overwrite=overwrite, progress=not no_progress, figures=not no_figures)
     click.echo(f"wrote {out / 'effects.csv'}, {out / 'report.md'} and {len(run.figures)} figures "
                f"({len(run.conditions)} conditions vs the unmodified run in {run.baseline})")
+    for r in run.rows:
+        if r["metric"] == "probe_accuracy_retrained" and r.get("note"):
+            click.echo(f"ablation check, {r['condition']}: {r['note']}")

@@ -9,6 +9,11 @@ table, its figures and its report.
 
 ``InterveneSpec`` extends the run specification with where and how to intervene; the capture selection of each
 run defaults to the intervened hooks (and the probe's own), in float32 so score shifts are exact.
+
+``--op erase`` removes a concept completely: a LEACE or INLP eraser (``toolkit.analysis.directions``) fitted on
+the probe's own store (``--erasure-store`` to fit elsewhere), or a saved ``Eraser`` (``.npz``), applied inside the
+model like any other edit; the fitted eraser is saved as ``OUT/eraser.npz``.  After ``ablate`` and ``erase`` a
+probe is retrained on the intervened activations (the amnesic check, ``--no-retrain`` to skip it).
 """
 
 from __future__ import annotations
@@ -22,14 +27,17 @@ from typing import Any, Literal
 import numpy as np
 import pydantic
 
-from toolkit.analysis.directions import ProbeDirection, mean_difference, store_mean
+from toolkit.analysis.directions import Eraser, ProbeDirection, mean_difference, store_mean
 from toolkit.analysis.effects import (
     N_BOOT,
     N_PERM,
+    REMOVALS,
     Condition,
     action_effects,
+    amnesic_check,
     probe_check,
     resolve_direction,
+    resolve_eraser,
     save_table,
     write_figures,
     write_report,
@@ -63,9 +71,17 @@ class InterveneSpec(RunSpec):
     at: list[str] | None = option(None, "Where: SITE.layers.LAYERS.STREAM, e.g. text_only.layers.3.resid_post; layer "
                                         "lists sweep (vlm.layers.2,4.resid_post). Default: the probe's own hook.",
                                   "--hook", commands=COMMANDS)
-    op: Literal["add", "ablate", "clamp", "zero", "mean"] = option(
-        "add", "add alpha·d | ablate (project d out) | clamp units | zero | mean (the unmodified run's mean).", "--op",
-        commands=COMMANDS)
+    op: Literal["add", "ablate", "erase", "clamp", "zero", "mean"] = option(
+        "add", "add alpha·d | ablate (project d out) | erase (remove the probe's concept completely: --erasure) | "
+               "clamp units | zero | mean (the unmodified run's mean).", "--op", commands=COMMANDS)
+    erasure: Literal["leace", "inlp"] = option(
+        "leace", "--op erase: leace (closed-form least-change linear eraser) or inlp (project probe directions out "
+                 "until a retrained probe is at chance), fitted on the probe's store.", "--erasure", commands=COMMANDS)
+    erasure_store: str | None = option(None, "--op erase: the store to fit the eraser on (default: the store the probe "
+                                             "was trained on).", "--erasure-store", commands=COMMANDS)
+    retrain: bool = option(True, "After ablate/erase, retrain a probe on the intervened activations (amnesic check: "
+                                 "is the information still linearly decodable?).", "--retrain/--no-retrain",
+                           commands=COMMANDS)
     direction: str | None = option(None, "A probe results folder (DIR or DIR:ID, from `toolkit probe --out`) or a "
                                          ".npy file.", "--direction", commands=COMMANDS)
     probe_class: str | None = option(None, "The probe class (name or column) to steer towards with --op add.",
@@ -129,10 +145,15 @@ class InterveneSpec(RunSpec):
             raise ValueError("give either --direction or --between, not both")
         return self
 
-    def template(self, hook: str, op: str, alpha: float, vector: np.ndarray | None, source: str) -> Intervention:
-        """One intervention of this spec at ``hook``."""
+    def template(self, hook: str, op: str, alpha: float, vector: np.ndarray | None, source: str,
+                 eraser: Eraser | None = None) -> Intervention:
+        """One intervention of this spec at ``hook`` (``eraser``: the map of an ``erase``)."""
+        if op == "erase" and eraser is not None:
+            vector, right, center = eraser.left, eraser.right, eraser.center
+        else:
+            right = center = None
         return Intervention(hook, op, alpha, vector, tuple(self.units or ()), float(self.value), self.edit_tokens,
-                            source, None if self.denoise is None else tuple(self.denoise))
+                            source, None if self.denoise is None else tuple(self.denoise), right, center)
 
     def capture_for(self, names: list[str], probe: ProbeDirection | None) -> RunSpec:
         """The run every condition records: the spec's own selection if it names one, else the intervened streams
@@ -159,6 +180,7 @@ class InterventionRun:
     conditions: list[Condition] = field(default_factory=list)
     baseline: Path | None = None
     figures: list[Path] = field(default_factory=list)
+    eraser: Path | None = None  # --op erase: the eraser applied, saved as OUT/eraser.npz
 
     def table(self):
         import pandas as pd
@@ -182,8 +204,15 @@ def intervene(spec: InterveneSpec | None = None, /, out: str | Path = "results/i
     out = Path(out)
     if (out / "effects.csv").exists() and not overwrite:
         raise ToolkitError(f"{out} already holds an intervention run: pass --overwrite to replace it")
-    vector, probe, steered, source = resolve_direction(spec.direction if direction is None else direction,
-                                                       spec.probe_class, spec.op)
+    given = spec.direction if direction is None else direction
+    eraser = None
+    if spec.op == "erase":
+        if spec.between is not None:
+            raise ToolkitError("--op erase removes a probe's concept (--direction), not a --between difference")
+        eraser, probe, source = resolve_erase(given, spec)
+        vector, steered = eraser.left, None
+    else:
+        vector, probe, steered, source = resolve_direction(given, spec.probe_class, spec.op)
     closed = bool(getattr(get_dataset(spec.dataset), "closed_loop", False))
     adapter = get_model(spec.model)(checkpoint=spec.checkpoint, device=spec.device, dtype=spec.model_dtype,
                                     seed=spec.seed, trust_remote_code=spec.trust_remote_code,
@@ -199,7 +228,7 @@ def intervene(spec: InterveneSpec | None = None, /, out: str | Path = "results/i
     for name in names:  # check every intervention before running anything: bad names, units or vectors fail here
         # (a vector still to come from the unmodified run: its hook, tokens and steps are checked as a "zero")
         Steering(adapter, [spec.template(name, "zero" if from_run else spec.op, 1.0, None if from_run else vector,
-                                         "")])
+                                         "", eraser)])
     (out / "stores").mkdir(parents=True, exist_ok=True)
     run_spec = spec.capture_for(names, probe)
     started = time.time()
@@ -207,6 +236,9 @@ def intervene(spec: InterveneSpec | None = None, /, out: str | Path = "results/i
                         adapter=adapter)
     unmodified = open_store(base_path)
     run = InterventionRun(out, baseline=base_path)
+    if eraser is not None:
+        run.eraser = eraser.save(out / "eraser.npz")
+    refits: dict = {}  # the unmodified run's retrained probe, shared by every removal condition
     for name, alpha in product(names, spec.alphas):
         vec = vector
         if spec.between is not None:
@@ -214,7 +246,7 @@ def intervene(spec: InterveneSpec | None = None, /, out: str | Path = "results/i
             source = f"mean difference {spec.between[0]} - {spec.between[1]} in the unmodified run"
         elif spec.op == "mean":
             vec, source = store_mean(unmodified, name), "mean of the unmodified run"
-        iv = spec.template(name, spec.op, alpha, vec, source)
+        iv = spec.template(name, spec.op, alpha, vec, source, eraser)
         cond = Condition(name, spec.op, alpha, iv.vector)
         cond.store = extract(run_spec, out / "stores" / f"{_slug(cond.label)}.zarr", overwrite=True,
                              progress=progress, adapter=adapter, interventions=[iv])
@@ -222,9 +254,12 @@ def intervene(spec: InterveneSpec | None = None, /, out: str | Path = "results/i
         run.rows += action_effects(cond, intervened, unmodified, closed, spec.seed, spec.bootstrap, spec.permutations)
         if probe is not None:
             run.rows += probe_check(cond, probe, intervened, unmodified, steered)
+            if spec.retrain and spec.op in REMOVALS:
+                run.rows += amnesic_check(cond, probe, intervened, unmodified, refits)
         run.conditions.append(cond)
     meta = {"model": spec.model, "checkpoint": spec.checkpoint, "dataset": spec.dataset, "closed_loop": closed,
             "seed": spec.seed, "op": spec.op, "alphas": spec.alphas, "hooks": names, "direction": source,
+            "eraser": None if eraser is None else {"method": eraser.method, "rank": eraser.rank, **eraser.info},
             "between": list(spec.between or ()), "random_init": adapter.random_init,
             "seconds": round(time.time() - started, 1),
             "stores": {"unmodified": str(base_path), **{c.label: str(c.store) for c in run.conditions}}}
@@ -232,6 +267,11 @@ def intervene(spec: InterveneSpec | None = None, /, out: str | Path = "results/i
     run.figures = write_figures(run.rows, out) if figures else []
     write_report(run.rows, meta, run.figures, out)
     return run
+
+
+def resolve_erase(direction: Any, spec: InterveneSpec) -> tuple[Eraser, ProbeDirection | None, str]:
+    """The eraser of ``--op erase`` (``toolkit.analysis.effects.resolve_eraser``), its probe and source text."""
+    return resolve_eraser(direction, spec.erasure, spec.erasure_store)
 
 
 def _slug(text: str) -> str:
