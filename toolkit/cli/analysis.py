@@ -319,6 +319,7 @@ def dataset_stats_command(dataset, data, dataset_option, as_json, out):
 Examples:
   toolkit separation stores/pi0_libero.zarr                      # every VLM site vs the action expert
   toolkit separation stores/pi0_libero.zarr --vlm-site text_only --layers 0,8,17 --out reports/separation
+  toolkit separation stores/pi0_libero.zarr --measure all       # the raw cosine and L2 beside the centred ones
 """)
 @click.argument("store", type=STORE)
 @click.option("--vlm-site", "vlm_sites", multiple=True, help="VLM-expert site(s) (default: every site without a "
@@ -327,13 +328,20 @@ Examples:
 @click.option("--layers", default=None, help="Layers (the spec grammar: all, 0,8,17, -1); default every matched one.")
 @click.option("--stream", default="resid_post", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Folder (default reports/separation_<store>).")
+@click.option("--measure", type=click.Choice(["centred", "raw", "all"]), default="centred", show_default=True,
+              help="centred: linear CKA and the cosine after subtracting each expert's mean; raw: cosine and L2 of "
+                   "the stored vectors, which a constant offset (a bias, a norm's shift) makes look alike with no "
+                   "shared structure; all: both.")
 @click.option("--no-figures", is_flag=True)
-def separation_command(store, vlm_sites, action_sites, layers, stream, out, no_figures):
-    """Expert separation: linear CKA, cosine and L2 between the VLM and the action expert at matched layers,
-    per token span and denoising step, streamed over a store."""
-    from toolkit.analysis.separation import expert_separation, save
+def separation_command(store, vlm_sites, action_sites, layers, stream, out, measure, no_figures):
+    """Expert separation: linear CKA and centred cosine (raw cosine and L2 with --measure) between the VLM and the
+    action expert at matched layers, per token span and denoising step, streamed over a store."""
+    from toolkit.analysis.separation import expert_separation, measure_note, save, summary_lines
 
-    rows = expert_separation(store, list(vlm_sites) or None, list(action_sites) or None, layers, stream)
+    rows = expert_separation(store, list(vlm_sites) or None, list(action_sites) or None, layers, stream, measure)
     out = out or Path("reports") / f"separation_{store_name(store)}"
-    figs = save(rows, out, str(store), figures=not no_figures)
+    figs = save(rows, out, str(store), figures=not no_figures, measure=measure)
+    click.echo(measure_note(measure))
+    for line in summary_lines(rows, measure):
+        click.echo(line)
     click.echo(f"wrote {out / 'separation.csv'} ({len(rows)} rows) and {len(figs)} figures")

@@ -19,15 +19,19 @@ def info_command(store, as_json):
     from toolkit.sdk.names import format_indices
     from toolkit.store.reader import human_bytes, open_store
 
-    s = open_store(store, warn_incomplete=False).summary()  # its own line says INCOMPLETE
+    opened = open_store(store, warn_incomplete=False)  # its own line says INCOMPLETE
+    s = opened.summary()
+    weights = opened.weights  # random, loaded from a checkpoint, or imported: the one answer (store/reader.py)
+    s["weights"] = weights.to_dict()
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
     model = s.get("model") or {}
     ds = s.get("dataset") or {}
     click.echo(f"store     {s['path']}  ({'complete' if s['complete'] else 'INCOMPLETE: resume with --resume'})")
-    click.echo(f"model     {model.get('name')}  checkpoint={model.get('checkpoint') or 'random init'}  "
-               f"dtype={model.get('dtype', '-')}")
+    ckpt = weights.checkpoint or ("random init" if weights.random else "none")
+    click.echo(f"model     {model.get('name')}  checkpoint={ckpt}  dtype={model.get('dtype', '-')}")
+    click.echo(f"weights   {weights}")
     opts = " ".join(f"{k}={v}" for k, v in (ds.get("options") or {}).items() if v is not None)
     click.echo(f"dataset   {ds.get('name')}  data={ds.get('data') or '(adapter default)'}" + (f"  {opts}" if opts else ""))
     click.echo(f"samples   {s['n_samples']}  episodes={s.get('n_episodes', 0)}  tasks={s.get('n_tasks', 0)}  "

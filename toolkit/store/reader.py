@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +105,11 @@ class Store:
         from toolkit.sdk.names import format_indices
 
         model, ds = _named(self.attrs.get("model")) or {}, _named(self.attrs.get("dataset")) or {}
-        weights = "imported activations" if model.get("imported") else (
-            "RANDOM weights" if model.get("random_init") or not model.get("checkpoint") else
-            f"weights {model.get('checkpoint')}")
+        w = self.weights
         episodes = len(np.unique(self.coord("episode"))) if self.n_samples else 0
         lines = [f"<toolkit Store {self.path}: {self.n_samples} samples, {episodes} episodes"
                  f"{'' if self.complete else ', INCOMPLETE'}>",
-                 f"  model    {model.get('name')} ({weights})",
+                 f"  model    {model.get('name')} ({w.label}): {w.detail}",
                  f"  dataset  {ds.get('name')}" + (f" from {ds['data']}" if ds.get("data") else ""),
                  f"  stored   {human_bytes(self.loc.size())}, codec {self.attrs.get('codec')}"]
         for site in self.sites[:8]:
@@ -120,6 +119,11 @@ class Store:
         if len(self.sites) > 8:
             lines.append(f"  ... and {len(self.sites) - 8} more sites")
         return "\n".join(lines)
+
+    @property
+    def weights(self) -> Weights:
+        """Where the stored activations came from: random weights, a loaded checkpoint, or imported ones."""
+        return model_weights(self.attrs.get("model"))
 
     @property
     def sites(self) -> list[str]:
@@ -352,6 +356,65 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """What made a store's activations, from its ``model`` attribute: the one answer `toolkit info`, ``repr(store)``
+    and the probe report give.  ``kind`` is ``random`` (seeded random weights: ``--random-weights``, or no
+    checkpoint and the adapter's default architecture), ``checkpoint`` (weights loaded from ``checkpoint``),
+    ``imported`` (activations a dataset carried, stored by `toolkit import`: no model ran) or ``unknown`` (a
+    hand-made store that records neither)."""
+
+    kind: str
+    checkpoint: str | None = None  # the checkpoint loaded, or whose architecture the random weights took
+    missing: int = 0  # weights the checkpoint lacked (--allow-missing): they kept their random initial values
+
+    @property
+    def random(self) -> bool:
+        return self.kind == "random"
+
+    @property
+    def label(self) -> str:
+        return {"random": "RANDOM weights", "checkpoint": "loaded weights", "imported": "imported activations"
+                }.get(self.kind, "weights not recorded")
+
+    @property
+    def detail(self) -> str:
+        if self.kind == "random":
+            return (f"seeded, in the architecture of {self.checkpoint} with none of its weights: --random-weights"
+                    if self.checkpoint else "seeded, the adapter's default architecture: no checkpoint")
+        if self.kind == "checkpoint":
+            return f"from {self.checkpoint}" + (f"; {self.missing} weights it lacked kept random values "
+                                                "(--allow-missing)" if self.missing else "")
+        if self.kind == "imported":
+            return "no model run: stored from the data by `toolkit import`"
+        return "the store's model attribute names no checkpoint, random_init or import"
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.detail})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "random": self.random, "checkpoint": self.checkpoint, "missing": self.missing,
+                "text": str(self)}
+
+
+def model_weights(model: Any) -> Weights:
+    """``Weights`` of a store's (or a probe result's) ``model`` attribute.  Random is what the run recorded
+    (``random_init``, which an extract always sets: true without a checkpoint or with --random-weights), never
+    guessed from a missing checkpoint alone; an import records ``imported`` and no checkpoint."""
+    m = _named(model) or {}
+    ckpt = m.get("checkpoint")
+    ckpt = str(ckpt) if ckpt not in (None, "") else None
+    if m.get("imported"):
+        return Weights("imported", ckpt)
+    if m.get("random_init"):
+        return Weights("random", ckpt)
+    if ckpt is not None:
+        report = m.get("load_report") if isinstance(m.get("load_report"), dict) else {}
+        missing = report.get("n_missing", len(report.get("missing") or ()))
+        return Weights("checkpoint", ckpt, missing if isinstance(missing, int) else 0)
+    return Weights("unknown")
 
 
 def _named(value: Any) -> dict[str, Any] | None:
