@@ -1,0 +1,123 @@
+"""Calibration of the intervention statistics (``toolkit.analysis.effects``): false positives on nulls, power on
+planted effects, interval coverage, by simulation of the per-episode values ``toolkit intervene`` tests.
+
+* ``sign_flip_test`` (the paired action-shift test; per action dimension and joint): nulls whose per-episode
+  shifts have mean 0 but are skewed (centred exponential) or heavy-tailed (t with 3 degrees of freedom), and a
+  planted shift of ``SHIFT_POWER`` standard deviations;
+* ``bootstrap_mean`` (the episode-bootstrap interval of an action metric): coverage of the true mean;
+* ``mcnemar_exact`` (the closed-loop success test on paired episodes): a null where episodes differ a lot in how
+  hard they are (paired outcomes share an episode's difficulty, success rates from 0.05 to 0.95) and a planted
+  change of success rate.
+
+    python benchmarks/calibration_effects.py [--sims 1000] [--seed 0] [--out FILE]
+
+``bench_calibration.py --effects-only`` runs the same and files it with the other calibration figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ALPHA = 0.05
+SHIFT_POWER = 0.8  # planted mean shift, in standard deviations of the per-episode shift, at 20 episodes
+SUCCESS_POWER = (0.3, 0.6)  # planted success rates (unmodified, intervened), 60 paired episodes
+
+
+def _null_shifts(kind: str, n: int, dims: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "skewed":
+        return rng.exponential(1.0, (n, dims)) - 1.0
+    return rng.standard_t(3, (n, dims)) / np.sqrt(3.0)  # heavy tails, unit variance
+
+
+def sign_flip_calibration(n_sims: int, seed: int, n_perm: int = 999) -> dict:
+    from toolkit.analysis.effects import sign_flip_test
+
+    rng = np.random.default_rng(seed)
+    out: dict = {}
+    for kind in ("skewed", "heavy"):
+        for n in (8, 20):
+            per, joint = [], []
+            for i in range(n_sims):
+                j, p = sign_flip_test(_null_shifts(kind, n, 3, rng), n_perm=n_perm, seed=i)
+                per.append(p[0])
+                joint.append(j)
+            out[f"null {kind}, {n} episodes"] = {
+                "false_positive_rate": float(np.mean(np.asarray(per) <= ALPHA)),
+                "joint_false_positive_rate": float(np.mean(np.asarray(joint) <= ALPHA)), "sims": n_sims}
+    hits = [sign_flip_test(rng.normal(SHIFT_POWER, 1.0, 20), n_perm=n_perm, seed=i) <= ALPHA for i in range(n_sims)]
+    out[f"shift {SHIFT_POWER} SD, 20 episodes"] = {"power": float(np.mean(hits)), "sims": n_sims}
+    return out
+
+
+def bootstrap_coverage(n_sims: int, seed: int, n_boot: int = 999) -> dict:
+    from toolkit.analysis.effects import bootstrap_mean
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in (10, 30):
+        covered = 0
+        for i in range(n_sims):
+            v = rng.exponential(1.0, (n, 1))  # skewed per-episode metric, true mean 1
+            lo, hi = bootstrap_mean(v, n_boot=n_boot, seed=i)
+            covered += bool(lo[0] <= 1.0 <= hi[0])
+        out[f"skewed metric, {n} episodes"] = {"coverage": covered / n_sims, "sims": n_sims}
+    return out
+
+
+def mcnemar_calibration(n_sims: int, seed: int) -> dict:
+    from toolkit.analysis.effects import mcnemar_exact
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in (20, 60):
+        p = []
+        for _ in range(n_sims):
+            hard = rng.uniform(0.05, 0.95, n)  # each episode's own success rate, the same in both runs
+            p.append(mcnemar_exact(rng.random(n) < hard, rng.random(n) < hard))
+        out[f"null, episode rates 0.05-0.95, {n} paired episodes"] = {
+            "false_positive_rate": float(np.mean(np.asarray(p) <= ALPHA)), "sims": n_sims}
+    base, new = SUCCESS_POWER
+    hits = []
+    for _ in range(n_sims):  # episodes of varied difficulty around the base rate; each run draws its own outcome
+        rate = np.clip(rng.uniform(base - 0.25, base + 0.25, 60), 0.0, 1.0)
+        hits.append(mcnemar_exact(rng.random(60) < rate + (new - base), rng.random(60) < rate) <= ALPHA)
+    out[f"success {base} -> {new}, 60 paired episodes"] = {"power": float(np.mean(hits)), "sims": n_sims}
+    return out
+
+
+def effects_calibration(n_sims: int = 1000, seed: int = 0) -> dict:
+    t0 = time.perf_counter()
+    out = {"sign_flip_test": sign_flip_calibration(n_sims, seed), "bootstrap_mean": bootstrap_coverage(n_sims, seed),
+           "mcnemar_exact": mcnemar_calibration(n_sims, seed)}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def print_effects(cal: dict) -> None:
+    for test in ("sign_flip_test", "bootstrap_mean", "mcnemar_exact"):
+        for case, fig in cal[test].items():
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in fig.items() if k != "sims")
+            print(f"{test:15s} {case:48s} {shown}  ({fig['sims']} runs)")
+    print(f"# {cal['seconds']} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sims", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    cal = effects_calibration(a.sims, a.seed)
+    print_effects(cal)
+    if a.out:
+        a.out.write_text(json.dumps(cal, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
