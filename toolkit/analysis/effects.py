@@ -269,18 +269,15 @@ def probe_check(cond: Condition, probe: ProbeDirection, intervened: Store, unmod
     rows_a, sa = probe_scores(intervened, probe)
     rows_b, sb = probe_scores(unmodified, probe)
     p = pair_samples(intervened, unmodified)
-    pos_a = {int(r): i for i, r in enumerate(rows_a)}
-    pos_b = {int(r): i for i, r in enumerate(rows_b)}
-    keep = [k for k in range(len(p.rows_a)) if int(p.rows_a[k]) in pos_a and int(p.rows_b[k]) in pos_b]
-    if not keep:
+    keep, ia, ib = _matched(p, rows_a, rows_b)
+    if not len(keep):
         return []
-    sa = sa[[pos_a[int(p.rows_a[k])] for k in keep]]
-    sb = sb[[pos_b[int(p.rows_b[k])] for k in keep]]
+    sa, sb = sa[ia], sb[ib]
     ep = p.episode[keep]
     base = {"condition": cond.label, "hook": cond.hook, "op": cond.op, "alpha": cond.alpha,
             "n_episodes": int(len(np.unique(ep))), "n_pairs": len(keep)}
     out = []
-    labels = _labels(unmodified, probe, p.rows_b[keep])
+    labels = probe_labels(unmodified, probe, p.rows_b[keep])
     if labels is not None:
         hit_a = (sa.argmax(1) == labels).astype(np.float64)
         hit_b = (sb.argmax(1) == labels).astype(np.float64)
@@ -305,9 +302,15 @@ def _steers_with(cond: Condition, w: np.ndarray) -> bool:
     return v is not None and v.shape == w.shape and np.allclose(v, w)
 
 
-def _labels(store: Store, probe: ProbeDirection, rows: np.ndarray) -> np.ndarray | None:
-    """A classification probe's class index of each sample (-1 for a class it never saw); else None."""
-    return probe_labels(store, probe, rows)
+def _matched(p: Paired, rows_a: np.ndarray, rows_b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs whose two samples both lie in a probe's selection (``rows_a`` of the intervened store, ``rows_b`` of
+    the unmodified one): their indices into ``p``, and each one's position in ``rows_a`` and in ``rows_b``."""
+    pos_a = {int(r): i for i, r in enumerate(rows_a)}
+    pos_b = {int(r): i for i, r in enumerate(rows_b)}
+    keep = np.array([k for k in range(len(p.rows_a)) if int(p.rows_a[k]) in pos_a and int(p.rows_b[k]) in pos_b],
+                    dtype=np.int64)
+    return (keep, np.array([pos_a[int(p.rows_a[k])] for k in keep], dtype=np.int64),
+            np.array([pos_b[int(p.rows_b[k])] for k in keep], dtype=np.int64))
 
 
 REMOVALS = ("ablate", "erase")  # the ops after which the amnesic check retrains the probe
@@ -334,18 +337,15 @@ def amnesic_check(cond: Condition, probe: ProbeDirection, intervened: Store, unm
     rows_a, xa = probe_activations(intervened, probe)
     rows_b, xb = probe_activations(unmodified, probe)
     p = pair_samples(intervened, unmodified)
-    pos_a = {int(r): i for i, r in enumerate(rows_a)}
-    pos_b = {int(r): i for i, r in enumerate(rows_b)}
-    keep = [k for k in range(len(p.rows_a)) if int(p.rows_a[k]) in pos_a and int(p.rows_b[k]) in pos_b]
+    keep, ia, ib = _matched(p, rows_a, rows_b)
     base = {"condition": cond.label, "hook": cond.hook, "op": cond.op, "alpha": cond.alpha,
             "metric": "probe_accuracy_retrained", "dim": None, "p_value": None}
-    labels = _labels(unmodified, probe, p.rows_b[keep]) if keep else None
+    labels = probe_labels(unmodified, probe, p.rows_b[keep]) if len(keep) else None
     if labels is None:
         return []
     ok = labels >= 0
-    keep, labels = np.asarray(keep)[ok], labels[ok]
-    xa = xa[[pos_a[int(p.rows_a[k])] for k in keep]]
-    xb = xb[[pos_b[int(p.rows_b[k])] for k in keep]]
+    keep, labels = keep[ok], labels[ok]
+    xa, xb = xa[ia[ok]], xb[ib[ok]]
     fields = StoreLabels(unmodified, p.rows_b[keep])
     episode, task = fields["episode"], fields["task"]
     common = {"n_episodes": int(len(np.unique(episode))), "n_pairs": int(len(keep))}
