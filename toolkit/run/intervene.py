@@ -217,6 +217,7 @@ def intervene(spec: InterveneSpec | None = None, /, out: str | Path = "results/i
     adapter = get_model(spec.model)(checkpoint=spec.checkpoint, device=spec.device, dtype=spec.model_dtype,
                                     seed=spec.seed, trust_remote_code=spec.trust_remote_code,
                                     allow_missing=spec.allow_missing, random_weights=spec.random_weights,
+                                    strict=spec.strict,
                                     **spec.model_options)
     hooks = spec.at
     if not hooks:

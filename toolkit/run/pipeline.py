@@ -217,6 +217,7 @@ class ExtractRun(Run):
         self.adapter = adapter or model_cls(checkpoint=spec.checkpoint, device=spec.device, dtype=spec.model_dtype,
                                             seed=spec.seed, trust_remote_code=spec.trust_remote_code,
                                             allow_missing=spec.allow_missing, random_weights=spec.random_weights,
+                                            strict=spec.strict,
                                             **spec.model_options)
         a = self.adapter
         self.plan = build_plan(a.name, a.experts, a.sites, **spec.selection())

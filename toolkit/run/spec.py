@@ -90,6 +90,9 @@ class RunSpec(pydantic.BaseModel):
                                          "the store says random_init).", "--random-weights", commands=RUNS)
     allow_missing: bool = option(False, "Run although the checkpoint lacks model weights (they stay random; their "
                                         "names are stored).", "--allow-missing", commands=RUNS)
+    strict: bool = option(False, "Refuse a checkpoint holding tensors the model does not use (default: one warning "
+                                 "naming them; they are stored in the model's load report).", "--strict",
+                          commands=RUNS)
     model_dtype: Literal[DTYPES] = option("float32", "dtype the model runs in.",
                                                                      "--model-dtype", commands=RUNS)
     model_options: dict[str, Any] = option({}, "Adapter-specific KEY=VALUE option (`toolkit extract --model NAME "

@@ -224,6 +224,7 @@ class ModelAdapter(abc.ABC):
         *,
         allow_missing: bool = False,
         random_weights: bool = False,
+        strict: bool = False,
         **options: Any,
     ) -> None:
         opts = parse_options(type(self), options, self.name)
@@ -239,6 +240,8 @@ class ModelAdapter(abc.ABC):
         self.trust_remote_code = trust_remote_code
         # --allow-missing: run although the checkpoint lacks weights (their names go into the store)
         self.allow_missing = allow_missing
+        # --strict: checkpoint tensors the model does not use are an error, not a warning
+        self.strict = strict
         # --random-weights: the checkpoint's architecture (from its config) with seeded random weights
         self.random_weights = random_weights
         # set by the adapter after loading a checkpoint (toolkit.sdk.checkpoint.check_complete)

@@ -71,12 +71,14 @@ def _tied_aliases(model: torch.nn.Module) -> dict[str, set[str]]:
 
 def check_complete(model: torch.nn.Module, loaded: Iterable[str], *, source: str, layout: str,
                    derived: Iterable[str] = (), unexpected: Iterable[str] = (),
-                   allow_missing: bool = False) -> LoadReport:
+                   allow_missing: bool = False, strict: bool = False) -> LoadReport:
     """Every parameter and persistent buffer of ``model`` must be in ``loaded`` or ``derived``.
 
     A name tied to a loaded one (the same Parameter object, e.g. ``lm_head.weight`` and the input
     embedding) counts as derived.  Otherwise raise ``CheckpointError`` with one line naming the first
     missing weights and the recognised layout; with ``allow_missing`` log one warning and return the report.
+    Checkpoint tensors the model does not use (``unexpected``: unmerged LoRA factors, a head this model lacks)
+    are one warning with their count and first names, or, with ``strict`` (``--strict``), a ``CheckpointError``.
     """
     names = model_weight_names(model)
     loaded_set, derived_set = set(loaded), set(derived)
@@ -99,8 +101,11 @@ def check_complete(model: torch.nn.Module, loaded: Iterable[str], *, source: str
                                   "in the store)")
         log.warning("%s; running anyway (--allow-missing): they keep their random initial values", what)
     if report.unexpected:
-        log.info("%s: %d checkpoint tensors are not used by the model (layout %s), e.g. %s", source,
-                 len(report.unexpected), layout, ", ".join(report.unexpected[:SHOW_MISSING]))
+        what = (f"{source}: {len(report.unexpected)} checkpoint tensors are not used by the model (recognised "
+                f"layout: {layout}); first: {', '.join(report.unexpected[:SHOW_MISSING])}")
+        if strict:
+            raise CheckpointError(f"{what}; refused (--strict): check that --model names this checkpoint's family")
+        log.warning("%s; they are ignored (listed in the store's model.load_report; --strict refuses them)", what)
     return report
 
 
@@ -245,7 +250,8 @@ def strip_prefix(state_dict: Mapping[str, Any], prefixes: Sequence[str]) -> dict
 
 
 def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str, layout: str,
-              derived: Iterable[str] = (), allow_missing: bool = False, assign: bool = False) -> LoadReport:
+              derived: Iterable[str] = (), allow_missing: bool = False, assign: bool = False,
+              strict: bool = False) -> LoadReport:
     """Copy ``state_dict`` (already in the model's names) into ``model`` and verify completeness.
 
     Shapes must match exactly (a mismatch is one line naming the weight); keys the model does not have
@@ -262,4 +268,5 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *,
         usable = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in usable.items()}
     model.load_state_dict(usable, strict=False, assign=assign)
     return check_complete(model, usable, source=source, layout=layout, derived=derived,
-                          unexpected=[k for k in state_dict if k not in own], allow_missing=allow_missing)
+                          unexpected=[k for k in state_dict if k not in own], allow_missing=allow_missing,
+                          strict=strict)
