@@ -11,7 +11,7 @@ from toolkit.capture.hooks import Capture
 from toolkit.capture.plan import build_plan
 from toolkit.sdk.errors import ToolkitError
 from toolkit.run.samples import sample_generator
-from toolkit.analysis.effects import bootstrap_mean, mcnemar_exact, sign_flip_test
+from toolkit.analysis.effects import bootstrap_mean, bootstrap_t, mcnemar_exact, shift_test
 from toolkit.run.intervene import intervene
 from toolkit.analysis.directions import mean_difference, probe_direction, store_mean
 from toolkit.capture.intervention import Intervention, Steering
@@ -158,13 +158,29 @@ def test_denoise_limits_an_action_expert_edit_to_chosen_steps(pi0_adapter, pi0_s
 # --------------------------------------------------------------------------- statistics
 
 
-def test_sign_flip_test_is_calibrated_under_the_null_and_has_power():
+def test_shift_test_is_calibrated_on_skewed_and_heavy_nulls_and_has_power():
     rng = np.random.default_rng(0)
-    p = np.array([sign_flip_test(rng.standard_t(3, 15), n_perm=400, seed=i) for i in range(400)])
+    # skewed per-episode shifts with mean 0 at 10 episodes: a sign-flip test (symmetry assumed) rejects ~10 %
+    p = np.array([shift_test(rng.exponential(1.0, 10) - 1.0, n_boot=400, seed=i) for i in range(600)])
     assert 0.02 <= (p < 0.05).mean() <= 0.08
-    joint = np.array([sign_flip_test(rng.normal(size=(10, 3)), seed=i)[0] for i in range(300)])  # exact: 2^10
+    p = np.array([shift_test(rng.standard_t(3, 15), n_boot=400, seed=i) for i in range(400)])
+    assert (p < 0.05).mean() <= 0.08
+    joint = np.array([shift_test(rng.normal(size=(10, 3)), n_boot=400, seed=i)[0] for i in range(300)])
     assert 0.02 <= (joint < 0.05).mean() <= 0.08
-    assert sign_flip_test(rng.normal(1.0, 1.0, 15)) < 0.01
+    assert shift_test(rng.normal(1.0, 1.0, 15)) < 0.01
+    hits = [shift_test(rng.normal(0.8, 1.0, 20), n_boot=400, seed=i) < 0.05 for i in range(200)]
+    assert np.mean(hits) >= 0.8
+
+
+def test_bootstrap_t_interval_and_test_agree_and_handle_degenerate_episodes():
+    rng = np.random.default_rng(3)
+    for i in range(50):  # the interval excludes 0 exactly when the test rejects at its level
+        b = bootstrap_t(rng.normal(0.4, 1.0, (12, 2)), n_boot=300, seed=i)
+        assert np.array_equal((b.low > 0) | (b.high < 0), b.p <= 0.05)
+    same = bootstrap_t(np.full((6, 1), 2.0))  # every episode shifted alike: no spread, yet no doubt
+    assert same.low[0] == same.high[0] == 2.0 and same.p[0] == pytest.approx(1 / 2001)
+    zero = bootstrap_t(np.zeros((6, 1)))
+    assert zero.p[0] == 1.0 and zero.low[0] == zero.high[0] == 0.0
 
 
 def test_bootstrap_interval_covers_the_mean_and_mcnemar_is_exact():

@@ -34,7 +34,7 @@ def _registered():
 def test_intervened_rollouts_pair_with_unmodified_rollouts_from_the_same_init_state(tmp_path):
     run = intervene(out=tmp_path, model="pi0", dataset="libero-sim", at=["action.layers.3.resid_post"], op="zero", alphas=[0, 1],
                     max_steps=20, seed=3, model_options={"num_steps": 2}, dataset_options=dict(OPTIONS),
-                    bootstrap=200, permutations=200)
+                    bootstrap=200)
     base = open_store(run.baseline)
     zero, hit = (open_store(c.store) for c in run.conditions)
     for s in (base, zero, hit):  # every run rolled out the same two init states

@@ -322,10 +322,14 @@ def test_cli_probe_and_report(store_path, tmp_path):
     from toolkit.cli import cli
 
     out = tmp_path / "res"
-    r = CliRunner().invoke(cli, ["probe", str(store_path), "--layers", "3,6", "--out", str(out), "--no-progress"])
+    r = CliRunner().invoke(cli, ["probe", str(store_path), "--layers", "3,6", "--out", str(out), "--no-progress",
+                                 "--controls", "3", "--alpha", "0.01"])
     assert r.exit_code == 0, r.output
     assert "selected (inner-CV" in r.output
+    assert "trained on 4/5 of the episodes" in r.output
     loaded = Results.load(out)
+    assert loaded.meta["config"]["n_controls"] == 3 and loaded.meta["config"]["alpha"] == 0.01
+    assert all(row["n_controls"] == 3 for row in loaded.rows if row.get("n_controls") is not None)
     assert {row["site"] for row in loaded.rows} == {"vlm", "action"}
     for col in ("metric", "ci_low", "ci_high", "control", "control_ci_low", "baseline_random", "baseline_embedding",
                 "selectivity", "chance", "majority", "balanced_chance", "n_train_episodes", "n_test_episodes",

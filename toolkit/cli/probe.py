@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from toolkit.sdk.errors import ToolkitError
+from toolkit.store.reader import model_weights
 
 PROBE_EXAMPLES = """
 \b
@@ -72,6 +73,10 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
 @click.option("--correction", type=click.Choice(["holm", "bh", "none"]), default="holm", show_default=True,
               help="Multiplicity correction of the per-cell tests 'above chance' over every cell of the run: holm "
                    "(family-wise error), bh (Benjamini-Hochberg, false discovery rate) or none.")
+@click.option("--alpha", default=0.05, show_default=True, type=float,
+              help="Level of the corrected decisions (the 'significant' column).")
+@click.option("--controls", "n_controls", default=5, show_default=True, type=int,
+              help="Control-task draws averaged (Hewitt & Liang; each keeps the target's label frequencies).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--learning-rate", "--learning_rate", "lr", default=1e-3, show_default=True, help="cosine solver.")
 @click.option("--epochs", "--num_epochs", default=100, show_default=True, help="cosine solver.")
@@ -97,7 +102,7 @@ def probe_command(store_path, store_opt, **options) -> None:
 
 def _probe(store_path, *, hooks, sites, stream, layers, steps, step_buckets, denoise, t, tokens, pool, task_range,
            episode_range, targets, encoder, encoder_path, solver, splits, folds, lambdas, baseline, mdl, success,
-           correction, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress, device,
+           correction, alpha, n_controls, seed, lr, epochs, batch_size, patience, save_weights, out, make_report, progress, device,
            scheduler) -> None:
     from toolkit.analysis.probe import LAMBDAS, CosineOptions, ProbeConfig, Results, Selection, probe
     from toolkit.store.reader import open_store
@@ -121,7 +126,7 @@ def _probe(store_path, *, hooks, sites, stream, layers, steps, step_buckets, den
         raise ToolkitError(f"malformed --lambdas {lambdas!r}: give comma-separated numbers such as 1e-3,1e-1,10")
     cfg = ProbeConfig(solver=solver, splits=tuple(splits) or ("auto",), n_folds=folds, lambdas=lams, seed=seed,
                       save_weights=save_weights, baseline=baseline, mdl=mdl, success=success, correction=correction,
-                      progress=progress, device=device, scheduler=scheduler,
+                      alpha=alpha, n_controls=n_controls, progress=progress, device=device, scheduler=scheduler,
                       cosine=CosineOptions(lr=lr, epochs=epochs, batch_size=batch_size, patience=patience),
                       target_options={"encoder": encoder, "encoder_path": encoder_path})
     results = Results()
@@ -140,8 +145,7 @@ def _probe(store_path, *, hooks, sites, stream, layers, steps, step_buckets, den
 
 
 def _print_summary(results) -> None:
-    model = results.meta.get("model")
-    if isinstance(model, dict) and model.get("random_init"):
+    if model_weights(results.meta.get("model")).random:
         click.echo("warning: this store was made by a model with RANDOM weights (no checkpoint): the numbers say "
                    "what the architecture and inputs alone give", err=True)
     head = f"{'site':<9} {'layer':>5} {'t':>5} {'step':>7} {'target':<14} {'split':<8} {'metric':<10} " \
@@ -159,6 +163,10 @@ def _print_summary(results) -> None:
 
     click.echo(f"* {correction_text(results.meta)} {sum(bool(r.get('significant')) for r in results.rows)} of "
                f"{len(results.rows)} rows significant.")
+    folds = results.meta.get("config", {}).get("n_folds") if isinstance(results.meta.get("config"), dict) else None
+    if folds:
+        click.echo(f"* Intervals describe probes trained on {folds - 1}/{folds} of the episodes (cross-fitting); "
+                   "a probe fit on all of them may do slightly better.")
     for b in results.best:
         click.echo(f"selected ({b['selected_by']} inside each outer fold): {b['site']} {b['target']} steps {b['step']}"
                    f" layer {b['layer']} (per fold {b['layers_per_fold']}): {b['metric_name']} {b['metric']:.3f} "

@@ -30,7 +30,6 @@ import pydantic
 from toolkit.analysis.directions import Eraser, ProbeDirection, mean_difference, store_mean
 from toolkit.analysis.effects import (
     N_BOOT,
-    N_PERM,
     REMOVALS,
     Condition,
     action_effects,
@@ -97,9 +96,7 @@ class InterveneSpec(RunSpec):
                                            "tokens.", "--tokens", commands=COMMANDS)
     denoise: list[int] | None = option(None, "Action expert: only these denoising steps (indices, e.g. 0 or 0,1; 0 is "
                                              "t=1.0).", "--denoise", commands=COMMANDS, repeat=False)
-    bootstrap: int = option(N_BOOT, "Episode-bootstrap resamples.", "--bootstrap", commands=COMMANDS)
-    permutations: int = option(N_PERM, "Sign-flip permutations (more than 12 episodes; fewer are enumerated).",
-                               "--permutations", commands=COMMANDS)
+    bootstrap: int = option(N_BOOT, "Episode-bootstrap resamples (the intervals and the bootstrap-t tests).", "--bootstrap", commands=COMMANDS)
     dtype: Literal[DTYPES] = option("float32", "Storage dtype of the runs' stores.",
                                                               commands=())
 
@@ -252,7 +249,7 @@ def intervene(spec: InterveneSpec | None = None, /, out: str | Path = "results/i
         cond.store = extract(run_spec, out / "stores" / f"{_slug(cond.label)}.zarr", overwrite=True,
                              progress=progress, adapter=adapter, interventions=[iv])
         intervened = open_store(cond.store)
-        run.rows += action_effects(cond, intervened, unmodified, closed, spec.seed, spec.bootstrap, spec.permutations)
+        run.rows += action_effects(cond, intervened, unmodified, closed, spec.seed, spec.bootstrap)
         if probe is not None:
             run.rows += probe_check(cond, probe, intervened, unmodified, steered)
             if spec.retrain and spec.op in REMOVALS:

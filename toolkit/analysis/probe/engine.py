@@ -297,8 +297,7 @@ def _config_dict(cfg: ProbeConfig) -> dict:
 def _baseline_store(store: Store, path: str, selection: Selection, res: Resolved) -> tuple[Store, Resolved]:
     """The random-weights store, checked to hold the same samples and selection as the probed one."""
     other = open_store(path)
-    model = other.attrs.get("model")
-    if not (isinstance(model, dict) and model.get("random_init")):
+    if not other.weights.random:
         raise ToolkitError(f"--baseline {path} was not made from random weights (its model attribute has no "
                            "random_init: true): make it with `toolkit extract --random-weights` on the same dataset")
     b_res = resolve(other, selection)

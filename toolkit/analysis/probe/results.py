@@ -30,6 +30,7 @@ import numpy as np
 
 from toolkit.analysis.probe.intervals import CORRECTIONS, adjust_pvalues
 from toolkit.sdk.errors import ToolkitError
+from toolkit.store.reader import model_weights
 
 
 # The columns a reader needs first (where in the model, what, how well, against what, whether it survives the
@@ -150,9 +151,8 @@ class Results:
             return "<probe Results: empty>"
         sites = sorted({str(r["site"]) for r in self.rows})
         targets = sorted({str(r["target"]) for r in self.rows})
-        model = self.meta.get("model") if isinstance(self.meta.get("model"), dict) else {}
         lines = [f"<probe Results: {len(self.rows)} probes, sites {', '.join(sites)}, targets {', '.join(targets)}"
-                 + (" (RANDOM weights)" if model.get("random_init") else "") + ">"]
+                 + (" (RANDOM weights)" if model_weights(self.meta.get("model")).random else "") + ">"]
         for b in self.best[:8]:
             lines.append(f"  selected {b['site']} {b['target']} (step {b['step']}): layer {b['layer']}, "
                          f"{b['metric_name']} {b['metric']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]")
