@@ -58,7 +58,7 @@ class ToolkitGroup(click.Group):
 @click.version_option(package_name="toolkit")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug information.")
 @click.option("--threads", type=int, help="CPU threads for torch and BLAS (default: OMP_NUM_THREADS, else the "
-                                            "container's CPU quota).")
+                                            "usable CPUs less the busy ones, at least 1).")
 def cli(verbose: bool, threads: int | None) -> None:
     """Look inside Vision-Language-Action robot policies: capture hidden states into Zarr stores, probe them.
 

@@ -1,9 +1,17 @@
-"""Compute defaults: how many CPU threads torch (and the BLAS under numpy) may use.
+"""Compute defaults: how many CPU threads torch (and the BLAS under numpy) may use, and how they wait.
 
-torch sizes its thread pool from the host's core count, not from the container's CPU quota; on a
-busy 2-core machine the README's main command took 275-308 s with the default pool and 12-26 s with
-one thread.  So the default is the cgroup's quota (``/sys/fs/cgroup/cpu.max``), capped by the CPUs
-this process may run on, and an ``OMP_NUM_THREADS`` the user set always wins.
+torch sizes its thread pool from the host's core count, not from the CPUs this process may really use; on a
+busy 2-core machine the README's main command took 275-308 s with torch's default pool and 12-26 s with one
+thread, and beside two busy processes it took 3.6x its idle time with two threads against 1.63x with one (alone,
+one thread was only 1.05x slower than two).  OpenMP's threads also spin while they wait for work, which on a
+shared machine burns the CPU time the other processes need.  So the default is:
+
+* the CPUs this process may run on (its affinity mask), capped by the cgroup's CPU quota (cgroup v2
+  ``cpu.max``, or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), rounded up;
+* less the CPUs other processes keep busy now (the 1-minute load average, rounded), at least one;
+* with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep while they wait), unless the user set it;
+
+and an ``OMP_NUM_THREADS`` the user set, or ``--threads``, always wins.
 """
 
 from __future__ import annotations
@@ -17,15 +25,17 @@ from pathlib import Path
 
 from toolkit.sdk.errors import ToolkitError
 
-CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2
+CFS_DIRS = (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu,cpuacct"))  # cgroup v1 mount points
 
 
-def cpu_quota(path: Path = CPU_MAX) -> float | None:
-    """CPUs the cgroup may use (``quota / period``), or None when unlimited or unknown."""
+def cpu_quota(path: Path = CPU_MAX, v1_dirs: tuple[Path, ...] = CFS_DIRS) -> float | None:
+    """CPUs the cgroup may use (``quota / period``), or None when unlimited or unknown: cgroup v2's ``cpu.max``,
+    else cgroup v1's CFS quota (-1: unlimited)."""
     try:
         quota, period = path.read_text().split()[:2]
     except (OSError, ValueError):
-        return None
+        return _cfs_quota(v1_dirs)
     if quota == "max":
         return None
     try:
@@ -34,14 +44,39 @@ def cpu_quota(path: Path = CPU_MAX) -> float | None:
         return None
 
 
-def default_threads(cpu_max: Path = CPU_MAX) -> int:
-    """``OMP_NUM_THREADS`` if set, else min(usable CPUs, the cgroup quota rounded up), at least 1."""
+def _cfs_quota(dirs: tuple[Path, ...]) -> float | None:
+    for d in dirs:
+        try:
+            quota = int((d / "cpu.cfs_quota_us").read_text())
+            period = int((d / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def usable_cpus(cpu_max: Path = CPU_MAX, v1_dirs: tuple[Path, ...] = CFS_DIRS) -> int:
+    """The CPUs this process may use: its affinity mask, capped by the cgroup quota (rounded up), at least 1."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota(cpu_max, v1_dirs)
+    return max(1, min(usable, math.ceil(quota)) if quota else usable)
+
+
+def busy_cpus() -> int:
+    """CPUs other processes keep busy now: the 1-minute load average, rounded (0 where unknown)."""
+    try:
+        return max(0, round(os.getloadavg()[0]))
+    except (OSError, AttributeError):
+        return 0
+
+
+def default_threads(cpu_max: Path = CPU_MAX, v1_dirs: tuple[Path, ...] = CFS_DIRS, busy: int | None = None) -> int:
+    """``OMP_NUM_THREADS`` if set, else the usable CPUs less the busy ones (``busy_cpus``), at least 1."""
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = cpu_quota(cpu_max)
-    return max(1, min(usable, math.ceil(quota)) if quota else usable)
+    busy = busy_cpus() if busy is None else busy
+    return max(1, usable_cpus(cpu_max, v1_dirs) - busy)
 
 
 _BLAS = None
@@ -71,12 +106,15 @@ def threads_each(workers: int) -> Iterator[int]:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Use ``n`` threads (default: ``default_threads()``) in torch and, if not yet loaded, the BLAS libraries."""
+    """Use ``n`` threads (default: ``default_threads()``) in torch and, if not yet loaded, the BLAS libraries;
+    OpenMP threads wait passively unless ``OMP_WAIT_POLICY`` says otherwise."""
     if n is not None and n < 1:
         raise ToolkitError(f"--threads must be at least 1, got {n}")
     n = n or default_threads()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)
+    # idle OpenMP threads sleep rather than spin (read when torch loads its OpenMP runtime: before the import)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "torch" in sys.modules:  # already imported: its pool was sized at import, resize it
         sys.modules["torch"].set_num_threads(n)
     return n
