@@ -52,6 +52,7 @@ from toolkit_plugins.openvla.model import (
     native_support_problem,
     vit_specs,
 )
+from toolkit_plugins.openvla.oft import oft_head_file
 from toolkit_plugins.openvla.vit import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -92,6 +93,15 @@ def _tower(tower: torch.nn.Module, path: str) -> dict[str, Any]:
         mean, std = pcfg.get("mean", default[0]), pcfg.get("std", default[1])
     return {"path": f"{path}.blocks", "layers": len(blocks), "width": int(tower.embed_dim), "patch": int(patch),
             "prefix": int(prefix), "mean": tuple(mean), "std": tuple(std)}
+
+
+def refuse_oft(ckpt: Path, checkpoint: str) -> None:
+    """An OpenVLA-OFT fine-tune (an ``action_head--*checkpoint`` file beside the LLM) run as plain OpenVLA would
+    decode tokens and ignore its head: one line naming the file and the right --model."""
+    head = oft_head_file(ckpt)
+    if head is not None:
+        raise ToolkitError(f"openvla: {checkpoint!r} is an OpenVLA-OFT fine-tune ({head.name} beside the LLM), "
+                           "which plain OpenVLA decoding would run wrongly; pass --model openvla-oft")
 
 
 def _config_value(cfg: Any, name: str, default: Any = None) -> Any:
@@ -171,6 +181,7 @@ class OpenVLAAdapter(ModelAdapter):
         """The checkpoint's model and tokenizer: natively for the layouts the project implements (openvla-7b's),
         through the checkpoint's own code for other Prismatic variants when the user trusts it."""
         ckpt = local_checkpoint(checkpoint)
+        refuse_oft(ckpt, checkpoint)
         raw = read_config(ckpt)
         if not is_prismatic_config(raw):
             raise ToolkitError(f"openvla checkpoint {checkpoint!r} is not an OpenVLA/Prismatic model (its config.json "
@@ -183,7 +194,7 @@ class OpenVLAAdapter(ModelAdapter):
             else:
                 self.model, self.load_report = load_native(ckpt, config, source=checkpoint, device=self.device,
                                                            dtype=torch_dtype, seed=self.seed,
-                                                           allow_missing=self.allow_missing)
+                                                           allow_missing=self.allow_missing, strict=self.strict)
         elif not self.trust_remote_code:
             raise ToolkitError(f"openvla checkpoint {checkpoint!r}: {problem}, which the toolkit does not implement; "
                                "pass --trust-remote-code to run the checkpoint's own model code (only for checkpoints "
@@ -192,7 +203,7 @@ class OpenVLAAdapter(ModelAdapter):
             raise ToolkitError(f"openvla: --random-weights needs a checkpoint the toolkit implements ({problem})")
         else:
             self.model, self.load_report = load_remote(ckpt, source=checkpoint, dtype=torch_dtype,
-                                                       allow_missing=self.allow_missing)
+                                                       allow_missing=self.allow_missing, strict=self.strict)
         self.tokenizer = load_tokenizer(ckpt, tokenizer, self.trust_remote_code)
 
     def _setup(self, opts: dict[str, Any]) -> None:
@@ -259,6 +270,7 @@ class OpenVLAAdapter(ModelAdapter):
             raw, text = TINY_CONFIG, TINY_CONFIG["text_config"]  # every size given explicitly
             llm = (text["num_hidden_layers"], text["hidden_size"])
         elif Path(checkpoint).expanduser().exists():
+            refuse_oft(local_checkpoint(checkpoint), checkpoint)
             raw = read_config(local_checkpoint(checkpoint))
             if not is_prismatic_config(raw) or native_support_problem(raw) is not None:
                 return None  # loading gives the one-line reason, or runs the checkpoint's own code

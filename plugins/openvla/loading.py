@@ -34,8 +34,9 @@ OPENVLA_TOKENIZER = ("tokenizer.model, tokenizer.json, tokenizer_config.json, sp
                      "added_tokens.json of openvla/openvla-7b")
 
 
-def local_checkpoint(checkpoint: str) -> Path:
-    """The checkpoint directory: as given, or a hub id's snapshot from the cache (downloaded unless offline)."""
+def local_checkpoint(checkpoint: str, patterns: list[str] | None = None) -> Path:
+    """The checkpoint directory: as given, or a hub id's snapshot from the cache (downloaded unless offline; the
+    files matching ``patterns``, default ``HUB_FILES``)."""
     local = Path(checkpoint).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
@@ -47,7 +48,8 @@ def local_checkpoint(checkpoint: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(from_cache_or_hub(snapshot_download, checkpoint, allow_patterns=HUB_FILES))
+        return Path(from_cache_or_hub(snapshot_download, checkpoint,
+                                      allow_patterns=patterns or HUB_FILES))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, network: one line
         raise ToolkitError(f"openvla checkpoint {checkpoint!r} is not in the Hugging Face cache and could not be "
                            f"downloaded ({one_line(e)}); download it (huggingface-cli download {checkpoint} "
@@ -95,7 +97,8 @@ def materialise_rest(model: PrismaticForActionPrediction, device: torch.device, 
 
 
 def load_native(ckpt: Path, config: PrismaticConfig, *, source: str, device: torch.device, dtype: torch.dtype,
-                seed: int, allow_missing: bool) -> tuple[PrismaticForActionPrediction, LoadReport]:
+                seed: int, allow_missing: bool, strict: bool = False
+                ) -> tuple[PrismaticForActionPrediction, LoadReport]:
     """Build on the meta device, assign the shards, verify completeness, compute the rest."""
     files = weight_files(ckpt)
     layout = f"{config.layout} safetensors, {len(files)} file{'s' * (len(files) != 1)}"
@@ -104,12 +107,12 @@ def load_native(ckpt: Path, config: PrismaticConfig, *, source: str, device: tor
     loaded, unexpected = assign_from_safetensors(model, files, device=device, dtype=dtype, source=source,
                                                  layout=layout)
     report = check_complete(model, loaded, source=source, layout=layout, unexpected=unexpected,
-                            allow_missing=allow_missing)
+                            allow_missing=allow_missing, strict=strict)
     materialise_rest(model, device, dtype, seed)
     return model.eval(), report
 
 
-def load_remote(ckpt: Path, *, source: str, dtype: torch.dtype, allow_missing: bool
+def load_remote(ckpt: Path, *, source: str, dtype: torch.dtype, allow_missing: bool, strict: bool = False
                 ) -> tuple[torch.nn.Module, LoadReport]:
     """A Prismatic variant the project does not implement, through the checkpoint's own code (the user passed
     --trust-remote-code); transformers' loading info feeds the same completeness check."""
@@ -135,7 +138,8 @@ def load_remote(ckpt: Path, *, source: str, dtype: torch.dtype, allow_missing: b
     names = model.state_dict().keys()
     report = check_complete(model, [n for n in names if n not in missing], source=source,
                             layout=f"{getattr(config, 'model_type', '?')} (remote code)",
-                            unexpected=info.get("unexpected_keys") or (), allow_missing=allow_missing)
+                            unexpected=info.get("unexpected_keys") or (), allow_missing=allow_missing,
+                            strict=strict)
     return model.eval(), report
 
 
