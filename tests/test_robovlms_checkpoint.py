@@ -235,14 +235,30 @@ def test_tensors_the_policy_does_not_use_are_reported(files, tmp_path, caplog):
              "model_ema.action_token": torch.ones(HIDDEN),  # an EMA copy beside the policy
              "model_ema.act_head.rnn.weight_ih_l0": torch.ones(3)}
     path = save_lightning(tmp_path / "extra.pt", files["policy"], extra=extra)
-    with caplog.at_level(logging.WARNING, logger="toolkit.robovlms"):
+    with caplog.at_level(logging.WARNING):
         a = load(files, path)
     rep = a.describe()["load_report"]
     assert rep["n_unexpected"] == 3 and rep["unexpected"] == sorted(extra) and rep["missing"] == []
-    lines = [r.getMessage() for r in caplog.records if "not used by the policy" in r.getMessage()]
-    assert len(lines) == 1 and lines[0].startswith("robovlms: 3 tensors of ")
+    # one warning (not one from the loader and another from the adapter), by the names in the file, with a count
+    lines = [r.getMessage() for r in caplog.records if "not used by the model" in r.getMessage()]
+    assert len(lines) == 1 and f"{path}: 3 checkpoint tensors are not used by the model" in lines[0], lines
+    assert "first: " + ", ".join(sorted(extra)) in lines[0] and "--strict refuses them" in lines[0]
     for k, v in files["policy"].state_dict().items():  # the policy's own copy is the one loaded
         assert torch.equal(a.model.state_dict()[k], v), k
+
+
+def test_strict_refuses_unused_tensors_in_one_cli_line(files, tmp_path):
+    extra = {"model.backbone.text_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, HIDDEN),
+             "model.backbone.text_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(HIDDEN, 4)}
+    path = save_lightning(tmp_path / "lora.pt", files["policy"], extra=extra)
+    store = tmp_path / "s.zarr"
+    args = ["extract", "--model", "robovlms", "--checkpoint", str(path), "--model-option", f"tokenizer={files['tok']}",
+            "--dataset", "libero", "--max-episodes", "1", "--max-steps", "1", "--store", str(store), "--strict"]
+    res = CliRunner().invoke(cli, args)
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code != 0 and not store.exists() and len(lines) == 1, res.output
+    assert "2 checkpoint tensors are not used by the model" in lines[0] and "refused (--strict)" in lines[0]
+    assert "lora_A.weight" in lines[0] and "lora_B.weight" in lines[0]
 
 
 def test_a_dropped_weight_is_one_cli_line_and_allow_missing_records_it(files, tmp_path):
@@ -370,6 +386,32 @@ def test_code_named_in_the_file_never_runs(files, tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot read RoboVLMs checkpoint .*" + refused):
         load(files, path)
     assert not (tmp_path / "shell").exists()
+
+
+def test_a_pickled_dict_subclass_in_the_config_is_one_line_naming_it(files, tmp_path):
+    """A config held in a dict subclass (EasyDict-style, here collections.defaultdict and a library's own class)
+    cannot be built without running its code: one line naming the class and what to do, no torch traceback."""
+    import collections
+
+    class EasyConfig(dict):
+        pass
+
+    with pytest.MonkeyPatch.context() as mp:
+        _fake_module(mp, "somelib.config", EasyConfig=EasyConfig)
+        a = save_lightning(tmp_path / "easy.pt", files["policy"], hyper={"configs": EasyConfig(training_configs())})
+    b = save_lightning(tmp_path / "dd.pt", files["policy"],
+                       configs=training_configs(extra=collections.defaultdict(list, k=[1])))
+    for path, name in ((a, "somelib.config.EasyConfig"), (b, "collections.defaultdict")):
+        args = ["extract", "--model", "robovlms", "--checkpoint", str(path), "--model-option",
+                f"tokenizer={files['tok']}", "--dataset", "libero", "--max-episodes", "1", "--store",
+                str(tmp_path / "s.zarr")]
+        res = CliRunner().invoke(cli, args)
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code != 0 and len(lines) == 1 and "Traceback" not in res.output, res.output
+        assert f"cannot read RoboVLMs checkpoint {path}: it pickles a {name} object" in lines[0]
+        assert "re-save it" in lines[0] and "--model-option config=FILE" in lines[0]
+        assert "weights_only` set to `False`" not in lines[0]  # not torch's advice to run the file's code
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def readme_command(model):

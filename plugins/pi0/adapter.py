@@ -35,7 +35,7 @@ from toolkit.sdk.checkpoint import (
 from toolkit.sdk.options import AdapterOptions, parse_options
 from toolkit.sdk.errors import ToolkitError
 from toolkit.sdk.hf import cast_model, from_cache_or_hub, image_tensor, llama_tokenizer, one_line
-from toolkit_plugins.pi0 import layouts, normalise
+from toolkit_plugins.pi0 import layouts, normalise, relative
 
 log = logging.getLogger("toolkit.pi0")
 
@@ -132,6 +132,7 @@ class Pi0Adapter(ModelAdapter):
         torch_dtype = self.torch_dtype
         self.normalise_enabled = opts["normalise"]
         self.norm: normalise.Normalisation | None = None
+        self.relative: relative.RelativeActions | None = None
         self.layout: str | None = None
         meta: dict[str, Any] = {}
         if checkpoint is None:
@@ -140,9 +141,15 @@ class Pi0Adapter(ModelAdapter):
             self.tokenizer = self._load_tokenizer(None) if opts["tokenizer"] else llama_tokenizer()
         else:
             directory, files = self._resolve(checkpoint)
-            self.model, meta, buffers = self._load(checkpoint, files, layouts.read_meta(directory), torch_dtype)
+            self.model, meta, buffers = self._load(checkpoint, files, layouts.read_meta(directory), torch_dtype,
+                                                   directory)
             self.tokenizer = self._load_tokenizer(directory)
-            if self.normalise_enabled:
+            found = relative.find(directory, meta)
+            if found is not None and not self.normalise_enabled:
+                self.warn_once(f"pi0: {checkpoint} predicts relative actions ({found.source}); with --no-normalise "
+                               "they are stored as the policy outputs them, normalised and relative to the state")
+            if self.normalise_enabled:  # relative actions become absolute in the dataset's units only
+                self.relative = found
                 self.norm = (normalise.find(directory, meta, opts["stats"])
                              or normalise.buffer_stats(buffers, meta, str(files[0])))
                 if self.norm is None:
@@ -193,7 +200,8 @@ class Pi0Adapter(ModelAdapter):
         except CheckpointError as e:
             raise CheckpointError(f"cannot load pi0 checkpoint {checkpoint!r}: {e}") from None
 
-    def _load(self, checkpoint: str, files: list[Path], meta: dict[str, Any], torch_dtype: torch.dtype):
+    def _load(self, checkpoint: str, files: list[Path], meta: dict[str, Any], torch_dtype: torch.dtype,
+              directory: Path | None = None):
         """Build the checkpoint's architecture and fill every weight from the file (or fail naming what is missing).
 
         Returns (model, the checkpoint's config.json, normalisation buffers found among the weights)."""
@@ -201,6 +209,7 @@ class Pi0Adapter(ModelAdapter):
         from transformers.initialization import no_init_weights
 
         shapes = safetensors_shapes(files)
+        layouts.refuse_other_family(checkpoint, list(shapes), meta, directory)
         self.layout = layouts.recognise(list(shapes))
         config = self._config(checkpoint, meta, shapes)
         buffer_keys = [k for k in shapes if layouts.STATS_BUFFERS.match(k)]
@@ -213,12 +222,16 @@ class Pi0Adapter(ModelAdapter):
         if self.random_weights:
             return model.eval(), meta, buffers
         names = set(model.state_dict().keys())
-        weights, _ = layouts.to_model_names(load_state_dict_files(files), names)
+        tensors = load_state_dict_files(files)
+        weights, _ = layouts.to_model_names(tensors, names)
         derived = [n for n in layouts.UNUSED if n not in weights and n in names]
         for name in derived:  # never read by pi0's forward; zeros rather than uninitialised memory
             model.get_parameter(name).data.zero_()
+        # an untied lm_head beside embed_tokens is unused upstream too: recorded as ignored, not warned about
         self.load_report = load_into(model, weights, source=checkpoint, layout=self.layout, derived=derived,
-                                     allow_missing=self.allow_missing)
+                                     allow_missing=self.allow_missing, strict=self.strict,
+                                     ignored=layouts.dropped_lm_head(list(tensors)),
+                                     file_names=layouts.file_names(list(tensors), names))
         return model.eval(), meta, buffers
 
     @staticmethod
@@ -250,6 +263,7 @@ class Pi0Adapter(ModelAdapter):
             directory, files = cls._resolve(checkpoint)
             meta = layouts.read_meta(directory)
             shapes = safetensors_shapes(files)
+            layouts.refuse_other_family(checkpoint, list(shapes), meta, directory)
             layouts.recognise(list(shapes))  # not a pi0 layout: the same one line as loading gives
             config = cls._config(checkpoint, meta, shapes)
             sizes = [(c.num_hidden_layers, c.hidden_size) for c in (config.vlm_config.text_config, config.dit_config)]
@@ -277,7 +291,8 @@ class Pi0Adapter(ModelAdapter):
                 # never the directory's own code unless --trust-remote-code (and no interactive prompt)
                 return AutoTokenizer.from_pretrained(str(p), trust_remote_code=self.trust_remote_code)
             except Exception as e:  # noqa: BLE001
-                raise ToolkitError(f"pi0 tokenizer={given} cannot be loaded ({one_line(e)}); {TOKENIZER_HELP}") from None
+                raise ToolkitError(f"pi0 tokenizer={given} cannot be loaded ({one_line(e)}); "
+                                   f"{TOKENIZER_HELP}") from None
         sources = [str(directory)] if directory and any((directory / f).is_file() for f in TOKENIZER_FILES) else []
         sources.append(PALIGEMMA_TOKENIZER)
         for src in sources:
@@ -308,6 +323,7 @@ class Pi0Adapter(ModelAdapter):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "cameras": self.cameras, "num_steps": self.num_steps,
                 "action_dim": self.action_dim, "layout": self.layout, "normalised": self.norm is not None,
+                "relative_actions": self.relative.describe(self.action_dim) if self.relative else None,
                 "normalisation": self.norm.describe() if self.norm else
                 ("disabled (--no-normalise)" if not self.normalise_enabled else None)}
 
@@ -353,6 +369,7 @@ class Pi0Adapter(ModelAdapter):
         mask = torch.zeros(len(batch), seq, dtype=torch.bool)
         pixels = torch.zeros(len(batch), n_cam, 3, self.image_size, self.image_size)
         states = torch.zeros(len(batch), self.max_state_dim)
+        raw = [None if s.state is None else np.asarray(s.state, dtype=np.float32).reshape(-1) for _, s in batch]
         for i, (ep, step) in enumerate(batch):
             for c, cam in enumerate(self.cameras):
                 if cam in step.images:
@@ -376,6 +393,8 @@ class Pi0Adapter(ModelAdapter):
             # missing cameras are masked out through attention_mask instead
             "pixel_attention_mask": torch.ones(len(batch), n_cam, dtype=torch.bool, device=dev),
             "state": states.to(dev, dt),
+            # the raw state, for relative actions (lerobot adds it to the unnormalised chunk)
+            "raw_state": None if any(r is None for r in raw) or len({len(r) for r in raw}) != 1 else np.stack(raw),
         }
         spans = {
             "vlm": {"image": list(range(n_img)),
@@ -407,6 +426,8 @@ class Pi0Adapter(ModelAdapter):
         out = actions.float().cpu().numpy()[..., : self.action_dim]
         if self.norm and self.norm.action:
             out = self.norm.action.unnormalise(out)
+        if self.relative is not None:  # after unnormalising, as lerobot's AbsoluteActionsProcessorStep
+            out = self.relative.to_absolute(out, t.get("raw_state"))
         return PolicyOutput(actions=out, denoise_t=self.denoise_t())
 
     def reference_hidden_states(self, inputs: ModelInputs, generators: Sequence[torch.Generator]

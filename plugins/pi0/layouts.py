@@ -5,8 +5,12 @@ Layouts (key facts from lerobot, openpi and transformers; see docs/checkpoints.m
 
 * current lerobot (``lerobot/pi0_base``, ``pi0_libero`` ...): ``model.paligemma_with_expert.paligemma.model.
   {vision_tower.vision_model,multi_modal_projector,language_model}.*``, ``model.paligemma_with_expert.gemma_expert.
-  model.*``, ``model.{state_proj,action_in_proj,action_out_proj,action_time_mlp_in,action_time_mlp_out}.*``; only
-  ``paligemma.lm_head`` is saved (the input embedding is tied to it);
+  model.*``, ``model.{state_proj,action_in_proj,action_out_proj,action_time_mlp_in,action_time_mlp_out}.*``; saves
+  before lerobot PR #2964 hold only ``paligemma.lm_head`` (the input embedding tied to it); saves since (transformers
+  v5) hold ``...language_model.embed_tokens.weight`` and ``paligemma.lm_head.weight`` as separate, different tensors:
+  lerobot embeds tokens with ``embed_tokens`` (its key fix copies ``lm_head`` into ``embed_tokens`` only for files
+  without one) and never uses the ``lm_head`` logits for actions, so ``embed_tokens`` is loaded and ``lm_head``
+  is dropped (transformers' PI0 has no ``lm_head``) and recorded as ignored;
 * openpi converted to PyTorch (``examples/convert_jax_model_to_pytorch.py``): the same keys without ``model.``;
 * older lerobot (before lerobot PR #1415): ``...paligemma.language_model.model.*``, ``...paligemma.language_model.
   lm_head``, ``...paligemma.vision_tower.*``, ``...paligemma.multi_modal_projector.*``, and possibly the policy's
@@ -26,6 +30,7 @@ from typing import Any
 from toolkit.sdk.checkpoint import CheckpointError, remap_keys
 
 NATIVE = "transformers PI0 (native names)"
+UNTIED = "lerobot pi0 (current, embed_tokens saved beside lm_head)"
 HUB = "transformers PI0 save_pretrained"
 CURRENT = "lerobot pi0 (current)"
 OPENPI = "openpi pi0 converted to PyTorch"
@@ -50,13 +55,45 @@ RULES = [
 STATS_BUFFERS = re.compile(r"^(normalize_inputs|normalize_targets|unnormalize_outputs)\.buffer_(\w+)\.(\w+)$")
 # never used by PI0's forward (the action expert runs on embeddings), so a checkpoint may lack it
 UNUSED = ("model.dit.embed_tokens.weight",)
+EMBED = re.compile(r"paligemma\.(model\.)?language_model\.(model\.)?embed_tokens\.weight$")
+LM_HEAD = re.compile(r"paligemma\.(language_model\.)?lm_head\.weight$")
+# pi0.5 (lerobot "type": "pi05", openpi-converted, transformers PI05): a time MLP instead of pi0's action-time MLP,
+# adaptive RMS norms (``...layernorm.dense.*``, ``norm.dense.*``) in the action expert, and no state projection
+PI05_MARKS = re.compile(r"(^|\.)(time_mlp_(in|out)|(input_layernorm|post_attention_layernorm|norm)\.dense)\.")
 VISION_HEADS = 16  # SigLIP So400m/14, the only vision tower pi0 uses (not recoverable from weight shapes)
 KV_HEADS = 1  # both Gemma variants pi0 uses (gemma_2b, gemma_300m) have one KV head
+
+
+def other_family(keys: list[str], meta: dict[str, Any] | None = None, directory: Path | None = None) -> str | None:
+    """A one-line refusal naming the ``--model`` for a checkpoint of a family the toolkit knows that is not pi0
+    (pi0.5, OpenVLA, OpenVLA-OFT), from its config.json and tensor names; None when nothing says so."""
+    kind = (meta or {}).get("type") or (meta or {}).get("model_type")
+    pi05 = kind == "pi05" or (not any(re.search(r"(^|\.)state_proj\.", k) for k in keys)
+                              and any(PI05_MARKS.search(k) for k in keys))
+    if pi05:
+        why = (f"its config.json says {kind!r}" if kind == "pi05" else
+               "its tensors have pi0.5's time MLP / adaptive-norm weights and no state_proj")
+        return f"this is a pi0.5 checkpoint ({why}), not pi0: use --model pi05"
+    if any(k.startswith("vision_backbone.") for k in keys) and any(k.startswith("language_model.") for k in keys):
+        if directory is not None and any(directory.glob("action_head--*checkpoint.pt")):
+            return ("this is an OpenVLA-OFT checkpoint (action_head--*.pt beside the LLM), not pi0: "
+                    "use --model openvla-oft")
+        return "this is an OpenVLA checkpoint (vision_backbone.*, language_model.*), not pi0: use --model openvla"
+    return None
+
+
+def refuse_other_family(source: str, keys: list[str], meta: dict[str, Any] | None = None,
+                        directory: Path | None = None) -> None:
+    """``other_family`` as a ``CheckpointError``."""
+    why = other_family(keys, meta, directory)
+    if why:
+        raise CheckpointError(f"{source}: {why}")
 
 
 def recognise(keys: list[str]) -> str:
     """The layout name of a checkpoint from its tensor names (one line error when it is not a pi0 layout)."""
     ks = set(keys)
+    refuse_other_family("the weights", keys)
 
     def has(pattern: str) -> bool:
         rx = re.compile(pattern)
@@ -69,7 +106,8 @@ def recognise(keys: list[str]) -> str:
     if has(rf"{PE}paligemma\.model\.language_model\.model\."):
         return HUB
     if has(rf"model\.{PE}paligemma\.model\."):
-        return CURRENT
+        untied = any(EMBED.search(k) for k in ks) and has(rf"model\.{PE}paligemma\.lm_head\.")
+        return UNTIED if untied else CURRENT
     if has(rf"{PE}paligemma\.model\."):
         return OPENPI
     first = ", ".join(sorted(ks)[:3]) or "none"
@@ -80,29 +118,31 @@ def recognise(keys: list[str]) -> str:
 def to_model_names(tensors: dict[str, Any], model_names: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(weights under transformers' PI0 names, normalisation buffers of the older layout by their own key).
 
-    The VLM's input embedding may be stored once as ``embed_tokens`` and once as the tied ``lm_head``: both must
-    then hold the same values, and one is used.  SigLIP keys gain or lose ``vision_model.`` to match the
-    installed transformers' module tree.
+    The VLM's input embedding is ``embed_tokens`` when the file has it (tied to ``lm_head`` or not, as lerobot
+    loads it), else the tied ``lm_head`` (``dropped_lm_head`` names the head left out).  SigLIP keys gain or lose
+    ``vision_model.`` to match the installed transformers' module tree.
     """
     stats = {k: v for k, v in tensors.items() if STATS_BUFFERS.match(k)}
-    rest = {k: v for k, v in tensors.items() if k not in stats}
-    embed = [k for k in rest if re.search(r"paligemma\.(model\.)?language_model\.(model\.)?embed_tokens\.weight$", k)]
-    head = [k for k in rest if re.search(r"paligemma\.(language_model\.)?lm_head\.weight$", k)]
-    if embed and head:
-        a, b = rest[embed[0]], rest[head[0]]
-        if hasattr(a, "shape") and (tuple(a.shape) != tuple(b.shape) or not _equal(a, b)):
-            raise CheckpointError(f"{embed[0]} and {head[0]} differ, but pi0 ties them; the checkpoint is corrupt")
-        del rest[head[0]]
+    drop = set(dropped_lm_head(list(tensors)))
+    rest = {k: v for k, v in tensors.items() if k not in stats and k not in drop}
     mapped = remap_keys(rest, RULES)
     if not any(".vision_tower.vision_model." in n for n in model_names):
         return mapped, stats
-    return remap_keys(mapped, [(r"model\.vlm\.vision_tower\.(?!vision_model\.)", "model.vlm.vision_tower.vision_model.")]), stats
+    siglip = (r"model\.vlm\.vision_tower\.(?!vision_model\.)", "model.vlm.vision_tower.vision_model.")
+    return remap_keys(mapped, [siglip]), stats
 
 
-def _equal(a, b) -> bool:
-    import torch
+def dropped_lm_head(keys: list[str]) -> list[str]:
+    """The VLM ``lm_head`` key(s) a file holds beside its own ``embed_tokens``: pi0 never uses the LM head's logits
+    (lerobot keeps the untied head in its module but embeds with ``embed_tokens``), so they are left out."""
+    if not any(EMBED.search(k) for k in keys):
+        return []
+    return [k for k in keys if LM_HEAD.search(k)]
 
-    return bool(torch.equal(a, b)) if isinstance(a, torch.Tensor) else True
+
+def file_names(keys: list[str], model_names: set[str]) -> dict[str, str]:
+    """transformers PI0 name -> the file's key, for reporting tensors under the names users see in their file."""
+    return to_model_names({k: k for k in keys}, model_names)[0]
 
 
 def _layers(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
@@ -170,6 +210,8 @@ def read_meta(directory: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{f}: not readable JSON ({type(e).__name__}: {e})") from None
     kind = meta.get("type") or meta.get("model_type")
+    if kind == "pi05":
+        raise CheckpointError(f"{f}: {other_family([], meta)}")
     if kind not in (None, "pi0"):
         raise CheckpointError(f"{f} describes a {kind!r} policy; the pi0 adapter loads pi0 checkpoints only")
     return meta

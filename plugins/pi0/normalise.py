@@ -2,14 +2,19 @@
 
 * lerobot (``policy_preprocessor.json`` + ``policy_preprocessor_step_*_normalizer_processor.safetensors``, and the
   postprocessor's ``unnormalizer_processor`` step): keys ``<feature>.<stat>``; pi0's ``normalization_mapping`` is
-  STATE and ACTION -> MEAN_STD.  MEAN_STD: ``(x - mean) / (std + eps)``, inverse ``x * std + mean`` (no eps);
-  QUANTILES / MIN_MAX: ``2 (x - lo) / d - 1``, inverse ``(x + 1) d / 2 + lo`` with ``d = hi - lo`` (``eps`` where
-  ``d == 0``); ``eps`` from the step's config (default 1e-8).  No clipping.
+  STATE and ACTION -> MEAN_STD, but a config may name any of lerobot's ``NormalizationMode``s: MEAN_STD:
+  ``(x - mean) / (std + eps)``, inverse ``x * std + mean`` (no eps); MIN_MAX (min/max), QUANTILES (q01/q99) and
+  QUANTILE10 (q10/q90): ``2 (x - lo) / d - 1`` with ``d = hi - lo`` (``eps`` where ``d == 0``), inverse
+  ``(x + 1) / 2 * d + lo`` (MIN_MAX) or ``(x + 1) * d / 2 + lo`` (the quantile modes), the operation order of
+  lerobot's ``_NormalizationMixin._apply_transform``; IDENTITY: unchanged.  ``eps`` from the step's config
+  (default 1e-8).  No clipping.  Any other mode is refused in one line naming it.
 * older lerobot policies: the same formulas on the ``normalize_inputs`` / ``unnormalize_outputs`` buffers that
   sat among the weights (non-finite values there mean "no statistics").
 * openpi (``assets/<asset id>/norm_stats.json``: ``{"norm_stats": {"state": {mean, std, q01, q99}, "actions":
   ...}}``): pi0 trains with mean/std (quantiles are for pi0-FAST / pi0.5).  Normalise ``(x - mean[:d]) / (std[:d]
-  + 1e-6)``; unnormalise ``x * (std + 1e-6) + mean`` with mean padded by 0 and std by 1.  No clipping.
+  + 1e-6)``; unnormalise ``x * (std + 1e-6) + mean`` with mean padded by 0 and std by 1.  No clipping.  With
+  ``use_quantiles`` (pi0-FAST / pi0.5; ``openpi_stats(path, "QUANTILES")``): ``(x - q01) / (q99 - q01 + 1e-6) * 2 - 1``,
+  inverse ``(x + 1) / 2 * (q99 - q01 + 1e-6) + q01`` on the dimensions the statistics have, the rest unchanged.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from toolkit.sdk.errors import ToolkitError
 
 LEROBOT_EPS = 1e-8  # lerobot's NormalizerProcessorStep default
 OPENPI_EPS = 1e-6  # openpi.transforms.Normalize / Unnormalize
-MODES = ("MEAN_STD", "QUANTILES", "MIN_MAX")
-BOUNDS = {"QUANTILES": ("q01", "q99"), "MIN_MAX": ("min", "max")}
+# lerobot's NormalizationMode (configs/types.py); IDENTITY has no statistics (``_stats`` returns None for it)
+MODES = ("MEAN_STD", "MIN_MAX", "QUANTILES", "QUANTILE10", "IDENTITY")
+BOUNDS = {"MIN_MAX": ("min", "max"), "QUANTILES": ("q01", "q99"), "QUANTILE10": ("q10", "q90")}
 
 
 @dataclass
@@ -34,7 +40,7 @@ class Stats:
     """One feature's statistics and the convention they are applied with."""
 
     convention: str  # "lerobot" or "openpi"
-    mode: str  # MEAN_STD, QUANTILES, MIN_MAX
+    mode: str  # MEAN_STD, MIN_MAX, QUANTILES, QUANTILE10
     values: dict[str, np.ndarray]
     eps: float
 
@@ -49,6 +55,9 @@ class Stats:
             if d > self.dim:
                 raise ToolkitError(f"pi0: the state has {d} values but the openpi statistics only {self.dim}; "
                                    "pass the statistics of the dataset the policy was trained on, or --no-normalise")
+            if self.mode == "QUANTILES":
+                lo, hi = v["q01"][:d], v["q99"][:d]
+                return (x - lo) / (hi - lo + self.eps) * 2.0 - 1.0
             return (x - v["mean"][:d]) / (v["std"][:d] + self.eps)
         if d != self.dim:
             raise ToolkitError(f"pi0: the state has {d} values but the lerobot statistics {self.dim}; pass the "
@@ -56,7 +65,7 @@ class Stats:
         if self.mode == "MEAN_STD":
             return (x - v["mean"]) / (v["std"] + self.eps)
         lo, hi = (v[k] for k in BOUNDS[self.mode])
-        span = np.where(hi - lo == 0, self.eps, hi - lo)
+        span = np.where(hi - lo == 0, np.float32(self.eps), hi - lo)
         return 2.0 * (x - lo) / span - 1.0
 
     def unnormalise(self, x: np.ndarray) -> np.ndarray:
@@ -65,14 +74,21 @@ class Stats:
         x = np.asarray(x, dtype=np.float32)
         v, n = self.values, min(x.shape[-1], self.dim)
         out = x.copy()
-        if self.convention == "openpi":
+        if self.convention == "openpi" and self.mode == "QUANTILES":
+            lo, hi = v["q01"][:n], v["q99"][:n]
+            out[..., :n] = (x[..., :n] + 1.0) / 2.0 * (hi - lo + self.eps) + lo
+        elif self.convention == "openpi":
             out[..., :n] = x[..., :n] * (v["std"][:n] + self.eps) + v["mean"][:n]
             out[..., n:] = x[..., n:] * (1.0 + self.eps)
         elif self.mode == "MEAN_STD":
             out[..., :n] = x[..., :n] * v["std"][:n] + v["mean"][:n]
+        elif self.mode == "MIN_MAX":
+            lo, hi = (v[k][:n] for k in BOUNDS[self.mode])
+            span = np.where(hi - lo == 0, np.float32(self.eps), hi - lo)
+            out[..., :n] = (x[..., :n] + 1) / 2 * span + lo
         else:
             lo, hi = (v[k][:n] for k in BOUNDS[self.mode])
-            span = np.where(hi - lo == 0, self.eps, hi - lo)
+            span = np.where(hi - lo == 0, np.float32(self.eps), hi - lo)
             out[..., :n] = (x[..., :n] + 1.0) * span / 2.0 + lo
         return out
 
@@ -102,11 +118,13 @@ def _stats(convention: str, mode: str, values: dict[str, Any], eps: float, where
     if mode == "IDENTITY":
         return None
     if mode not in MODES:
-        raise ToolkitError(f"{where}: normalisation mode {mode!r} is not supported (use {', '.join(MODES)})")
+        raise ToolkitError(f"{where}: normalisation mode {mode!r} is not one lerobot defines ({', '.join(MODES)}); "
+                           "fix normalization_mapping / norm_map, or pass --no-normalise")
     need = ("mean", "std") if mode == "MEAN_STD" else BOUNDS[mode]
     missing = [k for k in need if k not in values]
     if missing:
-        raise ToolkitError(f"{where}: {mode} needs {', '.join(need)}, but {missing[0]} is not there")
+        raise ToolkitError(f"{where}: {mode} needs {', '.join(need)}, but {missing[0]} is not there; give statistics "
+                           "that have it (--model-option stats=PATH) or pass --no-normalise")
     vals = _floats({k: values[k] for k in need})
     if not all(np.isfinite(a).all() for a in vals.values()):
         return None  # older lerobot policies kept inf buffers when trained without statistics
@@ -116,16 +134,19 @@ def _stats(convention: str, mode: str, values: dict[str, Any], eps: float, where
 # --------------------------------------------------------------------------- openpi
 
 
-def openpi_stats(path: Path) -> Normalisation:
-    """``norm_stats.json`` as openpi writes it; pi0 uses its mean/std."""
+def openpi_stats(path: Path, mode: str = "MEAN_STD") -> Normalisation:
+    """``norm_stats.json`` as openpi writes it; pi0 uses its mean/std (``mode="QUANTILES"``: q01/q99, openpi's
+    ``use_quantiles``)."""
+    if mode not in ("MEAN_STD", "QUANTILES"):
+        raise ToolkitError(f"{path}: openpi normalises with MEAN_STD or QUANTILES, not {mode!r}")
     try:
         data = json.loads(path.read_text())["norm_stats"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ToolkitError(f"{path}: not an openpi norm_stats.json ({type(e).__name__}: {e})") from None
     state = data.get("state")
     action = data.get("actions")
-    return Normalisation(str(path), state and _stats("openpi", "MEAN_STD", state, OPENPI_EPS, str(path)),
-                         action and _stats("openpi", "MEAN_STD", action, OPENPI_EPS, str(path)))
+    return Normalisation(str(path), state and _stats("openpi", mode, state, OPENPI_EPS, str(path)),
+                         action and _stats("openpi", mode, action, OPENPI_EPS, str(path)))
 
 
 # --------------------------------------------------------------------------- lerobot

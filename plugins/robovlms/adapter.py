@@ -230,7 +230,8 @@ class RoboVLMsAdapter(ModelAdapter):
                                "config=FILE (the training JSON released with the checkpoint) to run it as trained")
         if trained.problems:
             self.warn_once(f"robovlms: training-config values not read (not plain data), defaults used instead: "
-                           f"{', '.join(trained.problems)}")
+                           f"{', '.join(trained.problems)}; to run the policy as trained, pass the training JSON "
+                           "released with the checkpoint: --model-option config=FILE")
         try:
             cast_model(self.model, self.device, self.torch_dtype)
         except (RuntimeError, AssertionError) as e:
@@ -323,19 +324,16 @@ class RoboVLMsAdapter(ModelAdapter):
         with no_init_weights():  # every weight is overwritten: skip the random init (minutes at 1.7 B on a CPU)
             policy = RoboKosmosPolicy(kosmos_config, window_size=self.window, **head)
         policy.backbone.tie_weights()  # post_init's tying is skipped with the init
+        # unused tensors by their names in the file (those under the prefix the model lacks, and all outside it):
+        # one warning, or with --strict a one-line refusal
         report = load_into(policy, ckpt.weights, source=str(self.checkpoint), layout=ckpt.layout,
-                           allow_missing=self.allow_missing)
+                           allow_missing=self.allow_missing, strict=self.strict,
+                           file_names={k: ckpt.prefix + k for k in ckpt.weights}, also_unexpected=ckpt.outside)
         if report.missing:  # --allow-missing: those keep seeded random values, never uninitialised memory
             fresh, own = seeded().state_dict(), policy.state_dict(keep_vars=True)
             with torch.no_grad():
                 for name in report.missing:
                     own[name].copy_(fresh[name])
-        # unused tensors by their names in the file: those under the prefix the model lacks, and all outside it
-        report.unexpected = sorted([ckpt.prefix + k for k in report.unexpected] + ckpt.outside)
-        if report.unexpected:
-            log.warning("robovlms: %d tensors of %s are not used by the policy (outside %r or unknown to it), e.g. "
-                        "%s; all are listed in the store's model.load_report", len(report.unexpected),
-                        self.checkpoint, ckpt.prefix, ", ".join(report.unexpected[:3]))
         self.load_report = report
         return policy.eval()
 

@@ -31,6 +31,11 @@ from toolkit.sdk.hf import one_line
 TEXT = "backbone.text_model.model"
 VISION = "backbone.vision_model.model"
 STATE_DICT_KEYS = ("state_dict", "model_state_dict")  # where RoboVLMs' own loaders look, in their order
+# torch's refusal to fill a stand-in as a container (a pickled dict/list subclass: defaultdict, EasyDict, ...)
+STOOD_IN = re.compile(r"Unreadable\[([\w.]+)\]")
+RESAVE = ("re-save it, on a machine where you trust the file, with the tensors and plain dicts/lists only (e.g. "
+          "torch.save({'state_dict': ckpt['state_dict']}, NEW.pt)) and give the training JSON with --model-option "
+          "config=FILE")
 
 
 def _path(*parts: Any) -> str:
@@ -113,6 +118,12 @@ def read_checkpoint(path: Path) -> RoboVLMsCheckpoint:
     try:
         obj, foreign = _torch_load(path)
     except Exception as e:  # noqa: BLE001 - a bad file is one line
+        stood_in = STOOD_IN.search(str(e))
+        if stood_in:
+            raise CheckpointError(f"cannot read RoboVLMs checkpoint {path}: it pickles a {stood_in.group(1)} object "
+                                  "that is filled like a dict or list, which the toolkit's reader (torch.load with "
+                                  "weights_only=True, no code from the file is run) cannot build; "
+                                  f"{RESAVE}") from None
         # torch's refusal names the global on a later line of its message
         why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), one_line(e))
         raise CheckpointError(f"cannot read RoboVLMs checkpoint {path} ({why}); it must be a .pt/.ckpt "

@@ -45,6 +45,8 @@ class LoadReport:
     derived: list[str] = field(default_factory=list)  # tied/derived names, not in the file on purpose
     missing: list[str] = field(default_factory=list)  # model names NOT filled
     unexpected: list[str] = field(default_factory=list)  # file keys the model does not use
+    # file keys upstream's own policy also leaves unused (e.g. an untied lm_head): recorded, not warned about
+    ignored: list[str] = field(default_factory=list)
 
     def to_attrs(self) -> dict[str, Any]:
         """JSON-able summary for the store's ``model.load_report`` attribute."""
@@ -53,6 +55,7 @@ class LoadReport:
             "n_loaded": len(self.loaded), "n_derived": len(self.derived), "n_missing": len(self.missing),
             "n_unexpected": len(self.unexpected), "missing": list(self.missing),
             "unexpected": list(self.unexpected[:SHOW_UNEXPECTED]), "derived": list(self.derived),
+            "n_ignored": len(self.ignored), "ignored": list(self.ignored[:SHOW_UNEXPECTED]),
         }
 
 
@@ -71,7 +74,7 @@ def _tied_aliases(model: torch.nn.Module) -> dict[str, set[str]]:
 
 def check_complete(model: torch.nn.Module, loaded: Iterable[str], *, source: str, layout: str,
                    derived: Iterable[str] = (), unexpected: Iterable[str] = (),
-                   allow_missing: bool = False, strict: bool = False) -> LoadReport:
+                   allow_missing: bool = False, strict: bool = False, ignored: Iterable[str] = ()) -> LoadReport:
     """Every parameter and persistent buffer of ``model`` must be in ``loaded`` or ``derived``.
 
     A name tied to a loaded one (the same Parameter object, e.g. ``lm_head.weight`` and the input
@@ -79,6 +82,7 @@ def check_complete(model: torch.nn.Module, loaded: Iterable[str], *, source: str
     missing weights and the recognised layout; with ``allow_missing`` log one warning and return the report.
     Checkpoint tensors the model does not use (``unexpected``: unmerged LoRA factors, a head this model lacks)
     are one warning with their count and first names, or, with ``strict`` (``--strict``), a ``CheckpointError``.
+    ``ignored``: file tensors the upstream policy does not use either (recorded in the report, no warning).
     """
     names = model_weight_names(model)
     loaded_set, derived_set = set(loaded), set(derived)
@@ -90,7 +94,7 @@ def check_complete(model: torch.nn.Module, loaded: Iterable[str], *, source: str
         loaded=[n for n in names if n in loaded_set],
         derived=[n for n in names if n in derived_set and n not in loaded_set],
         missing=[n for n in names if n not in loaded_set and n not in derived_set],
-        unexpected=sorted(set(unexpected)),
+        unexpected=sorted(set(unexpected)), ignored=sorted(set(ignored)),
     )
     if report.missing:
         first = ", ".join(report.missing[:SHOW_MISSING])
@@ -103,6 +107,10 @@ def check_complete(model: torch.nn.Module, loaded: Iterable[str], *, source: str
     if report.unexpected:
         what = (f"{source}: {len(report.unexpected)} checkpoint tensors are not used by the model (recognised "
                 f"layout: {layout}); first: {', '.join(report.unexpected[:SHOW_MISSING])}")
+        lora = sum(".lora_" in n for n in report.unexpected)
+        if lora:  # a fine-tune saved without merging its adapters: the base weights alone are not the fine-tune
+            what += (f" ({lora} are unmerged LoRA factors: merge them into the base weights, e.g. peft's "
+                     "merge_and_unload, and save again)")
         if strict:
             raise CheckpointError(f"{what}; refused (--strict): check that --model names this checkpoint's family")
         log.warning("%s; they are ignored (listed in the store's model.load_report; --strict refuses them)", what)
@@ -251,11 +259,14 @@ def strip_prefix(state_dict: Mapping[str, Any], prefixes: Sequence[str]) -> dict
 
 def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str, layout: str,
               derived: Iterable[str] = (), allow_missing: bool = False, assign: bool = False,
-              strict: bool = False) -> LoadReport:
+              strict: bool = False, ignored: Iterable[str] = (), file_names: Mapping[str, str] | None = None,
+              also_unexpected: Iterable[str] = ()) -> LoadReport:
     """Copy ``state_dict`` (already in the model's names) into ``model`` and verify completeness.
 
     Shapes must match exactly (a mismatch is one line naming the weight); keys the model does not have
-    are reported as unexpected; the model's own dtypes are kept unless ``assign`` (meta-device models).
+    are reported as unexpected, under their names in the file when ``file_names`` (model name -> file key) is
+    given, together with ``also_unexpected`` (file keys the caller set aside, e.g. outside the model's prefix);
+    the model's own dtypes are kept unless ``assign`` (meta-device models).
     """
     own = model.state_dict(keep_vars=True)
     usable = {k: v for k, v in state_dict.items() if k in own}
@@ -267,6 +278,7 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     if assign:
         usable = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in usable.items()}
     model.load_state_dict(usable, strict=False, assign=assign)
+    names = file_names or {}
     return check_complete(model, usable, source=source, layout=layout, derived=derived,
-                          unexpected=[k for k in state_dict if k not in own], allow_missing=allow_missing,
-                          strict=strict)
+                          unexpected=[names.get(k, k) for k in state_dict if k not in own] + list(also_unexpected),
+                          allow_missing=allow_missing, strict=strict, ignored=ignored)
