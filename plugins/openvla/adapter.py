@@ -415,6 +415,12 @@ class OpenVLAAdapter(ModelAdapter):
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         if self.capture == "actions" and self.action_dim > 1:
             embeds, mask, pos = self._replay_inputs(embeds, mask, self._generate(embeds, mask))
+        return self._llm_layer_outputs(embeds, mask, pos)
+
+    def _llm_layer_outputs(self, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+                           ) -> dict[str, torch.Tensor]:
+        """``{"llm": (B, L, seq, hidden)}``: every LLM layer's output by transformers' ``output_hidden_states``,
+        the final norm bypassed (``hidden_states[-1]`` is post-norm in transformers 5.x)."""
         base = self.lm.model
         norm, base.norm = base.norm, torch.nn.Identity()
         try:

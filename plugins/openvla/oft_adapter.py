@@ -430,11 +430,4 @@ class OpenVLAOFTAdapter(OpenVLAAdapter):
                                 ) -> dict[str, torch.Tensor]:
         """Each LLM layer's output from transformers' ``output_hidden_states`` (final norm bypassed)."""
         embeds, mask, pos = self._embed(inputs)
-        base = self.lm.model
-        norm, base.norm = base.norm, torch.nn.Identity()
-        try:
-            out = base(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
-                       output_hidden_states=True)
-        finally:
-            base.norm = norm
-        return {"llm": torch.stack(out.hidden_states[1:], 1)}
+        return self._llm_layer_outputs(embeds, mask, pos)
