@@ -54,3 +54,36 @@ def test_h5_counts_the_frames_it_will_read(tmp_path, capsys):
     n, (done, total) = _extract_with_bar(capsys, tmp_path / "out", dataset="h5", data=str(tmp_path),
                                          dataset_options={"frames_per_episode": 3}, max_steps=2)
     assert n == int(done) == int(total) == 6
+
+
+def test_rlds_counts_the_steps_it_will_yield(tmp_path, capsys, monkeypatch):
+    """TFDS' split info has episodes, not steps: one pass with the images left encoded counts them."""
+    pytest.importorskip("tensorflow_datasets")
+    from test_rlds import N_STEPS, write_libero_rlds
+    from toolkit_plugins import rlds
+
+    d = write_libero_rlds(tmp_path / "rlds")
+    ds = rlds.RLDSDataset(str(d))
+    assert ds.length_hint() == N_STEPS == [5, 4, 6]
+    assert rlds.RLDSDataset(str(d), split="train[1:]").length_hint() == [4, 6]
+    assert rlds.RLDSDataset(str(d), split="train+val").length_hint() == [5, 4, 6, 3]
+    opts = dict(split="train[1:]", step_stride="2", max_steps_per_episode="5")
+    assert rlds.RLDSDataset(str(d), **opts).length_hint() == [2, 3] == \
+        [len(list(ep.steps())) for ep in rlds.RLDSDataset(str(d), **opts).episodes()]
+    assert rlds.RLDSDataset(str(d), num_episodes="2").length_hint() == [5, 4]
+    n, (done, total) = _extract_with_bar(capsys, tmp_path, dataset="rlds", data=str(d), max_steps=3, stride=2)
+    assert n == int(done) == int(total) == 6
+    monkeypatch.setattr(rlds, "HINT_BYTES", 1000)  # the tiny split is ~100 kB: too big to count now
+    assert rlds.RLDSDataset(str(d)).length_hint() is None
+
+
+def test_lerobot_takes_its_lengths_from_the_metadata(tmp_path, capsys):
+    pytest.importorskip("av")
+    from toolkit_plugins.lerobot.sample import write_dataset
+
+    w = write_dataset(tmp_path / "lr", "v3.0", lengths=(6, 5, 7))
+    lerobot = registry()["dataset"]["lerobot"].obj
+    assert lerobot(str(w.root)).length_hint() == [6, 5, 7]
+    assert lerobot(str(w.root), episodes="1-2").length_hint() == [5, 7]
+    n, (done, total) = _extract_with_bar(capsys, tmp_path / "out", dataset="lerobot", data=str(w.root), stride=3)
+    assert n == int(done) == int(total) == 2 + 2 + 3

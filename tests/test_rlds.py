@@ -92,6 +92,7 @@ def test_parent_dir_split_slicing_and_step_options(rlds_dir):
     ds = RLDSDataset(str(rlds_dir), num_episodes="1", max_steps_per_episode="4", step_stride="2")
     eps = list(ds.episodes())
     assert len(eps) == 1 and [s.index for s in eps[0].steps()] == [0, 2]
+    assert eps[0].n_steps == 2 and eps[0].metadata["n_steps"] == N_STEPS[0]  # what it yields; the episode's length
 
 
 def test_keys_nested_and_episode_level(rlds_dir):

@@ -167,6 +167,13 @@ class LiberoSimDataset(DatasetAdapter):
                 ep._steps = lambda ep=ep, tid=tid, trial=trial: self._rollout(ep, tid, trial)
                 yield ep
 
+    def length_hint(self) -> list[int]:
+        """An upper bound, not a count: each episode's policy calls if it runs to ``max_steps`` (a call executes up to
+        ``replan_steps`` environment steps; an episode that succeeds ends sooner).  The progress bar shows it as its
+        total, so a long rollout has an ETA; a closed-loop store never takes it for its size."""
+        calls = -(-self.max_steps // self.replan_steps)
+        return [calls] * (len(self.task_ids) * self.trials)
+
     def feedback(self, episode: Episode, step: Step, actions: np.ndarray) -> None:
         if self._pending is None or self._pending[0] is not step:
             raise ToolkitError("libero-sim: feedback for a step that is not the one waiting for actions")

@@ -28,8 +28,12 @@ Steps: ``images["agentview"]`` (image key), ``images["wrist"]`` (wrist key), ``s
 step's scalar fields (``is_first``, ``is_last``, ``is_terminal``, ``reward``, ``discount``, ...) as
 ``Step.fields``; the episode's instruction is its ``instruction`` and ``task`` (``task_id`` numbers the
 distinct instructions in order of appearance).  TensorFlow is imported only when a dataset is read, and is
-kept off the GPUs.  No ``length_hint``: TFDS' dataset info counts a split's episodes, not their steps, so
-extract's progress bar has no total.
+kept off the GPUs.
+
+``length_hint``: TFDS' split info counts a split's episodes and bytes but not their steps, so the steps are
+counted in one pass over the episodes that are read with their images left undecoded, when those episodes
+(the split's size, scaled to the slice and ``num_episodes``) are at most ``HINT_BYTES``; a larger selection
+gives no hint (no total in the progress bar: slice the split or set ``num_episodes`` to get one).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ OPTIONAL_KEYS = ("wrist_image_key", "state_key", "action_key")  # absent default
 # a dict action's parts that come first, in this order (RT-1/fractal's end-effector action); others follow by key
 ACTION_ORDER = ("world_vector", "rotation_delta", "gripper_closedness_action")
 INSTALL = "pip install 'toolkit[rlds]'"
+HINT_BYTES = 1 << 30  # the largest selection (bytes on disk) whose steps length_hint counts in a pass of its own
 
 
 def _one_line(e: BaseException) -> str:
@@ -223,6 +228,44 @@ class RLDSDataset(DatasetAdapter):
             ds = ds.take(self.num_episodes)
         return tfds, ds
 
+    # the length hint ---------------------------------------------------------------------------------
+    def _selection_bytes(self) -> tuple[int, float] | None:
+        """(episodes, bytes on disk) of the episodes ``episodes()`` reads, from the split info (None: unknown)."""
+        info = self.builder().info
+        split = str(self.opts["split"])
+        try:
+            n = int(info.splits[split].num_examples)
+            bases = [info.splits[b] for b in dict.fromkeys(re.findall(r"[A-Za-z_][\w-]*", split)) if b in info.splits]
+        except Exception:  # noqa: BLE001 - an unusual split expression: no hint rather than a failure
+            return None
+        total_n, total_bytes = sum(int(b.num_examples) for b in bases), sum(int(b.num_bytes) for b in bases)
+        if not n or not total_n or not total_bytes:
+            return None
+        if self.num_episodes is not None:
+            n = min(n, self.num_episodes)
+        return n, total_bytes * n / total_n
+
+    def length_hint(self) -> list[int] | None:
+        """Steps each episode yields (after ``max_steps_per_episode`` and ``step_stride``), counted in one pass that
+        decodes no image, for a selection of at most ``HINT_BYTES`` (see the module doc); None above that."""
+        sel = self._selection_bytes()
+        if sel is None or sel[1] > HINT_BYTES:
+            return None
+        tf, tfds = _import_tfds()
+        b = self.builder()
+        try:
+            ds = b.as_dataset(split=str(self.opts["split"]), shuffle_files=False,
+                              decoders=_skip_images(b.info.features, tfds))
+            if self.num_episodes is not None:
+                ds = ds.take(self.num_episodes)
+            counts = [int(n) for n in tfds.as_numpy(ds.map(lambda ep: ep["steps"].cardinality()))]
+        except Exception as e:  # noqa: BLE001
+            raise ToolkitError(f"cannot read {self.data} ({_one_line(e)})") from None
+        if any(n < 0 for n in counts):  # an unknown cardinality: no hint rather than a wrong one
+            return None
+        cap = self.max_steps
+        return [len(range(0, n if cap is None else min(n, cap), self.stride)) for n in counts]
+
     # reading -------------------------------------------------------------------------------------
     def _lookup(self, option: str, episode: dict, step: dict, required: bool) -> Any:
         key = self.keys[option]
@@ -261,8 +304,9 @@ class RLDSDataset(DatasetAdapter):
                 if not isinstance(v, dict):
                     md[k] = _text(v) if isinstance(v, (bytes, np.bytes_)) else np.asarray(v).tolist()
             key = f"{self.opts['split']}/episode_{e:06d}"
-            yield Episode(key=key, task=instruction, task_id=task_id,
-                          instruction=instruction, metadata=md, n_steps=len(steps),
+            end = len(steps) if self.max_steps is None else min(len(steps), self.max_steps)
+            yield Episode(key=key, task=instruction, task_id=task_id,  # n_steps: the steps it yields
+                          instruction=instruction, metadata=md, n_steps=len(range(0, end, self.stride)),
                           _steps=lambda steps=steps, meta=meta, key=key: self._steps(steps, meta, key))
 
     def _steps(self, steps: list[dict], meta: dict, key: str) -> Iterator[Step]:
@@ -320,6 +364,16 @@ class RLDSDataset(DatasetAdapter):
         if self.action_parts is not None:
             out["action_parts"] = [list(p) for p in self.action_parts]
         return out
+
+
+def _skip_images(feature: Any, tfds: Any) -> Any:
+    """TFDS decoders that leave every Image feature encoded (counting steps needs no pixels)."""
+    if isinstance(feature, tfds.features.Dataset):
+        return _skip_images(feature.feature, tfds)
+    if isinstance(feature, tfds.features.FeaturesDict):
+        inner = {k: _skip_images(v, tfds) for k, v in feature.items()}
+        return {k: v for k, v in inner.items() if v is not None} or None
+    return tfds.decode.SkipDecoding() if isinstance(feature, tfds.features.Image) else None
 
 
 def _raw_bytes(a: np.ndarray) -> bytes:

@@ -98,8 +98,9 @@ class Run:
         return iter_samples(self.dataset, self.spec)
 
     def total(self) -> int | None:
-        """The number of samples an open-loop run stores, where the dataset knows it (None: unknown)."""
-        return None if self.closed else expected_samples(self.dataset, self.spec)
+        """The number of samples an open-loop run stores, where the dataset knows it (None: unknown).  Closed loop:
+        an upper bound (a simulator's episodes may end early), only ever the progress bar's total and ETA."""
+        return expected_samples(self.dataset, self.spec)
 
     def process(self, batch: list[Sample]) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
         """One batch through the model (or the data's own activations): arrays keyed ``site/stream`` and by
