@@ -132,6 +132,16 @@ def pi0_adapter():
 
 
 @pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A local tokenizer directory (the small Llama-style SentencePiece model) for pi0 / pi0.5 checkpoints."""
+    from toolkit.sdk.hf import llama_tokenizer
+
+    d = tmp_path_factory.mktemp("paligemma_tokenizer")
+    llama_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
 def pi0_single_thread():
     """The tiny pi0 runs ~10x faster on one thread than on two contended ones; restores the setting."""
     n = torch.get_num_threads()

@@ -1,15 +1,17 @@
 """The built-in pi0 adapter on its small random model: conformance, capture fidelity, loading, dtypes, errors."""
 
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
 import toolkit
-from toolkit.sdk.adapters import DatasetAdapter, Step
+from toolkit.sdk.adapters import Step
 from toolkit.sdk.errors import ToolkitError
-from synthetic import camera_episodes, dataset_registered
+import pi_common
+from pi_common import assert_resid_post_is_hidden_states, first_steps
 from toolkit.testing import check_model_adapter, full_plan, generators, run_captured
 from toolkit.sdk.hf import llama_tokenizer
 from toolkit_plugins.pi0 import Pi0Adapter
@@ -18,34 +20,13 @@ from toolkit_plugins.pi0.adapter import RANDOM_WARNING
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
 
 INSTRUCTIONS = ["pick up the cream cheese and place it in the basket", "open the top drawer"]
-
-
-
-
-class Pi0Steps(DatasetAdapter):
-    """Two episodes of two LIBERO-like steps (agentview + wrist cameras, 8-dim state)."""
-
-    name = "pi0_test_steps"
-
-    def episodes(self):
-        yield from camera_episodes(INSTRUCTIONS)
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    with dataset_registered(Pi0Steps) as name:
-        yield name
+extract = partial(pi_common.extract, "pi0")  # extract(store, dataset, **options)
+dataset = pi_common.camera_dataset("pi0_test_steps", INSTRUCTIONS)  # a module fixture
 
 
 @pytest.fixture(scope="module")
 def batch():
-    return [(ep, step) for ep in camera_episodes(INSTRUCTIONS) for step in ep.steps()][:3]
-
-
-def extract(store, dataset, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return toolkit.extract(model="pi0", dataset=dataset, store=store, **kw)
+    return first_steps(INSTRUCTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -107,19 +88,7 @@ def test_vlm_resid_post_equals_output_hidden_states(pi0_adapter, full_store, bat
     """Captured per-layer outputs == transformers' own hidden states (last layer: through the final norm)."""
     got = full_store.read("vlm", "resid_post")  # (sample, layer, token, feature)
     assert got.shape == (4, 6, 80, 128)
-    inputs = pi0_adapter.prepare(batch)  # the store's first 3 samples
-    t, model = inputs.tensors, pi0_adapter.model.model
-    with torch.no_grad():
-        emb = model.embed_prefix(t["input_ids"], t["pixel_values"], t["pixel_attention_mask"])
-        hs = model.vlm(inputs_embeds=emb, attention_mask=t["attention_mask"],
-                       position_ids=t["attention_mask"].cumsum(-1) - 1, token_type_ids=torch.zeros_like(emb)[:, :, 0],
-                       output_hidden_states=True).hidden_states
-    assert len(hs) == 7
-    got = torch.from_numpy(got[:3])
-    for layer in range(5):
-        torch.testing.assert_close(got[:, layer], hs[layer + 1], atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        torch.testing.assert_close(model.vlm.language_model.norm(got[:, 5]), hs[6], atol=1e-5, rtol=1e-5)
+    assert_resid_post_is_hidden_states(pi0_adapter, batch, got[:3])  # batch: the store's first 3 samples
 
 
 def test_action_expert_is_captured_once_per_denoising_step(full_store):

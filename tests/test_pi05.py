@@ -6,22 +6,24 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
+from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 import toolkit
-from synthetic import camera_episodes, dataset_registered
+import pi_common
+from pi_common import ACTION_DIM, ACTION_STATS, NORMALISER, OPENPI_CONFIG, SMALL_EXPERTS, STATE_DIM, STATE_STATS
+from pi_common import assert_every_weight_loaded, assert_loaded_from_file, assert_resid_post_is_hidden_states
+from pi_common import assert_small_architecture, first_steps, quiet, save_pretrained, small_model, tokenizer_step
+from pi_common import toolkit_cli, write_lerobot_processors, write_openpi_files
+from synthetic import camera_episodes
 from toolkit.capture.intervention import Intervention, Steering
 from toolkit.run.samples import sample_generator
-from toolkit.sdk.adapters import DatasetAdapter
 from toolkit.sdk.checkpoint import CheckpointError
 from toolkit.sdk.errors import ToolkitError
 from toolkit.sdk.hf import llama_tokenizer
@@ -33,27 +35,8 @@ pytestmark = pytest.mark.usefixtures("pi0_single_thread")
 
 INSTRUCTIONS = ["pick up the cream cheese and place it in the basket", "open_the top\ndrawer"]
 PARTS = ("scale", "shift", "gate")
-
-
-class Pi05Steps(DatasetAdapter):
-    """Two episodes of two LIBERO-like steps (agentview + wrist cameras, 8-dim state)."""
-
-    name = "pi05_test_steps"
-
-    def episodes(self):
-        yield from camera_episodes(INSTRUCTIONS)
-
-
-def quiet(make, *args, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return make(*args, **kw)
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    with dataset_registered(Pi05Steps) as name:
-        yield name
+extract = partial(pi_common.extract, "pi05")  # extract(store, dataset, **options)
+dataset = pi_common.camera_dataset("pi05_test_steps", INSTRUCTIONS)  # a module fixture
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +46,7 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def batch():
-    return [(ep, step) for ep in camera_episodes(INSTRUCTIONS) for step in ep.steps()][:3]
-
-
-def extract(store, dataset, **kw):
-    return quiet(toolkit.extract, model="pi05", dataset=dataset, store=store, **kw)
-
-
-def toolkit_cli(*args):
-    """`toolkit ARGS` in this process (the same click group and one-line error handling as the console script)."""
-    from click.testing import CliRunner
-
-    from toolkit.cli.main import cli
-
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    return SimpleNamespace(returncode=res.exit_code, stderr=res.stderr, output=res.output)
+    return first_steps(INSTRUCTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -171,18 +140,9 @@ def test_the_slotted_prompt_runs_exactly_like_the_contiguous_upstream_prompt(ada
 
 
 def test_vlm_resid_post_equals_output_hidden_states(adapter, full_store, batch):
-    got = torch.from_numpy(full_store.read("vlm", "resid_post")[:3])  # (sample, layer, token, feature)
+    got = full_store.read("vlm", "resid_post")[:3]  # (sample, layer, token, feature)
     assert got.shape == (3, 6, 138, 128)
-    t, model = adapter.prepare(batch).tensors, adapter.model.model
-    with torch.no_grad():
-        emb = model.embed_prefix(t["input_ids"], t["pixel_values"], t["pixel_attention_mask"])
-        hs = model.vlm(inputs_embeds=emb, attention_mask=t["attention_mask"],
-                       position_ids=t["attention_mask"].cumsum(-1) - 1, token_type_ids=torch.zeros_like(emb)[:, :, 0],
-                       output_hidden_states=True).hidden_states
-        assert len(hs) == 7
-        for layer in range(5):
-            torch.testing.assert_close(got[:, layer], hs[layer + 1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.vlm.language_model.norm(got[:, 5]), hs[6], atol=1e-5, rtol=1e-5)
+    assert_resid_post_is_hidden_states(adapter, batch, got)
 
 
 def _time_embedding(model, t: float, batch: int) -> torch.Tensor:
@@ -305,20 +265,7 @@ def test_unknown_option_and_missing_checkpoint_are_one_line(tmp_path):
 
 # --------------------------------------------------------------------------- checkpoints in the upstream layouts
 
-# the real pi0.5 head layout (one KV head; SigLIP So400m has 16 heads) at toy widths
-SMALL = dict(
-    vlm_config=dict(
-        model_type="paligemma",
-        text_config=dict(model_type="gemma", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                         num_attention_heads=8, num_key_value_heads=1, head_dim=8, vocab_size=32001),
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=16, patch_size=14, image_size=28, vision_use_head=False),
-        projection_dim=64, image_token_id=32001),
-    dit_config=dict(model_type="gemma", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                    num_attention_heads=8, num_key_value_heads=1, head_dim=8),
-    chunk_size=50, max_action_dim=32, num_inference_steps=10,
-)
-STATE_DIM, ACTION_DIM = 8, 7
+SMALL = dict(SMALL_EXPERTS)  # the real pi0.5 head layout at toy widths
 PE = "paligemma_with_expert."
 LEROBOT_CONFIG = {
     "type": "pi05", "n_obs_steps": 1, "chunk_size": 50, "n_action_steps": 50, "max_state_dim": 32,
@@ -328,15 +275,10 @@ LEROBOT_CONFIG = {
                        "observation.images.image": {"type": "VISUAL", "shape": [3, 224, 224]}},
     "output_features": {"action": {"type": "ACTION", "shape": [ACTION_DIM]}},
 }
-OPENPI_CONFIG = {"action_dim": 32, "action_horizon": 50, "paligemma_variant": "gemma_2b",
-                 "action_expert_variant": "gemma_300m", "precision": "float32"}
 
 
 def native_weights(seed: int = 3) -> dict[str, torch.Tensor]:
-    from transformers import PI05Config, PI05ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    model = PI05ForConditionalGeneration(PI05Config(**SMALL))
+    model = small_model("PI05ForConditionalGeneration", SMALL, seed)
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in model.state_dict().items():  # the adaptive norms' dense layers are zeros at init: not here
@@ -365,42 +307,17 @@ def file_key(name: str, layout: str) -> str:
     return "model." + key if layout == "finetune" else key
 
 
-def _quantile_stats(dim: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    mean = rng.normal(size=dim).astype(np.float32)
-    std = rng.uniform(0.5, 2.0, size=dim).astype(np.float32)
-    return {"mean": mean, "std": std, "q01": mean - 2 * std, "q99": mean + 2 * std,
-            "min": mean - 3 * std, "max": mean + 3 * std}
-
-
-STATE_STATS, ACTION_STATS = _quantile_stats(STATE_DIM, 1), _quantile_stats(ACTION_DIM, 2)
-
-
-def write_lerobot_processors(d: Path, mapping: dict[str, str], relative: dict | None = None) -> None:
+def write_processors(d: Path, mapping: dict[str, str], relative: dict | None = None) -> None:
     """policy_preprocessor.json / policy_postprocessor.json and their normaliser step files (lerobot's pi05)."""
-    features = {"observation.state": {"type": "STATE", "shape": [STATE_DIM]},
-                "action": {"type": "ACTION", "shape": [ACTION_DIM]}}
-    norm_cfg = {"eps": 1e-8, "features": features, "norm_map": mapping}
-    pre = "policy_preprocessor_step_3_normalizer_processor.safetensors"
-    post = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
-    save_numpy({**{f"observation.state.{k}": v for k, v in STATE_STATS.items()},
-                **{f"action.{k}": v for k, v in ACTION_STATS.items()}}, str(d / pre))
-    save_numpy({f"action.{k}": v for k, v in ACTION_STATS.items()}, str(d / post))
-    (d / "policy_preprocessor.json").write_text(json.dumps({"name": "policy_preprocessor", "steps": [
+    device = {"registry_name": "device_processor", "config": {"device": "cpu"}}
+    write_lerobot_processors(d, mapping, [
         {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
         {"registry_name": "to_batch_processor", "config": {}},
         {"registry_name": "relative_actions_processor", "config": relative or {"enabled": False}},
-        {"registry_name": "normalizer_processor", "config": norm_cfg, "state_file": pre},
+        NORMALISER,
         {"registry_name": "pi05_prepare_state_tokenizer_processor_step", "config": {"max_state_dim": 32}},
-        {"registry_name": "tokenizer_processor", "config": {"max_length": 200, "padding_side": "right",
-                                                            "padding": "max_length",
-                                                            "tokenizer_name": "google/paligemma-3b-pt-224"}},
-        {"registry_name": "device_processor", "config": {"device": "cpu"}}]}))
-    (d / "policy_postprocessor.json").write_text(json.dumps({"name": "policy_postprocessor", "steps": [
-        {"registry_name": "unnormalizer_processor", "config": {"eps": 1e-8, "features": {"action": features["action"]},
-                                                               "norm_map": mapping}, "state_file": post},
-        {"registry_name": "absolute_actions_processor", "config": {"enabled": bool(relative)}},
-        {"registry_name": "device_processor", "config": {"device": "cpu"}}]}))
+        tokenizer_step(200), device],
+        [{"registry_name": "absolute_actions_processor", "config": {"enabled": bool(relative)}}, device])
 
 
 def write_checkpoint(d: Path, layout: str, weights: dict[str, torch.Tensor], *, tied: bool = False,
@@ -420,16 +337,11 @@ def write_checkpoint(d: Path, layout: str, weights: dict[str, torch.Tensor], *, 
     tensors[prefix + PE + "gemma_expert.lm_head.weight"] = torch.randn(32001, 32)  # saved, never read
     save_file(tensors, str(d / "model.safetensors"))
     if layout == "openpi":
-        (d / "config.json").write_text(json.dumps(config or OPENPI_CONFIG))
-        assets = d / "assets" / "physical-intelligence" / "libero"
-        assets.mkdir(parents=True)
-        (assets / "norm_stats.json").write_text(json.dumps({"norm_stats": {
-            "state": {k: STATE_STATS[k].tolist() for k in ("mean", "std", "q01", "q99")},
-            "actions": {k: ACTION_STATS[k].tolist() for k in ("mean", "std", "q01", "q99")}}}))
+        write_openpi_files(d, config)
     else:
         cfg = {**LEROBOT_CONFIG, **(config or {})}
         (d / "config.json").write_text(json.dumps(cfg))
-        write_lerobot_processors(d, mapping or cfg["normalization_mapping"], relative)
+        write_processors(d, mapping or cfg["normalization_mapping"], relative)
     return d
 
 
@@ -438,15 +350,7 @@ def weights():
     return native_weights()
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("paligemma_tokenizer")
-    llama_tokenizer().save_pretrained(d)
-    return d
-
-
-def load(ckpt: Path, tokenizer_dir: Path, **kw) -> Pi05Adapter:
-    return quiet(Pi05Adapter, checkpoint=str(ckpt), tokenizer=str(tokenizer_dir), **kw)
+load = partial(pi_common.load, Pi05Adapter)  # load(ckpt, tokenizer_dir, **options)
 
 
 def small_batch():
@@ -464,11 +368,8 @@ def actions(a: Pi05Adapter, batch=None) -> np.ndarray:
 def test_each_layout_loads_every_tensor_it_uses(layout, name, weights, tokenizer_dir, tmp_path):
     ckpt = write_checkpoint(tmp_path / layout, layout, weights)
     a = load(ckpt, tokenizer_dir)
-    file = load_file(str(ckpt / "model.safetensors"))
-    params = a.model.state_dict()
-    assert set(params) == set(weights)
-    for n in weights:  # every model tensor equals the file tensor at its upstream key (embed_tokens, not lm_head)
-        torch.testing.assert_close(params[n], file[file_key(n, layout)], rtol=0, atol=0)
+    # every model tensor equals the file tensor at its upstream key (embed_tokens, not lm_head)
+    file = assert_loaded_from_file(a, ckpt, weights, lambda n: file_key(n, layout))
     report = a.load_report
     assert a.layout == report.layout == name and report.missing == [] and report.unexpected == []
     prefix = "model." if layout == "finetune" else ""
@@ -476,9 +377,7 @@ def test_each_layout_loads_every_tensor_it_uses(layout, name, weights, tokenizer
                                                              [prefix + PE + "paligemma.lm_head.weight"])
     assert report.ignored == sorted(heads)  # upstream's policy reads neither: recorded, not loaded, no warning
     assert len(report.loaded) == len(weights) == len(file) - len(heads)
-    text = a.model.config.vlm_config.text_config
-    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.head_dim) == (2, 64, 8, 8)
-    assert a.model.config.dit_config.hidden_size == 32 and a.image_size == 28 and a.chunk_size == 50
+    assert_small_architecture(a)
     assert a.max_text_tokens == (200 if layout != "openpi" else 200) and a.action_dim == 7
 
 
@@ -505,15 +404,9 @@ def test_an_older_tied_save_embeds_with_its_lm_head(weights, tokenizer_dir, tmp_
 
 
 def test_transformers_save_pretrained_round_trips(weights, tokenizer_dir, tmp_path):
-    from transformers import PI05Config, PI05ForConditionalGeneration
-
-    m = PI05ForConditionalGeneration(PI05Config(**SMALL))
-    m.load_state_dict(weights)
-    m.save_pretrained(tmp_path / "tf")
-    a = load(tmp_path / "tf", tokenizer_dir)
-    assert a.layout == "transformers PI05 save_pretrained" and a.load_report.missing == []
-    for n, t in a.model.state_dict().items():
-        assert torch.equal(t, weights[n]), n
+    a = load(save_pretrained("PI05ForConditionalGeneration", SMALL, weights, tmp_path / "tf"), tokenizer_dir)
+    assert a.layout == "transformers PI05 save_pretrained"
+    assert_every_weight_loaded(a, weights)
 
 
 def test_unexpected_tensors_warn_and_strict_refuses(weights, tokenizer_dir, tmp_path, caplog):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 
 import numpy as np
 import pytest
@@ -16,11 +15,10 @@ import torch
 from safetensors.numpy import save_file as save_numpy
 
 from synthetic import camera_episodes
-from test_pi0_checkpoints import ACTION_DIM, ACTION_STATS, STATE_DIM, native_weights, toolkit_cli, write_checkpoint
+from pi_common import toolkit_cli
+from test_pi0_checkpoints import ACTION_DIM, ACTION_STATS, STATE_DIM, load, native_weights, write_checkpoint
 from toolkit.sdk.errors import ToolkitError
-from toolkit.sdk.hf import llama_tokenizer
 from toolkit.testing import generators
-from toolkit_plugins.pi0 import Pi0Adapter
 from toolkit_plugins.pi0.relative import RelativeActions
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
@@ -96,17 +94,6 @@ def weights():
     return native_weights()
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("paligemma_tokenizer")
-    llama_tokenizer().save_pretrained(d)
-    return d
-
-
-def load(ckpt, tokenizer_dir, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return Pi0Adapter(checkpoint=str(ckpt), tokenizer=str(tokenizer_dir), **kw)
 
 
 @pytest.fixture(scope="module")

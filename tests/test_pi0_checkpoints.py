@@ -5,49 +5,34 @@ from __future__ import annotations
 
 import json
 import shlex
-import warnings
+from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 import toolkit
 from toolkit.sdk.checkpoint import CheckpointError
 from toolkit.sdk.errors import ToolkitError
-from toolkit.sdk.hf import llama_tokenizer
 from toolkit.testing import generators
 from toolkit_plugins.pi0 import Pi0Adapter
 from toolkit_plugins.pi0.normalise import Stats
+import pi_common
+from pi_common import ACTION_DIM, ACTION_STATS, NORMALISER, SMALL_EXPERTS, STATE_DIM, STATE_STATS
+from pi_common import assert_every_weight_loaded, assert_loaded_from_file, assert_small_architecture, save_pretrained
+from pi_common import small_model, tokenizer_step, toolkit_cli, write_lerobot_processors, write_openpi_files
 from synthetic import camera_episodes
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md"
 
-# the real pi0 head layout (one KV head; SigLIP So400m has 16 heads) at toy widths
-SMALL = dict(
-    vlm_config=dict(
-        model_type="paligemma",
-        text_config=dict(model_type="gemma", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                         num_attention_heads=8, num_key_value_heads=1, head_dim=8, vocab_size=32001),
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=16, patch_size=14, image_size=28, vision_use_head=False),
-        projection_dim=64, image_token_id=32001),
-    dit_config=dict(model_type="gemma", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                    num_attention_heads=8, num_key_value_heads=1, head_dim=8),
-    chunk_size=50, max_state_dim=32, max_action_dim=32, num_inference_steps=10,
-)
-STATE_DIM, ACTION_DIM = 8, 7
+SMALL = {**SMALL_EXPERTS, "max_state_dim": 32}  # the real pi0 head layout at toy widths
 
 
 def native_weights(seed: int = 3) -> dict[str, torch.Tensor]:
-    from transformers import PI0Config, PI0ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    model = PI0ForConditionalGeneration(PI0Config(**SMALL))
+    model = small_model("PI0ForConditionalGeneration", SMALL, seed)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -91,43 +76,17 @@ LEROBOT_CONFIG = {
                        "observation.images.image": {"type": "VISUAL", "shape": [3, 224, 224]}},
     "output_features": {"action": {"type": "ACTION", "shape": [ACTION_DIM]}},
 }
-FEATURES = {"observation.state": {"type": "STATE", "shape": [STATE_DIM]},
-            "action": {"type": "ACTION", "shape": [ACTION_DIM]}}
 
 
-def _stat_arrays(dim: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    mean = rng.normal(size=dim).astype(np.float32)
-    std = rng.uniform(0.5, 2.0, size=dim).astype(np.float32)
-    return {"mean": mean, "std": std, "min": mean - 3 * std, "max": mean + 3 * std,
-            "q01": mean - 2 * std, "q99": mean + 2 * std}
-
-
-STATE_STATS, ACTION_STATS = _stat_arrays(STATE_DIM, 1), _stat_arrays(ACTION_DIM, 2)
-
-
-def write_lerobot_processors(d: Path) -> None:
-    """policy_preprocessor.json / policy_postprocessor.json and their normaliser step files."""
-    norm_cfg = {"eps": 1e-8, "features": FEATURES, "norm_map": LEROBOT_CONFIG["normalization_mapping"]}
-    pre = "policy_preprocessor_step_5_normalizer_processor.safetensors"
-    post = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
-    flat = {**{f"observation.state.{k}": v for k, v in STATE_STATS.items()},
-            **{f"action.{k}": v for k, v in ACTION_STATS.items()}}
-    save_numpy(flat, str(d / pre))
-    save_numpy({f"action.{k}": v for k, v in ACTION_STATS.items()}, str(d / post))
-    (d / "policy_preprocessor.json").write_text(json.dumps({"name": "policy_preprocessor", "steps": [
+def write_processors(d: Path) -> None:
+    """lerobot pi0's policy_preprocessor.json / policy_postprocessor.json and their normaliser step files."""
+    write_lerobot_processors(d, LEROBOT_CONFIG["normalization_mapping"], [
         {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
         {"registry_name": "to_batch_processor", "config": {}},
         {"registry_name": "pi0_new_line_processor", "config": {}},
-        {"registry_name": "tokenizer_processor", "config": {"max_length": 48, "padding_side": "right",
-                                                            "padding": "max_length",
-                                                            "tokenizer_name": "google/paligemma-3b-pt-224"}},
+        tokenizer_step(48),
         {"registry_name": "device_processor", "config": {"device": "cpu"}},
-        {"registry_name": "normalizer_processor", "config": norm_cfg, "state_file": pre}]}))
-    (d / "policy_postprocessor.json").write_text(json.dumps({"name": "policy_postprocessor", "steps": [
-        {"registry_name": "unnormalizer_processor", "config": {"eps": 1e-8, "features": {"action": FEATURES["action"]},
-                                                               "norm_map": norm_cfg["norm_map"]}, "state_file": post},
-        {"registry_name": "device_processor", "config": {"device": "cpu"}}]}))
+        NORMALISER], [{"registry_name": "device_processor", "config": {"device": "cpu"}}])
 
 
 def write_checkpoint(d: Path, layout: str, weights: dict[str, torch.Tensor], drop: str | None = None) -> Path:
@@ -145,16 +104,9 @@ def write_checkpoint(d: Path, layout: str, weights: dict[str, torch.Tensor], dro
     if layout in ("current", "older"):
         (d / "config.json").write_text(json.dumps(LEROBOT_CONFIG))
         if layout == "current":
-            write_lerobot_processors(d)
-    else:  # openpi's converter writes this config.json and copies the training assets
-        (d / "config.json").write_text(json.dumps({"action_dim": 32, "action_horizon": 50, "paligemma_variant":
-                                                   "gemma_2b", "action_expert_variant": "gemma_300m",
-                                                   "precision": "float32"}))
-        assets = d / "assets" / "physical-intelligence" / "libero"
-        assets.mkdir(parents=True)
-        (assets / "norm_stats.json").write_text(json.dumps({"norm_stats": {
-            "state": {k: STATE_STATS[k].tolist() for k in ("mean", "std", "q01", "q99")},
-            "actions": {k: ACTION_STATS[k].tolist() for k in ("mean", "std", "q01", "q99")}}}))
+            write_processors(d)
+    else:  # openpi's converter writes its config.json and copies the training assets
+        write_openpi_files(d)
     return d
 
 
@@ -163,17 +115,7 @@ def weights():
     return native_weights()
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("paligemma_tokenizer")
-    llama_tokenizer().save_pretrained(d)
-    return d
-
-
-def load(ckpt: Path, tokenizer_dir: Path, **kw) -> Pi0Adapter:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return Pi0Adapter(checkpoint=str(ckpt), tokenizer=str(tokenizer_dir), **kw)
+load = partial(pi_common.load, Pi0Adapter)  # load(ckpt, tokenizer_dir, **options)
 
 
 @pytest.mark.parametrize("layout, name", [("current", "lerobot pi0 (current)"),
@@ -182,17 +124,9 @@ def load(ckpt: Path, tokenizer_dir: Path, **kw) -> Pi0Adapter:
 def test_each_layout_loads_every_tensor_of_the_file(layout, name, weights, tokenizer_dir, tmp_path):
     ckpt = write_checkpoint(tmp_path / layout, layout, weights)
     a = load(ckpt, tokenizer_dir)
-    from safetensors.torch import load_file
-
-    file = load_file(str(ckpt / "model.safetensors"))
-    params = a.model.state_dict()
-    assert set(params) == set(weights)
-    derived = ["model.dit.embed_tokens.weight"] if layout == "openpi" else []
-    for n, t in weights.items():  # every model tensor equals the file tensor at its upstream key
-        if n in derived:  # never used by pi0's forward: zeroed, and named in the report
-            assert not params[n].any()
-            continue
-        torch.testing.assert_close(params[n], file[file_key(n, layout)], rtol=0, atol=0)
+    derived = ["model.dit.embed_tokens.weight"] if layout == "openpi" else []  # never used by pi0's forward
+    # every model tensor equals the file tensor at its upstream key; the derived one is zeroed, named in the report
+    file = assert_loaded_from_file(a, ckpt, weights, lambda n: file_key(n, layout), derived)
     report = a.load_report
     assert report.layout == name and report.missing == [] and report.unexpected == []
     assert report.derived == derived and len(report.loaded) == len(weights) - len(derived) == len(file) - (
@@ -200,32 +134,13 @@ def test_each_layout_loads_every_tensor_of_the_file(layout, name, weights, token
     assert a.layout == name
     d = a.describe()
     assert d["random_init"] is False and d["load_report"]["n_loaded"] == len(report.loaded)
-    # the architecture came from the weights (+ config.json), with the real head layout
-    text = a.model.config.vlm_config.text_config
-    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.head_dim) == (2, 64, 8, 8)
-    assert a.model.config.dit_config.hidden_size == 32 and a.image_size == 28 and a.chunk_size == 50
+    assert_small_architecture(a)
 
 
 def test_transformers_save_pretrained_round_trips(weights, tokenizer_dir, tmp_path):
-    from transformers import PI0Config, PI0ForConditionalGeneration
-
-    m = PI0ForConditionalGeneration(PI0Config(**SMALL))
-    m.load_state_dict(weights)
-    m.save_pretrained(tmp_path / "tf")
-    a = load(tmp_path / "tf", tokenizer_dir)
-    assert a.layout == "transformers PI0 save_pretrained" and a.load_report.missing == []
-    for n, t in a.model.state_dict().items():
-        assert torch.equal(t, weights[n]), n
-
-
-def toolkit_cli(*args):
-    """`toolkit ARGS` in this process (the same click group and one-line error handling as the console script)."""
-    from click.testing import CliRunner
-
-    from toolkit.cli.main import cli
-
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    return SimpleNamespace(returncode=res.exit_code, stderr=res.stderr, output=res.output)
+    a = load(save_pretrained("PI0ForConditionalGeneration", SMALL, weights, tmp_path / "tf"), tokenizer_dir)
+    assert a.layout == "transformers PI0 save_pretrained"
+    assert_every_weight_loaded(a, weights)
 
 
 def test_a_dropped_weight_is_one_line_error_and_no_store(weights, tokenizer_dir, tmp_path):

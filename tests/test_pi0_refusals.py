@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import toolkit
-from test_pi0_checkpoints import native_weights, toolkit_cli, write_checkpoint
+from pi_common import toolkit_cli
+from test_pi0_checkpoints import native_weights, write_checkpoint
 from toolkit.sdk.checkpoint import CheckpointError
-from toolkit.sdk.hf import llama_tokenizer
 from toolkit_plugins.pi0 import Pi0Adapter
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
@@ -27,13 +27,6 @@ LORA = {Q + "lora_A.weight": torch.ones(4, 64), Q + "lora_B.weight": torch.ones(
 @pytest.fixture(scope="module")
 def weights():
     return native_weights()
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("paligemma_tokenizer")
-    llama_tokenizer().save_pretrained(d)
-    return d
 
 
 def add_tensors(ckpt, extra=None, drop=(), rename=None):

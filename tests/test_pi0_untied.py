@@ -6,7 +6,6 @@ ignored), and its captured residuals equal a plain transformers PaliGemma forwar
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -14,12 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from synthetic import camera_episodes
-from test_pi0_checkpoints import SMALL, file_key, native_weights, write_checkpoint
+from test_pi0_checkpoints import SMALL, file_key, load, native_weights, write_checkpoint
 from toolkit.capture.plan import build_plan
 from toolkit.sdk.adapters import SiteInfo
-from toolkit.sdk.hf import llama_tokenizer
 from toolkit.testing import run_captured
-from toolkit_plugins.pi0 import Pi0Adapter
 
 pytestmark = pytest.mark.usefixtures("pi0_single_thread")
 
@@ -32,13 +29,6 @@ EMBED = "model.vlm.language_model.embed_tokens.weight"
 @pytest.fixture(scope="module")
 def weights():
     return native_weights()
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("paligemma_tokenizer")
-    llama_tokenizer().save_pretrained(d)
-    return d
 
 
 def untied_tensors(weights, embed=None, head=None):
@@ -56,12 +46,6 @@ def write_untied(d, weights, **kw):
     tensors = untied_tensors(weights, **kw)
     save_file(tensors, str(d / "model.safetensors"))
     return d, tensors
-
-
-def load(ckpt, tokenizer_dir, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return Pi0Adapter(checkpoint=str(ckpt), tokenizer=str(tokenizer_dir), **kw)
 
 
 def vlm_residuals(adapter, batch):

@@ -60,8 +60,8 @@ LM_HEAD = re.compile(r"paligemma\.(language_model\.)?lm_head\.weight$")
 # pi0.5 (lerobot "type": "pi05", openpi-converted, transformers PI05): a time MLP instead of pi0's action-time MLP,
 # adaptive RMS norms (``...layernorm.dense.*``, ``norm.dense.*``) in the action expert, and no state projection
 PI05_MARKS = re.compile(r"(^|\.)(time_mlp_(in|out)|(input_layernorm|post_attention_layernorm|norm)\.dense)\.")
-VISION_HEADS = 16  # SigLIP So400m/14, the only vision tower pi0 uses (not recoverable from weight shapes)
-KV_HEADS = 1  # both Gemma variants pi0 uses (gemma_2b, gemma_300m) have one KV head
+VISION_HEADS = 16  # SigLIP So400m/14, the only vision tower pi0 and pi0.5 use (not recoverable from weight shapes)
+KV_HEADS = 1  # both Gemma variants pi0 and pi0.5 use (gemma_2b, gemma_300m) have one KV head
 
 
 def other_family(keys: list[str], meta: dict[str, Any] | None = None, directory: Path | None = None) -> str | None:
@@ -152,7 +152,8 @@ def _layers(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
 
 
 def _gemma(shapes: dict[str, tuple[int, ...]], prefix: str, what: str) -> dict[str, Any]:
-    """A Gemma text config from weight shapes (depth, width, MLP, heads; one KV head as in pi0's variants)."""
+    """A Gemma text config from weight shapes (depth, width, MLP, heads; one KV head as in pi0's and pi0.5's
+    variants)."""
     try:
         q = shapes[f"{prefix}layers.0.self_attn.q_proj.weight"]
         k = shapes[f"{prefix}layers.0.self_attn.k_proj.weight"]
@@ -165,11 +166,12 @@ def _gemma(shapes: dict[str, tuple[int, ...]], prefix: str, what: str) -> dict[s
                 head_dim=head_dim)
 
 
-def config_from_weights(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any]):
-    """transformers ``PI0Config`` for weights under PI0 names (``shapes``) and the checkpoint's own config
-    (lerobot ``"type": "pi0"`` or openpi's converted ``config.json``), which gives chunk size and step count."""
-    from transformers import PI0Config
-
+def sizes_from_weights(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any], family: str,
+                       heads: tuple[str, ...], experts: str = "") -> tuple[dict[str, Any], list[tuple[int, ...]]]:
+    """What pi0's and pi0.5's transformers configs share (the VLM, the action expert, the chunk size and the step
+    count), from weights under transformers' names (``shapes``) and the checkpoint's own config (lerobot's or
+    openpi's converted ``config.json``), and the shapes of the model's own ``heads`` weights.  ``family`` and
+    ``experts`` (a prefix for the experts' names) go into the messages for a missing weight."""
     vt = "model.vlm.vision_tower."
     if f"{vt}vision_model.embeddings.patch_embedding.weight" in shapes:
         vt += "vision_model."
@@ -179,16 +181,16 @@ def config_from_weights(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any]
         fc1 = shapes[f"{vt}encoder.layers.0.mlp.fc1.weight"]
         proj = shapes["model.vlm.multi_modal_projector.linear.weight"]
         vocab = shapes["model.vlm.language_model.embed_tokens.weight"][0]
-        state_in = shapes["embed_action_time.state_proj.weight"][1]
-        action_in = shapes["embed_action_time.action_in_proj.weight"][1]
+        own = [shapes[k] for k in heads]
     except KeyError as e:
-        raise CheckpointError(f"the checkpoint has no weight {e.args[0]}; cannot build the pi0 architecture") from None
+        raise CheckpointError(f"the checkpoint has no weight {e.args[0]}; cannot build the {family} "
+                              "architecture") from None
     side = math.isqrt(positions)
-    text = _gemma(shapes, "model.vlm.language_model.", "VLM")
-    dit = _gemma(shapes, "model.dit.", "action expert")
+    text = _gemma(shapes, "model.vlm.language_model.", f"{experts}VLM")
+    dit = _gemma(shapes, "model.dit.", f"{experts}action expert")
     chunk = meta.get("chunk_size") or meta.get("action_horizon") or 50
     steps = meta.get("num_inference_steps") or meta.get("num_steps") or 10
-    return PI0Config(
+    return dict(
         vlm_config=dict(
             model_type="paligemma", text_config={**text, "vocab_size": vocab},
             vision_config=dict(model_type="siglip_vision_model", hidden_size=patch[0], intermediate_size=fc1[0],
@@ -196,12 +198,22 @@ def config_from_weights(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any]
                                num_attention_heads=VISION_HEADS, patch_size=patch[-1], image_size=side * patch[-1],
                                vision_use_head=False),
             projection_dim=proj[0], image_token_id=vocab),
-        dit_config=dit, chunk_size=int(chunk), max_state_dim=state_in, max_action_dim=action_in,
-        num_inference_steps=int(steps))
+        dit_config=dit, chunk_size=int(chunk), num_inference_steps=int(steps)), own
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
-    """The checkpoint's ``config.json`` ({} when absent); a lerobot policy other than pi0 is refused."""
+def config_from_weights(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any]):
+    """transformers ``PI0Config`` for weights under PI0 names (``shapes``) and the checkpoint's own config
+    (lerobot ``"type": "pi0"`` or openpi's converted ``config.json``), which gives chunk size and step count."""
+    from transformers import PI0Config
+
+    sizes, (state_in, action_in) = sizes_from_weights(
+        shapes, meta, "pi0", ("embed_action_time.state_proj.weight", "embed_action_time.action_in_proj.weight"))
+    return PI0Config(**sizes, max_state_dim=state_in[1], max_action_dim=action_in[1])
+
+
+def read_config(directory: Path, kind: str, family: str, others: dict[str, str]) -> dict[str, Any]:
+    """The checkpoint's ``config.json`` ({} when absent) for ``--model kind``; a policy of another kind is refused
+    in one line: ``others`` says what is wrong for the kinds the toolkit loads with another ``--model``."""
     f = directory / "config.json"
     if not f.is_file():
         return {}
@@ -209,12 +221,19 @@ def read_meta(directory: Path) -> dict[str, Any]:
         meta = json.loads(f.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{f}: not readable JSON ({type(e).__name__}: {e})") from None
-    kind = meta.get("type") or meta.get("model_type")
-    if kind == "pi05":
-        raise CheckpointError(f"{f}: {other_family([], meta)}")
-    if kind not in (None, "pi0"):
-        raise CheckpointError(f"{f} describes a {kind!r} policy; the pi0 adapter loads pi0 checkpoints only")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{f}: not a checkpoint config (a JSON object expected)")
+    given = meta.get("type") or meta.get("model_type")
+    if given in others:
+        raise CheckpointError(f"{f}{others[given]}")
+    if given not in (None, kind):
+        raise CheckpointError(f"{f} describes a {given!r} policy; --model {kind} loads {family} checkpoints only")
     return meta
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """The checkpoint's ``config.json`` ({} when absent); a lerobot policy other than pi0 is refused."""
+    return read_config(directory, "pi0", "pi0", {"pi05": f": {other_family([], {'type': 'pi05'})}"})
 
 
 def action_size(meta: dict[str, Any]) -> int | None:

@@ -245,16 +245,18 @@ def buffer_stats(buffers: dict[str, Any], meta: dict[str, Any], source: str) -> 
     return Normalisation(f"{source} (normalisation buffers among the weights)", state, action)
 
 
-def find(directory: Path, meta: dict[str, Any], override: str | None) -> Normalisation | None:
+def find(directory: Path, meta: dict[str, Any], override: str | None,
+         openpi_mode: str = "MEAN_STD") -> Normalisation | None:
     """The checkpoint's statistics: ``override`` (a norm_stats.json, a directory holding one, or a lerobot
-    processor directory) first, then lerobot's processor files, then openpi's ``assets/*/norm_stats.json``."""
+    processor directory) first, then lerobot's processor files, then openpi's ``assets/*/norm_stats.json``
+    (applied with ``openpi_mode``: pi0 trains with MEAN_STD, every later openpi model with QUANTILES)."""
     if override:
         p = Path(override).expanduser()
         if p.is_file() and p.name == "norm_stats.json":
-            return openpi_stats(p)
+            return openpi_stats(p, openpi_mode)
         if p.is_dir():
             if (p / "norm_stats.json").is_file():
-                return openpi_stats(p / "norm_stats.json")
+                return openpi_stats(p / "norm_stats.json", openpi_mode)
             found = lerobot_stats(p, meta)
             if found is not None:
                 return found
@@ -268,4 +270,4 @@ def find(directory: Path, meta: dict[str, Any], override: str | None) -> Normali
         names = ", ".join(str(c.relative_to(directory)) for c in candidates[:4])
         raise ToolkitError(f"{directory} holds {len(candidates)} openpi statistics ({names}); choose the one the "
                            "policy was trained with: --model-option stats=PATH")
-    return openpi_stats(candidates[0]) if candidates else None
+    return openpi_stats(candidates[0], openpi_mode) if candidates else None

@@ -17,13 +17,12 @@ transformers ``models/pi05``; see docs/checkpoints.md):
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 from toolkit.sdk.checkpoint import CheckpointError, remap_keys
+from toolkit_plugins.pi0 import layouts as pi0_layouts
 
 NATIVE = "transformers PI05 (native names)"
 HUB = "transformers PI05 save_pretrained"
@@ -50,8 +49,6 @@ EXPERT_HEAD = re.compile(r"^(model\.)?paligemma_with_expert\.gemma_expert\.lm_he
 # what only a pi0 checkpoint has: the state token's projection and the action-time MLP; pi0.5 has neither
 PI0_ONLY = re.compile(r"^(model\.)?(embed_action_time\.)?(state_proj|action_time_mlp_in|action_time_mlp_out)\.")
 ADARMS = re.compile(r"(gemma_expert\.model|model\.dit)\.layers\.\d+\.input_layernorm\.dense\.weight$")
-VISION_HEADS = 16  # SigLIP So400m/14, the only vision tower pi0.5 uses (not recoverable from weight shapes)
-KV_HEADS = 1  # both Gemma variants pi0.5 uses (gemma_2b, gemma_300m) have one KV head
 USE_PI0 = "use --model pi0 for it"
 
 
@@ -114,81 +111,17 @@ def to_model_names(tensors: dict[str, Any], model_names: set[str]
     return {n: rest[k] for n, k in names.items()}, dropped, names
 
 
-def _layers(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
-    rx = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = {int(m.group(1)) for k in shapes if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
-
-
-def _gemma(shapes: dict[str, tuple[int, ...]], prefix: str, what: str) -> dict[str, Any]:
-    """A Gemma text config from weight shapes (depth, width, MLP, heads; one KV head as in pi0.5's variants)."""
-    try:
-        q = shapes[f"{prefix}layers.0.self_attn.q_proj.weight"]
-        k = shapes[f"{prefix}layers.0.self_attn.k_proj.weight"]
-        gate = shapes[f"{prefix}layers.0.mlp.gate_proj.weight"]
-    except KeyError as e:
-        raise CheckpointError(f"the pi0.5 {what} has no weight {e.args[0]}; cannot build its architecture") from None
-    head_dim = k[0] // KV_HEADS
-    return dict(model_type="gemma", hidden_size=q[1], num_hidden_layers=_layers(shapes, f"{prefix}layers."),
-                intermediate_size=gate[0], num_attention_heads=q[0] // head_dim, num_key_value_heads=KV_HEADS,
-                head_dim=head_dim)
-
-
 def config_from_weights(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any]):
     """transformers ``PI05Config`` for weights under PI05 names (``shapes``) and the checkpoint's own config
     (lerobot ``"type": "pi05"`` or openpi's), which gives the chunk size and the number of denoising steps."""
     from transformers import PI05Config
 
-    vt = "model.vlm.vision_tower."
-    if f"{vt}vision_model.embeddings.patch_embedding.weight" in shapes:
-        vt += "vision_model."
-    try:
-        patch = shapes[f"{vt}embeddings.patch_embedding.weight"]
-        positions = shapes[f"{vt}embeddings.position_embedding.weight"][0]
-        fc1 = shapes[f"{vt}encoder.layers.0.mlp.fc1.weight"]
-        proj = shapes["model.vlm.multi_modal_projector.linear.weight"]
-        vocab = shapes["model.vlm.language_model.embed_tokens.weight"][0]
-        action_in = shapes["embed_action_time.action_in_proj.weight"][1]
-        shapes["model.dit.layers.0.input_layernorm.dense.weight"]
-    except KeyError as e:
-        raise CheckpointError(f"the checkpoint has no weight {e.args[0]}; cannot build the pi0.5 "
-                              "architecture") from None
-    side = math.isqrt(positions)
-    text = _gemma(shapes, "model.vlm.language_model.", "VLM")
-    dit = _gemma(shapes, "model.dit.", "action expert")
-    chunk = meta.get("chunk_size") or meta.get("action_horizon") or 50
-    steps = meta.get("num_inference_steps") or meta.get("num_steps") or 10
-    return PI05Config(
-        vlm_config=dict(
-            model_type="paligemma", text_config={**text, "vocab_size": vocab},
-            vision_config=dict(model_type="siglip_vision_model", hidden_size=patch[0], intermediate_size=fc1[0],
-                               num_hidden_layers=_layers(shapes, f"{vt}encoder.layers."),
-                               num_attention_heads=VISION_HEADS, patch_size=patch[-1], image_size=side * patch[-1],
-                               vision_use_head=False),
-            projection_dim=proj[0], image_token_id=vocab),
-        dit_config=dit, chunk_size=int(chunk), max_action_dim=action_in, num_inference_steps=int(steps))
+    heads = ("embed_action_time.action_in_proj.weight", "model.dit.layers.0.input_layernorm.dense.weight")
+    sizes, (action_in, _) = pi0_layouts.sizes_from_weights(shapes, meta, "pi0.5", heads, experts="pi0.5 ")
+    return PI05Config(**sizes, max_action_dim=action_in[1])
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
     """The checkpoint's ``config.json`` ({} when absent); a pi0 or another policy is refused in one line."""
-    f = directory / "config.json"
-    if not f.is_file():
-        return {}
-    try:
-        meta = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: not readable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{f}: not a checkpoint config (a JSON object expected)")
-    kind = meta.get("type") or meta.get("model_type")
-    if kind == "pi0":
-        raise CheckpointError(f"{f} describes a pi0 policy, not a pi0.5: {USE_PI0}")
-    if kind not in (None, "pi05"):
-        raise CheckpointError(f"{f} describes a {kind!r} policy; --model pi05 loads pi0.5 checkpoints only")
-    return meta
-
-
-def action_size(meta: dict[str, Any]) -> int | None:
-    """The action feature size a lerobot config declares (lerobot cuts the policy's 32-dim chunk to it)."""
-    shape = ((meta.get("output_features") or {}).get("action") or {}).get("shape")
-    return int(shape[0]) if shape else None
+    return pi0_layouts.read_config(directory, "pi05", "pi0.5",
+                                   {"pi0": f" describes a pi0 policy, not a pi0.5: {USE_PI0}"})

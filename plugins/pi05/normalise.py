@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from toolkit.sdk.errors import ToolkitError
 from toolkit_plugins.pi0 import normalise as pi0_normalise
 from toolkit_plugins.pi0.normalise import Normalisation
 
@@ -30,27 +29,6 @@ def with_default_mapping(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def find(directory: Path, meta: dict[str, Any], override: str | None) -> Normalisation | None:
-    """The checkpoint's statistics: ``override`` (a norm_stats.json, a directory holding one, or a lerobot
-    processor directory) first, then lerobot's processor files, then openpi's ``assets/*/norm_stats.json``."""
-    meta = with_default_mapping(meta)
-    if override:
-        p = Path(override).expanduser()
-        if p.is_file() and p.name == "norm_stats.json":
-            return openpi_stats(p)
-        if p.is_dir():
-            if (p / "norm_stats.json").is_file():
-                return openpi_stats(p / "norm_stats.json")
-            found = pi0_normalise.lerobot_stats(p, meta)
-            if found is not None:
-                return found
-        raise ToolkitError(f"stats={override}: give a norm_stats.json, a directory holding one, or a directory with "
-                           "lerobot's policy_preprocessor.json / *_normalizer_processor.safetensors files")
-    found = pi0_normalise.lerobot_stats(directory, meta)
-    if found is not None:
-        return found
-    candidates = sorted((directory / "assets").glob("**/norm_stats.json")) if (directory / "assets").is_dir() else []
-    if len(candidates) > 1:
-        names = ", ".join(str(c.relative_to(directory)) for c in candidates[:4])
-        raise ToolkitError(f"{directory} holds {len(candidates)} openpi statistics ({names}); choose the one the "
-                           "policy was trained with: --model-option stats=PATH")
-    return openpi_stats(candidates[0]) if candidates else None
+    """The checkpoint's statistics, as ``toolkit_plugins.pi0.normalise.find`` finds them, with pi0.5's quantile
+    default (lerobot's mapping where the config names none, openpi's q01/q99)."""
+    return pi0_normalise.find(directory, with_default_mapping(meta), override, "QUANTILES")
