@@ -31,6 +31,7 @@ _API = {
     "import_latents": "toolkit.run",
     "RunSpec": "toolkit.run",
     "probe": "toolkit.analysis.probe",
+    "view": "toolkit.analysis.view",
 }
 
 __all__ = [*_API, "__version__"]

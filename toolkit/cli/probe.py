@@ -84,7 +84,8 @@ def _split_csv(values: tuple[str, ...]) -> list[str]:
 @click.option("--patience", default=10, show_default=True, help="cosine solver: early-stopping patience (epochs).")
 @click.option("--save-weights", type=click.Choice(["best", "all", "none"]), default="best", show_default=True)
 @click.option("--out", "--output_dir", "out", default="results/probe", show_default=True, type=click.Path())
-@click.option("--report", "make_report", is_flag=True, help="Also write the report into --out.")
+@click.option("--report/--no-report", "make_report", default=True, show_default=True,
+              help="Also write the figures (--out/figures) and the report (report.md, report.html) into --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on stderr.")
 @click.option("--device", default=None,
               help="torch device for the ridge statistics and eigendecompositions: cpu | cuda | cuda:N "
@@ -141,7 +142,12 @@ def _probe(store_path, *, hooks, sites, stream, layers, steps, step_buckets, den
     if make_report:
         from toolkit.analysis.probe.report import write_report
 
-        click.echo(f"report: {write_report(path)}")
+        html = write_report(path)
+        view = "" if save_weights == "none" else \
+            f"; see it: toolkit view {store_path} --results {path} -o {path}/view.html"
+        click.echo(f"figures: {path}/figures/, report: {html}{view}")
+    else:
+        click.echo(f"figures and report: toolkit report {path}")
 
 
 def _print_summary(results) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 from toolkit.capture.plan import SiteCapture, stored_token_positions
 from toolkit.sdk.adapters import Expert
 from toolkit.sdk.errors import ToolkitError
+from toolkit.store.frames import frame_spec, is_frame
 from toolkit.store.layout import ArraySpec
 
 COORDINATES = ["episode", "step", "task", "task_id", "success"]
@@ -21,6 +22,8 @@ FIELD_DIMS = {"policy_action": ("policy_horizon", "policy_action_dim"), "dataset
 
 
 def _field_spec(name: str, value: np.ndarray) -> ArraySpec:
+    if is_frame(name):  # extract --frames: camera images (toolkit.store.frames)
+        return frame_spec(name, tuple(value.shape[1:]))
     dtype = "str" if value.dtype == object else str(value.dtype)
     dims = FIELD_DIMS.get(name) or tuple(f"{name}_dim{i}" if i else f"{name}_dim" for i in range(value.ndim - 1))
     if len(dims) != value.ndim - 1:

@@ -23,6 +23,7 @@ from toolkit.capture.hooks import Capture, select_tokens, to_numpy
 from toolkit.capture.intervention import Intervention, Steering
 from toolkit.capture.plan import SiteCapture, build_plan, plan_spec
 from toolkit.capture.tokens import check_dtype, parse_tokens
+from toolkit.run.frames import FrameKeeper
 from toolkit.run.layout import StoreLayout, store_layout
 from toolkit.run.progress import Progress
 from toolkit.run.samples import (
@@ -74,6 +75,7 @@ class Run:
         self.dataset_options = closed_loop_options(spec) if self.closed else dict(spec.dataset_options)
         self.plan: list[SiteCapture] = []
         self.check = fields.FieldCheck()
+        self.frames = FrameKeeper(spec.frames) if spec.frames else None  # --frames: camera images, downscaled
 
     def open_dataset(self):
         self.dataset = self.dataset_cls(self.spec.data, **self.dataset_options)
@@ -260,6 +262,8 @@ class ExtractRun(Run):
         arrays = cap.collect()
         if not self.closed:  # closed loop: added when the episode has ended (Run.write)
             arrays.update(sampled)
+        if self.frames is not None:
+            arrays.update(self.frames(batch))
         arrays["policy_action"] = np.asarray(out.actions, dtype=np.float32)
         return arrays, {"inputs": inputs, "out": out}
 
@@ -311,6 +315,8 @@ class ImportRun(Run):
                     self.seq_len[sc.expert] = acts[key].shape[-2]
                 arrays[f"{sc.site}/{stream}"] = np.stack(per_sample)
         arrays.update(sampled)
+        if self.frames is not None:
+            arrays.update(self.frames(batch))
         return arrays, {}
 
     def layout(self, arrays, meta) -> StoreLayout:

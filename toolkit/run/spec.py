@@ -128,6 +128,9 @@ class RunSpec(pydantic.BaseModel):
                                              "attn_out, mlp_out, pre_attn_norm_scale, pre_mlp_norm_scale, all; "
                                              "SITE=SPEC.", "--stream", "--streams", commands=BOTH, resume=False)
     dtype: Literal[DTYPES] = option("float16", "Storage dtype.", "--dtype", commands=BOTH)
+    frames: int | None = option(None, "Keep each step's camera images, downscaled so the longer side is at most SIZE "
+                                      "px (uint8, zstd), as per-sample arrays frame_<camera> (for `toolkit view`).",
+                                "--frames", commands=DATA, metavar="SIZE")
     codec: Literal[CODECS] = option(
         "auto", "Chunk compression. auto: blosc-lz4 + bitshuffle for bfloat16/float32, none for float16 (measured "
         "fastest at no larger size), zstd for small fields; on --resume, the store's own.", "--codec",
@@ -173,7 +176,7 @@ class RunSpec(pydantic.BaseModel):
     @pydantic.model_validator(mode="after")
     def _limits(self) -> RunSpec:
         for name, low in (("stride", 1), ("batch_size", 1), ("max_episodes", 0), ("max_steps", 0), ("workers", 0),
-                          ("chunk_samples", 1), ("gpus_per_worker", 0)):
+                          ("chunk_samples", 1), ("gpus_per_worker", 0), ("frames", 8)):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")

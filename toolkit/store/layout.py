@@ -38,6 +38,7 @@ class ArraySpec:
     stored_dtype: str | None = None  # "bfloat16" when dtype is its uint16 bit pattern
     attrs: dict[str, Any] = field(default_factory=dict)
     chunk_inner: tuple[int, ...] | None = None  # chunk of the per-sample dims (default: whole)
+    codec: str | None = None  # this array's own --codec (e.g. camera frames: always zstd); None: the store's
 
     def per_sample_bytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize

@@ -167,6 +167,28 @@ class Store:
     def fields(self) -> list[str]:
         return sorted(n for n, a in self.root.arrays() if a.metadata.dimension_names[0] == SAMPLE)
 
+    @property
+    def cameras(self) -> list[str]:
+        """The cameras whose frames the store keeps (``extract --frames``; empty: none)."""
+        from toolkit.store.frames import camera_of, is_frame
+
+        return [camera_of(n) for n in self.fields() if is_frame(n)]
+
+    def frames(self, camera: str, samples: slice | np.ndarray | None = None) -> np.ndarray:
+        """One camera's frames, ``(samples, height, width, 3)`` uint8, through the checked chunk reads; ``samples``
+        by position (default: every committed sample)."""
+        from toolkit.store.frames import frame_name
+
+        if camera not in self.cameras:
+            raise ToolkitError(f"{self.path} keeps no frames of camera {camera!r}; "
+                               + (f"cameras: {', '.join(self.cameras)}" if self.cameras else
+                                  "it was made without --frames (re-extract with --frames 128 to keep them)"))
+        arr = CheckedArray(self.root[frame_name(camera)])
+        if samples is None or (isinstance(samples, slice) and samples.step in (None, 1)):
+            a, b, _ = (samples or slice(None)).indices(self.n_samples)
+            return read_samples(arr, a, b, None)
+        return arr[np.arange(self.n_samples)[samples]]
+
     def read(self, site: str, stream: str | None = None, layer: int | None = None,
              samples: slice | np.ndarray | None = None, *, episodes: Any = None, tasks: Any = None,
              steps: Any = None) -> np.ndarray:

@@ -258,7 +258,8 @@ class StoreWriter:
             root.create_array(
                 s.name, shape=(0, *s.shape), dtype=str if s.dtype == "str" else s.dtype,
                 chunks=(self.chunk_samples, *inner), dimension_names=(SAMPLE, *s.dims), fill_value=0,
-                compressors=compressors_for(self.codec if s.dtype != "str" else "zstd", s.stored_dtype or s.dtype),
+                compressors=compressors_for(s.codec or (self.codec if s.dtype != "str" else "zstd"),
+                                            s.stored_dtype or s.dtype),
                 attributes=jsonable({**s.attrs, **extra}),
             )
         for name, (dims, values) in static.items():
