@@ -171,3 +171,24 @@ def _assert_same(a, b):
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_array_equal(want[name], got[name], err_msg=name)
+
+
+@needs_sim
+def test_frames_of_a_live_rollout_and_the_viewer(reference, tmp_path):
+    """`extract --frames` on live rollouts keeps each step's rendered cameras; the activations are those of the
+    run without frames; `toolkit view` shows them (a simulator store with frames, end to end)."""
+    import json
+    import re
+
+    path = _extract(tmp_path / "frames.zarr", frames=32)
+    s, ref = open_store(path), open_store(reference)
+    assert set(s.cameras) == {"agentview", "wrist"}
+    for cam in s.cameras:
+        f = s.frames(cam)
+        assert f.shape == (s.n_samples, 32, 32, 3) and f.dtype == np.uint8
+        assert f.std() > 1 and not np.array_equal(f[0], f[-1])  # rendered scenes that move, not blank images
+    np.testing.assert_array_equal(s.read("vlm", "resid_post"), ref.read("vlm", "resid_post"))
+    page = toolkit.view(path, tmp_path / "view.html")
+    html = open(page).read()
+    data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S).group(1))
+    assert sorted(data["cameras"]) == ["agentview", "wrist"] and html.count("data:image/jpeg") >= s.n_samples

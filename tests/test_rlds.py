@@ -171,6 +171,29 @@ def test_extract_openvla_over_rlds_end_to_end(rlds_dir, tmp_path):
     assert s.attrs["dataset"]["keys"]["image_key"] == "observation/image"
 
 
+def test_view_an_rlds_store_without_frames(rlds_dir, tmp_path):
+    """`toolkit view` on an RLDS store with no frames: the actions alone, from the CLI and the Python API."""
+    import json
+    import re
+
+    from click.testing import CliRunner
+
+    from toolkit.cli.main import cli
+
+    store = tmp_path / "rlds.zarr"
+    toolkit.extract(model="openvla", dataset="rlds", data=str(rlds_dir), store=store, max_episodes=2, max_steps=3,
+                    sites="llm", layers="0")
+    res = CliRunner().invoke(cli, ["view", str(store), "-o", str(tmp_path / "cli.html")])
+    assert res.exit_code == 0, res.output
+    page = toolkit.view(store, tmp_path / "api.html")
+    for html in ((tmp_path / "cli.html").read_text(), open(page).read()):
+        data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S).group(1))
+        assert data["cameras"] == [] and "data:image/jpeg" not in html  # no frames: heatmaps and plots alone
+        assert [e["instruction"] for e in data["episodes"]] == INSTRUCTIONS[:2]
+        assert [len(e["steps"]) for e in data["episodes"]] == [3, 3]
+        np.testing.assert_allclose(data["episodes"][0]["dataset_action"][1], np.arange(7) + 1)
+
+
 def test_extract_pi0_over_rlds(rlds_dir, tmp_path, pi0_single_thread):
     """The same data feeds pi0 (agentview + wrist cameras, 8-dim state)."""
     with warnings.catch_warnings():
