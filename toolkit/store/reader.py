@@ -184,10 +184,7 @@ class Store:
                                + (f"cameras: {', '.join(self.cameras)}" if self.cameras else
                                   "it was made without --frames (re-extract with --frames 128 to keep them)"))
         arr = CheckedArray(self.root[frame_name(camera)])
-        if samples is None or (isinstance(samples, slice) and samples.step in (None, 1)):
-            a, b, _ = (samples or slice(None)).indices(self.n_samples)
-            return read_samples(arr, a, b, None)
-        return arr[np.arange(self.n_samples)[samples]]
+        return self._rows(arr, samples if _is_run(samples) else np.arange(self.n_samples)[samples])
 
     def read(self, site: str, stream: str | None = None, layer: int | None = None,
              samples: slice | np.ndarray | None = None, *, episodes: Any = None, tasks: Any = None,
@@ -227,12 +224,15 @@ class Store:
             if layer not in layers:
                 raise ToolkitError(f"site {site!r} holds layers {_ranges(layers)}, not {layer}")
             pos = layers.index(layer)
-        if samples is None or (isinstance(samples, slice) and samples.step in (None, 1)):
+        return decode(self._rows(arr, samples, pos), arr.attrs.get("stored_dtype"))
+
+    def _rows(self, arr: CheckedArray, samples: slice | np.ndarray | None, pos: int | None = None) -> np.ndarray:
+        """Samples of ``arr`` (at layer position ``pos``): a run (all, or a unit-step slice) chunk by chunk in
+        parallel (``read_samples``), any other selection through zarr, checked."""
+        if _is_run(samples):
             a, b, _ = (samples or slice(None)).indices(self.n_samples)
-            values = read_samples(arr, a, b, pos)
-        else:
-            values = arr[(samples,) if pos is None else (samples, pos)]
-        return decode(values, arr.attrs.get("stored_dtype"))
+            return read_samples(arr, a, b, pos)
+        return arr[(samples,) if pos is None else (samples, pos)]
 
     def _hook(self, name: str) -> tuple[str, str, list[int], bool]:
         """(site, stream, layers, named one layer) of one hook name or pattern naming one site and stream."""
@@ -419,6 +419,11 @@ class Weights:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "random": self.random, "checkpoint": self.checkpoint, "missing": self.missing,
                 "text": str(self)}
+
+
+def _is_run(samples: slice | np.ndarray | None) -> bool:
+    """All samples, or a unit-step slice: read as one run of chunks."""
+    return samples is None or (isinstance(samples, slice) and samples.step in (None, 1))
 
 
 def model_weights(model: Any) -> Weights:
