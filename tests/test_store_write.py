@@ -101,3 +101,16 @@ def test_compressed_reads_decode_into_the_output_and_still_catch_damage(tmp_path
             toolkit.open_store(path).read("vlm", "resid_post", layer=1)
     chunk.write_bytes(good)
     np.testing.assert_array_equal(toolkit.open_store(path).read("vlm", "resid_post", layer=1), x[:, 1])
+
+
+def test_a_run_smaller_than_a_chunk_stores_its_samples_not_a_padded_chunk(tmp_path):
+    """The default chunk length is capped by the run's known sample count: a 6-sample float16 run with
+    ``--codec none`` (which cannot shrink zarr's edge-chunk padding) stores about its own bytes, not 256 samples'."""
+    path = toolkit.extract(model="pi0", dataset="libero", store=tmp_path / "small.zarr", dtype="float16", codec="none",
+                           max_episodes=2, max_steps=3, streams="resid_post")
+    store = toolkit.open_store(path)
+    arr = store.array("vlm", "resid_post")
+    assert store.n_samples == 6 and arr.chunks[0] == 6
+    data = arr.nbytes  # the samples' own bytes
+    stored = sum(f.stat().st_size for f in (path / "vlm" / "resid_post").rglob("*") if f.is_file())
+    assert data <= stored < 1.05 * data + 4096, (stored, data)

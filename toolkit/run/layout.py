@@ -91,10 +91,11 @@ class StoreLayout:
     coordinates: list[str] = field(default_factory=lambda: list(COORDINATES))
     group_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def create(self, writer: Any, chunk_samples: int | None, batch_size: int) -> None:
-        """Create the store's arrays with ``writer`` (or check a resumed store has these) and start writing."""
+    def create(self, writer: Any, chunk_samples: int | None, batch_size: int, expected: int | None = None) -> None:
+        """Create the store's arrays with ``writer`` (or check a resumed store has these) and start writing;
+        ``expected`` (the run's sample count, if known) caps the default chunk length."""
         writer.initialize(self.attrs, self.specs, self.static, self.coordinates, chunk_samples=chunk_samples,
-                          batch_size=batch_size, group_attrs=self.group_attrs)
+                          batch_size=batch_size, group_attrs=self.group_attrs, expected=expected)
 
 
 def store_layout(arrays: dict[str, np.ndarray], plan: list[SiteCapture], experts: dict[str, Expert],

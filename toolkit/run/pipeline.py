@@ -154,7 +154,7 @@ class Run:
             nonlocal first
             with signals.critical():
                 if not writer.started:  # first batch of this run: create (or re-open) the arrays
-                    self.layout(arrays, meta).create(writer, self.spec.chunk_samples, self.spec.batch_size)
+                    self.layout(arrays, meta).create(writer, self.spec.chunk_samples, self.spec.batch_size, total)
                     writer.defer_commits = self.closed
                 first = False
                 writer.append(arrays)

@@ -135,8 +135,8 @@ class RunSpec(pydantic.BaseModel):
         "auto", "Chunk compression. auto: blosc-lz4 + bitshuffle for bfloat16/float32, none for float16 (measured "
         "fastest at no larger size), zstd for small fields; on --resume, the store's own.", "--codec",
         commands=BOTH, resume=False)
-    chunk_samples: int | None = option(None, "Samples per chunk (default: ~4 MiB per layer chunk; on --resume, the "
-                                             "store's own).", "--chunk-samples", commands=BOTH, resume=False)
+    chunk_samples: int | None = option(None, "Samples per chunk (default: ~4 MiB per layer chunk, at most the run's "
+                                             "sample count; on --resume, the store's own).", "--chunk-samples", commands=BOTH, resume=False)
     # how -------------------------------------------------------------------------------------------
     batch_size: int = option(1, "Policy calls batched together.", "--batch-size", commands=RUNS)
     seed: int = option(0, "Seed for random weights and sampling noise.", "--seed", commands=RUNS)

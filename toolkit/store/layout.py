@@ -44,13 +44,18 @@ class ArraySpec:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-def choose_chunk_samples(specs: list[ArraySpec], multiple_of: int = 1) -> int:
-    """Samples per chunk: ~4 MiB for the largest per-layer slice, capped, a multiple of the batch size."""
+def choose_chunk_samples(specs: list[ArraySpec], multiple_of: int = 1, expected: int | None = None) -> int:
+    """Samples per chunk: ~4 MiB for the largest per-layer slice, capped, a multiple of the batch size; no more
+    than ``expected`` (the run's sample count or an upper bound of it) rounded up to the batch size, so a run
+    smaller than one chunk stores its samples, not a chunk padded to full size (zarr pads edge chunks, and
+    ``--codec none`` cannot shrink the padding)."""
     largest = 1
     for s in specs:
         inner = s.chunk_inner or s.shape
         largest = max(largest, int(np.prod(inner, dtype=np.int64)) * np.dtype(s.dtype).itemsize)
     n = max(1, min(MAX_CHUNK_SAMPLES, CHUNK_TARGET_BYTES // largest))
+    if expected:
+        n = min(n, -(-int(expected) // multiple_of) * multiple_of)
     return max(multiple_of, (n // multiple_of) * multiple_of)
 
 

@@ -151,12 +151,13 @@ class StoreWriter:
     # creation ------------------------------------------------------------------------------
     def initialize(self, attrs: dict[str, Any], specs: list[ArraySpec], static: dict[str, tuple[tuple[str, ...], Any]],
                    coordinates: list[str], chunk_samples: int | None = None, batch_size: int = 1,
-                   group_attrs: dict[str, dict[str, Any]] | None = None) -> None:
+                   group_attrs: dict[str, dict[str, Any]] | None = None, expected: int | None = None) -> None:
         """Create the store's arrays (or check a resumed store has the same ones) and start writing.
 
         ``static`` holds fixed coordinate arrays (e.g. ``vlm/layer``); ``coordinates`` names the per-sample
         arrays that are coordinates and are repeated in every site group; ``group_attrs`` are each site
-        group's attributes.
+        group's attributes.  ``expected``: the run's sample count (or an upper bound), which caps the default
+        chunk length (``choose_chunk_samples``).
         """
         sites = sorted({s.name.split("/")[0] for s in specs if "/" in s.name})
         # Copies of the per-sample coordinates in every site group: xarray.open_zarr(path, group=SITE) then has
@@ -181,7 +182,7 @@ class StoreWriter:
                     raise ToolkitError(f"cannot resume {self.path}: array {s.name!r} does not match this run's "
                                        "capture (different model, selection or dtype); use --overwrite")
         else:
-            self.chunk_samples = chunk_samples or choose_chunk_samples(specs, batch_size)
+            self.chunk_samples = chunk_samples or choose_chunk_samples(specs, batch_size, expected)
             self._create(attrs, specs, static, coordinates, sites, group_attrs or {})
         self._sites = sites
         self._free: queue.Queue = queue.Queue()
