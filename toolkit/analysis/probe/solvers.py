@@ -62,14 +62,16 @@ class Fitted:
 def factorisation_precision(d: int, n_lambdas: int, m: int, device: str | None = None) -> str:
     """float32 eigh + refinement where it is cheaper than a float64 eigh, else float64.
 
-    A refinement step costs three (D × D) @ (D × λ·M) products over the λ path, a float64 eigh several D³
-    more than a float32 one; about two steps per path are needed on well-conditioned grams, so float32
-    pays off when 6·λ·M < D (measured: 1.6x slower at D=256 with 32 columns, faster at D ≥ 1024 with 8).
+    A refinement step costs three (D × D) @ (D × λ·M) products over the λ path, a float64 eigh about twice a
+    float32 one (idle 2 cores, D=2048: 1.03 s vs 0.53 s), so float32 pays off when 2·λ·M < D.  Measured: 1.6x
+    slower at D=256 with 32 columns, 0.75x at D=512 with 32 (both float64 by this rule); at D=2048 with the
+    default probe's 60 columns (a task of 10 classes and 5 control draws) one cell's nested-CV solve takes
+    20.9 s vs 29.7 s in float64 on 2 workers (3 interleaved repeats, benchmarks/bench_probe_scale.py's setting).
     On a GPU the float64 eigh is cheap next to the refinement's round trips, so it is always float64 there.
     """
     if device is not None and torch.device(device).type != "cpu":
         return "float64"
-    return "float32" if 6 * n_lambdas * m < d else "float64"
+    return "float32" if 2 * n_lambdas * m < d else "float64"
 
 
 def solver_workers(device: str | None = None, n_jobs: int | None = None) -> int:
