@@ -11,7 +11,10 @@ vs the serial path, and the store's write throughput to a local S3 server (moto)
 Methods are interleaved in each repeat; medians with min-max.  The load average is recorded: this machine is
 shared, so ratios understate what idle cores give.
 
-    python benchmarks/bench_scale.py [--repeats 3] [--episodes 2,8] [--skip-ray] [--only-probe]
+* The machine's own ceiling for two workers: the same extraction as two plain processes of one thread each at once
+  vs one alone (``bench_pair``), no Ray involved.
+
+    python benchmarks/bench_scale.py [--repeats 3] [--episodes 2,8] [--skip-ray] [--only-probe] [--only-ray]
 """
 
 from __future__ import annotations
@@ -76,6 +79,55 @@ def bench_ray(tmp: Path, repeats: int, episodes: list[int]) -> dict:
                 for w in (1, 2)}
         out["marginal_samples_per_s"] = rate
         out["marginal_speedup"] = rate[2] / rate[1]
+    return out
+
+
+def bench_pair(tmp: Path, repeats: int, episodes: list[int]) -> dict:
+    """The ceiling of any 2-worker scheme on this machine, without Ray: the same ``toolkit --threads 1 extract`` (the
+    mid-size pi0, as one Ray actor runs it) as one process alone vs two processes at once (each its own store),
+    interleaved, at each run length; the marginal rates as in ``bench_ray``.  Two single-thread processes that
+    do not reach 2x show the cores themselves slow down side by side (shared caches, memory bandwidth, host
+    scheduling of the VM's vCPUs), which no change to the Ray path can recover."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_extract import medium_checkpoint
+
+    checkpoint = medium_checkpoint(tmp)
+
+    def command(e: int, store: Path) -> list[str]:
+        return [sys.executable, "-m", "toolkit", "--threads", "1", "extract", "--store", str(store), "--model", "pi0",
+                "--checkpoint", checkpoint, "--dataset", "libero", "--max-episodes", str(e), "--chunk-samples", "2",
+                "--streams", "resid_post", "--layers", "-1"]
+
+    times: dict[tuple[int, int], list[float]] = {(e, n): [] for e in episodes for n in (1, 2)}
+    samples: dict[int, int] = {}
+    for r in range(repeats):
+        for e, n in times:
+            stores = [tmp / f"pair{n}_{e}_{r}_{i}.zarr" for i in range(n)]
+            t = time.perf_counter()
+            procs = [subprocess.Popen(command(e, st), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for st in stores]
+            if any(p.wait() != 0 for p in procs):
+                raise RuntimeError(f"toolkit extract failed: {' '.join(command(e, stores[0]))}")
+            times[(e, n)].append(time.perf_counter() - t)
+            import toolkit
+
+            samples[e] = toolkit.open_store(stores[0]).n_samples
+            for st in stores:
+                shutil.rmtree(st)
+    out: dict = {}
+    for e in episodes:
+        out[f"{samples[e]}_samples"] = {"seconds_1_process": med(times[(e, 1)]), "seconds_2_processes": med(times[(e, 2)]),
+                                        "throughput_ratio": 2 * statistics.median(times[(e, 1)])
+                                        / statistics.median(times[(e, 2)])}
+    lo, hi = min(episodes), max(episodes)
+    if hi > lo:
+        rate = {n: n * (samples[hi] - samples[lo]) / (statistics.median(times[(hi, n)])
+                                                      - statistics.median(times[(lo, n)])) for n in (1, 2)}
+        out["marginal_samples_per_s"] = rate
+        out["marginal_ratio"] = rate[2] / rate[1]
     return out
 
 
@@ -221,17 +273,21 @@ def main() -> None:
     ap.add_argument("--episodes", default="2,8", help="run lengths for the Ray comparison (comma list)")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--only-probe", action="store_true", help="only the Dask probe statistics vs serial")
+    ap.add_argument("--only-ray", action="store_true", help="only Ray 2 workers vs 1 and the same without Ray "
+                    "(two processes vs one: the machine's own ceiling)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     out: dict = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        out["dask_probe"] = bench_dask_probe(tmp, args.repeats)
-        if not args.only_probe:
+        if not args.only_ray:
+            out["dask_probe"] = bench_dask_probe(tmp, args.repeats)
+        if not (args.only_probe or args.only_ray):
             out["dask_stats"] = bench_dask(tmp, args.repeats)
             out["s3_write"] = bench_s3(tmp, args.repeats)
         if not (args.skip_ray or args.only_probe):
             out["ray_extract"] = bench_ray(tmp, args.repeats, [int(e) for e in args.episodes.split(",")])
+            out["two_processes"] = bench_pair(tmp, args.repeats, [int(e) for e in args.episodes.split(",")])
     out["load_average_after"] = os.getloadavg()
     print(json.dumps(out, indent=2))
     dest = Path(__file__).parent / "out"
