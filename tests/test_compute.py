@@ -61,8 +61,13 @@ def test_set_threads_resizes_torch_and_rejects_zero(monkeypatch):
         monkeypatch.setenv(var, os.environ.get(var, "1"))  # restored after the test
     try:
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
         assert set_threads(1) == 1 and torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
         assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # idle threads sleep on a shared machine
+        assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "4"  # OpenBLAS's helpers too, not spin ~0.1 s per GEMM
+        monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "20")
+        set_threads(1)
+        assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "20"  # the user's own setting wins
         with pytest.raises(ToolkitError, match="--threads must be at least 1"):
             set_threads(0)
     finally:

@@ -9,7 +9,11 @@ shared machine burns the CPU time the other processes need.  So the default is:
 * the CPUs this process may run on (its affinity mask), capped by the cgroup's CPU quota (cgroup v2
   ``cpu.max``, or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), rounded up;
 * less the CPUs other processes keep busy now (the 1-minute load average, rounded), at least one;
-* with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep while they wait), unless the user set it;
+* with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep while they wait), unless the user set it, and OpenBLAS's own
+  (pthreads) helpers told to sleep at once (``OPENBLAS_THREAD_TIMEOUT=4``): by default each spins 2^28 cycles
+  (~0.1 s) after every multi-threaded GEMM, measured taking ~30 ms of the other core per call and slowing the
+  probe's Dask statistics right after a serial pass from 0.36 s to 0.44 s; back-to-back GEMMs (D = 256-2048) ran
+  at the same speed with and without it;
 
 and an ``OMP_NUM_THREADS`` the user set, or ``--threads``, always wins.
 """
@@ -82,6 +86,13 @@ def default_threads(cpu_max: Path = CPU_MAX, v1_dirs: tuple[Path, ...] = CFS_DIR
 _BLAS = None
 
 
+def passive_waits() -> None:
+    """Idle OpenMP and OpenBLAS threads sleep rather than spin, unless the user set otherwise.  Both runtimes read
+    these when they load (torch's OpenMP, numpy's OpenBLAS), so call it before importing them."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles: OpenBLAS's minimum
+
+
 @contextlib.contextmanager
 def threads_each(workers: int) -> Iterator[int]:
     """While ``workers`` threads compute side by side, give each its share of the thread budget: torch and the
@@ -107,14 +118,13 @@ def threads_each(workers: int) -> Iterator[int]:
 
 def set_threads(n: int | None = None) -> int:
     """Use ``n`` threads (default: ``default_threads()``) in torch and, if not yet loaded, the BLAS libraries;
-    OpenMP threads wait passively unless ``OMP_WAIT_POLICY`` says otherwise."""
+    idle OpenMP and OpenBLAS threads sleep (``passive_waits``) unless the user's environment says otherwise."""
     if n is not None and n < 1:
         raise ToolkitError(f"--threads must be at least 1, got {n}")
     n = n or default_threads()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)
-    # idle OpenMP threads sleep rather than spin (read when torch loads its OpenMP runtime: before the import)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    passive_waits()
     if "torch" in sys.modules:  # already imported: its pool was sized at import, resize it
         sys.modules["torch"].set_num_threads(n)
     return n

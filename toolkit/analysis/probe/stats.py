@@ -287,21 +287,27 @@ def pool(x: np.ndarray, token_pos: list[int], how: str) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _probe_task(path: str, res, layer_index: int, inputs, device):
-    return cell_statistics(open_store(path, warn_incomplete=False), res, layer_index, inputs, device)
+def _probe_task(store: Store | str, res, layer_index: int, inputs, device):
+    if isinstance(store, str):  # another process: open the store by path
+        store = open_store(store, warn_incomplete=False)
+    return cell_statistics(store, res, layer_index, inputs, device)
 
 
 def probe_layer_statistics(store: Store, res, layer_index: int, inputs, scheduler: str, device: str | None = None):
     """The ridge probe's per-fold cell statistics of one layer (what ``layer_statistics`` sums serially) on Dask:
-    one task per chunk group (``chunk_groups``, the same groups as the serial path, so both sum identical float32 products and agree to float64 rounding), each opening the store by path
-    and reading through its checked chunk reader, merged in a pairwise tree.  A task holds one group of
+    one task per chunk group (``chunk_groups``, the same groups as the serial path, so both sum identical float32
+    products and agree to float64 rounding), each reading through the store's checked chunk reader (threads share
+    the open store; other processes open it by path), merged in a pairwise tree.  A task holds one group of
     chunks and its K·(D² + D·M) float64 partial sums."""
     from dataclasses import replace
 
     import dask
 
     check_scheduler(scheduler)
-    path, bare = str(store.path), replace(res, extra={})  # no open reader in the task graph
-    leaves = [dask.delayed(_probe_task)(path, bare, layer_index, inputs.part(g), device)
+    if scheduler in ("threads", "sync"):  # this process: the open store and its reader, shared
+        where, bare = store, res
+    else:  # other processes: the path, and no open reader in the task graph
+        where, bare = str(store.path), replace(res, extra={})
+    leaves = [dask.delayed(_probe_task)(where, bare, layer_index, inputs.part(g), device)
               for g in chunk_groups(store, res, group_rows(inputs.n_folds, res.n_features))]
     return reduce_tree(leaves, add_cell_stats, scheduler) if leaves else {}
