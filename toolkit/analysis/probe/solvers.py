@@ -100,13 +100,13 @@ class RidgePath:
     """One training set's standardised gram, factorised once, ready to solve for any λ and target.
 
     The eigendecomposition runs in float32 (torch.linalg.eigh: 2.4x faster than numpy's float64 eigh at
-    D=2048 on two cores, 5x at D=1024; nested CV needs 16 per cell); answers stay float64
-    by iterative refinement: the float32 eigenbasis is only a preconditioner for
-    (G + λn) w = b, corrected against the float64 gram until the normwise backward error is at float64
-    level.  Coefficients are kept in that basis (w = V a, exact for any V), so validation by products of
-    statistics works unchanged.  If refinement stalls (a gram too ill-conditioned for float32), the path
-    refactorises in float64 and solves directly: slower, never less accurate.  ``device`` runs the eigh
-    with torch on that device (e.g. cuda); the products around it stay in float64 numpy.
+    D=2048 on two cores, 5x at D=1024; nested CV needs 16 per cell); answers stay float64 by mixed-precision
+    iterative refinement: the float32 eigenbasis is only an approximate inverse of (G + λn) w = b, applied in
+    float32 to a residual computed against the float64 gram, corrections summed in float64, until the normwise
+    backward error is at float64 level.  The whole λ path is refined together, so each step reads the gram once
+    (one float64 GEMM) and applies the basis twice (two float32 GEMMs).  If refinement stalls (a gram too
+    ill-conditioned for float32), the path refactorises in float64 and solves directly: slower, never less
+    accurate.  ``device`` runs the eigh with torch on that device (e.g. cuda); the products around it stay numpy.
     """
 
     TOL = 1e-12  # normwise backward error accepted as float64-exact
@@ -129,38 +129,44 @@ class RidgePath:
     def _factorise(self, precision: str) -> None:
         self.precision = precision
         # torch's eigh: faster than numpy's here in both precisions (interleaved medians, D=2048, 2 cores)
-        g = torch.from_numpy(self.Gz.astype(np.float32 if precision == "float32" else np.float64))
+        dtype = np.float32 if precision == "float32" else np.float64
+        g = torch.from_numpy(self.Gz.astype(dtype))
         e, v = torch.linalg.eigh(g if self.device is None else g.to(self.device))
-        self.evals, self.V = e.double().cpu().numpy(), v.double().cpu().numpy()
-        self.VtB = self.V.T @ self.Bz
+        self.evals, self.V = e.double().cpu().numpy(), v.cpu().numpy()  # V in the factorisation's precision
+        self.VtB = self.V.T @ self.Bz.astype(dtype)
         self._norm = float(np.abs(self.evals).max(initial=0.0))
 
+    def _apply_inverse(self, r: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """V diag(1/d) Vᵀ r per λ, in the factorisation's precision: r (D, L, M), d (D, L, 1) -> (D, L, M)."""
+        D, L, M = r.shape
+        t = (self.V.T @ r.reshape(D, L * M).astype(self.V.dtype, copy=False)).reshape(D, L, M) / d
+        return (self.V @ t.reshape(D, L * M)).reshape(D, L, M)
+
     def coefs(self, lambdas, cols: slice | np.ndarray = slice(None)) -> np.ndarray:
-        """(L, D, M): per λ, a with standardised weights w = V a solving (G + λn I) w = Bᵀ to float64
-        accuracy.  The whole λ path is refined together, so each step reads the gram once (one GEMM).
-        Call before reading ``V``: a stalled refinement replaces it."""
+        """(L, D, M): per λ, the standardised weights z solving (G + λn I) z = Bᵀ to float64 accuracy."""
         shifts = np.asarray(lambdas, dtype=np.float64) * self.n
-        d = self.evals[None, :, None] + shifts[:, None, None]  # (L, D, 1)
-        a = self.VtB[None, :, cols] / d
+        d = (self.evals[:, None] + shifts[None, :])[:, :, None]  # (D, L, 1)
+        L, (D, M) = len(shifts), self.VtB[:, cols].shape
+        t = np.broadcast_to(self.VtB[:, None, cols], (D, L, M)) / d.astype(self.V.dtype)
+        z = (self.V @ t.reshape(D, L * M)).reshape(D, L, M).astype(np.float64)
         if self.precision == "float64":
-            return a
-        L, D, M = a.shape
+            return z.transpose(1, 0, 2)
         b = self.Bz[:, cols]
+        bn = np.linalg.norm(b)
+        d32 = d.astype(self.V.dtype)
         for _ in range(self.MAX_STEPS):
-            w = self.V @ a.transpose(1, 0, 2).reshape(D, L * M)  # (D, L·M)
-            r = (b[:, None, :] - (self.Gz @ w).reshape(D, L, M) - shifts[None, :, None] * w.reshape(D, L, M))
-            w = w.reshape(D, L, M)
+            r = b[:, None, :] - (self.Gz @ z.reshape(D, L * M)).reshape(D, L, M) - shifts[None, :, None] * z
             res = np.sqrt((r * r).sum((0, 2)))
-            wn = np.sqrt((w * w).sum((0, 2)))
-            if np.all(res <= self.TOL * ((self._norm + shifts) * wn + np.linalg.norm(b))):  # backward error
-                return a
-            a = a + (self.V.T @ r.reshape(D, L * M)).reshape(D, L, M).transpose(1, 0, 2) / d
+            zn = np.sqrt((z * z).sum((0, 2)))
+            if np.all(res <= self.TOL * ((self._norm + shifts) * zn + bn)):  # backward error
+                return z.transpose(1, 0, 2)
+            z += self._apply_inverse(r, d32)
         self._factorise("float64")  # refinement stalled: exact path
         return self.coefs(lambdas, cols)
 
-    def raw(self, a: np.ndarray, cols: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """(W, b) in (shifted) raw feature space from coefficients ``a`` (D, M) or (L, D, M) of ``coefs``."""
-        w = (self.V @ a) * self.inv[:, None]
+    def raw(self, z: np.ndarray, cols: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) in (shifted) raw feature space from standardised weights ``z`` (D, M) or (L, D, M) of ``coefs``."""
+        w = z * self.inv[:, None]
         return w, self.my[cols] - self.mx @ w
 
     def solve(self, lam: float, cols: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
@@ -172,27 +178,19 @@ def validation_sse(path: RidgePath, v: Stats, lambdas, cols: np.ndarray, A: np.n
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Σ‖y − xW(λ) − b(λ)‖² per (λ, target column) over a validation fold, from its statistics alone,
     and the same for the training mean (W = 0): the R² denominator.  ``A``: ``path.coefs(lambdas, cols)``
-    if already computed (one training set validated on two folds solves once).
-
-    The quadratic term xᵀWᵀWx needs Wᵀ G W: for few target columns it is cheapest as G @ W over the whole
-    λ path in one product, for many (embedding targets) once per fold in the training eigenbasis.
+    if already computed (one training set validated on two folds solves once).  The quadratic term xᵀWᵀWx
+    is Wᵀ G W over the whole λ path in one product.
     """
-    A = path.coefs(lambdas, cols) if A is None else A  # (L, D, M); first: a stalled refinement replaces V
+    A = path.coefs(lambdas, cols) if A is None else A  # (L, D, M) standardised weights
     L, D, M = A.shape
-    vi = path.V * path.inv[:, None]  # W(λ) = vi @ A(λ)
-    C = vi.T @ v.B[:, cols]  # (D, M)
-    u, s = vi.T @ path.mx, vi.T @ v.sx
+    W = A * path.inv[:, None]  # raw (shifted) weights per λ
+    Wf = np.ascontiguousarray(W.transpose(1, 0, 2)).reshape(D, L * M)  # the λ path side by side: one GEMM
+    quad = (Wf * (v.G @ Wf)).sum(0).reshape(L, M)
     my = path.my[cols]
     ss0 = v.yy[cols] - 2 * my * v.sy[cols] + v.n * my * my
-    Ab = A.transpose(1, 0, 2).reshape(D, L * M)  # the whole λ path side by side: one GEMM per product
-    if L * M < D:
-        W = vi @ Ab
-        quad = (W * (v.G @ W)).sum(0).reshape(L, M)
-    else:
-        quad = (Ab * ((vi.T @ v.G @ vi) @ Ab)).sum(0).reshape(L, M)
-    b = my[None] - np.einsum("d,ldm->lm", u, A)
-    out = (v.yy[cols] - 2 * (A * C[None]).sum(1) - 2 * b * v.sy[cols] + quad + 2 * b * np.einsum("d,ldm->lm", s, A)
-           + v.n * b * b)
+    b = my[None] - path.mx @ W  # (L, M)
+    xb = (W * v.B[:, cols][None]).sum(1)  # Σ xᵀw y per column
+    out = v.yy[cols] - 2 * xb - 2 * b * v.sy[cols] + quad + 2 * b * (v.sx @ W) + v.n * b * b
     return out, ss0
 
 
