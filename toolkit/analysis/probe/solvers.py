@@ -62,8 +62,9 @@ class Fitted:
 def factorisation_precision(d: int, n_lambdas: int, m: int, device: str | None = None) -> str:
     """float32 eigh + refinement where it is cheaper than a float64 eigh, else float64.
 
-    A refinement step costs three (D × D) @ (D × λ·M) products over the λ path, a float64 eigh about twice a
-    float32 one (idle 2 cores, D=2048: 1.03 s vs 0.53 s), so float32 pays off when 2·λ·M < D.  Measured: 1.6x
+    A refinement step costs (D × D) @ (D × λ·M) products over the λ path (one float64, two float32; three float64
+    when the rule was measured, so it is conservative now), a float64 eigh about twice a float32 one (idle 2
+    cores, D=2048: 1.03 s vs 0.53 s), so float32 pays off when 2·λ·M < D.  Measured: 1.6x
     slower at D=256 with 32 columns, 0.75x at D=512 with 32 (both float64 by this rule); at D=2048 with the
     default probe's 60 columns (a task of 10 classes and 5 control draws) one cell's nested-CV solve takes
     20.9 s vs 29.7 s in float64 on 2 workers (3 interleaved repeats, benchmarks/bench_probe_scale.py's setting).
