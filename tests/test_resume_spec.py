@@ -125,3 +125,26 @@ def test_disk_full_while_creating_is_one_line_and_leaves_nothing(tmp_path, monke
     with registered(), pytest.raises(ToolkitError, match="No space left on device"):
         toolkit.extract(store=tmp_path / "s.zarr", **BASE)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_signal_during_the_last_commit_lets_the_run_finish_and_says_so(tmp_path, monkeypatch):
+    """SIGTERM landing while the run commits its last samples (its wind-up) is only recorded: the store is
+    completed, the call returns normally, and one warning says the signal came too late to stop it."""
+    import signal
+
+    from toolkit.store.reader import open_store
+    from toolkit.store.writer import StoreWriter
+
+    close = StoreWriter.close
+
+    def close_with_a_signal(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the run's Signals: recorded, not raised, while winding up
+        return close(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "close", close_with_a_signal)
+    path = tmp_path / "late.zarr"
+    with registered(), pytest.warns(UserWarning, match=r"SIGTERM arrived while the run was committing its last "
+                                                       r"samples; it finished instead: .*late\.zarr is complete"):
+        toolkit.extract(store=path, **BASE)
+    store = open_store(path)
+    assert store.complete and store.n_samples > 0

@@ -198,6 +198,7 @@ class Run:
             finally:
                 writer.release()
                 bar.close()
+        signals.finished_despite(writer.committed, writer.path)  # outside: nothing it raises can undo the store
         return writer.committed - committed
 
     def attrs(self) -> dict[str, Any]:

@@ -67,6 +67,16 @@ class Signals:
         """From now on only record signals (the run is being wound up)."""
         self.depth += 1
 
+    def finished_despite(self, committed: int, path: Path | str) -> None:
+        """After a wind-up that completed the store: if a signal arrived during it, say so (one warning line), so
+        an exit code 0 after Ctrl-C is not a surprise."""
+        import signal
+        import warnings
+
+        if self.pending is not None:
+            warnings.warn(f"{signal.Signals(self.pending).name} arrived while the run was committing its last "
+                          f"samples; it finished instead: {path} is complete with {committed} samples", stacklevel=2)
+
 
 def interrupted(e: KeyboardInterrupt, committed: int, path: Path | str) -> Interrupted:
     """The ``Interrupted`` a run raises after its cleanup, naming what is committed where."""
