@@ -198,7 +198,8 @@ class Run:
             finally:
                 writer.release()
                 bar.close()
-        signals.finished_despite(writer.committed, writer.path)  # outside: nothing it raises can undo the store
+        if writer.path is not None:  # a writer of its own store (a Ray actor's stand-in has none)
+            signals.finished_despite(writer.committed, writer.path)  # outside: nothing it raises can undo the store
         return writer.committed - committed
 
     def attrs(self) -> dict[str, Any]:

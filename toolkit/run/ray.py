@@ -105,6 +105,7 @@ class _StandInWriter:
     created = False
     started = False
     root = None
+    path = None  # no store of its own
     bytes_added = 0
     defer_commits = False
 
