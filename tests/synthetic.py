@@ -167,3 +167,11 @@ def write_libero_pickles(folder, tasks=(0, 1, 2), drop_episode=None) -> None:
         if drop_episode and drop_episode[0] == t:
             del task["episodes"][f"episode_{drop_episode[1]}"]
         (folder / file_name(t, task["task_name"])).write_bytes(pickle.dumps(task, protocol=PROTOCOL))
+
+
+def page_data(html: str) -> dict:
+    """The JSON a `toolkit view` page embeds (its `<script id="data">`), from the page's text."""
+    import json
+    import re
+
+    return json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S).group(1))

@@ -177,8 +177,7 @@ def _assert_same(a, b):
 def test_frames_of_a_live_rollout_and_the_viewer(reference, tmp_path):
     """`extract --frames` on live rollouts keeps each step's rendered cameras; the activations are those of the
     run without frames; `toolkit view` shows them (a simulator store with frames, end to end)."""
-    import json
-    import re
+    from synthetic import page_data
 
     path = _extract(tmp_path / "frames.zarr", frames=32)
     s, ref = open_store(path), open_store(reference)
@@ -190,5 +189,5 @@ def test_frames_of_a_live_rollout_and_the_viewer(reference, tmp_path):
     np.testing.assert_array_equal(s.read("vlm", "resid_post"), ref.read("vlm", "resid_post"))
     page = toolkit.view(path, tmp_path / "view.html")
     html = open(page).read()
-    data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S).group(1))
+    data = page_data(html)
     assert sorted(data["cameras"]) == ["agentview", "wrist"] and html.count("data:image/jpeg") >= s.n_samples

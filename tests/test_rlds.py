@@ -173,10 +173,9 @@ def test_extract_openvla_over_rlds_end_to_end(rlds_dir, tmp_path):
 
 def test_view_an_rlds_store_without_frames(rlds_dir, tmp_path):
     """`toolkit view` on an RLDS store with no frames: the actions alone, from the CLI and the Python API."""
-    import json
-    import re
-
     from click.testing import CliRunner
+
+    from synthetic import page_data
 
     from toolkit.cli.main import cli
 
@@ -187,7 +186,7 @@ def test_view_an_rlds_store_without_frames(rlds_dir, tmp_path):
     assert res.exit_code == 0, res.output
     page = toolkit.view(store, tmp_path / "api.html")
     for html in ((tmp_path / "cli.html").read_text(), open(page).read()):
-        data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S).group(1))
+        data = page_data(html)
         assert data["cameras"] == [] and "data:image/jpeg" not in html  # no frames: heatmaps and plots alone
         assert [e["instruction"] for e in data["episodes"]] == INSTRUCTIONS[:2]
         assert [len(e["steps"]) for e in data["episodes"]] == [3, 3]

@@ -15,6 +15,7 @@ import pytest
 import toolkit
 from toolkit.sdk.errors import ToolkitError
 from toolkit.sdk.plugins import get_dataset
+import synthetic
 import viewstores as V
 
 
@@ -24,8 +25,7 @@ def stores(tmp_path_factory):
 
 
 def page_data(path) -> dict:
-    text = Path(path).read_text()
-    return json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', text, re.S).group(1))
+    return synthetic.page_data(Path(path).read_text())
 
 
 def dataset_samples():
