@@ -95,6 +95,8 @@ def bench_pair(tmp: Path, repeats: int, episodes: list[int]) -> dict:
     import subprocess
     import sys
 
+    import toolkit
+
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_extract import medium_checkpoint
 
@@ -116,8 +118,6 @@ def bench_pair(tmp: Path, repeats: int, episodes: list[int]) -> dict:
             if any(p.wait() != 0 for p in procs):
                 raise RuntimeError(f"toolkit extract failed: {' '.join(command(e, stores[0]))}")
             times[(e, n)].append(time.perf_counter() - t)
-            import toolkit
-
             samples[e] = toolkit.open_store(stores[0]).n_samples
             for st in stores:
                 shutil.rmtree(st)

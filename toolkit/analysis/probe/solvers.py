@@ -137,31 +137,29 @@ class RidgePath:
         self.VtB = self.V.T @ self.Bz.astype(dtype)
         self._norm = float(np.abs(self.evals).max(initial=0.0))
 
-    def _apply_inverse(self, r: np.ndarray, d: np.ndarray) -> np.ndarray:
-        """V diag(1/d) Vᵀ r per λ, in the factorisation's precision: r (D, L, M), d (D, L, 1) -> (D, L, M)."""
-        D, L, M = r.shape
-        t = (self.V.T @ r.reshape(D, L * M).astype(self.V.dtype, copy=False)).reshape(D, L, M) / d
-        return (self.V @ t.reshape(D, L * M)).reshape(D, L, M)
+    def _from_basis(self, t: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """V diag(1/d) t per λ, in the factorisation's precision: t (D, L, M) in the eigenbasis, d (D, L, 1)."""
+        D, L, M = t.shape
+        return (self.V @ (t / d).reshape(D, L * M)).reshape(D, L, M)
 
     def coefs(self, lambdas, cols: slice | np.ndarray = slice(None)) -> np.ndarray:
         """(L, D, M): per λ, the standardised weights z solving (G + λn I) z = Bᵀ to float64 accuracy."""
         shifts = np.asarray(lambdas, dtype=np.float64) * self.n
-        d = (self.evals[:, None] + shifts[None, :])[:, :, None]  # (D, L, 1)
+        d = (self.evals[:, None] + shifts[None, :])[:, :, None].astype(self.V.dtype)  # (D, L, 1)
         L, (D, M) = len(shifts), self.VtB[:, cols].shape
-        t = np.broadcast_to(self.VtB[:, None, cols], (D, L, M)) / d.astype(self.V.dtype)
-        z = (self.V @ t.reshape(D, L * M)).reshape(D, L, M).astype(np.float64)
+        z = self._from_basis(np.broadcast_to(self.VtB[:, None, cols], (D, L, M)), d).astype(np.float64, copy=False)
         if self.precision == "float64":
             return z.transpose(1, 0, 2)
         b = self.Bz[:, cols]
         bn = np.linalg.norm(b)
-        d32 = d.astype(self.V.dtype)
         for _ in range(self.MAX_STEPS):
             r = b[:, None, :] - (self.Gz @ z.reshape(D, L * M)).reshape(D, L, M) - shifts[None, :, None] * z
             res = np.sqrt((r * r).sum((0, 2)))
             zn = np.sqrt((z * z).sum((0, 2)))
             if np.all(res <= self.TOL * ((self._norm + shifts) * zn + bn)):  # backward error
                 return z.transpose(1, 0, 2)
-            z += self._apply_inverse(r, d32)
+            t = self.V.T @ r.reshape(D, L * M).astype(self.V.dtype)  # the residual in the eigenbasis
+            z += self._from_basis(t.reshape(D, L, M), d)
         self._factorise("float64")  # refinement stalled: exact path
         return self.coefs(lambdas, cols)
 
