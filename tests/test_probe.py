@@ -26,7 +26,7 @@ INSTRUCTIONS = ["put the bowl on the plate", "open the top drawer", "turn on the
 def write_store(path, n_tasks=4, eps_per_task=10, steps=12, layers=(0, 3, 6, 9), d=24, tokens=2, signal_layer=6,
                 signal=1.5, episode_noise=1.0, denoise_t=(1.0, 0.5), seed=0, chunk_samples=64, action=True,
                 codec="zstd", bf16=False, random_init=False, resid_pre=False,
-                failed_signal=1.0):
+                failed_signal=1.0, nan_sample=None):
     """A store with a task signal planted at one layer only, a per-episode offset everywhere, and an action
     expert whose task signal grows as t falls (strongest at the last denoising step).  Episodes fail when
     ``episode % 3 == 0``; their planted signal is scaled by ``failed_signal``."""
@@ -43,6 +43,8 @@ def write_store(path, n_tasks=4, eps_per_task=10, steps=12, layers=(0, 3, 6, 9),
     vlm = rng.standard_normal((n, L, tokens, d)).astype(np.float32) + ep_offsets[episode][:, None, None] + 5.0
     strength = np.where(episode % 3 != 0, 1.0, failed_signal).astype(np.float32)[:, None, None]
     vlm[:, layers.index(signal_layer)] += signal * strength * class_means[task_id][:, None]
+    if nan_sample is not None:  # one activation the model returned as NaN, at every layer of that sample
+        vlm[nan_sample, :, 0, 0] = np.nan
     act = rng.standard_normal((n, L, S, 1, d)).astype(np.float32) + ep_offsets[episode][:, None, None, None]
     for s in range(S):
         act[:, :, s] += (s + 1) / S * signal * class_means[task_id][:, None, None]
@@ -357,6 +359,20 @@ def test_chunk_reader_matches_zarr(tmp_path, codec, bf16):
     got = np.concatenate([x[:, 0] for _, x in iter_blocks(store, r, 0)])
     want = store.read("vlm", "resid_post", layer=6)[r.rows].reshape(len(r.rows), -1)
     np.testing.assert_array_equal(got, want)
+
+
+def test_non_finite_activations_are_one_line_not_nan_weights(tmp_path):
+    """A NaN in the selected rows would make every weight NaN (and the eigendecomposition used to raise LAPACK's
+    own error): the probe names the layer and says how to find the samples, from the API and the CLI."""
+    path = write_store(tmp_path / "nan.zarr", eps_per_task=3, nan_sample=5, action=False)
+    with pytest.raises(ToolkitError, match=r"layer 6 holds non-finite activations .*toolkit stats"):
+        probe(path, Selection(site="vlm", layers="6"), ["task"], ProbeConfig(**FAST))
+    from toolkit.cli import cli
+
+    res = CliRunner().invoke(cli, ["probe", str(path), "--layers", "6", "--out", str(tmp_path / "out"),
+                                   "--no-progress"])
+    assert res.exit_code != 0 and "layer 6 holds non-finite activations" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
 
 
 def test_held_out_tasks_needs_an_embedding_target(store_path):

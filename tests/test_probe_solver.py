@@ -115,3 +115,57 @@ def test_cuda_without_a_gpu_is_one_line(layer):
         pytest.skip("a GPU is present")
     with pytest.raises(ToolkitError, match="no CUDA GPU"):
         probe(layer[0], Selection(site="vlm", layers="6"), ["task"], ProbeConfig(mdl=False, device="cuda"))
+
+
+def _gram(d, n=None, seed=0, spread=1e3):
+    """A gram with eigenvalues spread over ``spread`` (correlated features, like activations), and targets."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n or 3 * d, d)) @ (rng.standard_normal((d, d)) * np.geomspace(1, 1 / spread, d))
+    return X.T @ X, X.T @ rng.standard_normal((len(X), 5))
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
+def test_the_tridiagonal_factorisation_solves_every_shift(dtype, tol):
+    """G = Q T Qᵀ by LAPACK: (G + sI)⁻¹ r per shift, for a right-hand side shared by every shift or one per
+    shift, to the working precision's backward error; and the same answers as the eigendecomposition (the
+    factorisation a GPU uses), which is tested here on the CPU."""
+    from toolkit.analysis.probe.factor import Eigen, Tridiagonal
+
+    G, B = _gram(64)
+    shifts = np.array([1e-3, 1.0, 1e3]) * np.trace(G) / len(G)
+    R = np.random.default_rng(1).standard_normal((64, 3, 5))
+    for f in (Tridiagonal(G, dtype), Eigen(G, dtype)):
+        assert f.norm >= np.linalg.eigvalsh(G).max() * (1 - 1e-6)
+        for rhs in (B, R):
+            x = f.solve(rhs, shifts).astype(np.float64)
+            for i, s in enumerate(shifts):
+                b = rhs if rhs.ndim == 2 else rhs[:, i]
+                r = b - (G + s * np.eye(len(G))) @ x[:, i]
+                assert np.linalg.norm(r) <= tol * ((f.norm + s) * np.linalg.norm(x[:, i]) + np.linalg.norm(b))
+    np.testing.assert_allclose(Tridiagonal(G, np.float64).solve(B, shifts), Eigen(G, np.float64).solve(B, shifts),
+                               rtol=1e-8, atol=1e-10 * np.abs(Eigen(G, np.float64).solve(B, shifts)).max())
+
+
+def test_float32_refinement_reaches_the_tolerance_with_updated_residuals():
+    """After the first exact residual the refinement updates it in float32 and counts that rounding as a bound:
+    the answers it accepts meet RidgePath.TOL against the exact float64 residual, without the float64 fallback,
+    and differ from the float64 path's by at most what that backward error allows (condition number × TOL)."""
+    from toolkit.analysis.probe.stats import Stats
+
+    rng = np.random.default_rng(2)
+    X = (rng.standard_normal((3000, 256)) @ (rng.standard_normal((256, 256)) * np.geomspace(1, 1e-2, 256)))
+    Y = np.eye(4)[rng.integers(0, 4, 3000)] + X[:, :4] * 0.05
+    s = Stats.zeros(256, 4)
+    s.add(X.astype(np.float32), Y.astype(np.float32))
+    path, ref = RidgePath(s, "float32"), RidgePath(s, "float64")
+    A = path.coefs(LAMBDAS)
+    assert path.precision == "float32"  # no fallback: refinement converged
+    for lam, z in zip(LAMBDAS, A):
+        shift = lam * path.n
+        r = path.Bz - path.Gz @ z - shift * z
+        bound = (np.abs(np.linalg.eigvalsh(path.Gz)).max() + shift) * np.linalg.norm(z) + np.linalg.norm(path.Bz)
+        assert np.linalg.norm(r) <= RidgePath.TOL * bound
+    e = np.linalg.eigvalsh(path.Gz)
+    for lam, z, z64 in zip(LAMBDAS, A, ref.coefs(LAMBDAS)):  # forward error within cond × backward error
+        cond = (e.max() + lam * path.n) / (max(e.min(), 0) + lam * path.n)
+        assert np.linalg.norm(z - z64) <= 4 * cond * RidgePath.TOL * np.linalg.norm(z64)

@@ -423,6 +423,9 @@ def _fit_ridge(store, sw: Sweep, li, layer, Y, nd, buckets, cfg) -> dict[Cell, C
         n = sum(s.n for s in stats)
         if min(n - s.n for s in stats) < 2:
             continue
+        if not all(np.isfinite(s.G).all() and np.isfinite(s.B).all() for s in stats):
+            raise ToolkitError(f"layer {layer} holds non-finite activations (NaN or inf) among the rows this probe "
+                               f"selects: no linear probe fits them; `toolkit stats STORE` counts them per layer")
         nr = NestedRidge(stats, groups, inputs.shifts[(j, b)], cfg.lambdas, prior, prefix=online, device=cfg.device)
         outer = nr.outers(final=cfg.save_weights != "none")
         cell = Cell(layer, j, b)

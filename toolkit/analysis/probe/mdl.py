@@ -6,7 +6,8 @@ easily* (with how little data) the representation gives the labels, which accura
 Compression = uniform code length / online code length (1 = nothing learned).
 
 The blocks are the outer cross-validation folds in order (whole episodes, so no block shares an episode
-with another), which makes every prefix probe a sum of fold statistics: K − 1 extra eigendecompositions.
+with another), which makes every prefix probe a sum of fold statistics: K − 1 prefix probes, of which the last
+two reuse nested-CV training sets, so K − 3 extra factorisations.
 Each prefix probe is ridge at a λ chosen on the past only (the squared error of the previous block under
 the previous prefix probe; λ = 1 for the first).  Its scores become probabilities softmax(β·scores), with
 β chosen on the past only as well: the β that best codes every earlier block under the probe that coded it

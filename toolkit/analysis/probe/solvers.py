@@ -1,8 +1,8 @@
 """Probe solvers: nested cross-validated ridge from fold statistics, multinomial logistic (L-BFGS), cosine-loss probe.
 
-Ridge is the default because it needs only the streamed statistics: one eigendecomposition of a
-standardised training gram gives W(λ) = V diag(1/(s+λn)) VᵀXᵀY for every λ and every target at once, and
-every training set of the nested cross-validation is a sum of fold statistics (``NestedRidge``).
+Ridge is the default because it needs only the streamed statistics: one factorisation of a standardised
+training gram (G = Q T Qᵀ, T tridiagonal: ``factor.py``) gives W(λ) = Q (T + λn)⁻¹ QᵀXᵀY for every λ and every
+target at once, and every training set of the nested cross-validation is a sum of fold statistics (``NestedRidge``).
 λ is relative to the mean eigenvalue of the standardised gram (which is n), so one grid means the same
 thing at every layer whatever its activation scale.  Features are standardised with training statistics
 only (the z-score comes from the diagonal of the centred training gram, no second pass).
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from toolkit.sdk.compute import threads_each
+from toolkit.analysis.probe.factor import Eigen, Singular, Tridiagonal
 from toolkit.analysis.probe.stats import Stats, sum_stats
 
 LAMBDAS = tuple(float(v) for v in np.logspace(-6, 3, 10))
@@ -60,26 +61,26 @@ class Fitted:
 
 
 def factorisation_precision(d: int, n_lambdas: int, m: int, device: str | None = None) -> str:
-    """float32 eigh + refinement where it is cheaper than a float64 eigh, else float64.
+    """float32 factorisation + refinement where it is cheaper than a float64 factorisation, else float64.
 
-    A refinement step costs (D × D) @ (D × λ·M) products over the λ path (one float64, two float32; three float64
-    when the rule was measured, so it is conservative now), a float64 eigh about twice a float32 one (idle 2
-    cores, D=2048: 1.03 s vs 0.53 s), so float32 pays off when 2·λ·M < D.  Measured: 1.6x
-    slower at D=256 with 32 columns, 0.75x at D=512 with 32 (both float64 by this rule); at D=2048 with the
-    default probe's 60 columns (a task of 10 classes and 5 control draws) one cell's nested-CV solve takes
-    20.9 s vs 29.7 s in float64 on 2 workers (3 interleaved repeats, benchmarks/bench_probe_scale.py's setting).
-    On a GPU the float64 eigh is cheap next to the refinement's round trips, so it is always float64 there.
+    On the CPU a float64 tridiagonal reduction costs about 1.3-1.5x a float32 one, while refinement costs
+    products of the gram with the λ path's L·M columns, so float32 pays off when 6·L·M < D.  Measured (one
+    thread, one training set, the 10-λ grid, medians of 3): D=2048 with 10 columns 0.57 s vs 0.74 s in float64,
+    with 60 columns 1.21 s vs 1.04 s; D=4096 with 60 columns 7.8 s vs 8.5 s; D ≤ 1024 within 10 % of each
+    other with 10 columns, float64 faster with 60.
+    On a GPU a float64 eigendecomposition is cheap next to the refinement's round trips: always float64 there.
     """
     if device is not None and torch.device(device).type != "cpu":
         return "float64"
-    return "float32" if 2 * n_lambdas * m < d else "float64"
+    return "float32" if 6 * n_lambdas * m < d else "float64"
 
 
 def solver_workers(device: str | None = None, n_jobs: int | None = None) -> int:
     """How many factorisations run at once: torch's thread budget (capped at 4, each job holds a few D² arrays),
-    one on a GPU.  eigh is mostly memory-bound (the tridiagonal reduction), so one thread per factorisation
-    beats several threads on one: measured 4 eighs at D=2048 in 5.1 s as 2 jobs × 1 thread vs 17-33 s as
-    1 job × 2 threads on the loaded 2-core machine."""
+    one on a GPU.  One thread per factorisation degrades least on a busy machine: measured with torch's eigh,
+    4 at D=2048 in 5.1 s as 2 jobs × 1 thread vs 17-33 s as 1 job × 2 threads on the loaded 2-core machine.
+    Idle, the tridiagonal reductions now used on the CPU do as well either way (one nested-CV cell at D=2048:
+    13.2-13.5 s as 1 job × 2 threads or 2 jobs × 1 thread), so the busy-machine rule stands."""
     if device is not None and torch.device(device).type != "cpu":
         return 1
     return max(1, min(4, torch.get_num_threads(), n_jobs or 4))
@@ -100,18 +101,25 @@ def parallel_map(fn, items: list, workers: int) -> list:
 class RidgePath:
     """One training set's standardised gram, factorised once, ready to solve for any λ and target.
 
-    The eigendecomposition runs in float32 (torch.linalg.eigh: 2.4x faster than numpy's float64 eigh at
-    D=2048 on two cores, 5x at D=1024; nested CV needs 16 per cell); answers stay float64 by mixed-precision
-    iterative refinement: the float32 eigenbasis is only an approximate inverse of (G + λn) w = b, applied in
-    float32 to a residual computed against the float64 gram, corrections summed in float64, until the normwise
-    backward error is at float64 level.  The whole λ path is refined together, so each step reads the gram once
-    (one float64 GEMM) and applies the basis twice (two float32 GEMMs).  If refinement stalls (a gram too
-    ill-conditioned for float32), the path refactorises in float64 and solves directly: slower, never less
-    accurate.  ``device`` runs the eigh with torch on that device (e.g. cuda); the products around it stay numpy.
+    On the CPU the factorisation is a tridiagonal reduction (``factor.Tridiagonal``: every λ is then an O(D)
+    solve between two applications of Q), in float32 where ``factorisation_precision`` says so (nested CV needs
+    17 per cell); answers stay float64 by mixed-precision iterative refinement: the float32 factorisation is
+    only an approximate inverse of (G + λn) z = b, applied to a residual that is exact in float64 the first
+    time (one float64 GEMM against the gram) and afterwards updated by the correction's own product in float32
+    (the correction is ~1e-6 of z, so its float32 rounding is ~1e-12 of the residual's scale, and that rounding
+    is added up as a bound and counted against the tolerance).  The whole λ path is refined together.  If
+    refinement stalls (a gram too ill-conditioned for float32), the path refactorises in float64 and solves
+    directly: slower, never less accurate.  ``device`` (e.g. cuda) factorises by eigendecomposition on that
+    device (``factor.Eigen``); the products around it stay numpy.
     """
 
-    TOL = 1e-12  # normwise backward error accepted as float64-exact
+    # Normwise backward error accepted: the statistics are float32 products summed in float64, so the gram's own
+    # entries carry ~1e-7 relative rounding; 1e-10 makes every answer the exact solve of a gram 1000x closer to the
+    # given one than that.
+    TOL = 1e-10
     MAX_STEPS = 8
+    # A float32 GEMM's rounding, probabilistically √D·u relative to ‖G‖‖x‖, with a factor 10 of margin
+    _UPDATE_ROUNDING = 10 * float(np.finfo(np.float32).eps) / 2
 
     def __init__(self, s: Stats, precision: str = "float32", device: str | None = None):
         self.n = s.n
@@ -125,42 +133,58 @@ class RidgePath:
         self.inv = inv
         self.Gz = gc * np.outer(inv, inv)
         self.Bz = bc * inv[:, None]
+        self._g32 = None
         self._factorise(precision)
 
     def _factorise(self, precision: str) -> None:
         self.precision = precision
-        # torch's eigh: faster than numpy's here in both precisions (interleaved medians, D=2048, 2 cores)
         dtype = np.float32 if precision == "float32" else np.float64
-        g = torch.from_numpy(self.Gz.astype(dtype))
-        e, v = torch.linalg.eigh(g if self.device is None else g.to(self.device))
-        self.evals, self.V = e.double().cpu().numpy(), v.cpu().numpy()  # V in the factorisation's precision
-        self.VtB = self.V.T @ self.Bz.astype(dtype)
-        self._norm = float(np.abs(self.evals).max(initial=0.0))
-
-    def _from_basis(self, t: np.ndarray, d: np.ndarray) -> np.ndarray:
-        """V diag(1/d) t per λ, in the factorisation's precision: t (D, L, M) in the eigenbasis, d (D, L, 1)."""
-        D, L, M = t.shape
-        return (self.V @ (t / d).reshape(D, L * M)).reshape(D, L, M)
+        on_device = self.device is not None and torch.device(self.device).type != "cpu"
+        if on_device or len(self.Gz) < 2:
+            self.factor = Eigen(self.Gz, dtype, self.device if on_device else None)
+        else:
+            self.factor = Tridiagonal(self.Gz, dtype)
 
     def coefs(self, lambdas, cols: slice | np.ndarray = slice(None)) -> np.ndarray:
         """(L, D, M): per λ, the standardised weights z solving (G + λn I) z = Bᵀ to float64 accuracy."""
         shifts = np.asarray(lambdas, dtype=np.float64) * self.n
-        d = (self.evals[:, None] + shifts[None, :])[:, :, None].astype(self.V.dtype)  # (D, L, 1)
-        L, (D, M) = len(shifts), self.VtB[:, cols].shape
-        z = self._from_basis(np.broadcast_to(self.VtB[:, None, cols], (D, L, M)), d).astype(np.float64, copy=False)
+        b = self.Bz[:, cols]
+        (D, M), L = b.shape, len(shifts)
+        f = self.factor
+        try:
+            z = f.solve(b, shifts).astype(np.float64)
+        except Singular:  # an exactly singular shifted tridiagonal factor: not the ridge grid's positive shifts
+            if self.precision == "float64":
+                self.factor = Eigen(self.Gz, np.float64)
+                return self.coefs(lambdas, cols)
+            return self._exactly(lambdas, cols)
         if self.precision == "float64":
             return z.transpose(1, 0, 2)
-        b = self.Bz[:, cols]
-        bn = np.linalg.norm(b)
+        if self._g32 is None:
+            self._g32 = self.Gz.astype(np.float32)
+        bn, scale = np.linalg.norm(b), f.norm + shifts  # (L,)
+        r, drift = None, np.zeros(L)
         for _ in range(self.MAX_STEPS):
-            r = b[:, None, :] - (self.Gz @ z.reshape(D, L * M)).reshape(D, L, M) - shifts[None, :, None] * z
-            res = np.sqrt((r * r).sum((0, 2)))
+            if r is None or np.any(drift > self.TOL / 4 * (scale * np.sqrt((z * z).sum((0, 2))) + bn)):
+                # the exact residual: on the first step, and whenever the float32 updates' rounding bound grows
+                r = b[:, None, :] - (self.Gz @ z.reshape(D, L * M)).reshape(D, L, M) - shifts[None, :, None] * z
+                drift[:] = 0.0
             zn = np.sqrt((z * z).sum((0, 2)))
-            if np.all(res <= self.TOL * ((self._norm + shifts) * zn + bn)):  # backward error
+            if np.all(np.sqrt((r * r).sum((0, 2))) + drift <= self.TOL * (scale * zn + bn)):  # backward error
                 return z.transpose(1, 0, 2)
-            t = self.V.T @ r.reshape(D, L * M).astype(self.V.dtype)  # the residual in the eigenbasis
-            z += self._from_basis(t.reshape(D, L, M), d)
-        self._factorise("float64")  # refinement stalled: exact path
+            try:
+                dz = f.solve(r.astype(np.float32), shifts)
+            except Singular:
+                break
+            z += dz
+            r -= (self._g32 @ dz.reshape(D, L * M)).reshape(D, L, M) + shifts[None, :, None].astype(np.float32) * dz
+            drift += self._UPDATE_ROUNDING * (np.sqrt(D) + 1) * scale * np.sqrt((dz.astype(np.float64) ** 2).sum((0, 2)))
+        return self._exactly(lambdas, cols)  # refinement stalled: exact path
+
+    def _exactly(self, lambdas, cols) -> np.ndarray:
+        """Refactorise in float64 and solve directly."""
+        self._g32 = None
+        self._factorise("float64")
         return self.coefs(lambdas, cols)
 
     def raw(self, z: np.ndarray, cols: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +239,7 @@ class NestedRidge:
     For outer fold k the training set is every other fold; λ is chosen by leave-one-fold-out among those
     (inner CV on the squared error, computed from statistics).  The inner training set "all but folds j
     and k" serves both outer fold k (validating on j) and outer fold j (validating on k), and is solved
-    once for both, so K folds cost K(K−1)/2 + K eigendecompositions, run ``workers`` at a time.
+    once for both, so K folds cost K(K−1)/2 + K factorisations, run ``workers`` at a time.
     ``final`` refits on every fold at the λ chosen by CV over all folds (the probe whose weights are saved).
 
     ``prefix`` (name -> columns) also prepares the online code's probes (``prefix_probes``): prefix i is
