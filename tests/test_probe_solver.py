@@ -169,3 +169,63 @@ def test_float32_refinement_reaches_the_tolerance_with_updated_residuals():
     for lam, z, z64 in zip(LAMBDAS, A, ref.coefs(LAMBDAS)):  # forward error within cond × backward error
         cond = (e.max() + lam * path.n) / (max(e.min(), 0) + lam * path.n)
         assert np.linalg.norm(z - z64) <= 4 * cond * RidgePath.TOL * np.linalg.norm(z64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_gil_free_lapack_calls_equal_scipys_wrappers(dtype):
+    """toolkit's ctypes calls of sytrd, ormqr and gtsv (scipy's own LAPACK, through cython_lapack) give exactly
+    what scipy's Python wrappers give, on views with a leading dimension (as the ridge path passes them)."""
+    from scipy.linalg import lapack as sl
+
+    from toolkit.analysis.probe import lapack
+
+    p = "s" if dtype == np.float32 else "d"
+    G, _ = _gram(40)
+    a, d, e, tau = lapack.sytrd(G, dtype)
+    a2, d2, e2, tau2, info = getattr(sl, p + "sytrd")(G.astype(dtype), lower=1, lwork=64 * 40)  # same blocking
+    assert info == 0
+    for x, y in ((d, d2), (e, e2), (tau, tau2[:39]), (np.tril(a, -2), np.tril(a2, -2))):
+        np.testing.assert_array_equal(x, y)
+    c = np.asfortranarray(np.random.default_rng(0).standard_normal((40, 7)).astype(dtype))
+    for trans in "NT":
+        mine = c.copy(order="F")
+        lapack.ormqr(trans, a[1:, :-1], tau, mine[1:])
+        ref, _, info = getattr(sl, p + "ormqr")("L", trans, a2[1:, :-1], tau2[:39], c[1:].copy(), 64 * 7)
+        np.testing.assert_allclose(mine[1:], ref, rtol=0, atol=10 * np.finfo(dtype).eps * np.abs(ref).max())
+        np.testing.assert_array_equal(mine[0], c[0])
+    b = c.copy(order="F")
+    assert lapack.gtsv(e, d + 5, b) == 0
+    np.testing.assert_allclose((np.diag(d + 5) + np.diag(e, 1) + np.diag(e, -1)) @ b, c,
+                               atol=100 * np.finfo(dtype).eps * np.abs(c).max())
+    with pytest.raises(ValueError):
+        lapack.gtsv(e, d, np.ones((40, 2), dtype))[:, 0]  # a row-major b: refused before any pointer is passed
+    assert lapack.gtsv(np.zeros(1, dtype), np.zeros(2, dtype), np.ones((2, 1), dtype, order="F")) > 0  # singular
+
+
+def test_a_factorisation_on_a_worker_thread_leaves_the_gil_to_the_others():
+    """The point of the ctypes calls: while one thread is inside sytrd, Python keeps running on another (scipy's
+    wrapper holds the GIL for the whole call, so two factorisations on worker threads ran one at a time)."""
+    import threading
+    import time
+
+    from threadpoolctl import threadpool_limits
+
+    from toolkit.analysis.probe import lapack
+
+    G, _ = _gram(1200, n=1300)
+    inside = []
+
+    def work():
+        t = time.perf_counter()
+        lapack.sytrd(G, np.float64)
+        inside.append(time.perf_counter() - t)
+
+    with threadpool_limits(1):
+        th = threading.Thread(target=work)
+        stamps = [time.perf_counter()]
+        th.start()
+        while th.is_alive():
+            stamps.append(time.perf_counter())
+        th.join()
+    longest = float(np.diff(stamps).max())
+    assert longest < inside[0] / 2, (longest, inside[0])  # held, the longest gap would be the whole call

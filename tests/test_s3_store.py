@@ -250,7 +250,9 @@ def test_a_writer_paused_past_its_lease_cannot_change_the_store_that_took_over(s
     --resume and finishes; A is resumed: it stops with one line, and the store equals an uninterrupted run, with
     every array's own metadata at full length (partial-chunk commits every 2 samples: A holds padded chunks)."""
     url = f"{s3}/runs/stale-{pause_after}.zarr"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOOLKIT_LEASE_SECONDS": "3", "TOOLKIT_COMMIT_SAMPLES": "2"}
+    # a 6 s lease: B, the run that takes over, must itself renew in time on a loaded machine (at 3 s a CI run
+    # starved B's renewal once: "the lease ... ran out before it could be renewed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOOLKIT_LEASE_SECONDS": "6", "TOOLKIT_COMMIT_SAMPLES": "2"}
     a = subprocess.Popen([sys.executable, "-m", "toolkit", "extract", url, *ARGS], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
@@ -259,7 +261,7 @@ def test_a_writer_paused_past_its_lease_cannot_change_the_store_that_took_over(s
     assert a.poll() is None, a.stderr.read()[-2000:]
     a.send_signal(signal.SIGSTOP)
     try:
-        time.sleep(3.5)
+        time.sleep(6.5)
         toolkit("extract", url, *ARGS, "--resume", env=env)
     finally:
         a.send_signal(signal.SIGCONT)

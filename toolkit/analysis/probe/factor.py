@@ -6,7 +6,7 @@ tridiagonal solve (``gtsv``, O(D) per column) between two applications of Q (``o
 The ridge path never needs G's eigenvectors, only solves, so it skips what an eigendecomposition adds to the
 reduction (the tridiagonal eigensolver and the back-transform of D eigenvectors): at D=2048 on one core the
 reduction takes 0.55 s where ``torch.linalg.eigh`` takes 0.98 s (float32), 1.07 s vs 2.6 s in float64, with the
-same backward error (~3e-7 in float32).
+same backward error (~3e-7 in float32).  The LAPACK calls go through ``lapack.py``, which releases the GIL.
 ``Eigen`` (any torch device, e.g. cuda, where there is no tridiagonal reduction to call): G = V diag(e) Vᵀ.
 """
 
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.linalg import eigvalsh_tridiagonal, lapack
+from scipy.linalg import eigvalsh_tridiagonal
+
+from toolkit.analysis.probe import lapack
 
 
 class Singular(ArithmeticError):
@@ -22,32 +24,25 @@ class Singular(ArithmeticError):
 
 
 class Tridiagonal:
-    """G = Q T Qᵀ in ``dtype`` (float32 or float64) by LAPACK, for shifted solves on the CPU."""
+    """G = Q T Qᵀ in ``dtype`` (float32 or float64) by LAPACK, for shifted solves on the CPU (``lapack``: called
+    without the GIL, so factorisations on worker threads run side by side)."""
 
     def __init__(self, g: np.ndarray, dtype):
         self.dtype = np.dtype(dtype)
-        p = "s" if self.dtype == np.float32 else "d"
-        self._sytrd, self._ormqr, self._gtsv = (getattr(lapack, p + n) for n in ("sytrd", "ormqr", "gtsv"))
         D = g.shape[0]
-        lwork = int(getattr(lapack, p + "sytrd_lwork")(D, lower=1)[0])
-        a, self.d, self.e, tau, info = self._sytrd(np.asarray(g, dtype=self.dtype), lower=1, lwork=lwork)
-        if info != 0:
-            raise ArithmeticError(f"{p}sytrd failed (info={info})")
+        a, self.d, self.e, tau = lapack.sytrd(g, self.dtype)
         # Q = H(1)···H(D−1) acts on rows 1.. with its reflectors below T's subdiagonal: a QR-shaped Q for ormqr
-        self._refl, self._tau = a[1:, :-1], tau[:D - 1]
+        self._refl, self._tau = a[1:, :-1], tau
         # ‖G‖₂ = ‖T‖₂, T's extreme eigenvalues by bisection (O(D)): the scale of the solver's backward error
         d, e = self.d.astype(np.float64), self.e.astype(np.float64)
         ends = [eigvalsh_tridiagonal(d, e, select="i", select_range=(i, i))[0] for i in (0, D - 1)]
         self.norm = float(max(abs(v) for v in ends))
 
     def _q(self, x: np.ndarray, trans: str) -> np.ndarray:
-        """Q x (``trans`` "N") or Qᵀ x ("T") for x (D, n), in place on a copy."""
+        """Q x (``trans`` "N") or Qᵀ x ("T") for x (D, n), on a Fortran-ordered copy."""
         y = np.array(x, dtype=self.dtype, order="F")
-        if len(y) > 1 and y.shape[1]:
-            y[1:], _, info = self._ormqr("L", trans, self._refl, self._tau, y[1:], max(1, 64 * y.shape[1]),
-                                         overwrite_c=1)
-            if info != 0:
-                raise ArithmeticError(f"ormqr failed (info={info})")
+        if len(y) > 1:
+            lapack.ormqr(trans, self._refl, self._tau, y[1:])
         return y
 
     def solve(self, r: np.ndarray, shifts: np.ndarray) -> np.ndarray:
@@ -55,15 +50,14 @@ class Tridiagonal:
         shared = r.ndim == 2
         D, L = r.shape[0], len(shifts)
         M = r.shape[-1]
-        c = self._q(r.reshape(D, -1), "T").reshape(r.shape)
-        out = np.empty((D, L, M), dtype=self.dtype, order="F")
+        c = self._q(r.reshape(D, -1), "T")
+        out = np.empty((D, L * M), dtype=self.dtype, order="F")
         for i, s in enumerate(shifts):
-            rhs = c if shared else c[:, i]
-            _, _, _, x, info = self._gtsv(self.e, self.d + self.dtype.type(s), self.e, rhs)
-            if info != 0:
+            x = out[:, i * M:(i + 1) * M]
+            x[:] = c if shared else c[:, i * M:(i + 1) * M]
+            if lapack.gtsv(self.e, self.d + self.dtype.type(s), x) != 0:
                 raise Singular(f"the shifted tridiagonal system is singular at shift {s:g}")
-            out[:, i] = x
-        return self._q(out.reshape(D, L * M), "N").reshape(D, L, M)
+        return self._q(out, "N").reshape(D, L, M)
 
 
 class Eigen:

@@ -79,8 +79,8 @@ def solver_workers(device: str | None = None, n_jobs: int | None = None) -> int:
     """How many factorisations run at once: torch's thread budget (capped at 4, each job holds a few D² arrays),
     one on a GPU.  One thread per factorisation degrades least on a busy machine: measured with torch's eigh,
     4 at D=2048 in 5.1 s as 2 jobs × 1 thread vs 17-33 s as 1 job × 2 threads on the loaded 2-core machine.
-    Idle, the tridiagonal reductions now used on the CPU do as well either way (one nested-CV cell at D=2048:
-    13.2-13.5 s as 1 job × 2 threads or 2 jobs × 1 thread), so the busy-machine rule stands."""
+    Idle, with the tridiagonal reductions (LAPACK called without the GIL, ``lapack.py``) one nested-CV cell at
+    D=2048 takes 9.0-9.9 s as 2 jobs × 1 thread vs 10.9-11.9 s as 1 job × 2 threads."""
     if device is not None and torch.device(device).type != "cpu":
         return 1
     return max(1, min(4, torch.get_num_threads(), n_jobs or 4))
