@@ -21,9 +21,13 @@ ARGS = ["--model", "pi0", "--dataset", "libero", "--max-episodes", "4", "--chunk
         "--streams", "resid_post,pre_mlp_norm_scale", "--no-progress"]
 
 
+def _extract(store, *extra) -> list[str]:
+    """The command line of one `toolkit extract` of the test run into ``store``."""
+    return [sys.executable, "-m", "toolkit", "extract", "--store", str(store), *ARGS, *extra]
+
+
 def _run(store, *extra, cwd):
-    return subprocess.run([sys.executable, "-m", "toolkit", "extract", "--store", str(store), *ARGS, *extra],
-                          capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(_extract(store, *extra), capture_output=True, text=True, cwd=cwd)
 
 
 def _committed(store):
@@ -53,8 +57,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference_run, tmp_path
     store = tmp_path / "killed.zarr"
     for kill_after in (0, 6, 15):
         resume = ["--resume"] if kill_after else []
-        proc = subprocess.Popen([sys.executable, "-m", "toolkit", "extract", "--store", str(store), *ARGS, *resume],
-                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(_extract(store, *resume), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while _committed(store) < kill_after and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
@@ -137,16 +141,15 @@ def test_a_signal_commits_prints_the_resume_command_and_the_store_resumes(refere
 
 
 def _race(tmp_path, store, *extra):
-    procs = [subprocess.Popen([sys.executable, "-m", "toolkit", "extract", "--store", str(store), *ARGS, *extra],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [subprocess.Popen(_extract(store, *extra), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
     return [(p, *p.communicate(timeout=300)) for p in procs]
 
 
 def _race_held(tmp_path, store, *extra):
     """The second run started while the first holds the store's lock (stopped by SIGSTOP the moment its pid is in
     the lock file, resumed once the second has answered): an overlap no busy machine can take away."""
-    cmd = [sys.executable, "-m", "toolkit", "extract", "--store", str(store), *ARGS, *extra]
+    cmd = _extract(store, *extra)
     first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock, deadline = store.parent / f".{store.name}.lock", time.time() + 180
     while first.poll() is None and time.time() < deadline:

@@ -42,8 +42,8 @@ def _ptr(a: np.ndarray) -> ctypes.c_void_p:
     return ctypes.c_void_p(a.ctypes.data)
 
 
-def _ref(value, kind=_int):
-    return ctypes.byref(kind(value))
+def _ref(value: int):
+    return ctypes.byref(_int(value))
 
 
 def _check(name: str, info: ctypes.c_int) -> None:

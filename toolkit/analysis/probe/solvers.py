@@ -165,12 +165,12 @@ class RidgePath:
         bn, scale = np.linalg.norm(b), f.norm + shifts  # (L,)
         r, drift = None, np.zeros(L)
         for _ in range(self.MAX_STEPS):
-            if r is None or np.any(drift > self.TOL / 4 * (scale * np.sqrt((z * z).sum((0, 2))) + bn)):
+            bound = scale * np.sqrt((z * z).sum((0, 2))) + bn  # the backward error's denominator per λ
+            if r is None or np.any(drift > self.TOL / 4 * bound):
                 # the exact residual: on the first step, and whenever the float32 updates' rounding bound grows
                 r = b[:, None, :] - (self.Gz @ z.reshape(D, L * M)).reshape(D, L, M) - shifts[None, :, None] * z
                 drift[:] = 0.0
-            zn = np.sqrt((z * z).sum((0, 2)))
-            if np.all(np.sqrt((r * r).sum((0, 2))) + drift <= self.TOL * (scale * zn + bn)):  # backward error
+            if np.all(np.sqrt((r * r).sum((0, 2))) + drift <= self.TOL * bound):  # backward error
                 return z.transpose(1, 0, 2)
             try:
                 dz = f.solve(r.astype(np.float32), shifts)
