@@ -2,7 +2,11 @@
 
 Baselines, each fed the same arrays step by step (one policy call = one sample of (layer, token, feature)):
 - seed-style: one `np.save` per step per layer (what the seed scripts did);
-- plain sequential `f.write` of the same bytes into one file (the floor of any writer).
+- plain sequential `f.write` of the same bytes into one file (the floor of any writer);
+- the same bytes written bare into the store's own file layout (one file per chunk of N samples x 1 layer under
+  zarr's nested `c/<sample chunk>/<layer>/0/0` folders, each sample's slice written straight from the input: no
+  checksum, no metadata, no commit): what the layout itself costs on this filesystem, the floor of any writer of
+  these chunk files.
 The store (`StoreWriter`, chunks of N samples x 1 layer, crc32c per chunk, compression in a thread pool) is run
 with the default codec (`auto`: none for float16, blosc-lz4 + bitshuffle for bfloat16), `none` and `zstd`.
 Everything is timed until the data is handed to the OS (no fsync on any side; `os.sync()` before each, untimed,
@@ -39,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.store.layout import ArraySpec
+from toolkit.store.layout import ArraySpec, choose_chunk_samples
 from toolkit.store.reader import open_store
 from toolkit.store.writer import StoreWriter
 
@@ -75,6 +79,19 @@ def plain_write(data: np.ndarray, out: Path) -> None:
     with open(out, "wb") as f:
         for i in range(len(data)):
             f.write(data[i])  # what arrives per step: the sample's bytes (buffer protocol, no copy)
+
+
+def bare_chunk_files(data: np.ndarray, out: Path) -> None:
+    n, layers, tokens, features = data.shape
+    spec = ArraySpec("x", data.shape[1:], str(data.dtype), (), chunk_inner=(1, tokens, features))
+    chunk = choose_chunk_samples([spec])
+    for a in range(0, n, chunk):
+        for layer in range(layers):
+            folder = out / "c" / str(a // chunk) / str(layer) / "0"
+            folder.mkdir(parents=True)
+            with open(folder / "0", "wb") as f:
+                for i in range(a, min(n, a + chunk)):
+                    f.write(data[i, layer])
 
 
 def store(data: np.ndarray, out: Path, codec: str, stored_dtype: str | None) -> None:
@@ -165,6 +182,7 @@ def main() -> None:
             methods = {
                 "seed-style np.save per step per layer": lambda o: seed_style(data, o),
                 "plain sequential f.write": lambda o: plain_write(data, o),
+                "bare chunk files (the store's layout)": lambda o: bare_chunk_files(data, o),
                 "store, default codec (auto)": lambda o: store(data, o, "auto", sd),
                 "store, codec none": lambda o: store(data, o, "none", sd),
                 "store, codec zstd": lambda o: store(data, o, "zstd", sd),
@@ -197,15 +215,17 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"# {a.samples} steps x ({a.layers}, {a.tokens}, {a.features}) per dtype, {a.repeats} interleaved repeats; "
           f"load average {results['load'][0][0]:.1f} -> {results['load'][1][0]:.1f}")
-    print("| dtype | writer | MB/s median (min-max) | vs seed-style | vs f.write | CPU s (f.write's / this) | size vs raw |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dtype | writer | MB/s median (min-max) | vs seed-style | vs f.write | vs bare chunk files | "
+          "CPU s (f.write's / this) | size vs raw |")
+    print("|---|---|---|---|---|---|---|---|")
     for dtype, r in results["dtypes"].items():
         seed = r["rows"]["seed-style np.save per step per layer"]["MB_s"]
         plain = r["rows"]["plain sequential f.write"]["MB_s"]
         plain_cpu = r["rows"]["plain sequential f.write"]["cpu_s"]
+        bare = r["rows"]["bare chunk files (the store's layout)"]["MB_s"]
         for name, row in r["rows"].items():
             print(f"| {dtype} | {name} | {row['MB_s']:.0f} ({row['MB_s_min']:.0f}-{row['MB_s_max']:.0f}) | "
-                  f"{row['MB_s'] / seed:.2f}x | {100 * row['MB_s'] / plain:.0f} % | "
+                  f"{row['MB_s'] / seed:.2f}x | {100 * row['MB_s'] / plain:.0f} % | {100 * row['MB_s'] / bare:.0f} % | "
                   f"{row['cpu_s']:.2f} ({100 * plain_cpu / max(row['cpu_s'], 1e-9):.0f} %) | "
                   f"{row['disk_bytes'] / (r['MB'] * 1e6):.3f} |")
     if a.out:
