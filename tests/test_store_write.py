@@ -114,3 +114,32 @@ def test_a_run_smaller_than_a_chunk_stores_its_samples_not_a_padded_chunk(tmp_pa
     data = arr.nbytes  # the samples' own bytes
     stored = sum(f.stat().st_size for f in (path / "vlm" / "resid_post").rglob("*") if f.is_file())
     assert data <= stored < 1.05 * data + 4096, (stored, data)
+
+
+def test_uncompressed_chunks_are_checksummed_piece_by_piece_as_they_are_read(tmp_path, monkeypatch):
+    """Local chunks are read in pieces, each folded into the crc32c while still in cache (Store.read straight into
+    its output, read_chunk for the probe): with pieces far smaller than a chunk the values are exact, and a byte
+    flipped in a late piece, a cut-off tail or an extra byte is still the chunk's one-line error on both paths."""
+    import toolkit.store.chunks as chunks
+
+    monkeypatch.setattr(chunks, "READ_PIECE", 1000)  # a chunk here is 16 x 4 x 8 x 2 = 1,024 bytes + 4
+    x = (np.random.default_rng(4).standard_normal((40, 2, 4, 8)) * 3).astype(np.float16)
+    path = tmp_path / "s.zarr"
+    _write(path, "none", x, chunk_samples=16, batch=8)
+    s = toolkit.open_store(path)
+    np.testing.assert_array_equal(s.read("vlm", "resid_post", layer=1), x[:, 1])
+    arr = s.array("vlm", "resid_post")
+    np.testing.assert_array_equal(chunks.read_chunk(arr, (1, 1))[:, 0], x[16:32, 1])
+    chunk = path / "vlm" / "resid_post" / "c" / "1" / "1" / "0" / "0"
+    good = chunk.read_bytes()
+    assert len(good) == 16 * 4 * 8 * 2 + 4
+    late = bytearray(good)
+    late[1010] ^= 0x01  # in the second piece
+    for bad in (bytes(late), good[:-3], good + b"\0"):
+        chunk.write_bytes(bad)
+        with pytest.raises(CorruptStoreError, match=r"c/1/1/0/0 \(samples 16-31\)"):
+            toolkit.open_store(path).read("vlm", "resid_post", layer=1)
+        with pytest.raises(CorruptStoreError, match=r"c/1/1/0/0"):
+            chunks.read_chunk(toolkit.open_store(path).array("vlm", "resid_post"), (1, 1))
+    chunk.write_bytes(good)
+    np.testing.assert_array_equal(toolkit.open_store(path).read("vlm", "resid_post", layer=1), x[:, 1])

@@ -137,6 +137,7 @@ def read_chunk(array, chunk: int | tuple[int, ...]) -> np.ndarray:
         except Exception as e:
             raise corrupt_error(arr, coords, f"unreadable ({type(e).__name__}: {first_line(e)})") from None
     key = plan.prefix + plan.meta.encode_chunk_key(coords)
+    summed = None  # the crc32c of ``data`` as read, where the read computed it
     if plan.root is None:
         data = plan.loc.get(key)
         if data is None:
@@ -144,17 +145,19 @@ def read_chunk(array, chunk: int | tuple[int, ...]) -> np.ndarray:
     else:
         try:
             with open(os.path.join(plan.root, key), "rb") as f:
-                data = f.read()
+                data, summed = _read_file(f)
         except FileNotFoundError:
             raise corrupt_error(arr, coords, "missing") from None
     for d in reversed(plan.codecs):
         if d == "crc32c":
             # A crc32c followed by its own little-endian checksum always has the same crc32c (the residue):
-            # checked in one pass, without copying the body out first.
-            if len(data) < 4 or crc32c(data) != CRC32C_RESIDUE:
+            # checked in one pass, without copying the body out first (a local file's, as it was read).
+            crc, summed = (crc32c(data) if summed is None else summed), None
+            if len(data) < 4 or crc != CRC32C_RESIDUE:
                 raise corrupt_error(arr, coords, f"damaged (crc32c checksum mismatch, {len(data)} bytes)")
             data = memoryview(data)[:-4]
         else:
+            summed = None
             try:
                 data = d.decode(data)
             except Exception as e:
@@ -221,11 +224,9 @@ def read_samples(array, start: int, stop: int, layer_pos: int | None = None, wor
         try:
             with open(path, "rb") as f:
                 if len(plan.codecs) == 1:
-                    got = f.readinto(memoryview(view).cast("B"))
-                    tail = f.read(5)
-                    return got == view.nbytes and len(tail) == 4 and crc32c(view) == int.from_bytes(tail, "little")
-                data = f.read()
-            if len(data) < 4 or crc32c(data) != CRC32C_RESIDUE:
+                    return _read_checked(f, memoryview(view).cast("B"))
+                data, crc = _read_file(f)
+            if len(data) < 4 or crc != CRC32C_RESIDUE:
                 return False
             body = memoryview(data)[:-4]
             if decoded_size(plan.codecs[0], body) != view.nbytes:
@@ -265,6 +266,38 @@ def read_samples(array, start: int, stop: int, layer_pos: int | None = None, wor
             for f in [pool.submit(place, c) for c in jobs]:
                 f.result()
     return out
+
+
+# Uncompressed chunks are read in pieces this size, each checksummed while it is still in the CPU's cache (one pass
+# over memory, as a plain read, instead of a read and then a checksum pass).
+READ_PIECE = 1 << 20
+
+
+def _read_summed(f, out: memoryview) -> tuple[int, int]:
+    """Fill ``out`` from ``f`` piece by piece, each piece checksummed while it is in cache: (crc32c, bytes read)."""
+    crc, at = 0, 0
+    while at < len(out):
+        got = f.readinto(out[at:at + READ_PIECE])
+        if not got:
+            break
+        crc = crc32c(out[at:at + got], crc)
+        at += got
+    return crc, at
+
+
+def _read_file(f) -> tuple[bytearray, int]:
+    """A whole open file and its crc32c, read in checksummed pieces."""
+    data = bytearray(os.fstat(f.fileno()).st_size)
+    crc, got = _read_summed(f, memoryview(data))
+    del data[got:]  # a file cut short while it was read: its checksum fails
+    return data, crc
+
+
+def _read_checked(f, out: memoryview) -> bool:
+    """Fill ``out`` from ``f`` and check that exactly a little-endian crc32c of it follows."""
+    crc, got = _read_summed(f, out)
+    tail = f.read(5)
+    return got == len(out) and len(tail) == 4 and crc == int.from_bytes(tail, "little")
 
 
 def write_chunk(path: str, values: np.ndarray, plan: ChunkPlan) -> None:

@@ -16,11 +16,12 @@ CODECS = ("auto", "zstd", "blosc", "blosc-lz4", "none")
 CRC32C_RESIDUE = 0x48674BC7
 
 
-def crc32c(buf: Any) -> int:
-    """crc32c of any buffer (bytes, memoryview, contiguous array) without copying it; releases the GIL."""
+def crc32c(buf: Any, value: int = 0) -> int:
+    """crc32c of any buffer (bytes, memoryview, contiguous array) without copying it; releases the GIL.
+    ``value``: the crc32c of the bytes before ``buf``, to continue a checksum piece by piece."""
     import crc32c
 
-    return crc32c.crc32c(buf)
+    return crc32c.crc32c(buf, value)
 
 
 def codec_for(codec: str, stored_dtype: str) -> str:

@@ -38,6 +38,10 @@ class Store:
 
     def __init__(self, path: str | Path, warn_incomplete: bool = True):
         self.path = store_target(path)  # a Path, or an object-store URL
+        # the snapshot's arrays and layer coordinates, looked up once (each lookup is a zarr call, ~0.3-1.5 ms,
+        # a noticeable share of reading a layer)
+        self._arrays: dict[tuple[str, str], CheckedArray] = {}
+        self._layers: dict[str, list[int]] = {}
         self.loc = location(self.path)
         if not self.loc.exists("zarr.json"):
             raise ToolkitError(f"{self.path} is not a store (no zarr.json); create one with `toolkit extract`")
@@ -141,17 +145,21 @@ class Store:
 
     def array(self, site: str, stream: str) -> CheckedArray:
         """A site's stream as stored (a zarr array whose reads are checked, see ``CheckedArray``)."""
-        self._check_site(site)
-        if stream not in self.streams(site):
-            raise ToolkitError(f"site {site!r} has no stream {stream!r}; streams: {', '.join(self.streams(site))}")
-        return CheckedArray(self.root[f"{site}/{stream}"])
+        if (site, stream) not in self._arrays:
+            self._check_site(site)
+            if stream not in self.streams(site):
+                raise ToolkitError(f"site {site!r} has no stream {stream!r}; streams: {', '.join(self.streams(site))}")
+            self._arrays[(site, stream)] = CheckedArray(self.root[f"{site}/{stream}"])
+        return self._arrays[(site, stream)]
 
     def dims(self, site: str, stream: str) -> tuple[str, ...]:
         return tuple(self.array(site, stream).metadata.dimension_names)
 
     def layers(self, site: str) -> list[int]:
-        self._check_site(site)
-        return [int(v) for v in self.root[f"{site}/layer"][:]]
+        if site not in self._layers:
+            self._check_site(site)
+            self._layers[site] = [int(v) for v in self.root[f"{site}/layer"][:]]
+        return list(self._layers[site])
 
     def static(self, name: str) -> np.ndarray:
         return self.root[name][...]
