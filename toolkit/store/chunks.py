@@ -285,12 +285,12 @@ def _read_summed(f, out: memoryview) -> tuple[int, int]:
     return crc, at
 
 
-def _read_file(f) -> tuple[bytearray, int]:
-    """A whole open file and its crc32c, read in checksummed pieces."""
-    data = bytearray(os.fstat(f.fileno()).st_size)
-    crc, got = _read_summed(f, memoryview(data))
-    del data[got:]  # a file cut short while it was read: its checksum fails
-    return data, crc
+def _read_file(f) -> tuple[memoryview, int]:
+    """A whole open file and its crc32c, read in checksummed pieces into uninitialised memory (a zero-filled
+    buffer would cost one more pass over it)."""
+    data = memoryview(np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8))
+    crc, got = _read_summed(f, data)
+    return data[:got], crc  # a file cut short while it was read: its checksum fails
 
 
 def _read_checked(f, out: memoryview) -> bool:
