@@ -181,6 +181,10 @@ class RidgePath:
             drift += self._UPDATE_ROUNDING * (np.sqrt(D) + 1) * scale * np.sqrt((dz.astype(np.float64) ** 2).sum((0, 2)))
         return self._exactly(lambdas, cols)  # refinement stalled: exact path
 
+    def release(self) -> None:
+        """Drop the D² arrays (gram, factorisation); ``raw`` still maps weights to feature space."""
+        self.Gz = self.Bz = self.factor = self._g32 = None
+
     def _exactly(self, lambdas, cols) -> np.ndarray:
         """Refactorise in float64 and solve directly."""
         self._g32 = None
@@ -266,23 +270,55 @@ class NestedRidge:
         self._prefixes: dict[int, _Prefix | None] = {}
         m = len(self.cols)
         self.inner = [[np.zeros((len(self.lambdas), m)), np.zeros(m)] for _ in range(self.K)]
-        K = self.K
-        jobs: list = [(j, k) for j in range(K) for k in range(j + 1, K)]
-        if self.prefix:
-            jobs += [("prefix", i) for i in range(1, K - 2)]
-        for job, out in zip(jobs, parallel_map(self._inner_job, jobs, self.workers)):
-            if job[0] == "prefix":
-                self._prefixes[job[1]] = out
-                continue
-            sses, pre = out
-            for outer, (sse, ss0) in sses.items():
-                self.inner[outer][0] += sse
-                self.inner[outer][1] += ss0
-            if job == (K - 2, K - 1) and self.prefix:
-                self._prefixes[K - 2] = pre
+        self._inner_done = False
         self.all_cv = [np.zeros((len(self.lambdas), m)), np.zeros(m)]
         self._outer: dict[int, dict[str, Fitted]] = {}
         self._final_path: RidgePath | None = None
+
+    def _jobs(self, outer: list[int], final: bool) -> list:
+        """The factorisations still to do for these outer folds (and the final fit), costliest first: the inner
+        training sets (every pair of folds left out, validated twice), the outer folds (validated once), the
+        online code's own prefixes (its columns only), the all-fold gram (no validation)."""
+        K, inner = self.K, not self._inner_done
+        jobs: list = [(j, k) for j in range(K) for k in range(j + 1, K)] if inner else []
+        jobs += [("outer", k) for k in outer]
+        if inner and self.prefix:
+            jobs += [("prefix", i) for i in range(1, K - 2)]
+        if final and self._final_path is None:
+            jobs.append(("final", None))
+        return jobs
+
+    def _solve(self, jobs: list) -> None:
+        """Run factorisation jobs ``workers`` at a time in one pool, in the order given (the costliest first, so
+        the last round leaves no worker idle behind a long job), then take their results: inner ones before the
+        outer folds' fits, which choose λ from them."""
+        outs = parallel_map(self._job, jobs, self.workers)
+        outer = []
+        for job, out in zip(jobs, outs):
+            if job[0] == "outer":
+                outer.append((job[1], out))
+            elif job[0] == "final":
+                self._final_path = out
+            elif job[0] == "prefix":
+                self._prefixes[job[1]] = out
+            else:
+                sses, pre = out
+                for o, (sse, ss0) in sses.items():
+                    self.inner[o][0] += sse
+                    self.inner[o][1] += ss0
+                if job == (self.K - 2, self.K - 1) and self.prefix:
+                    self._prefixes[self.K - 2] = pre
+        if any(not isinstance(job[0], str) for job in jobs):  # the inner pairs, and with them the prefixes
+            self._inner_done = True
+        for k, out in outer:
+            self._take(k, out)
+
+    def _job(self, job):
+        if job[0] == "outer":
+            return self._outer_solve(job[1])
+        if job[0] == "final":
+            return self._path(self.total)
+        return self._inner_job(job)
 
     def _path(self, s: Stats) -> RidgePath:
         return RidgePath(s, self.precision, self.device)
@@ -325,43 +361,43 @@ class NestedRidge:
             out[name] = (float(self.lambdas[i]), float(1 - e[i] / e0) if e0 > 0 else float("nan"))
         return out
 
-    def _outer_job(self, k):
-        if k == "final":
-            return self._path(self.total)
+    def _outer_solve(self, k: int):
+        """Outer fold k's training set solved over the λ path and validated on fold k: what its fits need,
+        with the factorisation released (the fits wait for the inner CV's choice of λ)."""
         path = self._path(self.total - self.folds[k])
         A = path.coefs(self.lambdas, self.cols)
         cv = validation_sse(path, self.folds[k], self.lambdas, self.cols, A) if self.folds[k].n else None
+        pre = self._prefix_of(path, A, None) if self.prefix and k == self.K - 1 else None  # = folds 0..K−2
+        path.release()
+        return path, A, cv, pre
+
+    def _outer_fits(self, k: int, path: "RidgePath", A: np.ndarray) -> dict[str, Fitted]:
         chosen = self._choose(*self.inner[k])
         fits, at = {}, 0
         for name, c in self.groups.items():
             lam, score = chosen[name]
             fits[name] = self._fitted(path.raw(A[self.lambdas.index(lam), :, at:at + len(c)], c), c, lam, score, path)
             at += len(c)
-        pre = self._prefix_of(path, A, None) if self.prefix and k == self.K - 1 else None  # = folds 0..K−2
-        return fits, cv, pre
+        return fits
 
     def outer(self, k: int) -> dict[str, Fitted]:
         """Outer fold k's probe per target group, λ chosen by the inner CV on its training folds."""
         if k not in self._outer:
-            self._take(k, self._outer_job(k))
+            self._solve(self._jobs([k], final=False))
         return self._outer[k]
 
     def outers(self, final: bool = True) -> list[dict[str, Fitted]]:
-        """Every outer fold's probes, ``workers`` factorisations at a time; with ``final`` the all-fold gram
-        is factorised among them too (its λ is known only afterwards, its factorisation is not needed to know it)."""
-        todo: list = [k for k in range(self.K) if k not in self._outer]
-        if final and self._final_path is None:
-            todo.append("final")
-        for k, out in zip(todo, parallel_map(self._outer_job, todo, self.workers)):
-            if k == "final":
-                self._final_path = out
-            else:
-                self._take(k, out)
+        """Every outer fold's probes.  Every factorisation still to do (the inner training sets, the online
+        code's prefixes, the outer folds and, with ``final``, the all-fold gram, whose λ is known only afterwards
+        but whose factorisation is not needed to know it) runs in one pool, ``workers`` at a time."""
+        todo = self._jobs([k for k in range(self.K) if k not in self._outer], final)
+        if todo:
+            self._solve(todo)
         return [self._outer[k] for k in range(self.K)]
 
     def _take(self, k: int, out) -> None:
-        fits, cv, pre = out
-        self._outer[k] = fits
+        path, A, cv, pre = out
+        self._outer[k] = self._outer_fits(k, path, A)
         if cv is not None:
             self.all_cv[0] += cv[0]
             self.all_cv[1] += cv[1]
