@@ -213,19 +213,27 @@ def test_a_factorisation_on_a_worker_thread_leaves_the_gil_to_the_others():
     from toolkit.analysis.probe import lapack
 
     G, _ = _gram(1200, n=1300)
-    inside = []
 
-    def work():
-        t = time.perf_counter()
-        lapack.sytrd(G, np.float64)
-        inside.append(time.perf_counter() - t)
+    def longest_gap(call) -> tuple[float, float]:
+        """(the longest time the main thread went without running, the call's own time) while ``call`` runs on
+        a worker thread."""
+        inside = []
 
-    with threadpool_limits(1):
+        def work():
+            t = time.perf_counter()
+            call()
+            inside.append(time.perf_counter() - t)
+
         th = threading.Thread(target=work)
         stamps = [time.perf_counter()]
         th.start()
         while th.is_alive():
             stamps.append(time.perf_counter())
         th.join()
-    longest = float(np.diff(stamps).max())
-    assert longest < inside[0] / 2, (longest, inside[0])  # held, the longest gap would be the whole call
+        return float(np.diff(stamps).max()), inside[0]
+
+    # Held, the longest gap is the whole call, every time; released, the main thread runs throughout, unless a
+    # loaded machine (the parallel test run) happens to deschedule it for half the call: a few tries absorb that.
+    with threadpool_limits(1):
+        tries = [longest_gap(lambda: lapack.sytrd(G, np.float64)) for _ in range(5)]
+    assert any(gap < call / 2 for gap, call in tries), tries
